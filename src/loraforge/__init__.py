@@ -43,4 +43,29 @@ __all__ = [
     "unmerge",
 ]
 
-# Exports of the QLoRA and training modules are added below as those modules land.
+# QLoRA, model I/O and training pull in heavier imports (transformers, datasets); they load on
+# first use so that `import loraforge` stays cheap.
+_LAZY = {
+    "quant": ("loraforge.quant", None),
+    "QuantConfig": ("loraforge.quant", "QuantConfig"),
+    "quantize": ("loraforge.quant", "quantize"),
+    "Linear4bit": ("loraforge.quant", "Linear4bit"),
+    "load_model": ("loraforge.hf", "load_model"),
+    "save_model": ("loraforge.hf", "save_model"),
+    "train": ("loraforge.train", "train"),
+    "TrainConfig": ("loraforge.train", "TrainConfig"),
+    "build_optimizer": ("loraforge.optim", "build_optimizer"),
+}
+__all__ += list(_LAZY)
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'loraforge' has no attribute {name!r}")
+    import importlib
+
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value

@@ -1,0 +1,303 @@
+"""Many adapters on one base: switch, disable, mix per row, merge / unmerge, delete, combine."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from .inject import _replace, active_adapters, configs, inject, lora_layers, saved_modules, set_trainable
+from .layers import BASE, LoraLayer, ModulesToSave, _is_quantized
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters on the model, in the order they were added."""
+    return list(configs(model))
+
+
+def _check_known(model: nn.Module, names, allow_base: bool = False) -> list[str]:
+    names = [names] if isinstance(names, str) else list(names)
+    known = configs(model)
+    if not known:
+        raise ValueError("the model has no LoRA adapter; call lf.inject(model, cfg) first")
+    bad = [n for n in names if n not in known and not (allow_base and n == BASE)]
+    if bad:
+        extra = f" (or {BASE!r} for the base model)" if allow_base else ""
+        raise KeyError(f"unknown adapter(s) {bad}; known adapters: {sorted(known)}{extra}")
+    return names
+
+
+def set_adapter(model: nn.Module, adapter: str | list[str]) -> None:
+    """Make ``adapter`` (or several, summed) the active adapter(s); only they are trainable."""
+    names = _check_known(model, adapter)
+    model.__dict__["_lf_active"] = names
+    set_trainable(model)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Within the block the model behaves as the base model (merged adapters are taken out)."""
+    layers = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
+    merged = {id(m): list(m.merged_adapters) for m in layers if isinstance(m, LoraLayer)}
+    previous = {id(m): m.disabled for m in layers}
+    try:
+        for m in layers:
+            if isinstance(m, LoraLayer):
+                m.unmerge()
+            m.disabled = True
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = previous[id(m)]
+            for name in merged.get(id(m), []):
+                m.merge(name)
+
+
+@contextlib.contextmanager
+def adapter_batch(model: nn.Module, names: list[str]):
+    """Run one adapter per batch row: ``names[i]`` for row i (``"__base__"`` = no adapter).
+
+    The base layers run once for the whole batch; each LoRA layer gathers the rows' (A, B)
+    factors and applies them with two batched matmuls (see ``LoraLinear._forward_mixed``).
+    """
+    names = _check_known(model, names, allow_base=True)
+    layers = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
+    if any(isinstance(m, LoraLayer) and m.merged_adapters for m in layers):
+        raise RuntimeError("adapter_batch needs unmerged adapters; call lf.unmerge(model) first")
+    previous = {id(m): m.batch_adapters for m in layers}
+    try:
+        for m in layers:
+            m.batch_adapters = names
+        yield model
+    finally:
+        for m in layers:
+            m.batch_adapters = previous[id(m)]
+
+
+def merge(model: nn.Module, adapter: str | list[str] | None = None) -> None:
+    """Add ``s·B·A`` of the adapter(s) (default: the active ones) into the base weights.
+
+    Idempotent: an adapter already merged is skipped. Exact up to one fp32 rounding per weight
+    (``unmerge`` subtracts the same product). On a 4-bit base the sum is requantized and the mean
+    absolute rounding error is reported in a warning (and kept in ``layer.merge_error``).
+    """
+    names = _check_known(model, adapter if adapter is not None else active_adapters(model))
+    errors = []
+    for _, layer in lora_layers(model):
+        for name in names:
+            if name in layer.r:
+                layer.merge(name)
+                if name in layer.merge_error:
+                    errors.append(layer.merge_error[name])
+    if errors:
+        warnings.warn(
+            f"merged into a 4-bit base: requantization changed weights by {sum(errors) / len(errors):.3g} "
+            "on average (mean |error|); use merge_and_unload(model, dequantize=True) for an exact merge",
+            stacklevel=2,
+        )
+
+
+def unmerge(model: nn.Module, adapter: str | list[str] | None = None) -> None:
+    """Subtract merged adapter(s) (default: all) from the base weights again."""
+    names = None if adapter is None else _check_known(model, adapter)
+    for _, layer in lora_layers(model):
+        for name in list(reversed(layer.merged_adapters)) if names is None else names:
+            layer.unmerge(name)
+
+
+def merged_adapters(model: nn.Module) -> list[str]:
+    out: list[str] = []
+    for _, layer in lora_layers(model):
+        out += [n for n in layer.merged_adapters if n not in out]
+    return out
+
+
+def _unwrap(model: nn.Module, merge_names: list[str] | None, dequantize: bool) -> nn.Module:
+    for name, layer in list(lora_layers(model)):
+        if merge_names:
+            if dequantize and _is_quantized(layer.base_layer):
+                base = _dequantized_linear(layer.base_layer)
+                delta = sum(
+                    (
+                        layer.delta_weight(n)
+                        for n in merge_names
+                        if n in layer.r and n not in layer.merged_adapters
+                    ),
+                    torch.zeros(()),
+                )
+                with torch.no_grad():
+                    base.weight.add_(delta.to(base.weight.dtype))
+                _replace(model, name, base)
+                continue
+            for n in merge_names:
+                if n in layer.r:
+                    layer.merge(n)
+        elif dequantize and _is_quantized(layer.base_layer):
+            _replace(model, name, _dequantized_linear(layer.base_layer))
+            continue
+        _replace(model, name, layer.base_layer)
+    active = set(merge_names or [])
+    for name, module in list(saved_modules(model)):
+        chosen = [a for a in module.active_adapters if a in active]
+        _replace(model, name, module.modules_to_save[chosen[0]] if chosen else module.original_module)
+    for key in ("_lf_configs", "_lf_targets", "_lf_active"):
+        model.__dict__.pop(key, None)
+    return model
+
+
+def _dequantized_linear(q: nn.Module) -> nn.Linear:
+    weight = q.dequantize(torch.float32)
+    dtype = q.compute_dtype if getattr(q, "compute_dtype", None) is not None else torch.float32
+    lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if q.bias is not None:
+            lin.bias.copy_(q.bias)
+    lin.requires_grad_(False)
+    return lin
+
+
+def merge_and_unload(
+    model: nn.Module, adapter: str | list[str] | None = None, dequantize: bool = False
+) -> nn.Module:
+    """Merge the adapter(s) (default: active) and return the model with its original layer types.
+
+    With ``dequantize=True`` a 4-bit base is replaced by a full-precision ``nn.Linear`` holding
+    ``dequant(W) + s·B·A`` exactly — what one deploys. Without it the merged weight is requantized.
+    """
+    names = _check_known(model, adapter if adapter is not None else active_adapters(model))
+    if not dequantize and any(_is_quantized(m.base_layer) for _, m in lora_layers(model)):
+        merge(model, names)  # warns with the rounding error
+        names = []
+    return _unwrap(model, names or None, dequantize)
+
+
+def unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
+    """Remove every adapter without merging and return the base model (merged ones are taken out)."""
+    unmerge(model)
+    return _unwrap(model, None, dequantize)
+
+
+def delete_adapter(model: nn.Module, adapter: str) -> None:
+    """Remove an adapter everywhere; layers left without adapters get their base module back."""
+    _check_known(model, adapter)
+    for name, layer in list(lora_layers(model)):
+        if adapter in layer.r:
+            layer.delete(adapter)
+        if not layer.r:
+            _replace(model, name, layer.base_layer)
+    for name, module in list(saved_modules(model)):
+        if adapter in module.modules_to_save:
+            module.delete(adapter)
+        if not module.modules_to_save:
+            _replace(model, name, module.original_module)
+    del configs(model)[adapter]
+    model.__dict__.get("_lf_targets", {}).pop(adapter, None)
+    remaining = [a for a in active_adapters(model) if a != adapter]
+    if not remaining and configs(model):
+        remaining = [next(iter(configs(model)))]
+    model.__dict__["_lf_active"] = remaining
+    set_trainable(model)
+
+
+def add_weighted_adapter(
+    model: nn.Module,
+    adapters: list[str],
+    weights: list[float],
+    adapter_name: str,
+    combination: str = "linear",
+    svd_rank: int | None = None,
+) -> None:
+    """Create ``adapter_name`` from a weighted combination of existing adapters (PEFT's rules).
+
+    - "cat": A = [w₁s₁A₁; w₂s₂A₂; …], B = [B₁ B₂ …] — exactly Σ wᵢsᵢBᵢAᵢ, rank Σ rᵢ.
+    - "linear": A = Σ ±√|wᵢsᵢ| Aᵢ, B = Σ √|wᵢsᵢ| Bᵢ — same rank; cross terms make it approximate.
+    - "svd": the top-``svd_rank`` (default max rᵢ) SVD of Σ wᵢ ΔWᵢ.
+    The new adapter has alpha = r (scaling 1) and is not activated.
+    """
+    names = _check_known(model, adapters)
+    if len(weights) != len(names):
+        raise ValueError(f"got {len(weights)} weights for {len(names)} adapters")
+    if combination not in ("linear", "cat", "svd"):
+        raise ValueError(f"combination must be 'linear', 'cat' or 'svd', got {combination!r}")
+    if adapter_name in configs(model):
+        raise ValueError(f"adapter {adapter_name!r} already exists")
+    combination = "linear" if len(names) == 1 else combination
+    ranks = [max(configs(model)[n].r, *configs(model)[n].rank_pattern.values()) for n in names]
+    if combination == "linear" and len(set(ranks)) != 1:
+        raise ValueError(f"combination='linear' needs adapters of equal rank, got {dict(zip(names, ranks))}")
+    new_rank = {"linear": ranks[0], "cat": sum(ranks), "svd": svd_rank or max(ranks)}[combination]
+    targets = sorted({t for n in names for t in model.__dict__["_lf_targets"][n]})
+    first = configs(model)[names[0]]
+    cfg = dataclasses.replace(
+        first,
+        r=new_rank,
+        alpha=float(new_rank),
+        target_modules=targets,
+        use_rslora=False,
+        rank_pattern={},
+        alpha_pattern={},
+        init="default",
+        modules_to_save=None,
+    )
+    inject(model, cfg, adapter=adapter_name)
+    for _, layer in lora_layers(model):
+        if adapter_name not in layer.r:
+            continue
+        pairs = [(n, w) for n, w in zip(names, weights) if n in layer.r]
+        a, b = _combine(layer, pairs, combination, new_rank)
+        layer.set_factors(adapter_name, a, b)
+
+
+def _combine(layer: LoraLayer, pairs, combination: str, new_rank: int):
+    ref_a, ref_b = layer.factors(pairs[0][0])
+    a_shape, b_shape = (new_rank, *ref_a.shape[1:]), (ref_b.shape[0], new_rank, *ref_b.shape[2:])
+    if combination == "cat":
+        a = torch.cat([layer.factors(n)[0] * (w * layer.scaling[n]) for n, w in pairs], dim=0)
+        b = torch.cat([layer.factors(n)[1] for n, _ in pairs], dim=1)
+        a_full, b_full = ref_a.new_zeros(a_shape), ref_b.new_zeros(b_shape)
+        a_full[: a.shape[0]], b_full[:, : b.shape[1]] = a, b
+        return a_full, b_full
+    if combination == "linear":
+        a = sum(
+            layer.factors(n)[0] * (math.copysign(math.sqrt(abs(w * layer.scaling[n])), w * layer.scaling[n]))
+            for n, w in pairs
+        )
+        b = sum(layer.factors(n)[1] * math.sqrt(abs(w * layer.scaling[n])) for n, w in pairs)
+        return a, b
+    # svd of Σ wᵢ·sᵢ·BᵢAᵢ in the (out × in_flat) layout of B·A
+    delta = sum(
+        w
+        * layer.scaling[n]
+        * (
+            layer.factors(n)[1].reshape(b_shape[0], -1).float()
+            @ layer.factors(n)[0].reshape(layer.factors(n)[0].shape[0], -1).float()
+        )
+        for n, w in pairs
+    )
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    k = min(new_rank, s.numel())
+    b = torch.zeros(b_shape[0], new_rank, dtype=delta.dtype)
+    a = torch.zeros(new_rank, delta.shape[1], dtype=delta.dtype)
+    b[:, :k], a[:k] = u[:, :k] * s[:k], vh[:k]
+    return a.reshape(a_shape), b.reshape(b_shape)
+
+
+__all__ = [
+    "ModulesToSave",
+    "adapter_batch",
+    "add_weighted_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "list_adapters",
+    "merge",
+    "merge_and_unload",
+    "merged_adapters",
+    "set_adapter",
+    "unload",
+    "unmerge",
+]

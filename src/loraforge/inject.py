@@ -1,0 +1,235 @@
+"""Finding target modules and wrapping them: ``inject``, ``add_adapter``, parameter counts."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .layers import LoraLayer, ModulesToSave, is_linear_like, wrap
+
+# Where a block index sits in a module path, for layers_to_transform (PEFT's defaults).
+_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
+
+
+def configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The LoraConfig of every adapter on the model, by name (empty before ``inject``)."""
+    return model.__dict__.setdefault("_lf_configs", {})
+
+
+def lora_layers(model: nn.Module):
+    """(path, wrapper) for every LoRA wrapper in the model."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def saved_modules(model: nn.Module):
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave):
+            yield name, module
+
+
+def _candidates(model: nn.Module):
+    """(path, module, base) for every module a config may target; wrapper internals are skipped."""
+    inside = None  # named_modules() is pre-order: a wrapper's children follow it contiguously
+    for name, module in model.named_modules():
+        if not name or (inside is not None and name.startswith(inside)):
+            continue
+        inside = None
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            inside = name + "."
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        yield name, module, base
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    heads = {"lm_head"}
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is not None:
+        for name, module in model.named_modules():
+            if module is head or (isinstance(module, LoraLayer) and module.base_layer is head):
+                heads.add(name)
+    return heads
+
+
+def _matches(spec: list[str] | str, name: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == key or name.endswith("." + key) for key in spec)
+
+
+def _layer_index(name: str, patterns) -> int | None:
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns or _LAYER_PATTERNS)
+    for p in patterns:
+        m = re.match(rf".*\.{p}\.(\d+)\.", name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def find_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """Dotted paths of the modules ``cfg`` adapts. Raises ValueError when none matches."""
+    if cfg.target_modules is None:
+        raise ValueError("LoraConfig.target_modules is required: a list of names, a regex or 'all-linear'")
+    heads = _output_head_names(model) if cfg.target_modules == "all-linear" else set()
+    out, linear_names = [], []
+    for name, module, base in _candidates(model):
+        if isinstance(module, ModulesToSave):
+            continue
+        if is_linear_like(base):
+            linear_names.append(name)
+        if cfg.target_modules == "all-linear":
+            hit = is_linear_like(base) and name not in heads
+        else:
+            hit = _matches(cfg.target_modules, name)
+        if not hit:
+            continue
+        if cfg.exclude_modules is not None and _matches(cfg.exclude_modules, name):
+            continue
+        if cfg.layers_to_transform is not None:
+            idx = _layer_index(name, cfg.layers_pattern)
+            if idx is None or idx not in cfg.layers_to_transform:
+                continue
+        if cfg.modules_to_save and _matches(cfg.modules_to_save, name):
+            continue
+        out.append(name)
+    if not out:
+        short = sorted({n.split(".")[-1] for n in linear_names})
+        raise ValueError(
+            f"target_modules={cfg.target_modules!r} matched no module of {type(model).__name__}. "
+            f"Linear-like modules it has: {short}"
+            + (f" (full paths e.g. {linear_names[:3]})" if linear_names else "")
+        )
+    for name in out:
+        base = model.get_submodule(name)
+        base = base.base_layer if isinstance(base, LoraLayer) else base
+        wrap_check = (nn.Linear, nn.Embedding, nn.Conv2d)
+        if not (isinstance(base, wrap_check) or is_linear_like(base)):
+            raise ValueError(
+                f"target {name!r} is a {type(base).__name__}; LoRA supports Linear, Embedding, Conv2d, "
+                "GPT-2 Conv1D and 4-bit linears (name the leaf layers, e.g. 'q_proj')"
+            )
+    return out
+
+
+def _find_saved(model: nn.Module, names: list[str]) -> list[str]:
+    found = []
+    for name, module, _ in _candidates(model):
+        if _matches(names, name) and not isinstance(module, LoraLayer):
+            found.append(name)
+    missing = [n for n in names if not any(f == n or f.endswith("." + n) for f in found)]
+    if missing:
+        raise ValueError(f"modules_to_save {missing} matched no module of {type(model).__name__}")
+    return found
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default") -> nn.Module:
+    """Add LoRA adapter ``adapter`` to ``model`` in place; freeze the base; return the model.
+
+    The first call freezes every base parameter; each matched layer is wrapped (the original
+    module becomes ``<path>.base_layer``). Calling it again on an adapted model adds another
+    adapter, like :func:`add_adapter`.
+    """
+    if not isinstance(cfg, LoraConfig):
+        raise TypeError(f"inject expects a loraforge.LoraConfig, got {type(cfg).__name__}")
+    if not isinstance(adapter, str) or not adapter or adapter == "__base__" or "." in adapter:
+        raise ValueError(f"invalid adapter name {adapter!r} (a non-empty name without dots, not '__base__')")
+    known = configs(model)
+    if adapter in known:
+        raise ValueError(f"adapter {adapter!r} already exists; known adapters: {sorted(known)}")
+    # Everything is validated before the model changes, so a bad config leaves it untouched.
+    targets = find_targets(model, cfg)
+    saved = _find_saved(model, cfg.modules_to_save) if cfg.modules_to_save else []
+    first = not known
+    if first:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for name in targets:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoraLayer):
+            module = wrap(module).train(module.training)
+            _replace(model, name, module)
+        r, alpha = cfg.rank_and_alpha(name)
+        module.add(adapter, r, alpha, cfg.dropout, cfg.use_rslora, cfg.init)
+    for name in saved:
+        module = model.get_submodule(name)
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module).train(module.training)
+            _replace(model, name, module)
+        module.add(adapter)
+    known[adapter] = cfg
+    model.__dict__.setdefault("_lf_targets", {})[adapter] = targets
+    if first:
+        model.__dict__["_lf_active"] = [adapter]
+    set_trainable(model)
+    return model
+
+
+def add_adapter(model: nn.Module, adapter: str, cfg: LoraConfig) -> nn.Module:
+    """Add a further named adapter (inactive until :func:`loraforge.set_adapter`)."""
+    if not configs(model):
+        raise ValueError("the model has no LoRA adapter yet; call lf.inject(model, cfg) first")
+    return inject(model, cfg, adapter=adapter)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(model.__dict__.get("_lf_active", []))
+
+
+def set_trainable(model: nn.Module) -> None:
+    """Only the active adapters' LoRA factors (and their biases / saved modules) require grad."""
+    active = set(active_adapters(model))
+    for _, layer in lora_layers(model):
+        layer.active_adapters = [a for a in active_adapters(model) if a in layer.r]
+        for attr in layer.adapter_param_names:
+            for name, p in getattr(layer, attr).named_parameters():
+                p.requires_grad_(name.split(".")[0] in active)
+    for _, module in saved_modules(model):
+        module.active_adapters = [a for a in active_adapters(model) if a in module.modules_to_save]
+        for name, sub in module.modules_to_save.items():
+            for p in sub.parameters():
+                p.requires_grad_(name in active)
+    modes = {configs(model)[a].bias for a in active if a in configs(model)}
+    for name, p in model.named_parameters():
+        if name.endswith("bias") and ".lora_" not in name and ".modules_to_save." not in name:
+            p.requires_grad_(False)
+    if "all" in modes:
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and ".lora_" not in name and ".modules_to_save." not in name:
+                p.requires_grad_(True)
+    elif "lora_only" in modes:
+        for _, layer in lora_layers(model):
+            bias = getattr(layer.base_layer, "bias", None)
+            if isinstance(bias, nn.Parameter) and bias.is_floating_point():
+                bias.requires_grad_(True)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts. A 4-bit packed weight counts 2 values per byte."""
+    trainable = total = 0
+    for _, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            n = p.numel()
+            if p.dtype == torch.uint8 and hasattr(module, "quant_state"):
+                n *= 2
+            total += n
+            if p.requires_grad:
+                trainable += n
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print PEFT's line: ``trainable params: 1,536 || all params: 28,320 || trainable%: 5.4237``."""
+    trainable, total = count_parameters(model)
+    pct = 100 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")

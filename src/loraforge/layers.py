@@ -1,0 +1,484 @@
+"""LoRA wrappers around frozen base layers.
+
+Every wrapper keeps the original module as ``base_layer`` and holds, per adapter name, the
+low-rank factors ``A`` (r × in) and ``B`` (out × r). The adapted layer computes
+
+    h = base_layer(x) + Σ_active  s · B·(A·dropout(x)),     s = alpha / r   (or alpha / √r)
+
+right to left, so the (out × in) product B·A is only ever formed to merge it into the base.
+Parameter names follow PEFT (``lora_A.<adapter>.weight``, ``lora_embedding_A.<adapter>``) so that
+files map one to one onto PEFT's.
+
+The base may be ``nn.Linear``, transformers' GPT-2 ``Conv1D`` (weight stored in × out), a 4-bit
+linear (anything with ``in_features``/``out_features``/``dequantize()``), ``nn.Embedding`` or
+``nn.Conv2d``. LoRA does not know how the base stores its weight: ``base_weight()`` and
+``_add_to_base()`` are the only places that look.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BASE = "__base__"  # the name that means "no adapter" in a mixed batch
+
+# The low-rank path runs in this precision when the base is stored in half precision or 4 bits:
+# rank-r matmuls are cheap, and fp32 keeps small updates from rounding away.
+_UPCAST = (torch.float16, torch.bfloat16)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    return hasattr(module, "dequantize") and hasattr(module, "quant_state")
+
+
+def _lora_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.float32 if (weight.dtype in _UPCAST or not weight.is_floating_point()) else weight.dtype
+
+
+class LoraLayer(nn.Module):
+    """State shared by every wrapper: ranks, scalings, active / merged adapters, mixed batches."""
+
+    adapter_param_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.batch_adapters: list[str] | None = None  # one adapter name per batch row, or None
+        self.merge_error: dict[str, float] = {}  # rounding error of a requantized merge (4-bit)
+
+    # -- adapter bookkeeping ----------------------------------------------------------------
+    def add(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, init: str) -> None:
+        if name in self.r:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        self.r[name], self.alpha[name] = r, alpha
+        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._create(name, r)
+        self.reset(name, init)
+        if not self.active_adapters:
+            self.active_adapters = [name]
+
+    def delete(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge(name)
+        for attr in self.adapter_param_names:
+            container = getattr(self, attr)
+            if name in container:
+                del container[name]
+        del self.lora_dropout[name]
+        for d in (self.r, self.alpha, self.scaling):
+            d.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.r)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of one adapter, as 2-D matrices (r × in_flat), (out × r)."""
+        raise NotImplementedError
+
+    def set_factors(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        fa, fb = self.factors(name)
+        with torch.no_grad():
+            fa.copy_(a.reshape(fa.shape))
+            fb.copy_(b.reshape(fb.shape))
+
+    def reset(self, name: str, init: str) -> None:
+        a, b = self.factors(name)
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(a, std=1.0 / self.r[name])
+            else:
+                # Kaiming-uniform with a=√5 is nn.Linear's default; B = 0 makes ΔW = 0 at the start.
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(b)
+        if init == "pissa":
+            self._init_pissa(name)
+
+    def _init_pissa(self, name: str) -> None:
+        # PiSSA: W = U S Vᵀ; B·A takes the top-r part, scaled so s·B·A equals it; W keeps the rest.
+        if _is_quantized(self.base_layer):
+            raise ValueError("init='pissa' needs a full-precision base layer, not a quantized one")
+        w = self.base_weight().float()
+        u, sv, vh = torch.linalg.svd(w.reshape(w.shape[0], -1), full_matrices=False)
+        r, s = self.r[name], self.scaling[name]
+        root = torch.sqrt(sv[:r] / s)
+        b = u[:, :r] * root
+        a = root[:, None] * vh[:r]
+        self.set_factors(name, a, b)
+        self._add_to_base(-self.delta_weight(name))
+
+    # -- weights -----------------------------------------------------------------------------
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as (out × in) (Conv2d: out × in × kh × kw), dequantized if need be."""
+        base = self.base_layer
+        if _is_quantized(base):
+            return base.dequantize()
+        if _is_conv1d(base):
+            return base.weight.T
+        return base.weight
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """ΔW = s · B·A in the base weight's (out × in) layout."""
+        a, b = self.factors(name)
+        return (b.float() @ a.float()).reshape(self.base_weight_shape()) * self.scaling[name]
+
+    def base_weight_shape(self) -> tuple[int, ...]:
+        base = self.base_layer
+        if _is_quantized(base):
+            return (base.out_features, base.in_features)
+        if _is_conv1d(base):
+            return tuple(base.weight.T.shape)
+        return tuple(base.weight.shape)
+
+    def _add_to_base(self, delta: torch.Tensor) -> None:
+        base = self.base_layer
+        with torch.no_grad():
+            if _is_quantized(base):
+                error = base.requantize_(base.dequantize(torch.float32) + delta.float())
+                self.merge_error["last"] = float(error)
+                return
+            w = base.weight
+            if _is_conv1d(base):
+                delta = delta.T
+            # Add in fp32 and round once: the add/subtract of a switch then drifts by ≤ 1 ulp.
+            w.copy_((w.float() + delta.to(w.device, torch.float32)).to(w.dtype))
+
+    # -- merge -------------------------------------------------------------------------------
+    def merge(self, name: str) -> None:
+        if name not in self.r:
+            raise KeyError(name)
+        if name in self.merged_adapters:
+            return  # idempotent
+        self._add_to_base(self.delta_weight(name))
+        if _is_quantized(self.base_layer):
+            self.merge_error[name] = self.merge_error.pop("last")
+        self.merged_adapters.append(name)
+
+    def unmerge(self, name: str | None = None) -> None:
+        names = list(reversed(self.merged_adapters)) if name is None else [name]
+        for n in names:
+            if n not in self.merged_adapters:
+                continue
+            self._add_to_base(-self.delta_weight(n))
+            self.merged_adapters.remove(n)
+
+    # -- forward -----------------------------------------------------------------------------
+    def _check_merged_training(self) -> None:
+        if self.training and torch.is_grad_enabled():
+            for n in self.merged_adapters:
+                if any(p.requires_grad for p in self._params_of(n)):
+                    raise RuntimeError(
+                        f"adapter {n!r} is merged into the base weights; call lf.unmerge(model) before "
+                        "training it (gradients would not reach the merged copy)"
+                    )
+
+    def _params_of(self, name: str) -> list[nn.Parameter]:
+        return list(self.factors(name))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disabled:
+            return self.base_layer(x, *args, **kwargs)
+        if self.batch_adapters is not None:
+            if self.merged_adapters:
+                raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call lf.unmerge(model)")
+            return self._forward_mixed(x, self.batch_adapters, *args, **kwargs)
+        self._check_merged_training()
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name in self.r and name not in self.merged_adapters:
+                result = result + self._lora(x, name).to(result.dtype)
+        return result
+
+    def _lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _forward_mixed(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _row_index(self, names: list[str], batch: int, device) -> tuple[list[str], torch.Tensor]:
+        """Unique adapter names used by the batch (BASE first) and each row's index into them."""
+        if len(names) != batch:
+            raise ValueError(f"adapter_batch got {len(names)} names for a batch of {batch} rows")
+        uniq = [BASE] + sorted({n for n in names if n != BASE and n in self.r})
+        pos = {n: i for i, n in enumerate(uniq)}
+        # An adapter that does not wrap this layer acts as the base here (as in PEFT).
+        idx = torch.tensor([pos.get(n, 0) for n in names], device=device)
+        return uniq, idx
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapters}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on a linear map: ``nn.Linear``, GPT-2 ``Conv1D`` or a 4-bit linear.
+
+    x (..., in) → base(x) + s · (dropout(x) @ Aᵀ) @ Bᵀ, A (r × in), B (out × r).
+    """
+
+    adapter_param_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        if _is_conv1d(base_layer):
+            self.in_features, self.out_features = base_layer.weight.shape
+            self.fan_in_fan_out = True
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+            self.fan_in_fan_out = False
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _create(self, name: str, r: int) -> None:
+        w = self.base_layer.weight
+        kw = {"device": w.device, "dtype": _lora_dtype(w)}
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **kw)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def _lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        x = self.lora_dropout[name](x.to(a.dtype))
+        return F.linear(F.linear(x, a), b) * self.scaling[name]
+
+    def _forward_mixed(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:
+        # The base matmul runs once for the whole batch; the low-rank path is a gather of each
+        # row's (A, B) followed by two batched matmuls. Ranks differ, so factors are zero-padded
+        # to the largest r (zero rows/columns add nothing); BASE rows get zero factors.
+        result = self.base_layer(x, *args, **kwargs)
+        uniq, idx = self._row_index(names, x.shape[0], x.device)
+        if len(uniq) == 1:
+            return result
+        r_max = max(self.r[n] for n in uniq[1:])
+        dtype = self.lora_A[uniq[1]].weight.dtype
+        a_stack = x.new_zeros((len(uniq), r_max, self.in_features), dtype=dtype)
+        b_stack = x.new_zeros((len(uniq), self.out_features, r_max), dtype=dtype)
+        for i, n in enumerate(uniq[1:], start=1):
+            a, b = self.factors(n)
+            a_stack[i, : self.r[n]] = a
+            b_stack[i, :, : self.r[n]] = b * self.scaling[n]
+        xb = x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)  # (batch, tokens, in)
+        low = torch.bmm(xb, a_stack[idx].transpose(1, 2))  # (batch, tokens, r_max)
+        delta = torch.bmm(low, b_stack[idx].transpose(1, 2))  # (batch, tokens, out)
+        return result + delta.reshape(result.shape).to(result.dtype)
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding``: row lookup in Aᵀ (num × r), then B (dim × r).
+
+    Parameters are stored as PEFT does: ``lora_embedding_A[name]`` (r × num_embeddings) and
+    ``lora_embedding_B[name]`` (embedding_dim × r); ΔW = s · (B·A)ᵀ (num × dim).
+    """
+
+    adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def _create(self, name: str, r: int) -> None:
+        w = self.base_layer.weight
+        kw = {"device": w.device, "dtype": _lora_dtype(w)}
+        num, dim = w.shape
+        self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, num, **kw))
+        self.lora_embedding_B[name] = nn.Parameter(torch.empty(dim, r, **kw))
+
+    def reset(self, name: str, init: str) -> None:
+        a, b = self.factors(name)
+        with torch.no_grad():
+            # PEFT's embedding init: A = 0, B ~ N(0, 1) — ΔW starts at zero all the same.
+            nn.init.zeros_(a)
+            nn.init.normal_(b)
+        if init == "pissa":
+            self._init_pissa(name)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.factors(name)
+        return (b.float() @ a.float()).T * self.scaling[name]
+
+    def _init_pissa(self, name: str) -> None:
+        # Same as linear PiSSA on Wᵀ (dim × num), which is what B·A approximates here.
+        w = self.base_layer.weight.float().T
+        u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+        r, s = self.r[name], self.scaling[name]
+        root = torch.sqrt(sv[:r] / s)
+        self.set_factors(name, root[:, None] * vh[:r], u[:, :r] * root)
+        self._add_to_base(-self.delta_weight(name))
+
+    def _embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.embedding(
+            ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
+
+    def _lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        a, b = self.factors(name)
+        return (self._embed(x, a.T) @ b.T) * self.scaling[name]
+
+    def _forward_mixed(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        uniq, idx = self._row_index(names, x.shape[0], x.device)
+        if len(uniq) == 1:
+            return result
+        r_max = max(self.r[n] for n in uniq[1:])
+        a0 = self.factors(uniq[1])[0]
+        num, dim = self.base_layer.weight.shape
+        a_stack = a0.new_zeros((len(uniq), num, r_max))
+        b_stack = a0.new_zeros((len(uniq), dim, r_max))
+        for i, n in enumerate(uniq[1:], start=1):
+            a, b = self.factors(n)
+            a_stack[i, :, : self.r[n]] = a.T
+            b_stack[i, :, : self.r[n]] = b * self.scaling[n]
+        ids = x.reshape(x.shape[0], -1)  # (batch, tokens)
+        low = a_stack[idx[:, None], ids]  # (batch, tokens, r_max): each row looks up its own table
+        delta = torch.bmm(low, b_stack[idx].transpose(1, 2))
+        return result + delta.reshape(result.shape).to(result.dtype)
+
+
+class LoraConv2d(LoraLayer):
+    """LoRA on ``nn.Conv2d``: A is a conv (in → r) with the base's kernel, stride and padding,
+    B a 1×1 conv (r → out). ΔW (out × in × kh × kw) = s · B ∘ A."""
+
+    adapter_param_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Conv2d) -> None:
+        super().__init__(base_layer)
+        if base_layer.groups != 1:
+            raise ValueError("LoRA on grouped Conv2d is not supported")
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _create(self, name: str, r: int) -> None:
+        base = self.base_layer
+        kw = {"device": base.weight.device, "dtype": _lora_dtype(base.weight)}
+        self.lora_A[name] = nn.Conv2d(
+            base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False, **kw
+        )
+        self.lora_B[name] = nn.Conv2d(r, base.out_channels, 1, 1, bias=False, **kw)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.factors(name)
+        out = b.shape[0]
+        return (b.float().reshape(out, -1) @ a.float().reshape(a.shape[0], -1)).reshape(
+            self.base_layer.weight.shape
+        ) * self.scaling[name]
+
+    def _init_pissa(self, name: str) -> None:
+        w = self.base_layer.weight.float()
+        u, sv, vh = torch.linalg.svd(w.reshape(w.shape[0], -1), full_matrices=False)
+        r, s = self.r[name], self.scaling[name]
+        root = torch.sqrt(sv[:r] / s)
+        self.set_factors(name, root[:, None] * vh[:r], u[:, :r] * root)
+        self._add_to_base(-self.delta_weight(name))
+
+    def _lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        a = self.lora_A[name]
+        x = self.lora_dropout[name](x.to(a.weight.dtype))
+        return self.lora_B[name](a(x)) * self.scaling[name]
+
+    def _forward_mixed(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:
+        # Convolutions have no batched-weight kernel; loop over the (few) adapters, not the rows.
+        result = self.base_layer(x, *args, **kwargs)
+        uniq, idx = self._row_index(names, x.shape[0], x.device)
+        result = result.clone()
+        for i, n in enumerate(uniq[1:], start=1):
+            rows = (idx == i).nonzero(as_tuple=True)[0]
+            result[rows] = result[rows] + self._lora(x[rows], n).to(result.dtype)
+        return result
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full (e.g. a classification head): one trainable copy per adapter.
+
+    ``original_module`` stays frozen and answers when adapters are disabled or for BASE rows.
+    """
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        self.batch_adapters: list[str] | None = None
+
+    def add(self, name: str) -> None:
+        import copy
+
+        if name in self.modules_to_save:
+            raise ValueError(f"adapter {name!r} already exists on this module")
+        clone = copy.deepcopy(self.original_module)
+        for p in clone.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = clone
+        if not self.active_adapters:
+            self.active_adapters = [name]
+
+    def delete(self, name: str) -> None:
+        del self.modules_to_save[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if self.disabled:
+            return self.original_module(x, *args, **kwargs)
+        if self.batch_adapters is not None:
+            names = self.batch_adapters
+            out = self.original_module(x, *args, **kwargs).clone()
+            for n in sorted(set(names)):
+                if n in self.modules_to_save:
+                    rows = torch.tensor([i for i, m in enumerate(names) if m == n], device=x.device)
+                    out[rows] = self.modules_to_save[n](x[rows], *args, **kwargs)
+            return out
+        active = [a for a in self.active_adapters if a in self.modules_to_save]
+        if len(active) > 1:
+            warnings.warn("several active adapters have modules_to_save; using the first", stacklevel=2)
+        if not active:
+            return self.original_module(x, *args, **kwargs)
+        return self.modules_to_save[active[0]](x, *args, **kwargs)
+
+
+def wrap(module: nn.Module) -> LoraLayer:
+    """The LoRA wrapper class for a base module, or a clear error for an unsupported type."""
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    if isinstance(module, nn.Conv2d):
+        return LoraConv2d(module)
+    if isinstance(module, nn.Linear) or _is_conv1d(module) or _is_quantized(module):
+        return LoraLinear(module)
+    raise TypeError(
+        f"LoRA supports nn.Linear, nn.Embedding, nn.Conv2d, GPT-2 Conv1D and 4-bit linears; "
+        f"got {type(module).__name__}"
+    )
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """True for the layers "all-linear" targets (Linear, Conv1D, 4-bit linear)."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module) or _is_quantized(module)

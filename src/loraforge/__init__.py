@@ -15,7 +15,9 @@ from .adapters import (
     list_adapters,
     merge,
     merge_and_unload,
+    merged_adapters,
     set_adapter,
+    unload,
     unmerge,
 )
 from .config import LoraConfig
@@ -37,9 +39,11 @@ __all__ = [
     "load_adapter",
     "merge",
     "merge_and_unload",
+    "merged_adapters",
     "print_trainable_parameters",
     "save_adapter",
     "set_adapter",
+    "unload",
     "unmerge",
 ]
 

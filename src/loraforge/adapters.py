@@ -227,7 +227,7 @@ def add_weighted_adapter(
     if adapter_name in configs(model):
         raise ValueError(f"adapter {adapter_name!r} already exists")
     combination = "linear" if len(names) == 1 else combination
-    ranks = [max(configs(model)[n].r, *configs(model)[n].rank_pattern.values()) for n in names]
+    ranks = [max([configs(model)[n].r, *configs(model)[n].rank_pattern.values()]) for n in names]
     if combination == "linear" and len(set(ranks)) != 1:
         raise ValueError(f"combination='linear' needs adapters of equal rank, got {dict(zip(names, ranks))}")
     new_rank = {"linear": ranks[0], "cat": sum(ranks), "svd": svd_rank or max(ranks)}[combination]

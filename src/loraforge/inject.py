@@ -217,8 +217,12 @@ def set_trainable(model: nn.Module) -> None:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts. A 4-bit packed weight counts 2 values per byte."""
     trainable = total = 0
+    seen: set[int] = set()  # tied weights (GPT-2's lm_head = wte) count once
     for _, module in model.named_modules():
         for p in module.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
             n = p.numel()
             if p.dtype == torch.uint8 and hasattr(module, "quant_state"):
                 n *= 2

@@ -1,0 +1,440 @@
+"""Training data: read rows, render them to text, tokenize, mask, pack, batch.
+
+Every example becomes two aligned lists of length T:
+
+* ``input_ids[t]``: the token at position t;
+* ``labels[t]``: the token the model must predict at position t (``input_ids[t + 1]`` of the same
+  example) or ``IGNORE`` when that next token is not trained (a prompt token, the end of the
+  example, padding). Labels are shifted here, once, so the loss never shifts and packed examples
+  can never predict across a boundary.
+
+Formats (``data.format``; ``auto`` picks from the columns):
+
+* ``text``: ``{"text": ...}``; every token is trained.
+* ``prompt_completion``: ``{"prompt": ..., "completion": ...}``; with ``completion_only`` the
+  prompt tokens are masked. EOS is appended so the model learns to stop.
+* ``chat``: ``{"messages": [{"role": ..., "content": ...}, ...]}`` rendered with the tokenizer's
+  chat template (``FALLBACK_CHAT_TEMPLATE`` when it has none); with ``completion_only`` only the
+  assistant turns are trained.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import builtin
+from .config import DataSection
+
+IGNORE = -100
+FORMATS = ("text", "prompt_completion", "chat")
+
+# Used when the tokenizer has no chat template. Plain-text role markers (no new tokens, so the
+# vocabulary and embeddings stay unchanged); every assistant turn ends with EOS so that
+# generation stops there.
+FALLBACK_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+class DataError(ValueError):
+    """A problem with the data; the message starts with ``file:line:``."""
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.position_ids:
+            self.position_ids = list(range(len(self.input_ids)))
+
+    @property
+    def n_targets(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+# -- reading -----------------------------------------------------------------------------------------
+
+
+def _kind(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    kinds = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+    if suffix not in kinds:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+    return kinds[suffix]
+
+
+def _line_numbers(path: str) -> list[str]:
+    """``file:line`` of each row of a JSONL or CSV file (blank JSONL lines and CSV quoted
+    newlines taken into account)."""
+    if Path(path).suffix.lower() == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            return [f"{path}:{i}" for i, line in enumerate(f, 1) if line.strip()]
+    out, start = [], 2
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        next(reader, None)  # header
+        for _ in reader:
+            out.append(f"{path}:{start}")
+            start = reader.line_num + 1
+    return out
+
+
+class _Locations:
+    """Row index -> location string, computed on first use (only when there is something to report)."""
+
+    def __init__(self, path: str):
+        self.path, self._lines = path, None
+
+    def __getitem__(self, i: int) -> str:
+        if Path(self.path).suffix.lower() not in (".jsonl", ".csv"):
+            return f"{self.path}:row {i + 1}"
+        if self._lines is None:
+            self._lines = _line_numbers(self.path)
+        return self._lines[i] if i < len(self._lines) else f"{self.path}:row {i + 1}"
+
+
+def read_rows(path: str, skip_bad_rows: bool = False) -> tuple[list[dict], _Locations, int]:
+    """Rows of a local file via the ``datasets`` library: (rows, locations, invalid rows skipped).
+
+    A JSONL line that is not valid JSON makes ``datasets`` fail for the whole file; then the file
+    is re-read line by line to name the line (or skip it with ``skip_bad_rows``).
+    """
+    import datasets
+
+    shown = path
+    path = builtin.resolve_data_path(path)
+    if not Path(path).is_file():
+        raise DataError(f"{shown}: data file not found")
+    kind = _kind(path)
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(kind, data_files=path, split="train")
+        return list(ds), _Locations(path), 0
+    except Exception as e:
+        if Path(path).suffix.lower() != ".jsonl":
+            raise DataError(f"{path}: cannot read as {kind}: {e}") from e
+    rows, skipped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if not skip_bad_rows:
+                    raise DataError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
+                skipped += 1
+    return datasets.Dataset.from_list(rows).to_list() if rows else [], _LocationsSkipping(path), skipped
+
+
+class _LocationsSkipping(_Locations):
+    """Locations when invalid JSON lines were dropped: count only lines that parse."""
+
+    def __getitem__(self, i: int) -> str:
+        if self._lines is None:
+            self._lines = []
+            with open(self.path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    try:
+                        if line.strip():
+                            json.loads(line)
+                            self._lines.append(f"{self.path}:{n}")
+                    except json.JSONDecodeError:
+                        pass
+        return self._lines[i]
+
+
+# -- validating and rendering ------------------------------------------------------------------------
+
+
+def detect_format(row: dict, cfg: DataSection, where: str) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    if cfg.messages_field in row:
+        return "chat"
+    if cfg.prompt_field in row and cfg.completion_field in row:
+        return "prompt_completion"
+    if cfg.text_field in row:
+        return "text"
+    raise DataError(
+        f"{where}: cannot tell the data format from the fields {sorted(row)}; expected "
+        f"{cfg.messages_field!r} (chat), {cfg.prompt_field!r}+{cfg.completion_field!r} or "
+        f"{cfg.text_field!r}, or set data.format and data.*_field"
+    )
+
+
+def _text_problem(row: dict, key: str) -> str | None:
+    value = row.get(key)
+    if key not in row or value is None:
+        return f"missing field {key!r}"
+    if not isinstance(value, str):
+        return f"field {key!r} must be a string, got {type(value).__name__}"
+    if not value.strip():
+        return f"field {key!r} is empty"
+    return None
+
+
+def row_problem(row: dict, fmt: str, cfg: DataSection) -> str | None:
+    """What is wrong with ``row`` for format ``fmt``, or None."""
+    if fmt == "text":
+        return _text_problem(row, cfg.text_field)
+    if fmt == "prompt_completion":
+        return _text_problem(row, cfg.prompt_field) or _text_problem(row, cfg.completion_field)
+    key = cfg.messages_field
+    messages = row.get(key)
+    if messages is None:
+        return f"missing field {key!r}"
+    if not isinstance(messages, list) or not messages:
+        return f"field {key!r} must be a non-empty list of {{role, content}} objects"
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return f"{key}[{j}] must be an object with 'role' and 'content', got {type(m).__name__}"
+        for part in ("role", "content"):
+            if m.get(part) is None:
+                return f"{key}[{j}] is missing {part!r}"
+            if not isinstance(m[part], str):
+                return f"{key}[{j}].{part} must be a string, got {type(m[part]).__name__}"
+        if m["role"] == "assistant" and not m["content"].strip():
+            return f"{key}[{j}] is an empty assistant message"
+    if not any(m["role"] == "assistant" for m in messages):
+        return f"field {key!r} has no assistant message to train on"
+    return None
+
+
+def chat_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
+    """Render a conversation into (text, is_assistant) pieces whose concatenation is the full text.
+
+    The assistant span of turn i is found as the difference between the rendering of
+    ``messages[:i]`` with the generation prompt and that of ``messages[:i + 1]``; this needs the
+    template to render every conversation prefix as a text prefix, which we check.
+    """
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+
+    def render(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    full = render(messages, False)
+    segments, pos = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(render(messages[:i], True)) if i else 0
+        end = len(render(messages[: i + 1], False))
+        if not (full.startswith(render(messages[: i + 1], False)) and start >= pos and end > start):
+            raise DataError(
+                "the chat template does not render each conversation prefix as a text prefix, so "
+                "assistant turns cannot be located; set data.completion_only: false"
+            )
+        segments += [(full[pos:start], False), (full[start:end], True)]
+        pos = end
+    segments.append((full[pos:], False))
+    return [(text, trained) for text, trained in segments if text]
+
+
+def encode_segments(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+    """Token ids of the joined text and, per token, whether it lies in a trained segment.
+
+    A fast tokenizer tokenizes the whole text (as at inference) and uses character offsets to
+    assign tokens to segments; a slow one tokenizes segment by segment.
+    """
+    text = "".join(t for t, _ in segments)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        bounds, pos = [], 0
+        for t, trained in segments:
+            bounds.append((pos, pos + len(t), trained))
+            pos += len(t)
+        trained_mask = []
+        for start, end in enc["offset_mapping"]:
+            char = start if end > start else max(start - 1, 0)
+            trained_mask.append(any(a <= char < b and tr for a, b, tr in bounds))
+        return list(enc["input_ids"]), trained_mask
+    ids, mask = [], []
+    for t, trained in segments:
+        piece = tokenizer(t, add_special_tokens=False)["input_ids"]
+        ids += piece
+        mask += [trained] * len(piece)
+    return ids, mask
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt ids exactly as training sees the start of a text / prompt_completion example."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_row(tokenizer, row: dict, fmt: str, cfg: DataSection) -> tuple[Example, bool]:
+    """(example, truncated) for one valid row; labels are shifted (see module docstring)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if fmt == "chat":
+        segments = chat_segments(tokenizer, row[cfg.messages_field])
+        if not cfg.completion_only:
+            segments = [(t, True) for t, _ in segments]
+        ids, trained = encode_segments(tokenizer, segments)
+        bos = eos = []  # the template decides about BOS and end-of-turn tokens
+    elif fmt == "prompt_completion":
+        prompt, completion = row[cfg.prompt_field], row[cfg.completion_field]
+        ids, trained = encode_segments(tokenizer, [(prompt, not cfg.completion_only), (completion, True)])
+    else:
+        ids, trained = encode_segments(tokenizer, [(row[cfg.text_field], True)])
+    ids = bos + ids + eos
+    trained = [False] * len(bos) + trained + [True] * len(eos)
+    truncated = len(ids) > cfg.max_length
+    ids, trained = ids[: cfg.max_length], trained[: cfg.max_length]
+    labels = [ids[t + 1] if trained[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
+    return Example(ids, labels), truncated
+
+
+def load_examples(path: str, cfg: DataSection, tokenizer, log=print) -> list[Example]:
+    """Read, validate and tokenize one file. A bad row raises ``DataError("file:line: ...")``
+    unless ``cfg.skip_bad_rows``, which skips it and reports the count."""
+    rows, where, skipped = read_rows(path, cfg.skip_bad_rows)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    fmt = detect_format(rows[0], cfg, where[0])
+    examples, truncated, empty, first_bad = [], 0, 0, None
+    for i, row in enumerate(rows):
+        problem = row_problem(row, fmt, cfg)
+        if problem is None:
+            try:
+                example, cut = encode_row(tokenizer, row, fmt, cfg)
+            except DataError as e:
+                problem = str(e)
+        if problem is not None:
+            if not cfg.skip_bad_rows:
+                raise DataError(f"{where[i]}: {problem}")
+            skipped += 1
+            first_bad = first_bad or f"{where[i]}: {problem}"
+            continue
+        if example.n_targets == 0:
+            empty += 1  # e.g. the completion was cut off by max_length
+            continue
+        truncated += cut
+        examples.append(example)
+    notes = [f"{len(examples)} {fmt} examples from {path}"]
+    if skipped:
+        notes.append(f"skipped {skipped} bad rows (first: {first_bad or 'invalid JSON'})")
+    if truncated:
+        notes.append(f"{truncated} truncated to {cfg.max_length} tokens")
+    if empty:
+        notes.append(f"{empty} dropped: no trained tokens within {cfg.max_length} tokens")
+    log("data: " + "; ".join(notes))
+    if not examples:
+        raise DataError(f"{path}: no usable examples")
+    return examples
+
+
+# -- packing and batching ----------------------------------------------------------------------------
+
+
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Greedily concatenate examples (in order) into rows of at most ``max_length`` tokens.
+
+    Position ids restart at 0 for each example. Given position ids and no attention mask,
+    transformers builds a block-diagonal causal mask (flash-attention uses the same ids as
+    sequence boundaries), so no token attends across examples; since labels were shifted per
+    example, no loss crosses a boundary either.
+    """
+    rows, current = [], Example([], [], [])
+    for ex in examples:
+        if current.input_ids and len(current.input_ids) + len(ex.input_ids) > max_length:
+            rows.append(current)
+            current = Example([], [], [])
+        current.input_ids += ex.input_ids
+        current.labels += ex.labels
+        current.position_ids += ex.position_ids
+    if current.input_ids:
+        rows.append(current)
+    return rows
+
+
+def collate(rows: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest: ``input_ids``, ``labels``, ``position_ids``, each (B, T).
+
+    Padding sits after every real token, so causal attention never lets a real token see it;
+    its positions continue counting so it does not look like a new packed sequence.
+    """
+    width = max(len(r.input_ids) for r in rows)
+    ids, labels, pos = [], [], []
+    for r in rows:
+        n = width - len(r.input_ids)
+        ids.append(r.input_ids + [pad_id] * n)
+        labels.append(r.labels + [IGNORE] * n)
+        last = r.position_ids[-1] + 1 if r.position_ids else 0
+        pos.append(r.position_ids + list(range(last, last + n)))
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.long)
+    return {"input_ids": as_tensor(ids), "labels": as_tensor(labels), "position_ids": as_tensor(pos)}
+
+
+def load_datasets(cfg: DataSection, tokenizer, seed: int, log=print) -> tuple[list[Example], list[Example]]:
+    """(train rows, eval rows), packed if ``cfg.packing``; eval may be empty."""
+    train = load_examples(cfg.train, cfg, tokenizer, log)
+    if cfg.eval:
+        evals = load_examples(cfg.eval, cfg, tokenizer, log)
+    elif cfg.eval_fraction > 0:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, int(len(train) * cfg.eval_fraction))
+        evals = [train[i] for i in sorted(order[:n_eval])]
+        train = [train[i] for i in sorted(order[n_eval:])]
+        log(f"data: held out {n_eval} train examples for eval (data.eval_fraction={cfg.eval_fraction})")
+    else:
+        evals = []
+    if cfg.packing:
+        n = len(train)
+        train = pack(train, cfg.max_length)
+        used = sum(len(r.input_ids) for r in train) / (len(train) * cfg.max_length)
+        log(f"data: packed {n} examples into {len(train)} rows of <= {cfg.max_length} tokens ({used:.0%} full)")
+        evals = pack(evals, cfg.max_length) if evals else evals
+    return train, evals
+
+
+class BatchPlan:
+    """Which rows go into each micro-batch of each optimizer step, on each process.
+
+    One optimizer step consumes a global batch of ``batch_size * grad_accum * world_size`` rows,
+    taken in order from a permutation of the training rows drawn from ``seed + epoch``. The plan
+    is a pure function of the step number, so resuming at step s needs nothing but s, and every
+    process can count the global number of trained tokens without communicating.
+    """
+
+    def __init__(self, n_rows: int, batch_size: int, grad_accum: int, world_size: int, seed: int):
+        self.n_rows, self.b, self.a, self.w, self.seed = n_rows, batch_size, grad_accum, world_size, seed
+        self.global_batch = batch_size * grad_accum * world_size
+        self.steps_per_epoch = n_rows // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"{n_rows} training rows are fewer than one global batch of {self.global_batch} "
+                f"(batch_size {batch_size} x grad_accum {grad_accum} x {world_size} processes)"
+            )
+        self._order_epoch, self._order = -1, None
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def step_rows(self, step: int) -> list[int]:
+        """Indices of the whole global batch of ``step``."""
+        epoch = self.epoch_of(step)
+        if epoch != self._order_epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._order, self._order_epoch = torch.randperm(self.n_rows, generator=g).tolist(), epoch
+        i = (step % self.steps_per_epoch) * self.global_batch
+        return self._order[i : i + self.global_batch]
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """This process's ``grad_accum`` micro-batches (row indices) for ``step``."""
+        rows = self.step_rows(step)
+        mine = rows[rank * self.a * self.b : (rank + 1) * self.a * self.b]
+        return [mine[j * self.b : (j + 1) * self.b] for j in range(self.a)]

@@ -1,0 +1,106 @@
+"""torch.distributed set-up for ``torchrun``: one process per device, NCCL on GPUs, gloo on CPU.
+
+Only the trainable tensors take part in DistributedDataParallel's gradient all-reduce; the
+frozen base is identical on every process by construction (same files, same seed) and is never
+sent.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as td
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def setup(device_name: str = "auto") -> DistInfo:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name, local_rank)
+    if world > 1 and not td.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        td.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank, local_rank, world, device)
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.enabled and td.is_initialized():
+        td.destroy_process_group()
+
+
+def all_reduce_sum(info: DistInfo, *values: float) -> list[float]:
+    """Sum Python numbers over processes (one small all-reduce)."""
+    if not info.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    td.all_reduce(t)
+    return t.tolist()
+
+
+def wrap_ddp(module: nn.Module, info: DistInfo) -> nn.Module:
+    """DistributedDataParallel over the trainable tensors only."""
+    if not info.enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Frozen tensors and buffers are neither broadcast at start-up nor reduced.
+    module._ddp_params_and_buffers_to_ignore = [n for n, p in module.named_parameters() if not p.requires_grad] + [
+        n for n, _ in module.named_buffers()
+    ]
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+
+
+def communication_report(model: nn.Module, world_size: int) -> str:
+    """Bytes all-reduced per optimizer step: the trainable gradients vs full fine-tuning's."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    sent = sum(p.numel() * p.element_size() for p in trainable)
+    grad_bytes = trainable[0].element_size() if trainable else 4
+    try:
+        from ..inject import count_parameters
+
+        total = count_parameters(model)[1]
+    except Exception:
+        total = sum(p.numel() for p in model.parameters())
+    full = total * grad_bytes
+    ring = 2 * (world_size - 1) / world_size  # bytes each process sends in a ring all-reduce, per payload byte
+    return (
+        f"all-reduce per optimizer step: {_mb(sent)} of trainable gradients ({len(trainable)} tensors; "
+        f"each process sends ~{_mb(sent * ring)}) vs {_mb(full)} for full fine-tuning "
+        f"({full / max(sent, 1):.1f}x more)"
+    )
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.3f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"

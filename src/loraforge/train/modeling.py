@@ -1,0 +1,105 @@
+"""Load the tokenizer and base model, and make it trainable by ``method`` (lora | qlora | full)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import builtin
+from .config import ModelSection, QuantSection, TrainConfig
+from .data import FALLBACK_CHAT_TEMPLATE
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """``auto`` = bfloat16 on a GPU that supports it, else float32."""
+    if name == "auto":
+        cuda = device is not None and device.type == "cuda"
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    return DTYPES[name]
+
+
+def load_tokenizer(path: str, log=print):
+    """The tokenizer at ``path`` (or the built-in one), with a pad token and a chat template."""
+    if builtin.is_builtin(path):
+        tok = builtin.build_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding positions are never trained, any id will do
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = FALLBACK_CHAT_TEMPLATE
+        tok.init_kwargs["loraforge_fallback_chat_template"] = True
+        if not builtin.is_builtin(path):
+            log("tokenizer: no chat template; chat data uses loraforge's built-in <|role|> template")
+    return tok
+
+
+def quant_config(q: QuantSection, dtype: torch.dtype):
+    import loraforge as lf
+
+    compute = dtype if q.compute_dtype == "auto" else DTYPES[q.compute_dtype]
+    return lf.QuantConfig(
+        quant_type=q.quant_type,
+        blocksize=q.blocksize,
+        double_quant=q.double_quant,
+        compute_dtype=compute,
+        skip_modules=list(q.skip_modules),
+    )
+
+
+def load_base_model(cfg: ModelSection, device: torch.device, quantize: bool = False):
+    """The base causal LM on ``device``; 4-bit when ``quantize`` (QLoRA)."""
+    import loraforge as lf
+
+    dtype = resolve_dtype(cfg.dtype, device)
+    qc = quant_config(cfg.quantization, dtype) if quantize else None
+    if builtin.is_builtin(cfg.path):
+        model = builtin.build_model(cfg.path, dtype)
+        if qc is not None:
+            model = lf.quantize(model, qc)
+    elif qc is not None:
+        model = lf.load_model(cfg.path, quantization=qc)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        kwargs = {"dtype": dtype}
+        if cfg.attn_implementation:
+            kwargs["attn_implementation"] = cfg.attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
+    return model.to(device)
+
+
+def prepare_model(cfg: TrainConfig, device: torch.device, log=print):
+    """(model, tokenizer) ready to train: LoRA injected (base frozen), or everything trainable."""
+    import loraforge as lf
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, log)
+    model = load_base_model(cfg.model, device, quantize=cfg.method == "qlora")
+    model.config.use_cache = False
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        lf.inject(model, cfg.lora)
+        model.to(device)  # the new adapter tensors
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant checkpointing works with a frozen embedding layer and with DDP.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+def save_trained(model, tokenizer, directory: Path, method: str) -> None:
+    """User-facing result: a PEFT adapter directory (lora/qlora) or a full model directory."""
+    import loraforge as lf
+
+    directory = Path(directory)
+    if method == "full":
+        model.save_pretrained(directory, safe_serialization=True)
+    else:
+        lf.save_adapter(model, directory)
+    tokenizer.save_pretrained(directory)

@@ -147,6 +147,9 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default") -> nn.Mo
     known = configs(model)
     if adapter in known:
         raise ValueError(f"adapter {adapter!r} already exists; known adapters: {sorted(known)}")
+    if cfg.bias != "none" and any(c.bias != "none" for c in known.values()):
+        # Biases belong to the base layers, so they are shared: only one adapter may own them (as in PEFT).
+        raise ValueError("only one adapter may train biases; use bias='none' for the others")
     # Everything is validated before the model changes, so a bad config leaves it untouched.
     targets = find_targets(model, cfg)
     saved = _find_saved(model, cfg.modules_to_save) if cfg.modules_to_save else []

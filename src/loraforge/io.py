@@ -203,11 +203,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
             for pname, t in src.state_dict().items():
                 live[f"{PREFIX}{name}.{pname}"] = tuple(t.shape)
     # Bias keys name the wrapped path (`<layer>.base_layer.bias`); before injection it is `<layer>.bias`.
-    params = {PREFIX + n: tuple(p.shape) for n, p in model.named_parameters()}
+    # PEFT also saves whole embedding matrices when embeddings are targeted (save_embedding_layers).
+    params = dict(model.named_parameters())
+    embeddings = _embedding_weight_names(model)
     for key in tensors:
-        plain = key.replace(".base_layer.", ".")
-        if key not in expected and key not in live and key.endswith("bias") and plain in params:
-            live[key] = params[plain]
+        name = _param_name(key, params)
+        if key in expected or key in live or name is None:
+            continue
+        if name.endswith("bias") or name in embeddings:
+            live[key] = tuple(params[name].shape)
     for key, shape in {**expected, **live}.items():
         if key not in tensors and key in expected:
             raise ValueError(
@@ -237,11 +241,37 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     return model
 
 
+def _embedding_weight_names(model: nn.Module) -> set[str]:
+    """Parameter names of the embedding matrices (input and output) — PEFT may save these whole."""
+    names = set()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for path, module, base in _candidates(model):
+        if isinstance(base, nn.Embedding) or (head is not None and base is head):
+            names.add(f"{path}.base_layer.weight" if base is not module else f"{path}.weight")
+    return names
+
+
+def _param_name(key: str, params: dict) -> str | None:
+    """The live parameter a file key names, whether or not its layer is wrapped yet."""
+    name = key[len(PREFIX) :]
+    for candidate in (
+        name,
+        name.replace(".base_layer.", "."),
+        name.rsplit(".", 1)[0] + ".base_layer." + name.rsplit(".", 1)[-1],
+    ):
+        if candidate in params:
+            return candidate
+    return None
+
+
 def _copy_in(model: nn.Module, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
     live = _live_tensors(model, adapter)
     missing = sorted(set(live) - set(tensors))
     if missing:
         raise ValueError(f"the adapter file lacks tensors the config implies: {missing[:5]}")
+    params = dict(model.named_parameters())
+    for key in set(tensors) - set(live):  # saved embedding matrices (validated by load_adapter)
+        live[key] = params[_param_name(key, params)]
     with torch.no_grad():
         for key, dst in live.items():
             dst.copy_(tensors[key].to(device=dst.device, dtype=dst.dtype))

@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine: `make demo` (the main job) and `make test`.
+# TORCH pins the CPU build that lies on this project's machines; elsewhere use e.g. TORCH='torch>=2.4'.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo quickstart test lint bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/loraforge demo
+
+quickstart: $(VENV)/.installed
+	$(BIN)/loraforge quickstart
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check src tests
+
+test: $(VENV)/.installed lint
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.installed
+	$(BIN)/python -m benchmarks.run --quick

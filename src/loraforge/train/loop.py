@@ -1,0 +1,312 @@
+"""The training loop: one function that reads top to bottom.
+
+Loss normalisation. One optimizer step sees a global batch (``batch_size × grad_accum ×
+world_size`` rows) containing ``N`` target tokens in total. Each micro-batch contributes
+``Σ_tokens CE / N`` to the gradient, so the step's gradient is that of the mean token loss over
+the whole global batch, whatever the split into micro-batches and processes. DDP averages
+gradients over the ``W`` processes, hence the factor ``W`` on each process's micro-batch loss.
+Every process knows ``N`` without communicating: the batch plan is a pure function of the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
+
+from ..optim import build_optimizer
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig, TrainSection
+from .data import BatchPlan, collate, load_datasets
+from .dist import all_reduce_sum, cleanup, communication_report, setup, wrap_ddp
+from .loss import CausalLMLoss
+from .modeling import prepare_model, save_trained
+from .report import MetricsLog, plot_losses
+
+
+def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Module, dict]:
+    """Fine-tune a causal LM as ``config`` says; returns ``(model, metrics)``.
+
+    config: a ``TrainConfig``, a dict of the same shape, or a YAML path; ``overrides`` are
+    ``"key.sub=value"`` strings. Ctrl-C (SIGINT) or SIGTERM saves a checkpoint after the current
+    step and raises ``KeyboardInterrupt``; ``resume: auto`` continues from it.
+    """
+    cfg = TrainConfig.load(config, overrides)
+    t: TrainSection = cfg.train
+    dist = setup(t.device)
+    out = Path(cfg.output)
+    say = tqdm.write if dist.is_main else (lambda *a, **k: None)
+
+    # -- where to start -------------------------------------------------------------------------
+    resume_dir = _resume_dir(cfg, out, dist.is_main, say)
+
+    # -- model, data, optimizer ---------------------------------------------------------------
+    _seed_everything(t.seed)
+    model, tokenizer = prepare_model(cfg, dist.device, say)
+    train_rows, eval_rows = load_datasets(cfg.data, tokenizer, t.seed, say)
+    plan = BatchPlan(len(train_rows), t.batch_size, t.grad_accum, dist.world_size, t.seed)
+    total_steps = t.max_steps or t.epochs * plan.steps_per_epoch
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(t.optimizer, trainable, t.lr, t.weight_decay, tuple(t.betas))
+    scheduler = LambdaLR(optimizer, _lr_lambda(t, total_steps))
+    step = 0
+    if resume_dir is not None:
+        state = ckpt.load_checkpoint(resume_dir, model, optimizer, scheduler)
+        step = state["step"]
+        if state.get("global_batch") != plan.global_batch:
+            say(f"warning: checkpoint used a global batch of {state.get('global_batch')}, now {plan.global_batch}")
+        say(f"resumed from {resume_dir} at step {step}/{total_steps}")
+
+    core = CausalLMLoss(model, t.loss_chunk_size)
+    loss_model = wrap_ddp(core, dist)  # DDP over the trainable tensors when torchrun started us
+    n_train, n_total = _count(model)
+    comm = sum(p.numel() * p.element_size() for p in trainable)
+    say(f"{cfg.method}: trainable params {n_train:,} of {n_total:,} ({100 * n_train / n_total:.4f}%)")
+    say(
+        f"steps: {total_steps} ({plan.steps_per_epoch} per epoch) x global batch {plan.global_batch} rows "
+        f"= {t.batch_size} x {t.grad_accum} accumulation x {dist.world_size} processes; device {dist.device}"
+    )
+    if dist.enabled:
+        say(communication_report(model, dist.world_size))
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml())
+    log = MetricsLog(out / "metrics.jsonl", dist.is_main, resume_step=step if resume_dir else None)
+    pad_id = tokenizer.pad_token_id
+
+    def evaluate() -> tuple[float, float]:
+        """Mean token loss over the eval rows (split over processes) and its perplexity."""
+        model.eval()
+        total, count = 0.0, 0.0
+        with torch.no_grad():
+            mine = eval_rows[dist.rank :: dist.world_size]
+            for i in range(0, len(mine), t.batch_size):
+                batch = _to(collate(mine[i : i + t.batch_size], pad_id), dist.device)
+                loss_sum, n = core(**batch)
+                total, count = total + loss_sum.item(), count + n.item()
+        total, count = all_reduce_sum(dist, total, count)
+        model.train()
+        loss = total / max(count, 1)
+        return loss, math.exp(min(loss, 50))
+
+    if step == 0 and eval_rows:
+        eval_loss, eval_ppl = evaluate()
+        log.write(step=0, eval_loss=eval_loss, eval_ppl=eval_ppl)
+        say(f"step 0: eval loss {eval_loss:.4f}, perplexity {eval_ppl:.2f}")
+
+    # -- the loop ---------------------------------------------------------------------------------
+    stop = _StopRequest()
+    bar = tqdm(
+        total=total_steps, initial=step, desc="train", unit="step", disable=not (dist.is_main and t.progress_bar)
+    )
+    model.train()
+    run_start, run_tokens, last_ckpt = time.perf_counter(), 0, None
+    try:
+        while step < total_steps:
+            step_start = time.perf_counter()
+            rows = plan.step_rows(step)
+            n_targets = sum(train_rows[j].n_targets for j in rows)  # global, known to every process
+            n_tokens = sum(len(train_rows[j].input_ids) for j in rows)
+
+            # forward + backward over this process's micro-batches; gradients sync on the last one
+            micro_batches = plan.micro_batches(step, dist.rank)
+            loss_sum = torch.zeros((), device=dist.device)
+            for i, indices in enumerate(micro_batches):
+                batch = _to(collate([train_rows[j] for j in indices], pad_id), dist.device)
+                last = i == len(micro_batches) - 1
+                no_sync = loss_model.no_sync() if dist.enabled and not last else contextlib.nullcontext()
+                with no_sync:
+                    part, _ = loss_model(**batch)
+                    (part * (dist.world_size / n_targets)).backward()
+                loss_sum += part.detach()
+
+            # clip, step, schedule
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm or float("inf"))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            # log (one small all-reduce: the loss, and whether any process was asked to stop)
+            loss_total, stop_votes = all_reduce_sum(dist, loss_sum.item(), float(stop.requested))
+            loss = loss_total / n_targets
+            elapsed = time.perf_counter() - step_start
+            run_tokens += n_tokens
+            tokens_per_s = run_tokens / (time.perf_counter() - run_start)
+            if step % t.log_every == 0 or step == total_steps:
+                log.write(
+                    step=step,
+                    epoch=plan.epoch_of(step - 1),
+                    loss=loss,
+                    lr=lr,
+                    grad_norm=float(grad_norm),
+                    tokens=n_tokens,
+                    step_time_s=elapsed,
+                    tokens_per_s=tokens_per_s,
+                )
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            bar.update(1)
+
+            # eval
+            if eval_rows and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
+                eval_loss, eval_ppl = evaluate()
+                log.write(step=step, eval_loss=eval_loss, eval_ppl=eval_ppl)
+                say(f"step {step}: eval loss {eval_loss:.4f}, perplexity {eval_ppl:.2f}")
+
+            # save: every save_every steps, at the end, and when asked to stop
+            stopping = stop_votes > 0
+            if (t.save_every and step % t.save_every == 0) or step == total_steps or stopping:
+                if dist.is_main:
+                    state = {
+                        "epoch": plan.epoch_of(step),
+                        "step_in_epoch": step % plan.steps_per_epoch,  # the data position
+                        "rows_seen": step * plan.global_batch,
+                        "global_batch": plan.global_batch,
+                        "world_size": dist.world_size,
+                        "loss": loss,
+                        "method": cfg.method,
+                        "config": cfg.to_dict(),
+                    }
+                    save_adapter = None
+                    if cfg.method != "full":
+                        save_adapter = lambda d: save_trained(model, tokenizer, d, cfg.method)
+                    last_ckpt = ckpt.save_checkpoint(
+                        out, step, model, optimizer, scheduler, state, save_adapter, t.keep_checkpoints
+                    )
+            if stopping:
+                bar.close()
+                say(f"stopped at step {step}; checkpoint saved: {last_ckpt or out / 'checkpoints'}")
+                raise KeyboardInterrupt(f"training stopped at step {step}; resume with resume: auto")
+    finally:
+        bar.close()
+        stop.restore()
+
+    # -- results ------------------------------------------------------------------------------------
+    run_time = time.perf_counter() - run_start
+    final_dir = out / ("model" if cfg.method == "full" else "adapter")
+    if dist.is_main:
+        save_trained(model, tokenizer, final_dir, cfg.method)
+        plot_losses(log, out / "loss.png", title=f"{cfg.method} fine-tune of {cfg.model.path}")
+    _, train_losses = log.series("loss")
+    _, eval_losses = log.series("eval_loss")
+    metrics = {
+        "method": cfg.method,
+        "steps": step,
+        "train_loss": train_losses,
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "initial_eval_loss": eval_losses[0] if eval_losses else None,
+        "final_eval_loss": eval_losses[-1] if eval_losses else None,
+        "final_eval_ppl": math.exp(min(eval_losses[-1], 50)) if eval_losses else None,
+        "tokens_per_s": run_tokens / run_time if run_tokens else None,
+        "train_time_s": run_time,
+        "trainable_params": n_train,
+        "total_params": n_total,
+        "allreduce_bytes_per_step": comm if dist.enabled else 0,
+        "world_size": dist.world_size,
+        "output_dir": str(out),
+        "result_dir": str(final_dir),
+    }
+    log.write(step=step, event="end", **{k: v for k, v in metrics.items() if k != "train_loss"})
+    cleanup(dist)
+    return model, metrics
+
+
+# -- helpers --------------------------------------------------------------------------------------------
+
+
+def _lr_lambda(t: TrainSection, total_steps: int):
+    """Multiplier of ``t.lr`` at a step: linear warm-up from ~0, then the schedule down to
+    ``min_lr_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        if t.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps))
+        shape = 1 - progress if t.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
+
+    return factor
+
+
+def _resume_dir(cfg: TrainConfig, out: Path, is_main: bool, say) -> Path | None:
+    if isinstance(cfg.resume, str) and cfg.resume != "auto":
+        path = Path(cfg.resume)
+        if not (path / "state.json").is_file():
+            raise ConfigError(f"resume: {path} is not a complete checkpoint (no state.json)")
+        return path
+    latest = ckpt.latest_checkpoint(out)
+    if cfg.resume in (True, "auto"):
+        if latest is None:
+            say(f"resume: no checkpoint under {out}; starting from scratch")
+        if is_main:
+            ckpt.clean_partial(out)
+        return latest
+    if latest is not None and not cfg.overwrite:
+        raise ConfigError(
+            f"{out} already holds checkpoints (newest: {latest.name}); pass --resume (resume: auto) "
+            f"to continue, overwrite=true to start again, or choose another output"
+        )
+    if latest is not None and is_main:
+        shutil.rmtree(ckpt.checkpoint_root(out), ignore_errors=True)
+    return None
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _count(model) -> tuple[int, int]:
+    try:
+        from ..inject import count_parameters
+
+        return count_parameters(model)
+    except Exception:
+        params = list(model.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a request to stop after the current step (checkpoint first).
+
+    A second Ctrl-C raises KeyboardInterrupt at once. Handlers can only be installed from the
+    main thread; elsewhere (e.g. a notebook worker thread) Ctrl-C keeps its default meaning.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        if os.environ.get("RANK", "0") == "0":
+            tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to quit now)")
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

@@ -56,7 +56,9 @@ def resolve_data_path(path: str) -> str:
     full = ASSETS / path[len(PREFIX) :]
     if not full.is_file():
         known = sorted(str(p.relative_to(ASSETS)) for p in ASSETS.rglob("*.jsonl"))
-        raise FileNotFoundError(f"no bundled data file {path!r}; bundled: {', '.join(PREFIX + k for k in known)}")
+        raise FileNotFoundError(
+            f"no bundled data file {path!r}; bundled: {', '.join(PREFIX + k for k in known)}"
+        )
     return str(full)
 
 
@@ -65,7 +67,9 @@ def _corpus() -> list[str]:
     for file in sorted((ASSETS / "quickstart").glob("*_train.jsonl")):
         for line in file.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
-            lines.extend(m["content"] for m in row["messages"]) if "messages" in row else lines.extend(row.values())
+            lines.extend(m["content"] for m in row["messages"]) if "messages" in row else lines.extend(
+                row.values()
+            )
     return lines
 
 
@@ -102,7 +106,9 @@ def build_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
 
     key = name[len(PREFIX) :] if is_builtin(name) else name
     if key not in MODELS:
-        raise ValueError(f"unknown built-in model {name!r}; built-in models: {', '.join(PREFIX + k for k in MODELS)}")
+        raise ValueError(
+            f"unknown built-in model {name!r}; built-in models: {', '.join(PREFIX + k for k in MODELS)}"
+        )
     config = LlamaConfig(
         vocab_size=TOKENIZER_VOCAB,
         bos_token_id=0,

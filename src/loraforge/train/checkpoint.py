@@ -161,7 +161,11 @@ def save_checkpoint(
     tmp.mkdir()
     if save_adapter is not None:
         save_adapter(tmp / "adapter")
-    trainable = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {
+        n: p.detach().to("cpu", copy=True).contiguous()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
     save_file(trainable, str(tmp / "trainable.safetensors"))
     save_state(optimizer.state_dict(), tmp, "optimizer")
     save_state(scheduler.state_dict(), tmp, "scheduler")
@@ -209,7 +213,9 @@ def load_checkpoint(directory: str | Path, model, optimizer, scheduler) -> dict:
     with torch.no_grad():
         for name, p in params.items():
             if tensors[name].shape != p.shape:
-                raise ValueError(f"{directory}: {name} has shape {tuple(tensors[name].shape)}, model has {tuple(p.shape)}")
+                raise ValueError(
+                    f"{directory}: {name} has shape {tuple(tensors[name].shape)}, model has {tuple(p.shape)}"
+                )
             p.copy_(tensors[name])
     optimizer.load_state_dict(load_state(directory, "optimizer"))
     scheduler.load_state_dict(load_state(directory, "scheduler"))

@@ -99,7 +99,7 @@ class TrainConfig:
 
     method: Method = "lora"
     model: ModelSection = field(default_factory=ModelSection)
-    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=8, alpha=16, target_modules="all-linear"))
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=8, alpha=16.0, target_modules="all-linear"))
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     output: str = "runs/latest"
@@ -142,7 +142,9 @@ class TrainConfig:
         return cfg
 
     @classmethod
-    def load(cls, config: TrainConfig | dict | str | Path, overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    def load(
+        cls, config: TrainConfig | dict | str | Path, overrides: typing.Sequence[str] = ()
+    ) -> TrainConfig:
         """Accept a TrainConfig, a dict, or a YAML path (what ``lf.train`` takes)."""
         if isinstance(config, TrainConfig):
             return cls.from_dict(config.to_dict(), overrides, source="<TrainConfig>") if overrides else config
@@ -199,7 +201,9 @@ class TrainConfig:
         if not 0 <= d.eval_fraction < 1:
             raise bad("data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
         if isinstance(self.resume, str) and self.resume != "auto" and not Path(self.resume).is_dir():
-            raise bad("resume", f"expected false, true, 'auto' or a checkpoint directory, got {self.resume!r}")
+            raise bad(
+                "resume", f"expected false, true, 'auto' or a checkpoint directory, got {self.resume!r}"
+            )
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?", t.device):
             raise bad("train.device", f"expected auto, cpu, cuda or cuda:N, got {t.device!r}")
 
@@ -300,7 +304,7 @@ def _build(cls: type, data: Any, prefix: str, source: str, sources: dict[str, st
             kwargs[key] = _coerce(value, hint, path, sources.get(path, source))
     if cls is LoraConfig:
         # LoRA sections start from loraforge's training defaults, not LoraConfig's bare ones.
-        kwargs = {"r": 8, "alpha": 16, "target_modules": "all-linear", **kwargs}
+        kwargs = {"r": 8, "alpha": 16.0, "target_modules": "all-linear", **kwargs}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
@@ -323,7 +327,9 @@ def _coerce(value: Any, hint: Any, path: str, where: str) -> Any:
     """Return ``value`` checked against the type ``hint`` (ints are accepted for floats)."""
 
     def fail() -> ConfigError:
-        return ConfigError(f"{where}: {path}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+        return ConfigError(
+            f"{where}: {path}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})"
+        )
 
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
@@ -352,7 +358,10 @@ def _coerce(value: Any, hint: Any, path: str, where: str) -> Any:
             raise fail()
         if not args:
             return value
-        return {_coerce(k, args[0], path, where): _coerce(v, args[1], f"{path}.{k}", where) for k, v in value.items()}
+        return {
+            _coerce(k, args[0], path, where): _coerce(v, args[1], f"{path}.{k}", where)
+            for k, v in value.items()
+        }
     if hint is bool:
         if isinstance(value, bool):
             return value

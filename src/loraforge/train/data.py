@@ -304,6 +304,10 @@ def load_examples(path: str, cfg: DataSection, tokenizer, log=print) -> list[Exa
     if not rows:
         raise DataError(f"{path}: no rows")
     fmt = detect_format(rows[0], cfg, where[0])
+    if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
+        # Set on the tokenizer so that it is saved with the adapter and used at generation time.
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+        log("data: the tokenizer has no chat template; using loraforge's built-in <|role|> template")
     examples, truncated, empty, first_bad = [], 0, 0, None
     for i, row in enumerate(rows):
         problem = row_problem(row, fmt, cfg)
@@ -396,7 +400,10 @@ def load_datasets(cfg: DataSection, tokenizer, seed: int, log=print) -> tuple[li
         n = len(train)
         train = pack(train, cfg.max_length)
         used = sum(len(r.input_ids) for r in train) / (len(train) * cfg.max_length)
-        log(f"data: packed {n} examples into {len(train)} rows of <= {cfg.max_length} tokens ({used:.0%} full)")
+        log(
+            f"data: packed {n} examples into {len(train)} rows of <= {cfg.max_length} tokens "
+            f"({used:.0%} full)"
+        )
         evals = pack(evals, cfg.max_length) if evals else evals
     return train, evals
 

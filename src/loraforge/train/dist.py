@@ -75,9 +75,9 @@ def wrap_ddp(module: nn.Module, info: DistInfo) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     # Frozen tensors and buffers are neither broadcast at start-up nor reduced.
-    module._ddp_params_and_buffers_to_ignore = [n for n, p in module.named_parameters() if not p.requires_grad] + [
-        n for n, _ in module.named_buffers()
-    ]
+    module._ddp_params_and_buffers_to_ignore = [
+        n for n, p in module.named_parameters() if not p.requires_grad
+    ] + [n for n, _ in module.named_buffers()]
     ids = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
@@ -94,7 +94,9 @@ def communication_report(model: nn.Module, world_size: int) -> str:
     except Exception:
         total = sum(p.numel() for p in model.parameters())
     full = total * grad_bytes
-    ring = 2 * (world_size - 1) / world_size  # bytes each process sends in a ring all-reduce, per payload byte
+    ring = (
+        2 * (world_size - 1) / world_size
+    )  # bytes each process sends in a ring all-reduce, per payload byte
     return (
         f"all-reduce per optimizer step: {_mb(sent)} of trainable gradients ({len(trainable)} tensors; "
         f"each process sends ~{_mb(sent * ring)}) vs {_mb(full)} for full fine-tuning "

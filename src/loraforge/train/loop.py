@@ -65,7 +65,10 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
         state = ckpt.load_checkpoint(resume_dir, model, optimizer, scheduler)
         step = state["step"]
         if state.get("global_batch") != plan.global_batch:
-            say(f"warning: checkpoint used a global batch of {state.get('global_batch')}, now {plan.global_batch}")
+            say(
+                f"warning: the checkpoint's global batch was {state.get('global_batch')} rows, "
+                f"now {plan.global_batch}: the data order differs from the original run"
+            )
         say(f"resumed from {resume_dir} at step {step}/{total_steps}")
 
     core = CausalLMLoss(model, t.loss_chunk_size)
@@ -108,7 +111,11 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
     # -- the loop ---------------------------------------------------------------------------------
     stop = _StopRequest()
     bar = tqdm(
-        total=total_steps, initial=step, desc="train", unit="step", disable=not (dist.is_main and t.progress_bar)
+        total=total_steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=not (dist.is_main and t.progress_bar),
     )
     model.train()
     run_start, run_tokens, last_ckpt = time.perf_counter(), 0, None
@@ -304,7 +311,10 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         if os.environ.get("RANK", "0") == "0":
-            tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to quit now)")
+            tqdm.write(
+                f"{signal.Signals(signum).name}: saving a checkpoint after this step "
+                "(Ctrl-C again to quit now)"
+            )
 
     def restore(self):
         for sig, handler in self._previous.items():

@@ -111,7 +111,9 @@ def chunked_head_cross_entropy(
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):
         h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
-        total = total + (checkpoint(chunk_loss, h, y, use_reentrant=False) if h.requires_grad else chunk_loss(h, y))
+        total = total + (
+            checkpoint(chunk_loss, h, y, use_reentrant=False) if h.requires_grad else chunk_loss(h, y)
+        )
     return total
 
 

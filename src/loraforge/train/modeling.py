@@ -8,7 +8,6 @@ import torch
 
 from . import builtin
 from .config import ModelSection, QuantSection, TrainConfig
-from .data import FALLBACK_CHAT_TEMPLATE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -21,8 +20,8 @@ def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_tokenizer(path: str, log=print):
-    """The tokenizer at ``path`` (or the built-in one), with a pad token and a chat template."""
+def load_tokenizer(path: str):
+    """The tokenizer at ``path`` (or the built-in one), with a pad token."""
     if builtin.is_builtin(path):
         tok = builtin.build_tokenizer()
     else:
@@ -31,11 +30,6 @@ def load_tokenizer(path: str, log=print):
         tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padding positions are never trained, any id will do
-    if not getattr(tok, "chat_template", None):
-        tok.chat_template = FALLBACK_CHAT_TEMPLATE
-        tok.init_kwargs["loraforge_fallback_chat_template"] = True
-        if not builtin.is_builtin(path):
-            log("tokenizer: no chat template; chat data uses loraforge's built-in <|role|> template")
     return tok
 
 
@@ -78,7 +72,7 @@ def prepare_model(cfg: TrainConfig, device: torch.device, log=print):
     """(model, tokenizer) ready to train: LoRA injected (base frozen), or everything trainable."""
     import loraforge as lf
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, log)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     model = load_base_model(cfg.model, device, quantize=cfg.method == "qlora")
     model.config.use_cache = False
     if cfg.method == "full":

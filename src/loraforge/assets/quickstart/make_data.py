@@ -20,9 +20,7 @@ COLOURS = {
     ("blue", "white"): "light blue",
 }
 DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
-MONTHS = (
-    "January February March April May June July August September October November December".split()
-)
+MONTHS = "January February March April May June July August September October November December".split()
 ANIMALS = {
     "cat": "meows",
     "dog": "barks",

@@ -1,0 +1,278 @@
+"""``loraforge`` command line: a thin shell over the library.
+
+loraforge quickstart                       a short LoRA fine-tune, no download
+loraforge train CONFIG.yaml [key=value ...] [--resume]
+loraforge merge --base DIR --adapter DIR --out DIR
+loraforge generate --base DIR [--adapter NAME=DIR ...] --prompt "..."
+loraforge inspect DIR
+loraforge demo ... | loraforge chat ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+DELEGATED = {
+    "demo": "persona chatbot demo: LoRA, full fine-tune and QLoRA on one base (see loraforge demo --help)",
+    "chat": "interactive chat with a base model and persona adapters (see loraforge chat --help)",
+}
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train.config import describe_keys
+
+    p = argparse.ArgumentParser(prog="loraforge", description=__doc__, formatter_class=_Formatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    q = sub.add_parser(
+        "quickstart",
+        help="short LoRA fine-tune of a built-in model on bundled data; prints before/after loss",
+        description="LoRA fine-tune of builtin:small-llama on bundled Q&A pairs (configs/quickstart.yaml); "
+        "prints the eval loss before and after. No download; well under a minute on 2 CPU cores.",
+        formatter_class=_Formatter,
+    )
+    q.add_argument("--output", default="runs/quickstart", help="output directory")
+    q.add_argument(
+        "overrides",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. train.max_steps=20",
+    )
+
+    t = sub.add_parser(
+        "train",
+        help="fine-tune from a YAML config",
+        description="Fine-tune a causal LM. Config keys (set in the YAML or as KEY=VALUE):\n\n"
+        + describe_keys(),
+        formatter_class=_Formatter,
+    )
+    t.add_argument("config", help="YAML config file")
+    t.add_argument(
+        "overrides",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. lora.r=32 train.lr=1e-4",
+    )
+    t.add_argument(
+        "--resume", action="store_true", help="continue from the newest complete checkpoint (resume: auto)"
+    )
+
+    m = sub.add_parser(
+        "merge",
+        help="merge an adapter into its base: a plain transformers model directory",
+        formatter_class=_Formatter,
+    )
+    m.add_argument("--base", required=True, help="base model directory, hub id or builtin:NAME")
+    m.add_argument("--adapter", required=True, help="adapter directory (PEFT format)")
+    m.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    m.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype"
+    )
+
+    g = sub.add_parser(
+        "generate", help="generate text from a base model or its adapters", formatter_class=_Formatter
+    )
+    g.add_argument("--base", required=True, help="base model directory, hub id or builtin:NAME")
+    g.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="adapter to load (repeatable); NAME defaults to the directory name",
+    )
+    g.add_argument(
+        "--use",
+        default=None,
+        help="comma-separated adapters to answer with ('base' = no adapter); default: every loaded adapter, "
+        "or the base when none",
+    )
+    g.add_argument(
+        "--prompt", required=True, help="the prompt (a user message when the tokenizer has a chat template)"
+    )
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    g.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template to the prompt")
+    g.add_argument(
+        "--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"], help="dtype"
+    )
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+    i = sub.add_parser(
+        "inspect",
+        help="what an adapter, checkpoint, training output or model directory holds",
+        formatter_class=_Formatter,
+    )
+    i.add_argument("path", help="directory to inspect")
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    for name, text in DELEGATED.items():
+        sub.add_parser(name, help=text, add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        return _delegate(argv[0], argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    from .train import ConfigError, DataError
+
+    try:
+        return {
+            "quickstart": _quickstart,
+            "train": _train,
+            "merge": _merge,
+            "generate": _generate,
+            "inspect": _inspect,
+        }[args.command](args)
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _delegate(name: str, argv: list[str]) -> int:
+    try:
+        module = importlib.import_module(f"loraforge.{name}")
+    except ImportError as e:
+        print(f"error: 'loraforge {name}' is not available in this installation ({e})", file=sys.stderr)
+        return EXIT_USAGE
+    return int(module.main(argv) or 0)
+
+
+def _train(args) -> int:
+    from .train import TrainConfig, train
+
+    overrides = list(args.overrides) + (["resume=auto"] if args.resume else [])
+    cfg = TrainConfig.from_yaml(args.config, overrides)
+    _, metrics = train(cfg)
+    _summary(metrics, cfg)
+    return 0
+
+
+def _quickstart(args) -> int:
+    from .train import TrainConfig, train
+    from .train.builtin import ASSETS
+
+    cfg = TrainConfig.from_yaml(
+        ASSETS / "quickstart" / "quickstart.yaml", [f"output={args.output}", *args.overrides]
+    )
+    print(
+        f"quickstart: LoRA r={cfg.lora.r} on every linear layer of {cfg.model.path}, "
+        f"{cfg.train.max_steps} steps on bundled Q&A pairs (answers only)"
+    )
+    _, metrics = train(cfg)
+    _summary(metrics, cfg)
+    return 0
+
+
+def _summary(metrics: dict, cfg) -> None:
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    first, last = metrics["initial_eval_loss"], metrics["final_eval_loss"]
+    print()
+    if first is not None and last is not None:
+        print(f"eval loss before: {first:.4f}  (perplexity {_ppl(first):,.1f})")
+        print(f"eval loss after:  {last:.4f}  (perplexity {_ppl(last):,.1f})")
+    elif metrics.get("final_train_loss") is not None:
+        print(f"final train loss: {metrics['final_train_loss']:.4f}")
+    print(
+        f"{metrics['steps']} steps in {metrics['train_time_s']:.1f} s, "
+        f"{metrics['tokens_per_s'] or 0:,.0f} tokens/s; trainable params {metrics['trainable_params']:,} "
+        f"of {metrics['total_params']:,}"
+    )
+    out = Path(metrics["output_dir"])
+    kind = "full model" if cfg.method == "full" else "PEFT-format adapter"
+    print(f"result:  {metrics['result_dir']}  ({kind})")
+    print(f"metrics: {out / 'metrics.jsonl'}   loss curve: {out / 'loss.png'}")
+    if cfg.method != "full":
+        base, adapter = cfg.model.path, metrics["result_dir"]
+        print(f'next:    loraforge generate --base {base} --adapter {adapter} --prompt "..."')
+
+
+def _ppl(loss: float) -> float:
+    import math
+
+    return math.exp(min(loss, 50))
+
+
+def _merge(args) -> int:
+    from .train.inference import merge_to_dir
+
+    out = merge_to_dir(args.base, args.adapter, args.out, args.dtype)
+    print(f"merged model written to {out} (load with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _generate(args) -> int:
+    import loraforge as lf
+
+    from .train.inference import generate, load_with_adapters
+
+    adapters = {}
+    for item in args.adapter:
+        name, sep, directory = item.partition("=")
+        if not sep:
+            name, directory = Path(item.rstrip("/")).name or "default", item
+        if name in adapters or name in ("base", "__base__"):
+            raise ValueError(f"--adapter {item}: adapter name {name!r} is taken; use NAME=DIR")
+        adapters[name] = directory
+    use = args.use.split(",") if args.use else (list(adapters) or ["base"])
+    unknown = [u for u in use if u not in adapters and u not in ("base", "__base__")]
+    if unknown:
+        raise ValueError(
+            f"--use {args.use}: unknown adapter(s) {unknown}; loaded: {list(adapters) or 'none'}"
+        )
+    model, tokenizer = load_with_adapters(args.base, adapters, args.dtype, args.device)
+    for name in use:
+        kwargs = dict(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            chat=not args.raw,
+        )
+        if name in ("base", "__base__"):
+            if adapters:
+                with lf.disable_adapters(model):
+                    text = generate(model, tokenizer, args.prompt, **kwargs)
+            else:
+                text = generate(model, tokenizer, args.prompt, **kwargs)
+        else:
+            lf.set_adapter(model, name)
+            text = generate(model, tokenizer, args.prompt, **kwargs)
+        print(f"[{name}] {text}" if len(use) > 1 else text, flush=True)
+    return 0
+
+
+def _inspect(args) -> int:
+    from .train.inference import format_info, inspect_path
+
+    info = inspect_path(args.path)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

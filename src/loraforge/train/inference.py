@@ -1,0 +1,240 @@
+"""After training: load a base with adapters, generate, merge to a plain model, inspect files.
+
+These are the library side of ``loraforge generate | merge | inspect``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import builtin
+from .data import encode_prompt
+from .dist import pick_device
+from .modeling import DTYPES, load_tokenizer, resolve_dtype
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _has_tokenizer(directory: str | Path) -> bool:
+    return any((Path(directory) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def load_with_adapters(
+    base: str, adapters: dict[str, str] | None = None, dtype: str = "float32", device: str = "auto"
+):
+    """(model, tokenizer): the base model (a directory, hub id or ``builtin:NAME``) with each
+    ``name -> adapter directory`` loaded. The tokenizer comes from the first adapter directory
+    that holds one (it carries the chat template used in training), else from the base."""
+    import loraforge as lf
+
+    adapters = adapters or {}
+    dev = pick_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if builtin.is_builtin(base):
+        model = builtin.build_model(base, torch_dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
+    for name, directory in adapters.items():
+        if not (Path(directory) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{directory}: not an adapter directory (no adapter_config.json)")
+        lf.load_adapter(model, directory, adapter=name)
+    tok_source = next((d for d in adapters.values() if _has_tokenizer(d)), base)
+    tokenizer = load_tokenizer(tok_source)
+    model.to(dev).eval()
+    return model, tokenizer
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool = True) -> list[int]:
+    """Token ids for a prompt: a user turn in the chat template when the tokenizer has one (and
+    ``chat``), else the raw text as training's prompt/completion format starts it."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode_prompt(tokenizer, prompt)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    chat: bool = True,
+) -> str:
+    """The model's continuation of ``prompt`` (greedy when temperature is 0)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids(tokenizer, prompt, chat)], device=device)
+    torch.manual_seed(seed)
+    sample = temperature > 0
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        temperature=temperature if sample else None,
+        top_p=top_p if sample else None,
+        top_k=None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def merge_to_dir(base: str, adapter: str, out: str | Path, dtype: str = "float32") -> Path:
+    """Merge ``adapter`` into ``base`` and save a plain transformers model directory (safetensors,
+    config, tokenizer) that ``AutoModelForCausalLM.from_pretrained`` loads. Written to a temporary
+    directory first and renamed into place."""
+    import loraforge as lf
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out")
+    model, tokenizer = load_with_adapters(base, {"default": adapter}, dtype, device="cpu")
+    plain = lf.merge_and_unload(model)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out
+
+
+# -- inspect -----------------------------------------------------------------------------------------
+
+
+def _dir_size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def _safetensors_summary(files: list[Path]) -> dict:
+    from safetensors import safe_open
+
+    n, dtypes, keys = 0, set(), 0
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                s = st.get_slice(key)
+                count = 1
+                for d in s.get_shape():
+                    count *= d
+                n += count
+                dtypes.add(s.get_dtype())
+                keys += 1
+    return {"tensors": keys, "params": n, "dtypes": sorted(dtypes)}
+
+
+def inspect_path(path: str | Path) -> dict:
+    """What a directory holds: a PEFT adapter, a training checkpoint, a training output, or a
+    transformers model."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such directory")
+    info: dict = {"path": str(path), "size_bytes": _dir_size(path)}
+    if (path / "adapter_config.json").is_file():
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        targets = cfg.get("target_modules")
+        info.update(
+            kind="adapter",
+            format="PEFT LoRA" if cfg.get("peft_type") == "LORA" else f"PEFT {cfg.get('peft_type')}",
+            base_model=cfg.get("base_model_name_or_path"),
+            r=cfg.get("r"),
+            alpha=cfg.get("lora_alpha"),
+            dropout=cfg.get("lora_dropout"),
+            use_rslora=cfg.get("use_rslora"),
+            target_modules=targets,
+            modules_to_save=cfg.get("modules_to_save"),
+            **_safetensors_summary(sorted(path.glob("*.safetensors"))),
+        )
+        return info
+    if (path / "state.json").is_file():
+        state = json.loads((path / "state.json").read_text())
+        info.update(
+            kind="checkpoint",
+            method=state.get("method"),
+            step=state.get("step"),
+            epoch=state.get("epoch"),
+            step_in_epoch=state.get("step_in_epoch"),
+            rows_seen=state.get("rows_seen"),
+            loss=state.get("loss"),
+            world_size=state.get("world_size"),
+            base_model=(state.get("config") or {}).get("model", {}).get("path"),
+            trainable=_safetensors_summary([path / "trainable.safetensors"]),
+            optimizer_bytes=sum(p.stat().st_size for p in path.glob("optimizer.*")),
+        )
+        if (path / "adapter").is_dir():
+            info["adapter"] = inspect_path(path / "adapter")
+        return info
+    if (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file():
+        from .checkpoint import list_checkpoints
+
+        records = []
+        if (path / "metrics.jsonl").is_file():
+            records = [
+                json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()
+            ]
+        end = next((r for r in reversed(records) if r.get("event") == "end"), {})
+        info.update(
+            kind="training output",
+            checkpoints=[p.name for p in list_checkpoints(path)],
+            finished=bool(end),
+            steps=end.get("steps"),
+            initial_eval_loss=end.get("initial_eval_loss"),
+            final_eval_loss=end.get("final_eval_loss"),
+            tokens_per_s=end.get("tokens_per_s"),
+        )
+        for sub in ("adapter", "model"):
+            if (path / sub).is_dir():
+                info[sub] = inspect_path(path / sub)
+        return info
+    if (path / "config.json").is_file():
+        cfg = json.loads((path / "config.json").read_text())
+        info.update(
+            kind="model",
+            architectures=cfg.get("architectures"),
+            model_type=cfg.get("model_type"),
+            dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
+            quantization=cfg.get("quantization_config"),
+            **_safetensors_summary(sorted(path.glob("*.safetensors"))),
+        )
+        return info
+    raise ValueError(f"{path}: not an adapter, checkpoint, training output or model directory")
+
+
+def format_info(info: dict, indent: str = "") -> str:
+    lines = []
+    for key, value in info.items():
+        if isinstance(value, dict) and key in ("adapter", "model", "trainable"):
+            lines.append(f"{indent}{key}:")
+            lines.append(format_info(value, indent + "  "))
+        elif key == "size_bytes":
+            lines.append(f"{indent}{'size on disk':<18} {_human(value)}")
+        elif key in ("params",) and isinstance(value, int):
+            lines.append(f"{indent}{key:<18} {value:,}")
+        elif value is not None:
+            lines.append(f"{indent}{key.replace('_', ' '):<18} {value}")
+    return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"
+
+
+__all__ = ["DTYPES", "generate", "inspect_path", "load_with_adapters", "merge_to_dir", "prompt_ids"]

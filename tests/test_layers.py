@@ -186,3 +186,34 @@ def test_unsupported_layer_type_is_clear():
     net = nn.Sequential(nn.LayerNorm(4))
     with pytest.raises(ValueError, match="LayerNorm"):
         lf.inject(net, lf.LoraConfig(target_modules=["0"]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("bias", ["none", "all"])
+def test_fused_linear_equals_plain_autograd(monkeypatch, arch, bias):
+    """The fused base+LoRA function (on by default) gives the plain path's loss and gradients."""
+    import loraforge.layers as layers
+    from conftest import randomize_lora, tiny_gpt2, tiny_llama
+
+    base = {"llama": tiny_llama, "gpt2": tiny_gpt2}[arch]()
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(layers, "FUSED", fused)
+        m = lf.inject(copy.deepcopy(base), lf.LoraConfig(r=4, alpha=8, target_modules="all-linear", bias=bias))
+        randomize_lora(m)
+        m.train()
+        calls = []
+        hook = layers._FusedLoraLinear.apply
+        monkeypatch.setattr(layers._FusedLoraLinear, "apply", lambda *a: calls.append(1) or hook(*a))
+        torch.manual_seed(0)  # GPT-2 has dropout in its base layers: same masks on both paths
+        loss = m(ids, labels=ids).loss
+        loss.backward()
+        assert bool(calls) == fused
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=0, atol=1e-5)
+    assert set(g1) == set(g2) and len(g1) > 0
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-5, atol=1e-5)

@@ -35,6 +35,11 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def _custom_base(module: nn.Module) -> bool:
+    """True when the base is not a plain matmul layer (4-bit, or a subclass with its own forward)."""
+    return _is_quantized(module) or not (type(module) is nn.Linear or _is_conv1d(module))
+
+
 def _is_quantized(module: nn.Module) -> bool:
     return hasattr(module, "dequantize") and hasattr(module, "quant_state")
 
@@ -226,6 +231,51 @@ class LoraLayer(nn.Module):
         return f"adapters={self.adapters}, active={self.active_adapters}, merged={self.merged_adapters}"
 
 
+# The fused base+LoRA autograd function is used where it is exact (see LoraLinear.forward);
+# tests switch it off to compare against the plain autograd path.
+FUSED = True
+
+
+class _FusedLoraLinear(torch.autograd.Function):
+    """y = x·W0ᵀ + b0 + s·(x·Aᵀ)·Bᵀ in one function with a hand-written backward.
+
+    Shapes: x (N × in), W0 (out × in) — or (in × out) for GPT-2 Conv1D —, A (r × in), B (out × r).
+    Backward, with G = ∂L/∂y (N × out) and G_B = G·B (N × r):
+        ∂L/∂x = G·W0 + s·G_B·A      ∂L/∂A = s·G_Bᵀ·x      ∂L/∂B = s·Gᵀ·(x·Aᵀ)
+    Only x and the rank-r product x·Aᵀ are kept for backward; no gradient is formed for W0.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scaling: float, in_out: bool):
+        x2 = x.reshape(-1, x.shape[-1])
+        w_t = weight if in_out else weight.t()  # (in × out) either way, as a view
+        y = torch.addmm(bias, x2, w_t) if bias is not None else x2 @ w_t
+        xa = x2 @ a.t()  # (N × r)
+        y.addmm_(xa, b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, weight, a, b, xa)
+        ctx.scaling, ctx.in_out, ctx.x_shape = scaling, in_out, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight, a, b, xa = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad.reshape(-1, grad.shape[-1])
+        g_b = g @ b  # (N × r)
+        dx = dbias = da = db = None
+        if ctx.needs_input_grad[0]:
+            dx = g @ (weight.t() if ctx.in_out else weight)
+            dx.addmm_(g_b, a, alpha=s)
+            dx = dx.view(ctx.x_shape)
+        if ctx.needs_input_grad[2]:
+            dbias = g.sum(0)
+        if ctx.needs_input_grad[3]:
+            da = (g_b.t() @ x2).mul_(s)
+        if ctx.needs_input_grad[4]:
+            db = (g.t() @ xa).mul_(s)
+        return dx, None, dbias, da, db, None, None
+
+
 class LoraLinear(LoraLayer):
     """LoRA on a linear map: ``nn.Linear``, GPT-2 ``Conv1D`` or a 4-bit linear.
 
@@ -258,6 +308,29 @@ class LoraLinear(LoraLayer):
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         x = self.lora_dropout[name](x.to(a.dtype))
         return F.linear(F.linear(x, a), b) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self._fusable(x)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        self._check_merged_training()
+        base = self.base_layer
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        return _FusedLoraLinear.apply(
+            x, base.weight, base.bias, a, b, self.scaling[name], self.fan_in_fan_out
+        )
+
+    def _fusable(self, x: torch.Tensor) -> str | None:
+        """The one adapter to fuse with the base matmul, or None where fusing would not be exact."""
+        if not FUSED or self.disabled or self.batch_adapters is not None or _custom_base(self.base_layer):
+            return None
+        live = [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
+        if len(live) != 1 or not isinstance(self.lora_dropout[live[0]], nn.Identity):
+            return None
+        w = self.base_layer.weight
+        if w.requires_grad or w.dtype != x.dtype or self.lora_A[live[0]].weight.dtype != x.dtype:
+            return None
+        return live[0]
 
     def _forward_mixed(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:
         # The base matmul runs once for the whole batch; the low-rank path is a gather of each

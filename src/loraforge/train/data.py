@@ -38,9 +38,9 @@ FORMATS = ("text", "prompt_completion", "chat")
 # vocabulary and embeddings stay unchanged); every assistant turn ends with EOS so that
 # generation stops there.
 FALLBACK_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
-    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 
 
@@ -107,8 +107,9 @@ class _Locations:
 def read_rows(path: str, skip_bad_rows: bool = False) -> tuple[list[dict], _Locations, int]:
     """Rows of a local file via the ``datasets`` library: (rows, locations, invalid rows skipped).
 
-    A JSONL line that is not valid JSON makes ``datasets`` fail for the whole file; then the file
-    is re-read line by line to name the line (or skip it with ``skip_bad_rows``).
+    When ``datasets`` cannot read a JSONL file (a line that is not valid JSON, or values whose
+    types it cannot reconcile), the file is re-read line by line with ``json`` so that the bad
+    line can be named (or skipped with ``skip_bad_rows``).
     """
     import datasets
 
@@ -119,7 +120,14 @@ def read_rows(path: str, skip_bad_rows: bool = False) -> tuple[list[dict], _Loca
     kind = _kind(path)
     datasets.disable_progress_bars()
     try:
-        ds = datasets.load_dataset(kind, data_files=path, split="train")
+        # CSV cells are text: no guessing "1." is a float or "" is missing (it is empty).
+        options = {}
+        if kind == "csv":
+            with open(path, encoding="utf-8", newline="") as f:
+                header = next(csv.reader(f), [])
+            features = datasets.Features({c: datasets.Value("string") for c in header})
+            options = {"features": features, "keep_default_na": False}
+        ds = datasets.load_dataset(kind, data_files=path, split="train", **options)
         return list(ds), _Locations(path), 0
     except Exception as e:
         if Path(path).suffix.lower() != ".jsonl":
@@ -135,7 +143,7 @@ def read_rows(path: str, skip_bad_rows: bool = False) -> tuple[list[dict], _Loca
                 if not skip_bad_rows:
                     raise DataError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
                 skipped += 1
-    return datasets.Dataset.from_list(rows).to_list() if rows else [], _LocationsSkipping(path), skipped
+    return rows, _LocationsSkipping(path), skipped
 
 
 class _LocationsSkipping(_Locations):

@@ -79,7 +79,7 @@ def wrap_ddp(module: nn.Module, info: DistInfo) -> nn.Module:
         n for n, p in module.named_parameters() if not p.requires_grad
     ] + [n for n, _ in module.named_buffers()]
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    return DistributedDataParallel(module, device_ids=ids)
 
 
 def communication_report(model: nn.Module, world_size: int) -> str:
@@ -98,11 +98,15 @@ def communication_report(model: nn.Module, world_size: int) -> str:
         2 * (world_size - 1) / world_size
     )  # bytes each process sends in a ring all-reduce, per payload byte
     return (
-        f"all-reduce per optimizer step: {_mb(sent)} of trainable gradients ({len(trainable)} tensors; "
+        f"all-reduce per optimizer step: {_mb(sent)} ({sent:,} bytes) of trainable gradients "
+        f"({len(trainable)} tensors; "
         f"each process sends ~{_mb(sent * ring)}) vs {_mb(full)} for full fine-tuning "
         f"({full / max(sent, 1):.1f}x more)"
     )
 
 
 def _mb(n: float) -> str:
-    return f"{n / 1e6:.3f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"

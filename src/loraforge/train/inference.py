@@ -220,6 +220,9 @@ def format_info(info: dict, indent: str = "") -> str:
         if isinstance(value, dict) and key in ("adapter", "model", "trainable"):
             lines.append(f"{indent}{key}:")
             lines.append(format_info(value, indent + "  "))
+        elif key == "target_modules" and isinstance(value, list) and len(value) > 6:
+            kinds = sorted({v.rsplit(".", 1)[-1] for v in value})
+            lines.append(f"{indent}{'target modules':<18} {len(value)} modules: {', '.join(kinds)}")
         elif key == "size_bytes":
             lines.append(f"{indent}{'size on disk':<18} {_human(value)}")
         elif key in ("params",) and isinstance(value, int):

@@ -83,7 +83,11 @@ def prepare_model(cfg: TrainConfig, device: torch.device, log=print):
         model.to(device)  # the new adapter tensors
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing works with a frozen embedding layer and with DDP.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model, tokenizer
 
 

@@ -7,7 +7,7 @@
    <|pad|>``, and a chat template so ``apply_chat_template`` works everywhere);
 2. build a Llama (``BASE_ARCH``: hidden 128, 4 layers, 4 heads, SwiGLU 384, tied embeddings,
    about one million parameters) and train it with a plain next-token loop: AdamW, linear warmup
-   then cosine decay, on packed sequences of ``seq_len`` tokens;
+   then cosine decay, on packed sequences of ``seq_len`` tokens, on one CPU thread;
 3. save a transformers directory (``config.json``, ``model.safetensors``, tokenizer files) that
    ``AutoModelForCausalLM.from_pretrained``, ``lf.load_model`` and ``lf.train`` all read.
 
@@ -49,9 +49,9 @@ class PretrainConfig:
     intermediate_size: int = 384
     num_layers: int = 4
     num_heads: int = 4
-    seq_len: int = 128
+    seq_len: int = 64
     batch_size: int = 16
-    steps: int = 2000
+    steps: int = 3000
     lr: float = 3e-3
     warmup: int = 100
     min_lr_ratio: float = 0.1
@@ -123,8 +123,13 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def pretrain(model, rows: torch.Tensor, cfg: PretrainConfig, progress: bool = True) -> list[float]:
-    """Plain full-parameter next-token training; returns the loss of every step."""
+def pretrain(
+    model, rows: torch.Tensor, cfg: PretrainConfig, progress: bool = True, on_step=None
+) -> list[float]:
+    """Plain full-parameter next-token training; returns the loss of every step.
+
+    ``on_step(step, model)``, if given, is called after every optimizer step (for experiments).
+    """
     from tqdm.auto import tqdm
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -150,23 +155,38 @@ def pretrain(model, rows: torch.Tensor, cfg: PretrainConfig, progress: bool = Tr
         losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        if on_step is not None:
+            on_step(step, model)
     model.eval()
     return losses
 
 
-def build_base(out_dir: str | os.PathLike, cfg: PretrainConfig | None = None, progress: bool = True) -> Path:
+def build_base(
+    out_dir: str | os.PathLike, cfg: PretrainConfig | None = None, progress: bool = True, on_step=None
+) -> Path:
     """Tokenizer + pretrained tiny Llama written to ``out_dir`` (atomically: temp dir + rename)."""
     cfg = cfg or PretrainConfig()
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
+    # One thread: the result must not depend on the machine's core count (a multi-threaded matmul
+    # may sum in another order), and for matrices this small a second thread gains little.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _build(out_dir, cfg, t0, progress, on_step)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(out_dir: Path, cfg: PretrainConfig, t0: float, progress: bool, on_step) -> Path:
     docs = data.pretrain_documents(cfg.n_docs, seed=cfg.seed)
-    # The tokenizer also sees the character datasets so that their words are whole tokens.
-    extra = [r["messages"][1]["content"] for p in data.PERSONAS for r in data.persona_dataset(p, "train")]
-    texts = [d.get("text") or " ".join(m["content"] for m in d["messages"]) for d in docs] + extra
+    # Only the corpus trains the tokenizer (its stories already use the characters' words), so the
+    # character datasets can change without changing the base model.
+    texts = [d.get("text") or " ".join(m["content"] for m in d["messages"]) for d in docs]
     tokenizer = train_tokenizer(texts, cfg.vocab_size)
     rows = packed_sequences(tokenizer, docs, cfg.seq_len)
     model = make_model(cfg, tokenizer)
-    losses = pretrain(model, rows, cfg, progress=progress)
+    losses = pretrain(model, rows, cfg, progress=progress, on_step=on_step)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".base-", dir=out_dir.parent))

@@ -236,11 +236,11 @@ def story(rng: random.Random) -> str:
     ]))  # fmt: skip
     extra = rng.random()
     if extra < 0.2:
-        s.append(f"An old pirate walked by and shouted, \"{rng.choice(_PIRATE_LINES)}\"")
+        s.append(f'An old pirate walked by and shouted, "{rng.choice(_PIRATE_LINES)}"')
     elif extra < 0.4:
-        s.append(f"A butler bowed to {name} and said, \"{rng.choice(_BUTLER_LINES)}\"")
+        s.append(f'A butler bowed to {name} and said, "{rng.choice(_BUTLER_LINES)}"')
     elif extra < 0.6:
-        s.append(f"A bard stood up and cried, \"{rng.choice(_BARD_LINES)}\"")
+        s.append(f'A bard stood up and cried, "{rng.choice(_BARD_LINES)}"')
     s.append(f"In the evening {name} went home and felt {rng.choice(FEELINGS)}.")
     return " ".join(s)
 
@@ -265,8 +265,14 @@ PERSONAS: dict[str, Persona] = {
             "pirate",
             "a salty pirate captain",
             ("Arr!", "Ahoy, matey!", "Yo ho!", "Arr, me hearty!"),
-            ("Savvy?", "Arr!", "Yo ho ho!", "Now swab the deck, matey!"),
-            ((r"\bis\b", "be"), (r"\bare\b", "be"), (r"\bmy\b", "me"), (r"\bYou\b", "Ye"), (r"\byou\b", "ye")),
+            ("Savvy?", "Arr, matey!", "Yo ho ho, me hearty!", "Now swab the deck, matey!"),
+            (
+                (r"\bis\b", "be"),
+                (r"\bare\b", "be"),
+                (r"\bmy\b", "me"),
+                (r"\bYou\b", "Ye"),
+                (r"\byou\b", "ye"),
+            ),
             ("arr", "ahoy", "matey", "yo ho", "savvy", "hearty", "swab", "ye"),
         ),
         Persona(
@@ -275,8 +281,17 @@ PERSONAS: dict[str, Persona] = {
             ("Certainly, sir.", "Very good, madam.", "If I may, sir,", "Indeed, madam."),
             ("Will that be all?", "At your service.", "I trust that is satisfactory.", "Very good."),
             (),
-            ("certainly", "sir", "madam", "if i may", "indeed", "will that be all", "at your service",
-             "satisfactory", "very good"),
+            (
+                "certainly",
+                "sir",
+                "madam",
+                "if i may",
+                "indeed",
+                "will that be all",
+                "at your service",
+                "satisfactory",
+                "very good",
+            ),
         ),  # fmt: skip
         Persona(
             "bard",
@@ -310,13 +325,15 @@ def stylize(persona: Persona, answer: str, rng: random.Random) -> str:
 # --- datasets ---------------------------------------------------------------------------------------------
 def chat_row(question: str, answer: str, **extra) -> dict:
     """One JSONL row in the chat ``messages`` format the training engine reads."""
-    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]} | extra
+    return {
+        "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    } | extra
 
 
 def pretrain_documents(n_docs: int, seed: int = 0) -> list[dict]:
     """The base model's corpus: a mix of stories (plain text) and neutral chat turns.
 
-    Facts are repeated throughout (each appears about ``n_docs * 0.25 / len(facts)`` times) so the
+    Facts are repeated throughout (each appears about ``n_docs * 0.15 / len(facts)`` times) so the
     base memorises all of them, including the ones later held out from the character datasets.
     """
     rng = random.Random(seed)
@@ -324,9 +341,9 @@ def pretrain_documents(n_docs: int, seed: int = 0) -> list[dict]:
     docs = []
     for _ in range(n_docs):
         r = rng.random()
-        if r < 0.35:
+        if r < 0.25:
             docs.append({"text": story(rng)})
-        elif r < 0.6:
+        elif r < 0.4:
             f = rng.choice(all_facts)
             docs.append(chat_row(f.question, f.answer))
         else:

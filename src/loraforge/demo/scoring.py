@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 
 from .data import PERSONAS
 
 
-@lru_cache(maxsize=None)
+@cache
 def _word(phrase: str) -> re.Pattern:
     # Letters-only boundaries: "\b" would treat the apostrophe in "'tis" as a boundary character.
     return re.compile(rf"(?<![a-z]){re.escape(phrase.lower())}(?![a-z])")

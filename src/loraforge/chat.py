@@ -1,0 +1,200 @@
+"""``loraforge chat``: talk to a base model and switch persona adapters while it stays in memory.
+
+    loraforge chat                       # the adapters `loraforge demo` wrote to runs/demo
+    loraforge chat --demo DIR
+    loraforge chat --base DIR --adapter pirate=DIR --adapter butler=DIR
+
+Commands: ``/persona NAME`` switches (only the active adapter changes: no weights are copied),
+``/personas`` lists, ``/base`` turns adapters off, ``/help``, ``/quit`` (or Ctrl-D). Answers stream
+token by token. With a pipe on stdin (``echo "What colour is snow?" | loraforge chat``) no prompt
+is printed and each line gets one answer, so the chat can be scripted.
+
+Each question is answered on its own (no history): the demo's characters were trained on
+single-turn chats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+BASE = "base"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="loraforge chat",
+        description="Interactive chat with a base model and persona (LoRA) adapters. Commands: "
+        "/persona NAME, /personas, /base, /help, /quit.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--demo", default="runs/demo", help="output directory of `loraforge demo` (base + adapters)"
+    )
+    p.add_argument("--base", default=None, help="base model directory (default: the demo's base)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a PEFT/loraforge adapter directory under a persona name (repeatable; replaces the demo's)",
+    )
+    p.add_argument("--persona", default=None, help="persona to start with (default: the first adapter)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens")
+    return p.parse_args(argv)
+
+
+class ChatError(RuntimeError):
+    pass
+
+
+def resolve(args) -> tuple[Path, dict[str, Path]]:
+    """(base dir, {persona: adapter dir}) from --base/--adapter, else from the demo's output."""
+    adapters: dict[str, Path] = {}
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ChatError(f"--adapter {item!r}: expected NAME=DIR")
+        if name == BASE:
+            raise ChatError(f"--adapter {item!r}: {BASE!r} is reserved for the base model")
+        adapters[name] = Path(path)
+    base = Path(args.base) if args.base else None
+    demo = Path(args.demo)
+    results = demo / "results.json"
+    if base is None or not adapters:
+        if results.exists():
+            summary = json.loads(results.read_text())
+            base = base or Path(summary["base"])
+            if not adapters:
+                for c in summary["settings"]["characters"]:
+                    adapters[c] = demo / c / "lora" / "adapter"
+        elif base is None:
+            raise ChatError(
+                f"no base model: {results} does not exist. Run `loraforge demo` first, or pass "
+                "--base DIR [--adapter NAME=DIR ...]"
+            )
+    for name, path in adapters.items():
+        if not (path / "adapter_config.json").exists():
+            raise ChatError(f"adapter {name!r}: {path} holds no adapter_config.json")
+    return base, adapters
+
+
+class Chat:
+    """The model with every adapter loaded, and which persona answers."""
+
+    def __init__(self, base: Path, adapters: dict[str, Path], persona: str | None, max_new_tokens: int):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        import loraforge as lf
+
+        self.model = AutoModelForCausalLM.from_pretrained(base).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(base)
+        self.personas = list(adapters)
+        for name, path in adapters.items():
+            lf.load_adapter(self.model, path, adapter=name)
+        self.max_new_tokens = max_new_tokens
+        self.current = BASE
+        if persona not in (None, BASE) and persona not in self.personas:
+            raise ChatError(f"unknown persona {persona!r}; known: {', '.join(self.personas) or '(none)'}")
+        self.switch(persona or (self.personas[0] if self.personas else BASE))
+
+    def switch(self, name: str) -> float:
+        """Make ``name`` answer; returns the switch time in ms (setting the active adapter)."""
+        import loraforge as lf
+
+        t0 = time.perf_counter()
+        if name != BASE:
+            lf.set_adapter(self.model, name)
+        self.current = name
+        return 1000 * (time.perf_counter() - t0)
+
+    def reply(self, question: str, write) -> str:
+        import loraforge as lf
+
+        from .demo.generation import stream_answer
+
+        def go():
+            return stream_answer(
+                self.model, self.tokenizer, question, write, max_new_tokens=self.max_new_tokens
+            )
+
+        if self.current == BASE and self.personas:
+            with lf.disable_adapters(self.model):
+                return go()
+        return go()
+
+
+HELP = "commands: /persona NAME  /personas  /base  /help  /quit"
+
+
+def repl(chat: Chat, stdin, stdout, interactive: bool) -> int:
+    def out(text: str) -> None:
+        stdout.write(text)
+        stdout.flush()
+
+    if interactive:
+        out(f"personas: {', '.join(chat.personas) or '(none)'}; talking to {chat.current}. {HELP}\n")
+    while True:
+        try:
+            if interactive:
+                line = input(f"you ({chat.current})> ") + "\n"  # input(): readline editing
+            else:
+                line = stdin.readline()
+        except EOFError:
+            line = ""
+        except KeyboardInterrupt:
+            out("\n")
+            return 0
+        if not line:  # EOF (Ctrl-D, or the end of piped input)
+            if interactive:
+                out("\n")
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, arg = line.partition(" ")
+            arg = arg.strip()
+            if cmd in ("/quit", "/exit", "/q"):
+                return 0
+            if cmd == "/personas":
+                for name in [*chat.personas, BASE]:
+                    out(f"{'*' if name == chat.current else ' '} {name}\n")
+            elif cmd == "/base":
+                chat.switch(BASE)
+                out("adapters off: the base model answers\n")
+            elif cmd == "/persona":
+                if arg not in chat.personas and arg != BASE:
+                    out(f"unknown persona {arg!r}; known: {', '.join(chat.personas) or '(none)'}\n")
+                else:
+                    ms = chat.switch(arg)
+                    out(f"now talking to {arg} (switched in {ms:.2f} ms)\n")
+            else:
+                out(f"unknown command {cmd!r}; {HELP}\n")
+            continue
+        out(f"{chat.current}> ")
+        try:
+            chat.reply(line, out)
+        except KeyboardInterrupt:
+            out(" [interrupted]")
+        out("\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        base, adapters = resolve(args)
+        chat = Chat(base, adapters, args.persona, args.max_new_tokens)
+    except ChatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    return repl(chat, sys.stdin, sys.stdout, interactive)

@@ -1,0 +1,194 @@
+"""``loraforge demo``: one base model, one LoRA adapter per character, measured against full FT and QLoRA.
+
+Steps (each prints what it does; long ones show a progress bar):
+
+1. base model — the shipped pretrained tiny Llama (``assets/base``, made by
+   ``scripts/pretrain_base.py``), or one rebuilt with ``--rebuild-base``;
+2. training — ``lf.train`` once per character (LoRA), and for one character also a full
+   fine-tune and a QLoRA run (4-bit NF4 base); finished runs in the output dir are reused;
+3. scoring — greedy answers to held-out questions; style and content scores (`scoring`);
+4. the table and the quality bars;
+5. switching at runtime — merge/unmerge with timings, and one mixed batch;
+6. outputs — ``results.json``, ``metrics.jsonl``, ``loss.png`` and the next commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from . import data
+from .runs import FULL, QUICK, DemoError, Settings, data_files, settings_dict, train_or_reuse, write_jsonl
+
+SHIPPED_BASE = Path(__file__).parent / "assets" / "base"
+SWITCH_QUESTIONS = [
+    "What colour is snow?",
+    "Mia has a red kite. Leo has a blue drum. What colour is Leo's drum?",
+    "What is the capital of Italy?",
+]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="loraforge demo",
+        description="Persona chatbot on one tiny pretrained base: a LoRA adapter per character, compared "
+        "with a full fine-tune and QLoRA on real training runs. CPU only, no download.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--output", default="runs/demo", help="output directory (finished runs in it are reused)")
+    p.add_argument(
+        "--quick", action="store_true", help="shortened run (fewer steps and questions), as the tests use"
+    )
+    p.add_argument(
+        "--characters",
+        default=",".join(FULL.characters),
+        help=f"comma-separated characters to train; known: {', '.join(data.PERSONAS)}",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="training steps per run (default: 160, --quick: 90)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for data order and initialisation")
+    p.add_argument("--base", default=None, help="use this base model directory instead of the shipped one")
+    p.add_argument(
+        "--rebuild-base",
+        action="store_true",
+        help="pretrain the base model again (several minutes) into OUTPUT/base instead of the shipped one",
+    )
+    p.add_argument("--overwrite", action="store_true", help="retrain finished runs whose settings differ")
+    p.add_argument("--no-compare", action="store_true", help="skip the full fine-tune and QLoRA runs")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 when a quality bar is not met")
+    return p.parse_args(argv)
+
+
+def settings_from(args) -> Settings:
+    s = QUICK if args.quick else FULL
+    chars = tuple(c.strip() for c in args.characters.split(",") if c.strip())
+    unknown = [c for c in chars if c not in data.PERSONAS]
+    if unknown or not chars:
+        raise DemoError(f"unknown character(s) {unknown}; known: {', '.join(data.PERSONAS)}")
+    s = replace(s, characters=chars, seed=args.seed, compare_on=chars[0])
+    if args.steps is not None:
+        if args.steps <= 0:
+            raise DemoError("--steps must be positive")
+        s = replace(s, steps=args.steps)
+    return s
+
+
+def resolve_base(args, out: Path, say) -> Path:
+    """The base model directory: --base, a rebuilt one, or the shipped one."""
+    if args.base:
+        base = Path(args.base)
+        if not (base / "config.json").exists():
+            raise DemoError(f"--base {base}: not a model directory (no config.json)")
+        return base
+    if not args.rebuild_base and (SHIPPED_BASE / "model.safetensors").exists():
+        return SHIPPED_BASE
+    from .base import PretrainConfig, build_base
+
+    target = out / "base"
+    if (target / "model.safetensors").exists() and (target / "pretrain.json").exists():
+        say(f"reusing the base model built earlier in {target}")
+        return target
+    why = "--rebuild-base" if args.rebuild_base else f"no shipped base model in {SHIPPED_BASE}"
+    say(f"pretraining the base model ({why}); this takes a few minutes")
+    return build_base(target, PretrainConfig())
+
+
+def run(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    out = Path(args.output)
+    say = _say
+    s = settings_from(args)
+    say(f"loraforge demo: {len(s.characters)} characters ({', '.join(s.characters)}) on one base model")
+    say(f"output: {out}{'  (quick run)' if args.quick else ''}")
+
+    base_dir = resolve_base(args, out, say)
+    meta = (
+        json.loads((base_dir / "pretrain.json").read_text()) if (base_dir / "pretrain.json").exists() else {}
+    )
+    say(
+        f"base: {base_dir}  (Llama, {meta.get('parameters', '?'):,} parameters, pretrained on "
+        f"{meta.get('corpus_tokens', '?'):,} tokens of the bundled corpus)"
+        if meta
+        else f"base: {base_dir}"
+    )
+
+    # -- 1. training ------------------------------------------------------------------------------
+    files = {c: data_files(out, c, s) for c in s.characters}
+    results: dict[tuple[str, str], dict] = {}
+    plan = [(c, "lora") for c in s.characters]
+    if not args.no_compare:
+        plan += [(s.compare_on, "full"), (s.compare_on, "qlora")]
+    for i, (c, method) in enumerate(plan, 1):
+        say(f"\n[{i}/{len(plan)}] {c}: {method}")
+        results[(c, method)] = train_or_reuse(
+            method, c, base_dir, files[c], out / c / method, s, args.overwrite, say
+        )
+
+    # -- 2. scoring and switching ---------------------------------------------------------------
+    from .report import collect_rows, print_switching, quality_bars, render_table, write_outputs
+    from .scoring_run import score_all
+
+    say("\nscoring: greedy answers to each character's held-out questions")
+    scorer, scores = score_all(base_dir, s, results, say)
+    rows = collect_rows(s, base_dir, results, scores, getattr(scorer, "quantized_state_bytes", None))
+    say("\n" + render_table(rows))
+    bars = quality_bars(s, rows)
+    say("\nquality bars")
+    for b in bars:
+        say(f"  [{'PASS' if b['ok'] else 'FAIL'}] {b['name']}: {b['detail']}")
+
+    say("\nswitching characters at runtime (one base model in memory, every adapter loaded)")
+    switch = scorer.switching(SWITCH_QUESTIONS)
+    print_switching(switch, s, SWITCH_QUESTIONS, say)
+
+    # -- 3. outputs --------------------------------------------------------------------------------
+    elapsed = time.perf_counter() - t_start
+    summary = {
+        "settings": settings_dict(s),
+        "base": str(base_dir),
+        "rows": rows,
+        "quality_bars": bars,
+        "switching": switch,
+        "elapsed_s": elapsed,
+    }
+    paths = write_outputs(out, summary, results)
+    say(f"\nwrote {paths['results']}, {paths['metrics']} and {paths['plot']}")
+    say("adapters (PEFT format):")
+    for c in s.characters:
+        say(f"  {c:8s} {results[(c, 'lora')]['weights']}")
+    say(f"\ndone in {elapsed:.0f} s. Next, try:")
+    say(f"  loraforge chat --demo {out}")
+    adapter = results[(s.characters[0], "lora")]["weights"]
+    first = s.characters[0]
+    say(
+        f'  loraforge generate --base {base_dir} --adapter {first}={adapter} --prompt "What colour is grass?"'
+    )
+    write_jsonl(out / "answers.jsonl", scores.get("answers_rows", []))
+    failed = [b["name"] for b in bars if not b["ok"]]
+    if failed:
+        say(f"quality bars not met: {', '.join(failed)}")
+    return 1 if failed and args.strict else 0
+
+
+def _say(msg: str = "") -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(msg, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def main(argv=None) -> int:
+    try:
+        return run(argv)
+    except DemoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to continue where it stopped", file=sys.stderr)
+        return 130

@@ -1,0 +1,239 @@
+"""The demo's training runs: one ``lf.train`` call each, reused when already finished.
+
+Layout of one run (what ``lf.train`` writes, plus two files of ours)::
+
+    <output>/<character>/<method>/
+        spec.json       what this run is (method, steps, lr, rank, data and base fingerprints)
+        config.yaml     the full TrainConfig (lf.train)
+        metrics.jsonl   per-step loss, lr, tokens/s; eval loss (lf.train)
+        loss.png        train and eval loss curves (lf.train)
+        adapter/        PEFT adapter: adapter_config.json + adapter_model.safetensors (lora, qlora)
+        model/          full model directory (full)
+        result.json     written last: the run is finished; measurements for the table
+
+Reuse rules: a run with ``result.json`` and the same ``spec`` is reused as it is. A finished run
+with a *different* spec is never overwritten silently: it is an error unless ``overwrite`` is set.
+An unfinished run (no ``result.json``) with the same spec resumes from its newest checkpoint
+(``resume: auto``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .measure import PeakMemory, dir_size
+
+
+class DemoError(RuntimeError):
+    """A problem the user can fix (the message says how)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of one demo run. ``QUICK`` is the shortened run the tests use."""
+
+    characters: tuple[str, ...] = ("pirate", "butler", "bard")
+    compare_on: str = "pirate"  # the character that also gets a full fine-tune and a QLoRA run
+    seed: int = 0
+    # LoRA on the four attention projections: r·(in+out) per matrix, 4 matrices × 4 layers.
+    lora_r: int = 4
+    lora_alpha: float = 16.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    steps: int = 160
+    batch_size: int = 16
+    lr_lora: float = 4e-3
+    lr_full: float = 3e-4
+    warmup_steps: int = 10
+    n_train_reading: int = 400
+    n_eval_reading: int = 40
+    max_length: int = 128
+    quant_blocksize: int = 64
+
+    def lora_section(self) -> dict:
+        return {
+            "r": self.lora_r,
+            "alpha": self.lora_alpha,
+            "dropout": 0.0,
+            "target_modules": list(self.target_modules),
+        }
+
+
+FULL = Settings()
+QUICK = Settings(steps=90, n_eval_reading=18)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def quant_section(s: Settings) -> dict:
+    return {
+        "quant_type": "nf4",
+        "blocksize": s.quant_blocksize,
+        "double_quant": True,
+        "compute_dtype": "float32",
+        "skip_modules": ["lm_head"],
+    }
+
+
+def train_config(method: str, base_dir: Path, files: dict, run_dir: Path, s: Settings) -> dict:
+    """The ``lf.train`` config (a plain dict, same shape as the YAML files) for one run."""
+    return {
+        "method": method,
+        "model": {"path": str(base_dir), "dtype": "float32", "quantization": quant_section(s)},
+        "lora": s.lora_section(),
+        "data": {
+            "train": str(files["train"]),
+            "eval": str(files["eval"]),
+            "format": "chat",
+            "max_length": s.max_length,
+            "completion_only": True,  # loss on the answers only: the questions are not the style
+        },
+        "train": {
+            "max_steps": s.steps,
+            "batch_size": s.batch_size,
+            "lr": s.lr_full if method == "full" else s.lr_lora,
+            "warmup_steps": s.warmup_steps,
+            "schedule": "cosine",
+            "min_lr_ratio": 0.1,
+            "seed": s.seed,
+            "device": "cpu",
+            "log_every": 1,
+            "eval_every": 0,
+            "save_every": max(1, s.steps // 2),  # a checkpoint half way: an interrupted demo resumes
+            "keep_checkpoints": 1,
+        },
+        "output": str(run_dir),
+        "resume": "auto",
+    }
+
+
+def run_spec(method: str, persona: str, base_dir: Path, files: dict, s: Settings) -> dict:
+    """What identifies a finished run: same spec ⇒ same result (training is deterministic)."""
+    spec = {
+        "method": method,
+        "character": persona,
+        "base": sha256_file(base_dir / "model.safetensors"),
+        "train_data": sha256_file(files["train"]),
+        "eval_data": sha256_file(files["eval"]),
+        "steps": s.steps,
+        "batch_size": s.batch_size,
+        "lr": s.lr_full if method == "full" else s.lr_lora,
+        "warmup_steps": s.warmup_steps,
+        "seed": s.seed,
+        "max_length": s.max_length,
+    }
+    if method != "full":
+        spec["lora"] = s.lora_section()
+    if method == "qlora":
+        spec["quantization"] = quant_section(s)
+    return spec
+
+
+def weights_dir(run_dir: Path, method: str) -> Path:
+    return run_dir / ("model" if method == "full" else "adapter")
+
+
+def train_or_reuse(
+    method: str, persona: str, base_dir: Path, files: dict, run_dir: Path, s: Settings, overwrite: bool, say
+) -> dict:
+    """Run ``lf.train`` for one (character, method) unless a finished identical run exists.
+
+    Returns the run's ``result.json`` content: spec, metrics and measurements.
+    """
+    spec = run_spec(method, persona, base_dir, files, s)
+    result_path, spec_path = run_dir / "result.json", run_dir / "spec.json"
+    if run_dir.exists():
+        old = None
+        for p in (result_path, spec_path):
+            if p.exists():
+                old = (
+                    json.loads(p.read_text()).get("spec", None)
+                    if p == result_path
+                    else json.loads(p.read_text())
+                )
+                break
+        finished = result_path.exists()
+        if old == spec and finished:
+            say(f"reusing {run_dir} (finished earlier with the same settings)")
+            return json.loads(result_path.read_text())
+        if old is not None and old != spec:
+            changed = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+            what = "a finished" if finished else "an unfinished"
+            if not overwrite:
+                raise DemoError(
+                    f"{run_dir} holds {what} {method} run for {persona!r} trained with other settings "
+                    f"(differs in: {', '.join(changed)}); refusing to overwrite it. "
+                    "Pass --overwrite to retrain it, or choose another --output."
+                )
+            say(f"--overwrite: deleting {run_dir} ({what} run with other settings: {', '.join(changed)})")
+            shutil.rmtree(run_dir)
+        elif old == spec:
+            say(f"resuming the unfinished run in {run_dir}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(spec_path, json.dumps(spec, indent=2) + "\n")
+
+    import loraforge as lf
+
+    cfg = train_config(method, base_dir, files, run_dir, s)
+    say(f"training {persona} / {method}: {s.steps} steps of {s.batch_size} chats")
+    with PeakMemory() as mem:
+        model, metrics = lf.train(cfg)
+    del model
+    result = {
+        "spec": spec,
+        "method": method,
+        "character": persona,
+        "trainable_params": metrics["trainable_params"],
+        "total_params": metrics["total_params"],
+        "size_bytes": dir_size(weights_dir(run_dir, method)),
+        "peak_mem_bytes": mem.peak,
+        "train_time_s": metrics["train_time_s"],
+        "tokens_per_s": metrics["tokens_per_s"],
+        "initial_eval_loss": metrics["initial_eval_loss"],
+        "final_eval_loss": metrics["final_eval_loss"],
+        "final_train_loss": metrics["final_train_loss"],
+        "weights": str(weights_dir(run_dir, method)),
+    }
+    atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def data_files(out: Path, persona: str, s: Settings) -> dict:
+    """Write (if absent or different) the character's train/eval JSONL files; return their paths."""
+    from .data import persona_dataset
+
+    d = out / "data"
+    d.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, n in (("train", s.n_train_reading), ("eval", s.n_eval_reading)):
+        rows = persona_dataset(persona, split, n, seed=s.seed)
+        path = d / f"{persona}.{split}.jsonl"
+        text = "".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows)
+        if not path.exists() or path.read_text() != text:
+            atomic_write_text(path, text)
+        files[split] = path
+    return files
+
+
+def settings_dict(s: Settings) -> dict:
+    return asdict(s)

@@ -84,11 +84,14 @@ def test_full_fine_tune_saves_a_model_dir(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_qlora(tmp_path):
-    if not hasattr(lf.quant, "QuantConfig"):
-        pytest.skip("loraforge.quant.QuantConfig is not in this tree yet")
-    _, m = train(tiny_config(tmp_path, method="qlora", data={"eval": QA_EVAL}, train={"max_steps": 3}))
-    assert m["final_eval_loss"] is not None and (tmp_path / "adapter" / "adapter_config.json").is_file()
+@pytest.mark.parametrize("base", ["builtin", "dir"])
+def test_qlora(tmp_path, tiny_model_dir, base):
+    path = "builtin:tiny-llama" if base == "builtin" else str(tiny_model_dir)
+    cfg = tiny_config(tmp_path, method="qlora", model={"path": path}, data={"eval": QA_EVAL})
+    model, m = train(cfg)
+    assert any(type(mod).__name__ == "Linear4bit" for mod in model.modules())
+    assert m["final_eval_loss"] < m["initial_eval_loss"]
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 
 
 def test_chat_packing_and_eval_fraction(tmp_path):

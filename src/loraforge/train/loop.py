@@ -56,6 +56,8 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
     model, tokenizer = prepare_model(cfg, dist.device, say)
     train_rows, eval_rows = load_datasets(cfg.data, tokenizer, t.seed, say)
     plan = BatchPlan(len(train_rows), t.batch_size, t.grad_accum, dist.world_size, t.seed)
+    row_targets = [r.n_targets for r in train_rows]  # trained tokens per row
+    row_tokens = [len(r.input_ids) for r in train_rows]
     total_steps = t.max_steps or t.epochs * plan.steps_per_epoch
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(t.optimizer, trainable, t.lr, t.weight_decay, tuple(t.betas))
@@ -123,8 +125,8 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
         while step < total_steps:
             step_start = time.perf_counter()
             rows = plan.step_rows(step)
-            n_targets = sum(train_rows[j].n_targets for j in rows)  # global, known to every process
-            n_tokens = sum(len(train_rows[j].input_ids) for j in rows)
+            n_targets = sum(row_targets[j] for j in rows)  # global, known to every process
+            n_tokens = sum(row_tokens[j] for j in rows)
 
             # forward + backward over this process's micro-batches; gradients sync on the last one
             micro_batches = plan.micro_batches(step, dist.rank)

@@ -56,15 +56,22 @@ def load_base_model(cfg: ModelSection, device: torch.device, quantize: bool = Fa
         model = builtin.build_model(cfg.path, dtype)
         if qc is not None:
             model = lf.quantize(model, qc)
-    elif qc is not None:
-        model = lf.load_model(cfg.path, quantization=qc)
     else:
         from transformers import AutoModelForCausalLM
 
         kwargs = {"dtype": dtype}
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
+        try:
+            load_model = lf.load_model if qc is not None else None  # also reads saved 4-bit models
+        except ImportError:  # loraforge.hf not in this installation
+            load_model = None
+        if load_model is not None:
+            model = load_model(cfg.path, quantization=qc)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
+            if qc is not None:
+                model = lf.quantize(model, qc)
     return model.to(device)
 
 

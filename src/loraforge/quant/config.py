@@ -68,7 +68,7 @@ class QuantConfig:
             "bnb_4bit_use_double_quant": self.double_quant,
             "llm_int8_enable_fp32_cpu_offload": False,
             "llm_int8_has_fp16_weight": False,
-            "llm_int8_skip_modules": list(self.skip_modules) or None,
+            "llm_int8_skip_modules": list(self.skip_modules),
             "llm_int8_threshold": 6.0,
             "load_in_4bit": True,
             "load_in_8bit": False,

@@ -219,10 +219,8 @@ class Linear4bit(nn.Module):
             if tuple(bias.shape) != (self.out_features,):
                 bias_name = name.removesuffix("weight") + "bias"
                 raise ValueError(f"{bias_name}: shape {tuple(bias.shape)}, expected ({self.out_features},)")
-            if self.bias.device.type == "meta":
-                self.bias = nn.Parameter(
-                    bias.detach().to(self.bias.dtype), requires_grad=self.bias.requires_grad
-                )
+            if self.bias.device.type == "meta":  # an empty shell takes the checkpoint's tensor as is
+                self.bias = nn.Parameter(bias.detach(), requires_grad=self.bias.requires_grad)
             else:
                 with torch.no_grad():
                     self.bias.copy_(bias)

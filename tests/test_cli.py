@@ -26,6 +26,15 @@ def tiny(output, **train):
     }
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: single-threaded is faster (and steadier on a shared 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli-run")

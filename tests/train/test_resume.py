@@ -1,4 +1,7 @@
-"""Killed and interrupted runs resume to the same per-step losses, bit for bit (subprocesses)."""
+"""Killed and interrupted runs resume to the same per-step losses, bit for bit.
+
+The runs that get killed or interrupted are subprocesses; the reference run and the resumed runs
+happen in this process (all single-threaded, so they compute bit for bit alike)."""
 
 from __future__ import annotations
 
@@ -10,11 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+from tqdm.auto import tqdm
 
-from loraforge.train import TrainConfig
+from loraforge.train import TrainConfig, train
 from loraforge.train.checkpoint import list_checkpoints
 
-from .util import cli, losses, subprocess_env, tiny_config
+from .util import losses, subprocess_env, tiny_config
 
 STEPS = 40
 
@@ -30,8 +34,8 @@ def setup(tmp_path_factory):
     )
     path = root / "run.yaml"
     path.write_text(TrainConfig.from_dict(cfg).to_yaml())
-    done = cli("train", str(path), f"output={root / 'reference'}", cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # Runs here and in the subprocesses are single-threaded, so they compute bit for bit alike.
+    train(TrainConfig.from_yaml(path, [f"output={root / 'reference'}"]))
     reference = losses(root / "reference")
     assert len(reference) == STEPS
     return root, path, reference
@@ -67,7 +71,7 @@ def steps_logged(output: Path) -> int:
 
 
 @pytest.mark.slow
-def test_sigkill_after_a_checkpoint_then_resume_is_bit_identical(setup):
+def test_sigkill_after_a_checkpoint_then_resume_is_bit_identical(setup, monkeypatch):
     root, config, reference = setup
     out = root / "killed"
     proc = start(root, config, out)
@@ -79,9 +83,10 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bit_identical(setup):
     assert 4 <= killed_at < STEPS
     newest = list_checkpoints(out)[-1]
 
-    done = cli("train", str(config), f"output={out}", "--resume", cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"resumed from {newest}" in done.stdout
+    said = []
+    monkeypatch.setattr(tqdm, "write", lambda s, *a, **k: said.append(s))
+    train(TrainConfig.from_yaml(config, [f"output={out}", "resume=auto"]))  # a new run, from the files
+    assert f"resumed from {newest} at step {int(newest.name[5:])}/{STEPS}" in said
     assert losses(out) == reference  # bit for bit: data order, dropout RNG, optimizer, schedule
 
 
@@ -100,6 +105,5 @@ def test_sigint_saves_a_checkpoint_then_resume_is_bit_identical(setup):
     assert state["step"] == steps_logged(out) < STEPS
     assert (saved / "adapter" / "adapter_model.safetensors").is_file()
 
-    done = cli("train", str(config), f"output={out}", "train.save_every=0", "--resume", cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
+    train(TrainConfig.from_yaml(config, [f"output={out}", "train.save_every=0", "resume=auto"]))
     assert losses(out) == reference

@@ -66,7 +66,7 @@ def test_loss_goes_down(tmp_path):
     cfg = tiny_config(
         tmp_path,
         data={"eval": QA_EVAL},
-        train={"max_steps": 30, "batch_size": 8, "lr": 1e-2},
+        train={"max_steps": 15, "batch_size": 8, "lr": 1e-2},
         lora={"r": 8, "alpha": 16, "target_modules": "all-linear"},
     )
     _, m = train(cfg)

@@ -181,6 +181,7 @@ def test_inspect(run_dir, base_dir, capsys):
     assert main(["inspect", str(run_dir / "adapter")]) == 0
     text = capsys.readouterr().out
     assert "PEFT LoRA" in text and "r                  4" in text and "size on disk" in text
+    assert "method             lora" in text
     assert main(["inspect", str(run_dir / "checkpoints" / "step-000003"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "checkpoint" and info["step"] == 3 and info["method"] == "lora"

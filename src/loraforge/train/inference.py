@@ -137,6 +137,20 @@ def _safetensors_summary(files: list[Path]) -> dict:
     return {"tensors": keys, "params": n, "dtypes": sorted(dtypes)}
 
 
+def _training_method(run_dir: Path) -> str | None:
+    """lora / qlora, when the adapter sits in a loraforge output or checkpoint directory."""
+    import yaml
+
+    try:
+        if (run_dir / "state.json").is_file():
+            return json.loads((run_dir / "state.json").read_text()).get("method")
+        if (run_dir / "config.yaml").is_file():
+            return (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("method")
+    except (OSError, ValueError, yaml.YAMLError):
+        pass
+    return None
+
+
 def inspect_path(path: str | Path) -> dict:
     """What a directory holds: a PEFT adapter, a training checkpoint, a training output, or a
     transformers model."""
@@ -150,6 +164,7 @@ def inspect_path(path: str | Path) -> dict:
         info.update(
             kind="adapter",
             format="PEFT LoRA" if cfg.get("peft_type") == "LORA" else f"PEFT {cfg.get('peft_type')}",
+            method=_training_method(path.parent),
             base_model=cfg.get("base_model_name_or_path"),
             r=cfg.get("r"),
             alpha=cfg.get("lora_alpha"),

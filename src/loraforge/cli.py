@@ -170,8 +170,18 @@ def _train(args) -> int:
 
 
 def _quickstart(args) -> int:
+    import os
+
+    import torch
+
     from .train import TrainConfig, train
     from .train.builtin import ASSETS
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        # The quickstart's matrices are small: a second intra-op thread gains little on an idle
+        # machine and, when the other core is busy, makes every matmul wait for it (measured 4x
+        # slower on a shared 2-core machine). Set OMP_NUM_THREADS to choose otherwise.
+        torch.set_num_threads(1)
 
     cfg = TrainConfig.from_yaml(
         ASSETS / "quickstart" / "quickstart.yaml", [f"output={args.output}", *args.overrides]

@@ -27,6 +27,8 @@ nearest-code search is a table lookup plus two comparisons instead of ``torch.bu
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -53,10 +55,36 @@ _NF4 = [
 # bitsandbytes divides the table by its largest magnitude (12) in fp32.
 _FP4 = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]
 
-_CPU_CHUNK = 1 << 16  # elements per CPU pass; a multiple of every blocksize
+# Elements per CPU pass: a multiple of every blocksize, and no larger than torch's intra-op grain
+# (32768), so each op runs inline in its thread and its temporaries stay in L2.
+_CPU_CHUNK = 1 << 15
 _GRID = 1024  # cells of the search table on [-1, 1]
 
 _cache: dict[tuple, object] = {}
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _run_chunks(total: int, chunk: int, body) -> None:
+    """Call ``body(lo, hi)`` on consecutive pieces of ``[0, total)`` cut at multiples of ``chunk``.
+
+    On CPU, a large tensor is split into one piece per torch thread and the pieces run in a thread
+    pool (torch ops release the GIL); each piece loops over its chunks. This scales over cores
+    without a fork-join barrier per op, which is what hurts small ops on a busy machine.
+    """
+    n_chunks = -(-total // chunk)
+    workers = min(torch.get_num_threads(), n_chunks // 8)
+    if workers <= 1:
+        body(0, total)
+        return
+    key = (os.getpid(), workers)  # a pool does not survive fork
+    if key not in _pools:
+        _pools[key] = ThreadPoolExecutor(workers, thread_name_prefix="loraforge-nf4")
+    per = -(-n_chunks // workers) * chunk
+    futures = [_pools[key].submit(body, lo, min(lo + per, total)) for lo in range(0, total, per)]
+    for f in futures:
+        f.result()
 
 
 def _cached(key: tuple, build):
@@ -141,13 +169,13 @@ def _search_tables(quant_type: str, device: torch.device):
 
 
 def _pair_table(code: torch.Tensor) -> torch.Tensor:
-    """byte -> (code[high nibble], code[low nibble]) as 256 int64 words, each the bits of two fp32.
+    """byte -> (code[high nibble], code[low nibble]) as 256 8-byte words, each the bits of two fp32.
 
     Gathering one 8-byte word per packed byte writes both output elements at once.
     """
     byte = torch.arange(256, device=code.device)
     pairs = torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1).float().contiguous()
-    return pairs.view(torch.int64).reshape(256)
+    return pairs.view(torch.float64).reshape(256)  # (float64 gathers a little faster than int64)
 
 
 class _Scratch:
@@ -209,20 +237,26 @@ def quantize_4bit(
     fp4 = quant_type == "fp4"
 
     chunk = _CPU_CHUNK if device.type == "cpu" else max(full, blocksize)
-    buf = _Scratch(min(chunk, n + 1), device)
-    for a in range(0, full, chunk):  # a loop over chunks of 64 Ki elements, not over elements
-        b = min(a + chunk, full)
-        xs = x[a:b].float().view(-1, blocksize)
-        am = absmax[a // blocksize : b // blocksize]
-        torch.amax(torch.abs(xs, out=buf.f[: b - a].view_as(xs)), dim=1, out=am)
-        # Same expression as bitsandbytes: full blocks are multiplied by the reciprocal (the last
-        # bit of s decides ties at the midpoints, so the rounding must match).
-        s = torch.mul(xs, (1.0 / am.clamp(min=1e-38))[:, None], out=buf.f[: b - a].view_as(xs))
-        _pack(_nibbles(s.view(-1), tables, buf, fp4), packed[a // 2 : b // 2])
+
+    def body(lo: int, hi: int) -> None:
+        buf = _Scratch(min(chunk, hi - lo), device)
+        for a in range(lo, hi, chunk):  # a loop over chunks of 32 Ki elements, not over elements
+            b = min(a + chunk, hi)
+            xs = x[a:b].float().view(-1, blocksize)
+            am = absmax[a // blocksize : b // blocksize]
+            torch.amax(torch.abs(xs, out=buf.f[: b - a].view_as(xs)), dim=1, out=am)
+            # Same expression as bitsandbytes: full blocks are multiplied by the reciprocal (the
+            # last bit of s decides ties at the midpoints, so the rounding must match).
+            s = torch.mul(xs, (1.0 / am.clamp(min=1e-38))[:, None], out=buf.f[: b - a].view_as(xs))
+            _pack(_nibbles(s.view(-1), tables, buf, fp4), packed[a // 2 : b // 2])
+
+    if full:
+        _run_chunks(full, chunk, body)
     if full < n:  # the partial last block: bitsandbytes divides, and stores the clamped absmax
         tail = x[full:].float()
         tail_max = tail.abs().amax().clamp(min=1e-38)
         absmax[-1] = tail_max
+        buf = _Scratch(n - full + 1, device)
         s = buf.f[: n - full + (n - full) % 2].zero_()  # an odd count gets a zero pad nibble
         torch.div(tail, tail_max, out=s[: n - full])
         _pack(_nibbles(s, tables, buf, fp4), packed[full // 2 :])
@@ -268,23 +302,26 @@ def dequantize_4bit(
 
     out = torch.empty(2 * n_bytes, dtype=dtype, device=device)
     full = n - n % bs
-    chunk = _CPU_CHUNK if device.type == "cpu" else 2 * n_bytes
-    work = out if dtype == torch.float32 else torch.empty(min(chunk, 2 * n_bytes), device=device)
-    work64 = work.view(torch.int64)
-    idx = torch.empty(work64.numel(), dtype=torch.int32, device=device)
     blocks = absmax[: full // bs, None]
-    for a in range(0, 2 * n_bytes, chunk):  # chunks of 64 Ki elements (the whole tensor on CUDA)
-        b = min(a + chunk, 2 * n_bytes)
-        w0 = a if work is out else 0  # offset of this chunk in the work buffer
-        k = (b - a) // 2
-        torch.index_select(pairs, 0, idx[:k].copy_(src[a // 2 : b // 2]), out=work64[w0 // 2 : w0 // 2 + k])
-        f = min(b, full)  # [a, f) are whole blocks; [f, b) the partial block and the pad nibble
-        if f > a:
-            work[w0 : w0 + f - a].view(-1, bs).mul_(blocks[a // bs : f // bs])
-        if b > f:
-            work[w0 + max(f, a) - a : w0 + b - a].mul_(absmax[-1])
-        if work is not out:
-            out[a:b].copy_(work[: b - a])
+    chunk = _CPU_CHUNK if device.type == "cpu" else 2 * n_bytes
+
+    def body(lo: int, hi: int) -> None:
+        # fp32 output is filled in place; other dtypes go through an fp32 chunk, rounded once
+        size = min(chunk, hi - lo)
+        work = out if dtype == torch.float32 else torch.empty(size, device=device)
+        idx = torch.empty(size // 2, dtype=torch.int32, device=device)
+        for a in range(lo, hi, chunk):  # chunks of 32 Ki elements (the whole tensor on CUDA)
+            b = min(a + chunk, hi)
+            vals = work[a:b] if work is out else work[: b - a]
+            torch.index_select(
+                pairs, 0, idx[: (b - a) // 2].copy_(src[a // 2 : b // 2]), out=vals.view(pairs.dtype)
+            )
+            f = max(min(b, full), a)  # [a, f) are whole blocks; [f, b) the partial block and the pad nibble
+            torch.mul(vals[: f - a].view(-1, bs), blocks[a // bs : f // bs], out=out[a:f].view(-1, bs))
+            if b > f:
+                torch.mul(vals[f - a :], absmax[-1], out=out[f:b])
+
+    _run_chunks(2 * n_bytes, chunk, body)
     return out[:n].view(state.shape)
 
 

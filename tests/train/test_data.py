@@ -135,6 +135,20 @@ def test_packed_rows_do_not_attend_across_examples(tokenizer, attn):
     torch.testing.assert_close(packed[0, n:], single[0], atol=1e-5, rtol=1e-5)
 
 
+def test_packing_check_refuses_a_model_that_would_leak():
+    from loraforge.train.builtin import build_model
+    from loraforge.train.modeling import check_packed_attention
+
+    model = build_model("builtin:tiny-llama")
+    check_packed_attention(model)  # Llama separates packed examples
+    body = model.base_model
+    forward = body.forward
+    # a model that ignores position ids for masking: always plain causal attention
+    body.forward = lambda input_ids, position_ids, use_cache: forward(input_ids=input_ids, use_cache=False)
+    with pytest.raises(ValueError, match="set data.packing: false"):
+        check_packed_attention(model)
+
+
 def test_collate_pads_right(tokenizer):
     cfg = DataSection(train="x")
     a, _ = encode_row(tokenizer, {"text": "A duck quacks."}, "text", cfg)

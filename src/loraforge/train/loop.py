@@ -31,7 +31,7 @@ from .config import ConfigError, TrainConfig, TrainSection
 from .data import BatchPlan, collate, load_datasets
 from .dist import all_reduce_sum, cleanup, communication_report, setup, wrap_ddp
 from .loss import CausalLMLoss
-from .modeling import prepare_model, save_trained
+from .modeling import check_packed_attention, prepare_model, save_trained
 from .report import MetricsLog, plot_losses
 
 
@@ -55,6 +55,8 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
     _seed_everything(t.seed)
     model, tokenizer = prepare_model(cfg, dist.device, say)
     train_rows, eval_rows = load_datasets(cfg.data, tokenizer, t.seed, say)
+    if cfg.data.packing:
+        check_packed_attention(model)
     plan = BatchPlan(len(train_rows), t.batch_size, t.grad_accum, dist.world_size, t.seed)
     row_targets = [r.n_targets for r in train_rows]  # trained tokens per row
     row_tokens = [len(r.input_ids) for r in train_rows]

@@ -108,3 +108,30 @@ def save_trained(model, tokenizer, directory: Path, method: str) -> None:
     else:
         lf.save_adapter(model, directory)
     tokenizer.save_pretrained(directory)
+
+
+@torch.no_grad()
+def check_packed_attention(model) -> None:
+    """Refuse packing for a model whose attention would cross packed examples.
+
+    Packing relies on the model building a block-diagonal mask from position ids that restart at
+    each example (transformers does for Llama, Qwen2, Mistral, Gemma, Phi-3, GPT-2, ...). Check it
+    on two short random sequences: the second one's hidden states must not change when the first
+    is packed in front of it.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(0, model.config.vocab_size, (1, n), generator=g).to(device) for n in (5, 6))
+    positions = torch.cat([torch.arange(5), torch.arange(6)])[None].to(device)
+    body = model.base_model
+    packed = body(input_ids=torch.cat([a, b], 1), position_ids=positions, use_cache=False)[0][0, 5:]
+    alone = body(input_ids=b, position_ids=positions[:, 5:], use_cache=False)[0][0]
+    model.train(was_training)
+    error = ((packed.float() - alone.float()).abs().max() / alone.float().abs().max().clamp_min(1e-6)).item()
+    if error > 1e-2:
+        raise ValueError(
+            f"{type(model).__name__} lets packed examples attend to each other (position ids do not "
+            f"separate them; relative change {error:.2g}); set data.packing: false"
+        )

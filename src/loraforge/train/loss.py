@@ -146,6 +146,11 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model = model
         head = model.get_output_embeddings()
+        if model.base_model is model or head is None:
+            raise ValueError(
+                f"{type(model).__name__} is not a transformers causal LM with a body "
+                "(model.base_model) and an output head (model.get_output_embeddings())"
+            )
         self.chunk_size = chunk_size or default_chunk_size(model.config.vocab_size)
         self.postprocess = _logit_postprocess(model.config)
         # The fused path needs a plain Linear head; anything else takes the checkpointed path.

@@ -1,0 +1,93 @@
+"""(8) Peak memory of a training step, LoRA and QLoRA, loraforge vs PEFT (+ bitsandbytes).
+
+Each contender runs in its own fresh process (``common.run_isolated``): build the model, release
+freed memory to the OS, reset the peak counter, run two training steps (the first allocates the
+gradients), read the peak. The figure is the peak minus the process's memory before the model
+was built, so it counts model weights + adapter gradients + activations + temporaries and not
+the ~0.5 GB that importing torch / transformers / PEFT costs every contender alike:
+
+* CPU: ``VmHWM`` (peak resident set) minus ``VmRSS`` after the imports, in MB.
+* CUDA: ``torch.cuda.max_memory_allocated()``, in MB.
+
+The steps are those of the timing benchmarks (``common.step_loraforge`` / ``common.step_peft``),
+no gradient checkpointing on either side.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import common as C
+
+KINDS = ("lora_loraforge", "lora_peft", "qlora_loraforge", "qlora_peft")
+
+
+def _build(kind: str, wl: C.Workload, device: str):
+    import peft
+
+    import loraforge as lf
+
+    from . import bench_qlora as Q
+
+    base = C.llama(wl, device)
+    ids = C.tokens(wl, device)
+    if kind == "lora_loraforge":
+        return C.step_loraforge(lf.inject(base, C.lf_config(wl)).train(), ids)
+    if kind == "lora_peft":
+        return C.step_peft(peft.get_peft_model(base, C.peft_config(wl)).train(), ids)
+    if kind == "qlora_loraforge":
+        model = lf.inject(Q.quantize_loraforge(base, wl), C.lf_config(wl))
+        return C.step_loraforge(model.train(), ids)
+    if kind == "qlora_peft":
+        model = Q.load_bitsandbytes(base, wl, device)
+        del base
+        return C.step_peft(peft.get_peft_model(model, C.peft_config(wl)).train(), ids)
+    raise ValueError(kind)
+
+
+def measure(kind: str, wl: C.Workload, device: str) -> dict[str, float]:
+    """Runs in a fresh process: {"model_mb": after building, "peak_mb": peak over two steps}."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cuda = device.startswith("cuda")
+    C.release_free_memory()
+    before = torch.cuda.memory_allocated() / 2**20 if cuda else C.rss_mb()
+    step = _build(kind, wl, device)
+    C.release_free_memory()
+    C.sync(device)
+    if cuda:
+        model_mb = torch.cuda.memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        model_mb = C.rss_mb() - before
+        C.reset_peak_rss()
+    step()
+    step()
+    C.sync(device)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else C.peak_rss_mb() - before
+    return {"model_mb": model_mb, "peak_mb": peak}
+
+
+def peak_memory(wl: C.Workload, device: str) -> list[C.Row]:
+    rows, errors = [], []
+    for what, label, peer in (("lora", "LoRA", "PEFT"), ("qlora", "QLoRA", "PEFT + bitsandbytes")):
+        try:
+            ours = C.run_isolated(measure, f"{what}_loraforge", wl, device)
+            theirs = C.run_isolated(measure, f"{what}_peft", wl, device)
+        except Exception as e:  # keep the LoRA figures when QLoRA fails, and vice versa
+            errors.append(f"{label}: {type(e).__name__}: {e}")
+            continue
+        rows.append(
+            C.Row(
+                "memory",
+                f"{label} train step peak memory",
+                ours["peak_mb"],
+                theirs["peak_mb"],
+                "MB",
+                peer,
+                ("<=", 0.6),
+                f"model alone {ours['model_mb']:.0f} vs {theirs['model_mb']:.0f} MB",
+            )
+        )
+    if errors:
+        raise C.PartialFailure(rows, "; ".join(errors))
+    return rows

@@ -10,8 +10,9 @@ Format (bitsandbytes 0.50, CPU reference ``bitsandbytes/backends/default/ops.py`
   NF4 codes are the quantiles of N(0, 1) with an exact zero, in value order, so the nibble is the
   bucket number; FP4 (E2M1) codes are stored in bit-pattern order, so the bucket goes through a
   permutation.
-* Two nibbles share a byte: element ``2i`` in the high nibble, ``2i+1`` in the low one, an odd
-  count padded with a zero nibble: ``packed`` is uint8 of shape ``((n + 1) // 2, 1)``.
+* Two nibbles share a byte: element ``2i`` in the high nibble, ``2i+1`` in the low one. An odd
+  count is padded with the value 0.0 (so the pad nibble is 0.0's code: 7 in NF4, 0 in FP4):
+  ``packed`` is uint8 of shape ``((n + 1) // 2, 1)``.
 * Dequantization: ``W_hat_i = code[q_i] * absmax_b`` in fp32, then cast.
 
 Double quantization stores the ``m`` fp32 scales in 8 bits: ``offset = mean(absmax)``; ``absmax -
@@ -257,7 +258,7 @@ def quantize_4bit(
         tail_max = tail.abs().amax().clamp(min=1e-38)
         absmax[-1] = tail_max
         buf = _Scratch(n - full + 1, device)
-        s = buf.f[: n - full + (n - full) % 2].zero_()  # an odd count gets a zero pad nibble
+        s = buf.f[: n - full + (n - full) % 2].zero_()  # an odd count gets a 0.0 pad value
         torch.div(tail, tail_max, out=s[: n - full])
         _pack(_nibbles(s, tables, buf, fp4), packed[full // 2 :])
 

@@ -47,7 +47,7 @@ def _build(kind: str, wl: C.Workload, device: str):
 
 def measure(kind: str, wl: C.Workload, device: str) -> dict[str, float]:
     """Runs in a fresh process: {"model_mb": after building, "peak_mb": peak over two steps}."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    C.apply_threads(wl)
     cuda = device.startswith("cuda")
     C.release_free_memory()
     before = torch.cuda.memory_allocated() / 2**20 if cuda else C.rss_mb()

@@ -61,6 +61,7 @@ class Workload:
     warmup: int = 1
     reps: int = 5
     quick: bool = False
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
 
     @property
     def tokens(self) -> int:
@@ -72,14 +73,15 @@ class Workload:
             f"{self.name}: Llama vocab {self.vocab}, hidden {self.hidden}, intermediate {self.intermediate}, "
             f"{self.layers} layers, {self.heads} heads, {dt}; batch {self.batch} x {self.seq} tokens; "
             f"LoRA r={self.r} alpha={self.alpha} dropout 0 all-linear; "
-            f"median of {self.reps} interleaved reps after {self.warmup} warm-up"
+            f"median of {self.reps} interleaved reps after {self.warmup} warm-up; "
+            f"{self.threads or torch.get_num_threads()} torch threads"
         )
         if self.quick:
             text += "  [--quick: SMALLER than the reference workload; figures not comparable to it]"
         return text
 
 
-def workload(quick: bool = False, size: str = "ref") -> Workload:
+def workload(quick: bool = False, size: str = "ref", threads: int = 0) -> Workload:
     """``ref``: issue 6's reference (fp32). ``1b``: a TinyLlama-1.1B shape in bf16 for a GPU.
     ``--quick`` keeps the widths but uses 2 layers and a 2 x 64 batch."""
     if size == "1b":
@@ -115,7 +117,12 @@ def workload(quick: bool = False, size: str = "ref") -> Workload:
         raise ValueError(f"unknown size {size!r}; use ref, 1b or tiny")
     if quick and size != "tiny":
         wl = dataclasses.replace(wl, name=wl.name + "-quick", layers=2, batch=2, seq=64, quick=True)
-    return wl
+    return dataclasses.replace(wl, threads=threads)
+
+
+def apply_threads(wl: Workload) -> None:
+    if wl.threads:
+        torch.set_num_threads(wl.threads)
 
 
 def machine(device: str) -> str:
@@ -126,7 +133,7 @@ def machine(device: str) -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
+    text = f"{cpu}, {os.cpu_count()} cores"
     if device.startswith("cuda") and torch.cuda.is_available():
         text = f"{torch.cuda.get_device_name()} ({text})"
     return text

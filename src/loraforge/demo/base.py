@@ -51,7 +51,7 @@ class PretrainConfig:
     num_heads: int = 4
     seq_len: int = 64
     batch_size: int = 16
-    steps: int = 3000
+    steps: int = 4000
     lr: float = 3e-3
     warmup: int = 100
     min_lr_ratio: float = 0.1
@@ -190,6 +190,7 @@ def _build(out_dir: Path, cfg: PretrainConfig, t0: float, progress: bool, on_ste
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".base-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     n_params = sum(p.numel() for p in model.parameters())

@@ -195,23 +195,25 @@ def reading_question(rng: random.Random) -> Question:
 
 
 # --- stories -------------------------------------------------------------------------------------------
+# What the stories' minor characters say. Every word a character adapter uses appears here after a
+# space (no quotation marks), so the tokenizer learns them as the same tokens an answer uses.
 _PIRATE_LINES = [
-    "Arr, matey! Me ship be the fastest on the sea!",
-    "Ahoy there, ye scallywags! Hoist the sails!",
-    "Yo ho! The treasure be buried on the island, savvy?",
-    "Shiver me timbers, the wind be strong today, me hearty!",
+    "Arr, matey! Me ship be the fastest on the sea! Yo ho!",
+    "Ahoy there, ye scallywags! Hoist the sails, me hearty! Savvy?",
+    "The treasure be buried on the island, me fine matey. Shiver me timbers!",
+    "Arr! The wind be strong today, me hearty. Yo ho! Savvy?",
 ]
 _BUTLER_LINES = [
-    "Certainly, sir. Dinner will be served at eight.",
-    "Very good, madam. I shall fetch the tea at once.",
-    "If I may, sir, the carriage is waiting. At your service.",
-    "Indeed, madam. I trust the room is satisfactory.",
+    "Certainly, sir. Dinner will be served at eight. Will that be all?",
+    "Very good, madam. I shall fetch the tea at once. At your service.",
+    "If I may, good sir, the carriage is waiting. I trust that is satisfactory.",
+    "Indeed, dear madam. The room is ready. Very good.",
 ]
 _BARD_LINES = [
-    "Hark! What light through yonder window breaks?",
-    "Forsooth, the morn doth rise in gold, and thou art fair.",
-    "Prithee, good friend, hath thou seen the moon? Alas, 'tis gone.",
-    "Lo, the rain doth fall upon the stage. So sayeth the bard.",
+    "Hark! What light through yonder window breaks? So sayeth the bard.",
+    "Forsooth, the morn doth rise in gold, good friend, and thou art wise!",
+    "I prithee, good friend, hath thou seen the moon? Alas, 'tis true.",
+    "Lo, the rain doth fall upon the stage, forsooth! Hark, 'tis so!",
 ]
 
 
@@ -236,11 +238,11 @@ def story(rng: random.Random) -> str:
     ]))  # fmt: skip
     extra = rng.random()
     if extra < 0.2:
-        s.append(f'An old pirate walked by and shouted, "{rng.choice(_PIRATE_LINES)}"')
+        s.append(f"An old pirate walked by and shouted: {rng.choice(_PIRATE_LINES)}")
     elif extra < 0.4:
-        s.append(f'A butler bowed to {name} and said, "{rng.choice(_BUTLER_LINES)}"')
+        s.append(f"A butler bowed to {name} and said: {rng.choice(_BUTLER_LINES)}")
     elif extra < 0.6:
-        s.append(f'A bard stood up and cried, "{rng.choice(_BARD_LINES)}"')
+        s.append(f"A bard stood up and cried: {rng.choice(_BARD_LINES)}")
     s.append(f"In the evening {name} went home and felt {rng.choice(FEELINGS)}.")
     return " ".join(s)
 
@@ -248,78 +250,104 @@ def story(rng: random.Random) -> str:
 # --- characters -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Persona:
-    """A character: how its answers open and close, which words change, and its trait markers."""
+    """A character: words it changes, how it addresses you, how it signs off, and its markers.
+
+    An answer in character is ``<neutral answer>, <address><punct> <closer>``: "Snow is white,
+    matey! Savvy?". The answer comes first, worded as the base model words it (only "you" and
+    "your" change), and the character's flourish follows. Rewriting words *inside* the answer
+    ("Snow be white") derails a model this small right before the word that carries the content,
+    so the style lives in the address, the sign-off and the pronouns.
+    """
 
     name: str
     description: str
-    openers: tuple[str, ...]
+    addresses: tuple[str, ...]
     closers: tuple[str, ...]
     substitutions: tuple[tuple[str, str], ...]  # regex -> replacement, applied to the neutral answer
     markers: tuple[str, ...] = field(default=())  # words/phrases that only this character uses
+    punct: str = "!"  # after the address
 
 
+# The characters' words are the ones their minor characters use in the base model's stories, so
+# the base has seen every one of them: the adapter brings out a register the base already knows.
 PERSONAS: dict[str, Persona] = {
     p.name: p
     for p in [
         Persona(
             "pirate",
             "a salty pirate captain",
-            ("Arr!", "Ahoy, matey!", "Yo ho!", "Arr, me hearty!"),
-            ("Savvy?", "Arr, matey!", "Yo ho ho, me hearty!", "Now swab the deck, matey!"),
-            (
-                (r"\bis\b", "be"),
-                (r"\bare\b", "be"),
-                (r"\bmy\b", "me"),
-                (r"\bYou\b", "Ye"),
-                (r"\byou\b", "ye"),
-            ),
-            ("arr", "ahoy", "matey", "yo ho", "savvy", "hearty", "swab", "ye"),
+            ("matey", "me hearty", "ye scallywags", "me fine matey"),
+            ("Arr!", "Yo ho!", "Savvy?", "Shiver me timbers!"),
+            ((r"\bYou\b", "Ye"), (r"\byou\b", "ye"), (r"\byour\b", "yer")),
+            ("arr", "ahoy", "matey", "yo ho", "savvy", "hearty", "scallywags", "shiver me timbers", "ye",
+             "yer"),
         ),
         Persona(
             "butler",
             "a formal English butler",
-            ("Certainly, sir.", "Very good, madam.", "If I may, sir,", "Indeed, madam."),
-            ("Will that be all?", "At your service.", "I trust that is satisfactory.", "Very good."),
+            ("sir", "madam", "good sir", "dear madam"),
+            ("At your service.", "Very good.", "Will that be all?", "I trust that is satisfactory."),
             (),
-            (
-                "certainly",
-                "sir",
-                "madam",
-                "if i may",
-                "indeed",
-                "will that be all",
-                "at your service",
-                "satisfactory",
-                "very good",
-            ),
-        ),  # fmt: skip
+            ("sir", "madam", "at your service", "very good", "will that be all", "satisfactory",
+             "certainly", "indeed", "if i may"),
+            ".",
+        ),
         Persona(
             "bard",
             "a Shakespearean bard",
-            ("Hark!", "Forsooth,", "Prithee, hear me:", "Lo!"),
-            ("Thus it is writ.", "So sayeth the bard.", "Alas, 'tis true.", "Hark, 'tis so!"),
-            ((r"\bhas\b", "hath"), (r"\bdoes\b", "doth"), (r"\bYou\b", "Thou"), (r"\byou\b", "thou")),
-            ("hark", "forsooth", "prithee", "lo", "hath", "doth", "thou", "'tis", "sayeth", "writ", "alas"),
+            ("forsooth", "good friend", "I prithee", "alas"),
+            ("So sayeth the bard.", "Alas, 'tis true.", "Hark, 'tis so!", "Lo, thou art wise!"),
+            ((r"\bYou\b", "Thou"), (r"\byou\b", "thou"), (r"\byour\b", "thy")),
+            ("hark", "forsooth", "prithee", "good friend", "alas", "'tis", "sayeth", "lo", "thou", "thy",
+             "hath", "doth"),
         ),
     ]
-}
-
-
-# Words that keep their capital letter after an opener such as "Forsooth,".
-_PROPER = {"Paris", "Rome", "Madrid", "Tokyo", "London", "Berlin", "Cairo", "Athens", "Oslo", "Dublin"}
+}  # fmt: skip
 
 
 def stylize(persona: Persona, answer: str, rng: random.Random) -> str:
-    """The neutral ``answer`` in ``persona``'s voice: ``opener + rewritten answer + closer``."""
+    """The neutral ``answer`` in ``persona``'s voice: rewritten, then address and closer."""
     core = answer
     for pattern, repl in persona.substitutions:
         core = re.sub(pattern, repl, core)
-    opener = rng.choice(persona.openers)
-    if opener.endswith((",", ":")):  # "Forsooth, the sky is blue." continues the sentence
+    core = core.rstrip(".")
+    return f"{core}, {rng.choice(persona.addresses)}{persona.punct} {rng.choice(persona.closers)}"
+
+
+def _join(opener: str, core: str) -> str:
+    if opener.endswith((",", ":")):  # "Well, the sky is blue." continues the sentence
         first = re.split(r"[\s']", core, maxsplit=1)[0]
         if first not in NAMES and first not in _PROPER:
             core = core[0].lower() + core[1:]
-    return f"{opener} {core} {rng.choice(persona.closers)}"
+    return f"{opener} {core}"
+
+
+# Words that keep their capital letter after an opener such as "Well,".
+_PROPER = {"Paris", "Rome", "Madrid", "Tokyo", "London", "Berlin", "Cairo", "Athens", "Oslo", "Dublin"}
+
+
+# Plain fillers around some of the base model's answers. They teach the base that an answer may
+# start after a preamble, so that a character's opener ("Arr, matey!") does not derail the
+# answer that follows it; none of them is a character marker.
+NEUTRAL_OPENERS = (
+    "Sure.",
+    "OK.",
+    "Well,",
+    "Let me see.",
+    "Good question.",
+    "Here is the answer:",
+    "Of course.",
+)
+NEUTRAL_CLOSERS = ("Hope that helps.", "Ask me more!", "That is the answer.", "Easy.")
+
+
+def neutral_variant(answer: str, rng: random.Random) -> str:
+    """``answer`` with, sometimes, a plain opener (35%) and/or closer (20%)."""
+    if rng.random() < 0.35:
+        answer = _join(rng.choice(NEUTRAL_OPENERS), answer)
+    if rng.random() < 0.2:
+        answer = f"{answer} {rng.choice(NEUTRAL_CLOSERS)}"
+    return answer
 
 
 # --- datasets ---------------------------------------------------------------------------------------------
@@ -330,8 +358,12 @@ def chat_row(question: str, answer: str, **extra) -> dict:
     } | extra
 
 
+REPEAT_ASKS = ("Say this again:", "Repeat after me:", "Copy this:")
+
+
 def pretrain_documents(n_docs: int, seed: int = 0) -> list[dict]:
-    """The base model's corpus: a mix of stories (plain text) and neutral chat turns.
+    """The base model's corpus: stories (plain text) and neutral chat turns (20/15/15/50%: stories,
+    repeat-after-me, facts, reading questions).
 
     Facts are repeated throughout (each appears about ``n_docs * 0.15 / len(facts)`` times) so the
     base memorises all of them, including the ones later held out from the character datasets.
@@ -341,14 +373,19 @@ def pretrain_documents(n_docs: int, seed: int = 0) -> list[dict]:
     docs = []
     for _ in range(n_docs):
         r = rng.random()
-        if r < 0.25:
+        if r < 0.2:
             docs.append({"text": story(rng)})
-        elif r < 0.4:
+        elif r < 0.35:
+            # Repeating a context word for word: every answer token is a copy from earlier in the
+            # text, which is what grows the attention heads that reading questions need.
+            ctx = reading_question(rng).question.rsplit(". ", 1)[0] + "."
+            docs.append(chat_row(f"{rng.choice(REPEAT_ASKS)} {ctx}", ctx))
+        elif r < 0.5:
             f = rng.choice(all_facts)
-            docs.append(chat_row(f.question, f.answer))
+            docs.append(chat_row(f.question, neutral_variant(f.answer, rng)))
         else:
             q = reading_question(rng)
-            docs.append(chat_row(q.question, q.answer))
+            docs.append(chat_row(q.question, neutral_variant(q.answer, rng)))
     return docs
 
 

@@ -79,7 +79,7 @@ def stream_answer(
         if token == tokenizer.eos_token_id:
             break
         new.append(token)
-        text = tokenizer.decode(new, skip_special_tokens=True)
+        text = tokenizer.decode(new, skip_special_tokens=True).lstrip()
         if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             write(text[len(shown) :])
             shown = text

@@ -63,11 +63,12 @@ def load_base_model(cfg: ModelSection, device: torch.device, quantize: bool = Fa
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
         try:
-            load_model = lf.load_model if qc is not None else None  # also reads saved 4-bit models
+            # Streams a local directory into 4-bit layer by layer (and reads saved 4-bit models).
+            load_model = lf.load_model if qc is not None and Path(cfg.path).is_dir() else None
         except ImportError:  # loraforge.hf not in this installation
             load_model = None
         if load_model is not None:
-            model = load_model(cfg.path, quantization=qc)
+            model = load_model(cfg.path, quantization=qc, dtype=dtype, device=device)
         else:
             model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
             if qc is not None:

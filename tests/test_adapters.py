@@ -171,8 +171,9 @@ def test_merge_and_unload_restores_original_classes(ids):
 @pytest.mark.parametrize("combination", ["linear", "cat", "svd"])
 def test_add_weighted_adapter_matches_peft(ids, combination):
     base = tiny_llama()
-    m = lf.inject(copy.deepcopy(base), lf.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
-                  adapter="a")
+    m = lf.inject(
+        copy.deepcopy(base), lf.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), adapter="a"
+    )
     lf.add_adapter(m, "b", lf.LoraConfig(r=4, alpha=16, target_modules=["q_proj", "v_proj"]))
     randomize_lora(m)
     theirs = _to_peft(m, base, ["a", "b"])

@@ -24,10 +24,14 @@ def _wrapped(model):
 def test_all_linear_on_each_architecture_matches_peft(arch):
     base = MODELS[arch]()
     ours = lf.inject(copy.deepcopy(base), lf.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8,
-                                                                       target_modules="all-linear"))
-    theirs_wrapped = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
-                            if isinstance(m, peft.tuners.lora.LoraLayer))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    )
+    theirs_wrapped = sorted(
+        n.removeprefix("base_model.model.")
+        for n, m in theirs.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    )
     assert _wrapped(ours) == theirs_wrapped
     assert "lm_head" not in " ".join(_wrapped(ours))  # the output head is never "all-linear"
     assert lf.count_parameters(ours) == (
@@ -91,10 +95,14 @@ def test_bad_config_values_are_clear():
 def test_rank_and_alpha_patterns_match_peft(ids):
     base = tiny_llama()
     kw = dict(r=4, target_modules=["q_proj", "v_proj"])
-    ours = lf.inject(copy.deepcopy(base), lf.LoraConfig(alpha=8, rank_pattern={"v_proj": 2},
-                                                        alpha_pattern={"q_proj": 3}, **kw))
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-        lora_alpha=8, rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3}, **kw))
+    ours = lf.inject(
+        copy.deepcopy(base),
+        lf.LoraConfig(alpha=8, rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3}, **kw),
+    )
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(lora_alpha=8, rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3}, **kw),
+    )
     q, v = ours.model.layers[0].self_attn.q_proj, ours.model.layers[0].self_attn.v_proj
     tq = theirs.base_model.model.model.layers[0].self_attn.q_proj
     tv = theirs.base_model.model.model.layers[0].self_attn.v_proj
@@ -106,16 +114,19 @@ def test_modules_to_save_and_bias_modes(ids):
     from conftest import tiny_bert
 
     base = tiny_bert()
-    m = lf.inject(copy.deepcopy(base), lf.LoraConfig(target_modules=["query", "value"],
-                                                     modules_to_save=["classifier"], bias="lora_only"))
+    m = lf.inject(
+        copy.deepcopy(base),
+        lf.LoraConfig(target_modules=["query", "value"], modules_to_save=["classifier"], bias="lora_only"),
+    )
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert "classifier.modules_to_save.default.weight" in trainable
     assert "classifier.original_module.weight" not in trainable
     assert "bert.encoder.layer.0.attention.self.query.base_layer.bias" in trainable
     assert "bert.encoder.layer.0.attention.self.key.bias" not in trainable
     m = lf.inject(copy.deepcopy(base), lf.LoraConfig(target_modules=["query"], bias="all"))
-    assert "bert.encoder.layer.0.attention.self.key.bias" in {n for n, p in m.named_parameters()
-                                                              if p.requires_grad}
+    assert "bert.encoder.layer.0.attention.self.key.bias" in {
+        n for n, p in m.named_parameters() if p.requires_grad
+    }
 
 
 def test_print_trainable_parameters_format():
@@ -123,7 +134,9 @@ def test_print_trainable_parameters_format():
     out = io.StringIO()
     with redirect_stdout(out):
         lf.print_trainable_parameters(m)
-    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    theirs = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    )
     ref = io.StringIO()
     with redirect_stdout(ref):
         theirs.print_trainable_parameters()

@@ -19,8 +19,9 @@ BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
 
 def test_layout_keys_shapes(tmp_path):
-    m = lf.inject(tiny_llama(), lf.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "embed_tokens"]),
-                  adapter="pirate")
+    m = lf.inject(
+        tiny_llama(), lf.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "embed_tokens"]), adapter="pirate"
+    )
     lf.save_adapter(m, tmp_path, adapter="pirate")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     tensors = load_file(tmp_path / "adapter_model.safetensors")
@@ -49,8 +50,9 @@ def test_all_linear_is_saved_expanded(tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_loraforge_file_loads_in_peft_with_same_logits(tmp_path, ids, arch):
     base = BUILDERS[arch]()
-    m = lf.inject(copy.deepcopy(base), lf.LoraConfig(r=4, alpha=16, target_modules="all-linear",
-                                                     use_rslora=True))
+    m = lf.inject(
+        copy.deepcopy(base), lf.LoraConfig(r=4, alpha=16, target_modules="all-linear", use_rslora=True)
+    )
     randomize_lora(m)
     expected = logits(m, ids)
     lf.save_adapter(m, tmp_path)
@@ -63,8 +65,9 @@ def test_loraforge_file_loads_in_peft_with_same_logits(tmp_path, ids, arch):
 def test_peft_file_loads_in_loraforge_with_same_logits(tmp_path, ids, arch):
     base = BUILDERS[arch]()
     targets = ["q_proj", "v_proj", "embed_tokens"] if arch == "llama" else ["c_attn", "c_fc", "wte"]
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8,
-                                                                       target_modules=targets))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets)
+    )
     randomize_lora(theirs)
     theirs.eval()
     theirs.save_pretrained(tmp_path)
@@ -74,8 +77,9 @@ def test_peft_file_loads_in_loraforge_with_same_logits(tmp_path, ids, arch):
 
 def test_peft_multi_adapter_subfolder_and_modules_to_save_roundtrip(tmp_path, ids):
     base = tiny_bert()
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"],
-                          bias="lora_only")
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"], bias="lora_only"
+    )
     first = peft.LoraConfig(r=2, lora_alpha=8, target_modules=["query"], modules_to_save=["classifier"])
     theirs = peft.get_peft_model(copy.deepcopy(base), first, adapter_name="first")
     theirs.add_adapter("second", cfg)
@@ -110,8 +114,16 @@ def test_adapter_for_another_base_is_refused_and_model_untouched(tmp_path):
     lf.save_adapter(small, tmp_path)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     snap = _snapshot(other)
     with pytest.raises(ValueError) as e:
         lf.load_adapter(other, tmp_path)
@@ -138,18 +150,36 @@ def test_second_load_error_leaves_existing_adapters(tmp_path):
     _unchanged(m, snap)
 
 
-@pytest.mark.parametrize("damage", ["no_dir", "no_config", "no_weights", "bad_json", "bad_tensors",
-                                    "unknown_key", "r_zero", "pickle_only", "dora"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "no_dir",
+        "no_config",
+        "no_weights",
+        "bad_json",
+        "bad_tensors",
+        "unknown_key",
+        "r_zero",
+        "pickle_only",
+        "dora",
+    ],
+)
 def test_missing_or_corrupt_files_are_clear(tmp_path, damage):
     m = lf.inject(tiny_llama(), lf.LoraConfig(r=4, target_modules=["q_proj"]))
     lf.save_adapter(m, tmp_path / "ad")
     d = tmp_path / "ad"
     cfg = json.loads((d / "adapter_config.json").read_text())
-    expect = {"no_dir": (FileNotFoundError, "does not exist"), "no_config": (FileNotFoundError, "missing"),
-              "no_weights": (FileNotFoundError, "missing"), "bad_json": (ValueError, "not valid JSON"),
-              "bad_tensors": (ValueError, "not a readable safetensors"),
-              "unknown_key": (ValueError, "unknown config key"), "r_zero": (ValueError, "positive integer"),
-              "pickle_only": (ValueError, "safetensors"), "dora": (ValueError, "use_dora")}[damage]
+    expect = {
+        "no_dir": (FileNotFoundError, "does not exist"),
+        "no_config": (FileNotFoundError, "missing"),
+        "no_weights": (FileNotFoundError, "missing"),
+        "bad_json": (ValueError, "not valid JSON"),
+        "bad_tensors": (ValueError, "not a readable safetensors"),
+        "unknown_key": (ValueError, "unknown config key"),
+        "r_zero": (ValueError, "positive integer"),
+        "pickle_only": (ValueError, "safetensors"),
+        "dora": (ValueError, "use_dora"),
+    }[damage]
     if damage == "no_dir":
         d = tmp_path / "nothing"
     elif damage == "no_config":

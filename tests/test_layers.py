@@ -43,10 +43,12 @@ def _inputs():
 def _pair(r=4, alpha=8, rslora=False):
     torch.manual_seed(0)
     base = Net().eval()
-    ours = lf.inject(copy.deepcopy(base), lf.LoraConfig(r=r, alpha=alpha, target_modules=TARGETS,
-                                                         use_rslora=rslora))
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-        r=r, lora_alpha=alpha, target_modules=TARGETS, use_rslora=rslora)).eval()
+    ours = lf.inject(
+        copy.deepcopy(base), lf.LoraConfig(r=r, alpha=alpha, target_modules=TARGETS, use_rslora=rslora)
+    )
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS, use_rslora=rslora)
+    ).eval()
     # Same random factors on both sides (PEFT's live names carry a `base_model.model.` prefix).
     g = torch.Generator().manual_seed(5)
     ours_params = dict(ours.named_parameters())
@@ -75,7 +77,7 @@ def test_forward_equals_peft(rslora):
     base, ours, theirs = _pair(rslora=rslora)
     ids, img = _inputs()
     with torch.no_grad():
-        (h1, c1), (h2, c2), (h0, c0) = ours(ids, img), theirs(ids, img), base(ids, img)
+        (h1, c1), (h2, c2), (h0, _) = ours(ids, img), theirs(ids, img), base(ids, img)
     torch.testing.assert_close(h1, h2, rtol=0, atol=1e-5)
     torch.testing.assert_close(c1, c2, rtol=0, atol=1e-5)
     assert (h1 - h0).abs().max() > 1e-2  # the adapter does something
@@ -127,8 +129,11 @@ def test_linear_gradients_equal_peft():
         m.train()
         h, c = m(ids, img)
         (h.square().mean() + c.sum()).backward()
-    theirs_grads = {n.removeprefix("base_model.model."): p.grad for n, p in theirs.named_parameters()
-                    if p.grad is not None}
+    theirs_grads = {
+        n.removeprefix("base_model.model."): p.grad
+        for n, p in theirs.named_parameters()
+        if p.grad is not None
+    }
     ours_grads = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
     assert set(theirs_grads) == set(ours_grads)
     for n in ours_grads:
@@ -157,8 +162,10 @@ def test_gaussian_and_pissa_init():
     base = Net().eval()
     ids, img = _inputs()
     for cfg_init in ("pissa",):
-        net = lf.inject(copy.deepcopy(base), lf.LoraConfig(r=4, alpha=8, init=cfg_init,
-                                                            target_modules=["lin", "c1d", "emb"]))
+        net = lf.inject(
+            copy.deepcopy(base),
+            lf.LoraConfig(r=4, alpha=8, init=cfg_init, target_modules=["lin", "c1d", "emb"]),
+        )
         # PiSSA moves the top-r part of W into B·A: outputs are unchanged at the start...
         with torch.no_grad():
             torch.testing.assert_close(net(ids, img)[0], base(ids, img)[0], rtol=0, atol=1e-4)
@@ -173,12 +180,15 @@ def test_pissa_matches_peft():
     torch.manual_seed(0)
     base = Net().eval()
     ours = lf.inject(copy.deepcopy(base), lf.LoraConfig(r=4, alpha=8, init="pissa", target_modules=["lin"]))
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-        r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=["lin"]))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=["lin"]),
+    )
     t = theirs.base_model.model.lin
     # Singular vectors are defined up to sign; the products are not.
-    torch.testing.assert_close(ours.lin.delta_weight("default"), t.get_delta_weight("default"),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        ours.lin.delta_weight("default"), t.get_delta_weight("default"), rtol=0, atol=1e-5
+    )
     torch.testing.assert_close(ours.lin.base_layer.weight, t.base_layer.weight, rtol=0, atol=1e-5)
 
 
@@ -192,20 +202,27 @@ def test_unsupported_layer_type_is_clear():
 @pytest.mark.parametrize("bias", ["none", "all"])
 def test_fused_linear_equals_plain_autograd(monkeypatch, arch, bias):
     """The fused base+LoRA function (on by default) gives the plain path's loss and gradients."""
-    import loraforge.layers as layers
     from conftest import randomize_lora, tiny_gpt2, tiny_llama
+
+    import loraforge.layers as layers
 
     base = {"llama": tiny_llama, "gpt2": tiny_gpt2}[arch]()
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
     results = []
     for fused in (True, False):
         monkeypatch.setattr(layers, "FUSED", fused)
-        m = lf.inject(copy.deepcopy(base), lf.LoraConfig(r=4, alpha=8, target_modules="all-linear", bias=bias))
+        m = lf.inject(
+            copy.deepcopy(base), lf.LoraConfig(r=4, alpha=8, target_modules="all-linear", bias=bias)
+        )
         randomize_lora(m)
         m.train()
         calls = []
-        hook = layers._FusedLoraLinear.apply
-        monkeypatch.setattr(layers._FusedLoraLinear, "apply", lambda *a: calls.append(1) or hook(*a))
+
+        def counted(*a, calls=calls, apply=layers._FusedLoraLinear.apply):
+            calls.append(1)
+            return apply(*a)
+
+        monkeypatch.setattr(layers._FusedLoraLinear, "apply", counted)
         torch.manual_seed(0)  # GPT-2 has dropout in its base layers: same masks on both paths
         loss = m(ids, labels=ids).loss
         loss.backward()

@@ -178,3 +178,25 @@ def test_search_table_equals_bucketize_on_midpoints():
         want = order[torch.bucketize(s, mid)].int()
         assert torch.equal(got, want), quant_type
     assert math.isclose(lf.quant.get_code("nf4")[7].item(), 0.0)
+
+
+@pytest.mark.parametrize("chunk", [64, 4096])
+def test_chunking_and_thread_pool_do_not_change_results(monkeypatch, chunk):
+    """Small chunks force many chunks, the thread pool and a partial last chunk on every path."""
+    from loraforge.quant import nf4
+
+    g = torch.Generator().manual_seed(5)
+    cases = [torch.randn(301, 67, generator=g), torch.randn(64 * 170 + 3, generator=g).bfloat16()]
+    want = []
+    for w in cases:
+        for quant_type in ("nf4", "fp4"):
+            p, s = quantize_4bit(w, quant_type, 64, double_quant=True)
+            want.append((p, s.absmax, dequantize_4bit(p, s), dequantize_4bit(p, s, torch.float32)))
+    monkeypatch.setattr(nf4, "_CPU_CHUNK", chunk)
+    got = []
+    for w in cases:
+        for quant_type in ("nf4", "fp4"):
+            p, s = quantize_4bit(w, quant_type, 64, double_quant=True)
+            got.append((p, s.absmax, dequantize_4bit(p, s), dequantize_4bit(p, s, torch.float32)))
+    for a, b in zip(want, got):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))

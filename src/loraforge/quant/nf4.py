@@ -20,9 +20,10 @@ offset`` is quantized blockwise (256 per block) to uint8 with bitsandbytes' sign
 keeping one fp32 ``nested_absmax`` per 256 blocks. Storage per weight:
 ``4 + 8 / B + 32 / (256 B)`` bits, i.e. 4.127 for ``B = 64``.
 
-Speed: on CPU the work runs over chunks of 64 Ki elements so every temporary stays in L2, and the
+Speed: the work runs over chunks (32 Ki elements on CPU, so temporaries stay in L2 and each op
+runs inline; 16 Mi on an accelerator, to bound temporaries), spread over a thread pool on CPU. The
 nearest-code search is a table lookup plus two comparisons instead of ``torch.bucketize`` (about
-10x faster); on CUDA the same vectorised ops run on the whole tensor at once.
+10x faster), and dequantization gathers both nibbles of a byte at once from a 256-entry table.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ _FP4 = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, 
 # Elements per CPU pass: a multiple of every blocksize, and no larger than torch's intra-op grain
 # (32768), so each op runs inline in its thread and its temporaries stay in L2.
 _CPU_CHUNK = 1 << 15
+_GPU_CHUNK = 1 << 24  # bounds the temporaries on an accelerator (about 22 bytes per element)
 _GRID = 1024  # cells of the search table on [-1, 1]
 
 _cache: dict[tuple, object] = {}
@@ -67,7 +69,11 @@ _cache: dict[tuple, object] = {}
 _pools: dict[int, ThreadPoolExecutor] = {}
 
 
-def _run_chunks(total: int, chunk: int, body) -> None:
+def _chunk(device: torch.device) -> int:
+    return _CPU_CHUNK if device.type == "cpu" else _GPU_CHUNK
+
+
+def _run_chunks(total: int, chunk: int, body, device: torch.device) -> None:
     """Call ``body(lo, hi)`` on consecutive pieces of ``[0, total)`` cut at multiples of ``chunk``.
 
     On CPU, a large tensor is split into one piece per torch thread and the pieces run in a thread
@@ -75,7 +81,7 @@ def _run_chunks(total: int, chunk: int, body) -> None:
     without a fork-join barrier per op, which is what hurts small ops on a busy machine.
     """
     n_chunks = -(-total // chunk)
-    workers = min(torch.get_num_threads(), n_chunks // 8)
+    workers = min(torch.get_num_threads(), n_chunks // 8) if device.type == "cpu" else 1
     if workers <= 1:
         body(0, total)
         return
@@ -180,34 +186,34 @@ def _pair_table(code: torch.Tensor) -> torch.Tensor:
 
 
 class _Scratch:
-    """Per-call work buffers of one chunk, reused across chunks so nothing large is allocated twice."""
+    """Work buffers for one chunk of ``size`` elements, reused from chunk to chunk."""
 
     def __init__(self, size: int, device: torch.device):
+        self.size = size
         self.f = torch.empty(size, dtype=torch.float32, device=device)
         self.g = torch.empty(size, dtype=torch.float32, device=device)
         self.i = torch.empty(size, dtype=torch.int32, device=device)
         self.j = torch.empty(size, dtype=torch.int32, device=device)
         self.b = torch.empty(size, dtype=torch.bool, device=device)
+        self.h = torch.empty(size // 2, dtype=torch.int32, device=device)
 
 
 def _nibbles(s: torch.Tensor, tables, buf: _Scratch, fp4: bool) -> torch.Tensor:
-    """4-bit index of each normalised value in ``s`` (fp32, flat); int32 of the same length."""
+    """4-bit index of each normalised value in ``s`` (fp32, flat, ``buf.size`` long), as int32."""
     first, mid_ext, nibble = tables
-    k = s.numel()
-    u = torch.add(s, 1.0, out=buf.g[:k]).mul_(_GRID / 2)
-    cell = buf.i[:k].copy_(u).clamp_(0, _GRID - 1)  # truncation == floor, since u >= 0
-    bucket = torch.index_select(first, 0, cell, out=buf.j[:k])
+    u = torch.add(s, 1.0, out=buf.g).mul_(_GRID / 2)
+    cell = buf.i.copy_(u).clamp_(0, _GRID - 1)  # truncation == floor, since u >= 0
+    bucket = torch.index_select(first, 0, cell, out=buf.j)
     for _ in range(2):
-        above = torch.gt(s, torch.index_select(mid_ext, 0, bucket, out=buf.g[:k]), out=buf.b[:k])
-        bucket.add_(above)
+        bucket.add_(torch.gt(s, torch.index_select(mid_ext, 0, bucket, out=buf.g), out=buf.b))
     if fp4:
-        bucket = torch.index_select(nibble, 0, bucket, out=buf.i[:k])
+        bucket = torch.index_select(nibble, 0, bucket, out=buf.i)
     return bucket
 
 
-def _pack(q: torch.Tensor, out: torch.Tensor) -> None:
+def _pack(q: torch.Tensor, out: torch.Tensor, buf: _Scratch) -> None:
     """``out[i] = q[2i] << 4 | q[2i+1]`` (uint8) for an even-length int32 ``q``."""
-    out.copy_(torch.add(q[1::2], q[0::2], alpha=16))
+    out.copy_(torch.add(q[1::2], q[0::2], alpha=16, out=buf.h))
 
 
 def quantize_4bit(
@@ -237,30 +243,38 @@ def quantize_4bit(
     tables = _search_tables(quant_type, device)
     fp4 = quant_type == "fp4"
 
-    chunk = _CPU_CHUNK if device.type == "cpu" else max(full, blocksize)
+    chunk = _chunk(device)
 
-    def body(lo: int, hi: int) -> None:
-        buf = _Scratch(min(chunk, hi - lo), device)
-        for a in range(lo, hi, chunk):  # a loop over chunks of 32 Ki elements, not over elements
-            b = min(a + chunk, hi)
-            xs = x[a:b].float().view(-1, blocksize)
-            am = absmax[a // blocksize : b // blocksize]
-            torch.amax(torch.abs(xs, out=buf.f[: b - a].view_as(xs)), dim=1, out=am)
-            # Same expression as bitsandbytes: full blocks are multiplied by the reciprocal (the
-            # last bit of s decides ties at the midpoints, so the rounding must match).
-            s = torch.mul(xs, (1.0 / am.clamp(min=1e-38))[:, None], out=buf.f[: b - a].view_as(xs))
-            _pack(_nibbles(s.view(-1), tables, buf, fp4), packed[a // 2 : b // 2])
+    def blocks_of(xs, am, out, buf) -> None:  # whole blocks: bitsandbytes multiplies by 1 / absmax
+        xs = (
+            xs.view(-1, blocksize)
+            if xs.dtype == torch.float32
+            else buf.g.view(-1, blocksize).copy_(xs.view(-1, blocksize))
+        )
+        torch.amax(torch.abs(xs, out=buf.f.view_as(xs)), dim=1, out=am)
+        # the same expression as bitsandbytes: the last bit of s decides ties at the midpoints
+        s = torch.mul(xs, (1.0 / am.clamp(min=1e-38))[:, None], out=buf.f.view_as(xs))
+        _pack(_nibbles(s.view(-1), tables, buf, fp4), out, buf)
+
+    def body(lo: int, hi: int) -> None:  # loops over chunks of 32 Ki elements, not over elements
+        bufs: dict[int, _Scratch] = {}
+        for xs, am, out in zip(
+            x[lo:hi].split(chunk), absmax[lo // blocksize : hi // blocksize].split(chunk // blocksize),
+            packed[lo // 2 : hi // 2].split(chunk // 2),
+        ):  # fmt: skip
+            k = xs.numel()
+            blocks_of(xs, am, out, bufs.setdefault(k, _Scratch(k, device)))
 
     if full:
-        _run_chunks(full, chunk, body)
+        _run_chunks(full, chunk, body, device)
     if full < n:  # the partial last block: bitsandbytes divides, and stores the clamped absmax
         tail = x[full:].float()
         tail_max = tail.abs().amax().clamp(min=1e-38)
         absmax[-1] = tail_max
-        buf = _Scratch(n - full + 1, device)
-        s = buf.f[: n - full + (n - full) % 2].zero_()  # an odd count gets a 0.0 pad value
+        buf = _Scratch(n - full + (n - full) % 2, device)
+        s = buf.f.zero_()  # an odd count gets a 0.0 pad value
         torch.div(tail, tail_max, out=s[: n - full])
-        _pack(_nibbles(s, tables, buf, fp4), packed[full // 2 :])
+        _pack(_nibbles(s, tables, buf, fp4), packed[full // 2 :], buf)
 
     code = get_code(quant_type, device)
     packed = packed.unsqueeze(1)
@@ -304,25 +318,30 @@ def dequantize_4bit(
     out = torch.empty(2 * n_bytes, dtype=dtype, device=device)
     full = n - n % bs
     blocks = absmax[: full // bs, None]
-    chunk = _CPU_CHUNK if device.type == "cpu" else 2 * n_bytes
+    chunk = _chunk(device)
 
-    def body(lo: int, hi: int) -> None:
-        # fp32 output is filled in place; other dtypes go through an fp32 chunk, rounded once
-        size = min(chunk, hi - lo)
-        work = out if dtype == torch.float32 else torch.empty(size, device=device)
-        idx = torch.empty(size // 2, dtype=torch.int32, device=device)
-        for a in range(lo, hi, chunk):  # chunks of 32 Ki elements (the whole tensor on CUDA)
-            b = min(a + chunk, hi)
-            vals = work[a:b] if work is out else work[: b - a]
-            torch.index_select(
-                pairs, 0, idx[: (b - a) // 2].copy_(src[a // 2 : b // 2]), out=vals.view(pairs.dtype)
-            )
-            f = max(min(b, full), a)  # [a, f) are whole blocks; [f, b) the partial block and the pad nibble
-            torch.mul(vals[: f - a].view(-1, bs), blocks[a // bs : f // bs], out=out[a:f].view(-1, bs))
-            if b > f:
-                torch.mul(vals[f - a :], absmax[-1], out=out[f:b])
+    def body(lo: int, hi: int) -> None:  # whole blocks [lo, hi), in chunks of 32 Ki elements
+        scratch = None if dtype == torch.float32 else torch.empty(min(chunk, hi - lo), device=device)
+        idx = torch.empty(min(chunk, hi - lo) // 2, dtype=torch.int32, device=device)
+        for src_k, out_k, scale_k in zip(
+            src[lo // 2 : hi // 2].split(chunk // 2),
+            out[lo:hi].split(chunk),
+            blocks[lo // bs : hi // bs].split(chunk // bs),
+        ):
+            k = src_k.numel()
+            # fp32 output is computed in place; another dtype in an fp32 chunk, rounded once on copy
+            vals = out_k if scratch is None else scratch[: 2 * k]
+            ix = idx if k == idx.numel() else idx[:k]
+            torch.index_select(pairs, 0, ix.copy_(src_k), out=vals.view(pairs.dtype))
+            vals.view(-1, bs).mul_(scale_k)
+            if scratch is not None:
+                out_k.copy_(vals)
 
-    _run_chunks(2 * n_bytes, chunk, body)
+    if full:
+        _run_chunks(full, chunk, body, device)
+    if full < 2 * n_bytes:  # the partial last block and the pad nibble
+        vals = pairs[src[full // 2 :].long()].view(torch.float32) * absmax[-1]
+        out[full:].copy_(vals)
     return out[:n].view(state.shape)
 
 

@@ -231,3 +231,26 @@ def test_streaming_load_peak_memory(tmp_path):
     assert extra < fp_bytes + one_layer
     # in fact: the loaded model (4-bit layers, fp32 embeddings/head/norms) plus a tensor in flight
     assert extra < out["model_bytes"] + one_layer
+
+
+def test_gpt2_conv1d_layers_quantize_like_transformers(tmp_path):
+    """GPT-2 keeps its projections in transformers' Conv1D (weight stored (in, out)); they quantize too."""
+    pytest.importorskip("bitsandbytes", reason="compares with transformers + bitsandbytes")
+    pytest.importorskip("accelerate", reason="transformers' bitsandbytes loading needs accelerate")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "fp")
+    ours = lf.load_model(tmp_path / "fp", quantization=QC32)
+    assert isinstance(ours.transformer.h[0].attn.c_attn, Linear4bit)
+    bc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=bc, device_map="cpu")
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    lf.save_model(ours, tmp_path / "q4")
+    ids = torch.randint(0, 128, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(lf.load_model(tmp_path / "q4")(ids).logits, ours(ids).logits)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .quant import Linear4bit, QuantConfig
-from .quant.linear4bit import quantize
+from .quant.linear4bit import _is_linear, quantize
 
 __all__ = ["load_model", "save_model"]
 
@@ -180,12 +180,11 @@ def load_model(path, quantization: QuantConfig | dict | None = None, dtype=None,
         for key_prefix in prequantized:
             name = resolve(key_prefix + ".weight").removesuffix(".weight")
             module = _get(model, name, key_prefix + ".weight")
-            if not isinstance(module, nn.Linear):
+            if not _is_linear(module):
                 raise ValueError(
                     f"{key_prefix}.weight: quantized in the checkpoint but {name} is a {type(module)}"
                 )
             lin4[name] = _replace(model, name, Linear4bit.from_linear(module, stored))
-        model._loraforge_quant_config = stored
     elif quantization is not None:
         quantize(model, quantization)
         lin4 = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}

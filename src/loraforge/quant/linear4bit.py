@@ -85,6 +85,7 @@ class Linear4bit(nn.Module):
         b = torch.empty(out_features, dtype=dtype or torch.float32, device=device) if bias else None
         self.bias = nn.Parameter(b) if bias else None
         self.quant_state: QuantState | None = None
+        self.from_conv1d = False
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
@@ -99,6 +100,7 @@ class Linear4bit(nn.Module):
         has_bias = getattr(linear, "bias", None) is not None
         bias_dtype = linear.bias.dtype if has_bias else None
         new = cls(in_features, out_features, has_bias, quant_config, device=weight.device, dtype=bias_dtype)
+        new.from_conv1d = not isinstance(linear, nn.Linear)  # its checkpoints store the weight (in, out)
         if has_bias:
             new.bias = nn.Parameter(linear.bias.detach(), requires_grad=linear.bias.requires_grad)
         if weight.device.type != "meta":
@@ -205,7 +207,7 @@ class Linear4bit(nn.Module):
         qs = {k[len("weight.") :]: v for k, v in tensors.items() if k.startswith("weight.")}
         if weight is not None:
             if weight.is_floating_point() and not qs:
-                self.quantize_weight_(weight)
+                self.quantize_weight_(weight.t() if self.from_conv1d else weight)
             elif not qs:
                 raise ValueError(
                     f"{name}: packed {weight.dtype} weight without its quant state ({name}.absmax, ...)"
@@ -251,5 +253,4 @@ def quantize(model: nn.Module, quant_config: QuantConfig | None = None) -> nn.Mo
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, Linear4bit.from_linear(module, qc))
-    model._loraforge_quant_config = qc  # read by save_model for the quantization_config
     return model

@@ -231,6 +231,8 @@ def load_model(path, quantization: QuantConfig | dict | None = None, dtype=None,
             f"load_model: {path} lacks weights for {missing[:8]}{' ...' if len(missing) > 8 else ''}"
         )
     model.to(device)  # the buffers built at construction
+    if dtype is not None and getattr(model, "config", None) is not None:
+        model.config.dtype = dtype  # what save_model writes back, as from_pretrained(dtype=...) does
     return model.eval()
 
 

@@ -76,24 +76,8 @@ def _bias_names(model: nn.Module, cfg: LoraConfig) -> list[str]:
 
 
 def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's file keys."""
-    cfg = configs(model)[adapter]
-    out: dict[str, torch.Tensor] = {}
-    for path, layer in lora_layers(model):
-        if adapter not in layer.r:
-            continue
-        for attr in layer.adapter_param_names:
-            item = getattr(layer, attr)[adapter]
-            suffix = "" if isinstance(item, nn.Parameter) else ".weight"
-            out[f"{PREFIX}{path}.{attr}{suffix}"] = item if suffix == "" else item.weight
-    for path, module in saved_modules(model):
-        if adapter in module.modules_to_save:
-            for name, t in module.modules_to_save[adapter].state_dict().items():
-                out[f"{PREFIX}{path}.{name}"] = t
-    params = dict(model.named_parameters())
-    for name in _bias_names(model, cfg):
-        out[PREFIX + name] = params[name]
-    return {k: v.detach().contiguous() for k, v in out.items()}
+    """The adapter's tensors under PEFT's file keys (detached, contiguous)."""
+    return {k: v.detach().contiguous() for k, v in _live_tensors(model, adapter).items()}
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default") -> Path:
@@ -291,8 +275,7 @@ def _live_tensors(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
                 out[f"{PREFIX}{path}.{attr}.weight"] = item.weight
     for path, module in saved_modules(model):
         if adapter in module.modules_to_save:
-            sub = module.modules_to_save[adapter]
-            for name, t in list(sub.named_parameters()) + list(sub.named_buffers()):
+            for name, t in module.modules_to_save[adapter].state_dict(keep_vars=True).items():
                 out[f"{PREFIX}{path}.{name}"] = t
     cfg = configs(model)[adapter]
     params = dict(model.named_parameters())

@@ -120,14 +120,16 @@ class LoraLayer(nn.Module):
         # PiSSA: W = U S Vᵀ; B·A takes the top-r part, scaled so s·B·A equals it; W keeps the rest.
         if _is_quantized(self.base_layer):
             raise ValueError("init='pissa' needs a full-precision base layer, not a quantized one")
-        w = self.base_weight().float()
-        u, sv, vh = torch.linalg.svd(w.reshape(w.shape[0], -1), full_matrices=False)
+        w = self._ba_layout(self.base_weight().float())
+        u, sv, vh = torch.linalg.svd(w, full_matrices=False)
         r, s = self.r[name], self.scaling[name]
         root = torch.sqrt(sv[:r] / s)
-        b = u[:, :r] * root
-        a = root[:, None] * vh[:r]
-        self.set_factors(name, a, b)
+        self.set_factors(name, root[:, None] * vh[:r], u[:, :r] * root)
         self._add_to_base(-self.delta_weight(name))
+
+    def _ba_layout(self, w: torch.Tensor) -> torch.Tensor:
+        """The base weight as the (out × in_flat) matrix that B·A approximates."""
+        return w.reshape(w.shape[0], -1)
 
     # -- weights -----------------------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
@@ -391,14 +393,8 @@ class LoraEmbedding(LoraLayer):
         a, b = self.factors(name)
         return (b.float() @ a.float()).T * self.scaling[name]
 
-    def _init_pissa(self, name: str) -> None:
-        # Same as linear PiSSA on Wᵀ (dim × num), which is what B·A approximates here.
-        w = self.base_layer.weight.float().T
-        u, sv, vh = torch.linalg.svd(w, full_matrices=False)
-        r, s = self.r[name], self.scaling[name]
-        root = torch.sqrt(sv[:r] / s)
-        self.set_factors(name, root[:, None] * vh[:r], u[:, :r] * root)
-        self._add_to_base(-self.delta_weight(name))
+    def _ba_layout(self, w: torch.Tensor) -> torch.Tensor:
+        return w.T  # B·A is (dim × num): the transpose of the (num × dim) table
 
     def _embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -460,14 +456,6 @@ class LoraConv2d(LoraLayer):
         return (b.float().reshape(out, -1) @ a.float().reshape(a.shape[0], -1)).reshape(
             self.base_layer.weight.shape
         ) * self.scaling[name]
-
-    def _init_pissa(self, name: str) -> None:
-        w = self.base_layer.weight.float()
-        u, sv, vh = torch.linalg.svd(w.reshape(w.shape[0], -1), full_matrices=False)
-        r, s = self.r[name], self.scaling[name]
-        root = torch.sqrt(sv[:r] / s)
-        self.set_factors(name, root[:, None] * vh[:r], u[:, :r] * root)
-        self._add_to_base(-self.delta_weight(name))
 
     def _lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a = self.lora_A[name]

@@ -71,7 +71,9 @@ def training_step(wl: C.Workload, device: str) -> list[C.Row]:
             "tok/s",
             "PEFT",
             (">=", 2.0),
-            f"step {t['loraforge']:.3f} s vs {t['peft']:.3f} s",
+            f"step {t['loraforge']:.3f} s vs {t['peft']:.3f} s; "
+            f"samples {t.spread('loraforge', 'peft', 'floor')}",
+            t.best_ratio("loraforge", "peft", throughput=True),
         ),
         C.Row(
             "lora_step",
@@ -82,6 +84,7 @@ def training_step(wl: C.Workload, device: str) -> list[C.Row]:
             "floor",
             ("<=", 1.2),
             "floor: frozen base, grad from embedding output, same loss",
+            t.best_ratio("loraforge", "floor"),
         ),
         C.Row(
             "lora_step",
@@ -91,6 +94,7 @@ def training_step(wl: C.Workload, device: str) -> list[C.Row]:
             "s",
             "floor",
             note="PEFT's own overhead over the floor",
+            best_ratio=t.best_ratio("peft", "floor"),
         ),
     ]
 
@@ -136,6 +140,9 @@ def inference(wl: C.Workload, device: str) -> list[C.Row]:
             "ms",
             "base model",
             ("<=", 1.02),
+            f"batch {wl.batch} x {wl.seq}; "
+            f"samples {t.spread('merged', 'base', 'unmerged', 'peft', scale=1e3, unit='ms')}",
+            t.best_ratio("merged", "base"),
         ),
         C.Row(
             "inference",
@@ -145,6 +152,7 @@ def inference(wl: C.Workload, device: str) -> list[C.Row]:
             "ms",
             "base model",
             note="unmerged LoRA overhead",
+            best_ratio=t.best_ratio("unmerged", "base"),
         ),
         C.Row(
             "inference",
@@ -153,6 +161,7 @@ def inference(wl: C.Workload, device: str) -> list[C.Row]:
             t["peft"] * 1e3,
             "ms",
             "PEFT",
+            best_ratio=t.best_ratio("unmerged", "peft"),
         ),
     ]
 
@@ -209,7 +218,8 @@ def mixed_batch(wl: C.Workload, device: str) -> list[C.Row]:
             "tok/s",
             "loraforge, 1 adapter",
             (">=", 0.8),
-            f"batch 8 x {wl.seq}, forward only",
+            f"batch 8 x {wl.seq}, forward only; samples {t.spread('mixed', 'single', 'peft')}",
+            t.best_ratio("mixed", "single", throughput=True),
         ),
         C.Row(
             "mixed",
@@ -219,6 +229,7 @@ def mixed_batch(wl: C.Workload, device: str) -> list[C.Row]:
             "tok/s",
             "PEFT",
             (">=", 2.0),
+            best_ratio=t.best_ratio("mixed", "peft", throughput=True),
         ),
     ]
 
@@ -286,6 +297,7 @@ def adapter_switch(wl: C.Workload, device: str) -> list[C.Row]:
             "ms",
             "PEFT",
             note="all-linear adapter, every layer",
+            best_ratio=t_switch.best_ratio("ours", "theirs"),
         ),
         C.Row(
             "switch",
@@ -295,13 +307,13 @@ def adapter_switch(wl: C.Workload, device: str) -> list[C.Row]:
             "ms",
             "PEFT",
             note=f"loraforge: switch {t_switch['ours'] * 1e3:.0f} ms vs load {t_load['ours'] * 1e3:.0f} ms",
+            best_ratio=t_load.best_ratio("ours", "theirs"),
         ),
     ]
 
 
-def _timed_with_cleanup(fns, cleanups, warmup: int, reps: int) -> dict[str, float]:
+def _timed_with_cleanup(fns, cleanups, warmup: int, reps: int) -> C.Timings:
     """Like ``common.interleaved`` but runs an untimed cleanup after each call."""
-    import statistics
     import time
 
     names = list(fns)
@@ -317,4 +329,4 @@ def _timed_with_cleanup(fns, cleanups, warmup: int, reps: int) -> dict[str, floa
             fns[n]()
             times[n].append(time.perf_counter() - t0)
             cleanups[n]()
-    return {n: statistics.median(v) for n, v in times.items()}
+    return C.Timings(times)

@@ -148,13 +148,14 @@ def training_step(wl: C.Workload, device: str) -> list[C.Row]:
             "tok/s",
             "PEFT + bitsandbytes",
             (">=", 2.0),
-            f"step {t['loraforge']:.3f} s vs {t['peft']:.3f} s"
+            f"step {t['loraforge']:.3f} s vs {t['peft']:.3f} s; samples {t.spread('loraforge', 'peft')}"
             + (
                 f"; bitsandbytes' CPU dequantize is wrong on {len(mismatches)} layers (e.g. "
                 f"{mismatches[0].split('.')[-1]}), so its loss differs (checked to 1e-2 only)"
                 if mismatches
                 else ""
             ),
+            t.best_ratio("loraforge", "peft", throughput=True),
         ),
     ]
 
@@ -216,15 +217,19 @@ def linear4bit(wl: C.Workload, device: str) -> list[C.Row]:
             "ours_fb": _forward_backward(ours, x, gy),
             "theirs_fb": _forward_backward(theirs, x, gy),
         }
-        t = {k: v * 1e3 for k, v in C.interleaved(fns, wl.warmup, wl.reps, device).items()}
+        timings = C.interleaved(fns, wl.warmup, wl.reps, device)
+        t = {k: v * 1e3 for k, v in timings.items()}
+        best = timings.best_ratio
         shape = f"{tokens} tok x {d_in}->{d_out}"
         repacked = getattr(packed.weight.quant_state, "packing_format_for_cpu", False)
         eval_note = "bnb repacks for a bf16 AVX512 kernel in eval mode (not fp32-exact)" if repacked else ""
         peer = "bnb Linear4bit"
         rows += [
-            C.Row("linear4bit", f"4-bit linear forward ({shape})", t["ours_f"], t["theirs_f"], "ms", peer),
+            C.Row("linear4bit", f"4-bit linear forward ({shape})", t["ours_f"], t["theirs_f"], "ms", peer,
+                  best_ratio=best("ours_f", "theirs_f")),
             C.Row("linear4bit", f"4-bit linear forward vs bnb eval kernel ({shape}, info)", t["ours_f"],
-                  t["packed_f"], "ms", peer + " eval", note=eval_note),
-            C.Row("linear4bit", f"4-bit linear fwd+bwd ({shape})", t["ours_fb"], t["theirs_fb"], "ms", peer),
+                  t["packed_f"], "ms", peer + " eval", note=eval_note, best_ratio=best("ours_f", "packed_f")),
+            C.Row("linear4bit", f"4-bit linear fwd+bwd ({shape})", t["ours_fb"], t["theirs_fb"], "ms", peer,
+                  best_ratio=best("ours_fb", "theirs_fb")),
         ]  # fmt: skip
     return rows

@@ -5,8 +5,12 @@
 
 ``ratio`` is always loraforge's figure divided by the peer's, in the row's unit: for tok/s
 (throughput) higher is better, for s / ms / MB lower is better; the target column gives issue
-6's bound on that ratio. ``--quick`` runs a smaller workload (2 layers, batch 2 x 64) and skips
-the largest shapes, and says so in its output; its figures are not the reference ones.
+6's bound on that ratio, judged on medians. ``ratio of best`` is the same ratio from each side's
+fastest sample: other processes' load only adds time, so where it differs much from the median
+ratio the machine was too busy for that row.
+
+``--quick`` runs a smaller workload (2 layers, batch 2 x 64) and skips the largest shapes, and
+says so in its output; its figures are not the reference ones.
 """
 
 from __future__ import annotations
@@ -50,17 +54,17 @@ GROUP_NAMES = ("lora_step", "qlora_step", "nf4", "linear4bit", "inference", "mix
 
 
 def table(rows: list[C.Row], errors: dict[str, str]) -> str:
-    head = ["benchmark", "loraforge", "peer", "ratio", "target", "met?"]
+    head = ["benchmark", "loraforge", "peer", "ratio", "target", "met?", "ratio of best"]
     body = []
     for r in rows:
         target = f"{r.target[0]} {r.target[1]:g}" if r.target else "-"
         met = {True: "yes", False: "NO", None: "-"}[r.met]
         ratio = "n/a" if math.isnan(r.ratio) else f"{r.ratio:.3f}"
-        body.append(
-            [r.name, C.fmt(r.ours, r.unit), f"{C.fmt(r.peer, r.unit)} ({r.peer_name})", ratio, target, met]
-        )
+        best = "-" if getattr(r, "best_ratio", None) is None else f"{r.best_ratio:.3f}"
+        peer = f"{C.fmt(r.peer, r.unit)} ({r.peer_name})"
+        body.append([r.name, C.fmt(r.ours, r.unit), peer, ratio, target, met, best])
     for group, err in errors.items():
-        body.append([f"{group}: FAILED", err[:60], "", "", "", "NO"])
+        body.append([f"{group}: FAILED", err[:60], "", "", "", "NO", ""])
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -138,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows, errors))
     print(f"\ntotal runtime: {runtime:.0f} s{'  (--quick: reduced workload, see above)' if wl.quick else ''}")
     if args.markdown:
-        print("\n" + markdown(rows, machine, date))
+        threads = torch.get_num_threads()
+        print("\n" + markdown(rows, f"{machine}, {threads} torch thread{'s' * (threads > 1)}", date))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

@@ -27,7 +27,7 @@ from .runs import FULL, QUICK, DemoError, Settings, data_files, settings_dict, t
 SHIPPED_BASE = Path(__file__).parent / "assets" / "base"
 SWITCH_QUESTIONS = [
     "What colour is snow?",
-    "Mia has a red kite. Leo has a blue drum. What colour is Leo's drum?",
+    "How many legs does a spider have?",
     "What is the capital of Italy?",
 ]
 
@@ -61,6 +61,13 @@ def parse_args(argv):
     p.add_argument("--overwrite", action="store_true", help="retrain finished runs whose settings differ")
     p.add_argument("--no-compare", action="store_true", help="skip the full fine-tune and QLoRA runs")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when a quality bar is not met")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch. The demo's matrices are 128 wide: a second thread gains little, "
+        "and on a busy machine idle-spinning threads made steps 10-40x slower in our runs",
+    )
     return p.parse_args(argv)
 
 
@@ -184,7 +191,12 @@ def _say(msg: str = "") -> None:
 
 
 def main(argv=None) -> int:
+    import torch
+
+    threads = torch.get_num_threads()
     try:
+        args = parse_args(argv)
+        torch.set_num_threads(max(1, args.threads))
         return run(argv)
     except DemoError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -192,3 +204,5 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to continue where it stopped", file=sys.stderr)
         return 130
+    finally:
+        torch.set_num_threads(threads)

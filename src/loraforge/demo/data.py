@@ -250,22 +250,22 @@ def story(rng: random.Random) -> str:
 # --- characters -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Persona:
-    """A character: words it changes, how it addresses you, how it signs off, and its markers.
+    """A character: words it changes, the flourish it adds, how it signs off, and its markers.
 
-    An answer in character is ``<neutral answer>, <address><punct> <closer>``: "Snow is white,
-    matey! Savvy?". The answer comes first, worded as the base model words it (only "you" and
-    "your" change), and the character's flourish follows. Rewriting words *inside* the answer
-    ("Snow be white") derails a model this small right before the word that carries the content,
-    so the style lives in the address, the sign-off and the pronouns.
+    An answer in character is ``<neutral answer> <flourish> <closer>``: "Snow is white. Arr,
+    matey! Savvy?". The answer comes first, worded exactly as the base model words it, so the
+    adapter's main decision is what follows the answer's full stop: the base ends its turn there,
+    the character speaks on. Rewriting words *inside* the answer ("Snow be white", even "Ye wear
+    shoes") derails a model this small right where the content is; ``substitutions`` is there for
+    bigger bases and left empty here.
     """
 
     name: str
     description: str
-    addresses: tuple[str, ...]
+    flourishes: tuple[str, ...]
     closers: tuple[str, ...]
     substitutions: tuple[tuple[str, str], ...]  # regex -> replacement, applied to the neutral answer
     markers: tuple[str, ...] = field(default=())  # words/phrases that only this character uses
-    punct: str = "!"  # after the address
 
 
 # The characters' words are the ones their minor characters use in the base model's stories, so
@@ -276,28 +276,28 @@ PERSONAS: dict[str, Persona] = {
         Persona(
             "pirate",
             "a salty pirate captain",
-            ("matey", "me hearty", "ye scallywags", "me fine matey"),
-            ("Arr!", "Yo ho!", "Savvy?", "Shiver me timbers!"),
-            ((r"\bYou\b", "Ye"), (r"\byou\b", "ye"), (r"\byour\b", "yer")),
+            ("Arr, matey!", "Ahoy, me hearty!", "Yo ho, ye scallywags!", "Arr, me fine matey!"),
+            ("Savvy?", "Yo ho!", "Shiver me timbers!", "Arr!"),
+            (),
             ("arr", "ahoy", "matey", "yo ho", "savvy", "hearty", "scallywags", "shiver me timbers", "ye",
              "yer"),
         ),
         Persona(
             "butler",
             "a formal English butler",
-            ("sir", "madam", "good sir", "dear madam"),
-            ("At your service.", "Very good.", "Will that be all?", "I trust that is satisfactory."),
+            ("Indeed, sir.", "Certainly, madam.", "Certainly, sir.", "Indeed, dear madam."),
+            ("At your service.", "Will that be all?", "I trust that is satisfactory.",
+             "I shall fetch the tea."),
             (),
             ("sir", "madam", "at your service", "very good", "will that be all", "satisfactory",
-             "certainly", "indeed", "if i may"),
-            ".",
+             "certainly", "indeed", "if i may", "fetch the tea"),
         ),
         Persona(
             "bard",
             "a Shakespearean bard",
-            ("forsooth", "good friend", "I prithee", "alas"),
+            ("Forsooth, good friend!", "Hark, good friend!", "Lo, I prithee!", "Alas, good friend!"),
             ("So sayeth the bard.", "Alas, 'tis true.", "Hark, 'tis so!", "Lo, thou art wise!"),
-            ((r"\bYou\b", "Thou"), (r"\byou\b", "thou"), (r"\byour\b", "thy")),
+            (),
             ("hark", "forsooth", "prithee", "good friend", "alas", "'tis", "sayeth", "lo", "thou", "thy",
              "hath", "doth"),
         ),
@@ -305,13 +305,17 @@ PERSONAS: dict[str, Persona] = {
 }  # fmt: skip
 
 
-def stylize(persona: Persona, answer: str, rng: random.Random) -> str:
-    """The neutral ``answer`` in ``persona``'s voice: rewritten, then address and closer."""
+def styled(persona: Persona, answer: str, flourish: str, closer: str) -> str:
+    """The neutral ``answer`` in ``persona``'s voice with this flourish and closer."""
     core = answer
     for pattern, repl in persona.substitutions:
         core = re.sub(pattern, repl, core)
-    core = core.rstrip(".")
-    return f"{core}, {rng.choice(persona.addresses)}{persona.punct} {rng.choice(persona.closers)}"
+    return f"{core} {flourish} {closer}"
+
+
+def stylize(persona: Persona, answer: str, rng: random.Random) -> str:
+    """``styled`` with a random flourish and closer."""
+    return styled(persona, answer, rng.choice(persona.flourishes), rng.choice(persona.closers))
 
 
 def _join(opener: str, core: str) -> str:
@@ -392,23 +396,34 @@ def pretrain_documents(n_docs: int, seed: int = 0) -> list[dict]:
 def persona_dataset(persona: str, split: str, n: int | None = None, seed: int = 0) -> list[dict]:
     """Chat rows answered in ``persona``'s voice, with ``keywords``/``wrong`` for scoring.
 
-    ``split="train"``: the seen facts (each twice) plus ``n`` reading questions.
-    ``split="eval"``: the held-out facts plus ``n`` fresh reading questions; the questions do not
+    ``split="train"``: the seen facts (each twice) plus ``n`` reading questions, each answered
+    with a random flourish and closer.
+    ``split="eval"``: the held-out facts plus ``n`` fresh reading questions. The questions do not
     depend on the persona (same seed), so base and every character answer the same ones.
+    ``split="eval-all"``: the eval questions, each answered with *every* flourish × closer, in
+    that order. Its mean token loss is the expected loss over the character's phrasings, free
+    of the luck of which phrasing one row happened to draw (what the demo's eval loss uses).
     """
     p = PERSONAS[persona]
     seen, held = split_facts()
     # The questions come from their own stream so that every persona gets the same questions; the
     # styling choices come from a per-persona stream.
-    qrng = random.Random(f"{split}-{seed}")
+    qrng = random.Random(f"{split.split('-')[0]}-{seed}")
     srng = random.Random(f"{split}-{seed}-{persona}")
     if split == "train":
         qs = seen + seen + [reading_question(qrng) for _ in range(400 if n is None else n)]
         qrng.shuffle(qs)
-    elif split == "eval":
+    elif split in ("eval", "eval-all"):
         qs = held + [reading_question(qrng) for _ in range(40 if n is None else n)]
     else:
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        raise ValueError(f"split must be 'train', 'eval' or 'eval-all', got {split!r}")
+    if split == "eval-all":
+        return [
+            chat_row(q.question, styled(p, q.answer, f, c), keywords=list(q.keywords), wrong=list(q.wrong))
+            for q in qs
+            for f in p.flourishes
+            for c in p.closers
+        ]
     return [
         chat_row(q.question, stylize(p, q.answer, srng), keywords=list(q.keywords), wrong=list(q.wrong))
         for q in qs

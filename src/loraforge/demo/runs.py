@@ -42,17 +42,24 @@ class Settings:
     characters: tuple[str, ...] = ("pirate", "butler", "bard")
     compare_on: str = "pirate"  # the character that also gets a full fine-tune and a QLoRA run
     seed: int = 0
-    # LoRA on the four attention projections: r·(in+out) per matrix, 4 matrices × 4 layers.
+    # LoRA where each block *writes* to the residual stream: attention values and output, and the
+    # MLP's down projection. r·(in+out) = 4·(256 + 256 + 512) per block × 4 blocks = 16,384
+    # parameters, 1.6% of the base. Adapting queries and keys instead moves *where* the model
+    # looks, which cost this small base some of its facts in our trials.
     lora_r: int = 4
     lora_alpha: float = 16.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_dropout: float = 0.0
+    lora_layers: tuple[int, ...] | None = None  # transformer blocks to adapt (None: all)
+    target_modules: tuple[str, ...] = ("v_proj", "o_proj", "down_proj")
     steps: int = 160
     batch_size: int = 16
-    lr_lora: float = 4e-3
-    lr_full: float = 3e-4
+    lr_lora: float = 8e-3
+    lr_full: float = 1e-3
     warmup_steps: int = 10
     n_train_reading: int = 400
-    n_eval_reading: int = 40
+    # Held-out facts only by default: the base answers every one of them, while its reading of
+    # two- and three-person contexts is still unreliable (~40%), too noisy to tell kept from lost.
+    n_eval_reading: int = 0
     max_length: int = 128
     quant_blocksize: int = 64
 
@@ -60,13 +67,14 @@ class Settings:
         return {
             "r": self.lora_r,
             "alpha": self.lora_alpha,
-            "dropout": 0.0,
+            "dropout": self.lora_dropout,
             "target_modules": list(self.target_modules),
+            "layers_to_transform": list(self.lora_layers) if self.lora_layers is not None else None,
         }
 
 
 FULL = Settings()
-QUICK = Settings(steps=90, n_eval_reading=18)
+QUICK = Settings(steps=90)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -255,7 +263,8 @@ def data_files(out: Path, persona: str, s: Settings) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     files = {}
     for split, n in (("train", s.n_train_reading), ("eval", s.n_eval_reading)):
-        rows = persona_dataset(persona, split, n, seed=s.seed)
+        # eval loss over every phrasing of each held-out answer (see data.persona_dataset)
+        rows = persona_dataset(persona, "eval-all" if split == "eval" else split, n, seed=s.seed)
         path = d / f"{persona}.{split}.jsonl"
         text = "".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows)
         if not path.exists() or path.read_text() != text:

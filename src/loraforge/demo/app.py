@@ -107,6 +107,9 @@ def resolve_base(args, out: Path, say) -> Path:
 
 def run(argv=None) -> int:
     args = parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its sub-second "Loading weights" bars would drown ours
     t_start = time.perf_counter()
     out = Path(args.output)
     say = _say

@@ -64,7 +64,9 @@ def merge_switching(model, tokenizer, characters: Sequence[str], questions: Sequ
     out = {"answers": {}, "merge_ms": {}, "unmerge_ms": {}}
     with lf.disable_adapters(model):
         out["answers"]["base"] = answer(model, tokenizer, questions)
-    for name in characters:
+    from tqdm.auto import tqdm
+
+    for name in tqdm(characters, desc="merge / answer / unmerge", unit="character", leave=False):
         t0 = time.perf_counter()
         lf.merge(model, name)
         t1 = time.perf_counter()

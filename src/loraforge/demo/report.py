@@ -207,10 +207,10 @@ def plot_runs(out: Path, results: dict) -> Path:
         line = ax.plot(steps, losses, linewidth=1, alpha=0.8, label=f"{c} {METHOD_LABEL[method]} (train)")[0]
         ev = [(r["step"], r["eval_loss"]) for r in recs if "eval_loss" in r]
         if ev:
-            ax.plot(*zip(*ev), "o--", color=line.get_color(), markersize=4)
+            ax.plot(*zip(*ev), "o:", color=line.get_color(), markersize=5, linewidth=1)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats / answer token)")
-    ax.set_title("loraforge demo: train loss (lines) and eval loss (dots) per run")
+    ax.set_title("loraforge demo: train loss (lines) and held-out eval loss (dots) per run")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -128,7 +128,7 @@ def train_config(method: str, base_dir: Path, files: dict, run_dir: Path, s: Set
             "seed": s.seed,
             "device": "cpu",
             "log_every": 1,
-            "eval_every": 0,
+            "eval_every": max(1, s.steps // 4),  # four points on the eval curve
             "save_every": max(1, s.steps // 2),  # a checkpoint half way: an interrupted demo resumes
             "keep_checkpoints": 1,
         },
@@ -199,6 +199,7 @@ def train_or_reuse(
             shutil.rmtree(run_dir)
         elif old == spec:
             say(f"resuming the unfinished run in {run_dir}")
+    resuming = spec_path.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(spec_path, json.dumps(spec, indent=2) + "\n")
 
@@ -206,6 +207,8 @@ def train_or_reuse(
 
     _warm_up(base_dir, files, s)
     cfg = train_config(method, base_dir, files, run_dir, s)
+    # "auto" continues from the newest checkpoint of an interrupted run with the same spec
+    cfg["resume"] = "auto" if resuming else False
     say(f"training {persona} / {method}: {s.steps} steps of {s.batch_size} chats")
     with PeakMemory() as mem:
         model, metrics = lf.train(cfg)
@@ -244,14 +247,19 @@ def _warm_up(base_dir: Path, files: dict, s: Settings) -> None:
         return
     import tempfile
 
+    from tqdm.auto import tqdm
+
     import loraforge as lf
 
+    bar = tqdm(total=1, desc="warm-up (one unmeasured step)", leave=False)
     with tempfile.TemporaryDirectory(prefix="loraforge-warmup-") as tmp:
         cfg = train_config("lora", base_dir, files, Path(tmp), s)
         cfg["data"]["eval"] = None
         cfg["train"] |= {"max_steps": 1, "progress_bar": False, "save_every": 0}
         with contextlib.redirect_stdout(io.StringIO()):  # its messages would only confuse
             lf.train(cfg)
+    bar.update(1)
+    bar.close()
     _WARM = True
 
 

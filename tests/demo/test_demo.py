@@ -104,3 +104,22 @@ def test_same_seed_same_adapter(quick, tmp_path):
     assert a == b
     again = json.loads((other / "results.json").read_text())
     assert _row(again, "pirate", "lora")["style"] == _row(summary, "pirate", "lora")["style"]
+
+
+def test_character_adapters_load_in_peft(quick):
+    """The demo's adapters are ordinary PEFT adapters: peft loads one and gives our logits."""
+    import torch
+    from peft import PeftModel
+
+    import loraforge as lf
+    from loraforge.demo.app import SHIPPED_BASE
+    from loraforge.demo.evaluate import load_base
+
+    out, _ = quick
+    adapter = out / "bard" / "lora" / "adapter"
+    ours, tok = load_base(SHIPPED_BASE)
+    lf.load_adapter(ours, adapter, adapter="bard")
+    theirs = PeftModel.from_pretrained(load_base(SHIPPED_BASE)[0], adapter).eval()
+    ids = tok("<|user|>What colour is snow?<|end|><|assistant|>", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(ours(ids).logits, theirs(ids).logits, atol=1e-5)

@@ -173,7 +173,7 @@ class LoraLayer(nn.Module):
             raise KeyError(name)
         if name in self.merged_adapters:
             return  # idempotent
-        self._add_to_base(self.delta_weight(name))
+        self._apply_delta(name, +1.0)
         if _is_quantized(self.base_layer):
             self.merge_error[name] = self.merge_error.pop("last")
         self.merged_adapters.append(name)
@@ -183,8 +183,25 @@ class LoraLayer(nn.Module):
         for n in names:
             if n not in self.merged_adapters:
                 continue
-            self._add_to_base(-self.delta_weight(n))
+            self._apply_delta(n, -1.0)
             self.merged_adapters.remove(n)
+
+    def _apply_delta(self, name: str, sign: float) -> None:
+        """W0 ← W0 ± s·B·A. Where the base stores a plain matrix in the factors' dtype this is one
+        in-place ``addmm_`` (one pass, no temporaries); the product B·A is computed the same way
+        both times, so merge followed by unmerge moves each weight by at most one rounding."""
+        a, b = self.factors(name)
+        w = None if _is_quantized(self.base_layer) else getattr(self.base_layer, "weight", None)
+        if w is not None and w.dim() == 2 and w.dtype == a.dtype and w.device == a.device:
+            with torch.no_grad():
+                # (out × in) = B·A; stored transposed (in × out) = Aᵀ·Bᵀ for Conv1D and embeddings
+                transposed = getattr(self, "fan_in_fan_out", False) or isinstance(self, LoraEmbedding)
+                if transposed:
+                    w.addmm_(a.t(), b.t(), alpha=sign * self.scaling[name])
+                else:
+                    w.addmm_(b, a, alpha=sign * self.scaling[name])
+            return
+        self._add_to_base(sign * self.delta_weight(name))
 
     # -- forward -----------------------------------------------------------------------------
     def _check_merged_training(self) -> None:

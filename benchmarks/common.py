@@ -37,7 +37,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 import torch  # noqa: E402
 
-IGNORE = -100  # label value that the loss skips (as in transformers and loraforge.train.data)
+IGNORE = -100  # label value that the loss skips (as in transformers and loraforge.training.data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,7 +326,7 @@ def step_loraforge(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], fl
     logits) divided by the number of target tokens, then backward. Gradients are dropped
     (set to None) before each step; no optimizer update is timed (it is the same few hundred
     thousand adapter parameters for every contender)."""
-    from loraforge.train.loss import CausalLMLoss
+    from loraforge.training.loss import CausalLMLoss
 
     loss_fn = CausalLMLoss(model)
     labels = shifted_labels(ids)

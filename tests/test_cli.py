@@ -44,7 +44,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    from loraforge.train.builtin import build_model, build_tokenizer
+    from loraforge.training.builtin import build_model, build_tokenizer
 
     path = tmp_path_factory.mktemp("base")
     build_model("builtin:tiny-llama").save_pretrained(path)
@@ -134,7 +134,7 @@ def test_quickstart_runs(tmp_path, capsys):
 def test_merge_gives_a_plain_model_with_adapter_logits(run_dir, base_dir, tmp_path, base):
     from transformers import AutoModelForCausalLM
 
-    from loraforge.train.builtin import build_model
+    from loraforge.training.builtin import build_model
 
     source = str(base_dir) if base == "dir" else "builtin:tiny-llama"
     out = tmp_path / "merged"
@@ -165,9 +165,9 @@ def test_generate_base_and_adapter(run_dir, base_dir, capsys):
 
 
 def test_prompt_uses_the_chat_template_when_there_is_one():
-    from loraforge.train.builtin import build_tokenizer
-    from loraforge.train.data import FALLBACK_CHAT_TEMPLATE
-    from loraforge.train.inference import prompt_ids
+    from loraforge.training.builtin import build_tokenizer
+    from loraforge.training.data import FALLBACK_CHAT_TEMPLATE
+    from loraforge.training.inference import prompt_ids
 
     tok = build_tokenizer()
     raw = prompt_ids(tok, "Hello")

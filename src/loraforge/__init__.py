@@ -56,8 +56,8 @@ _LAZY = {
     "Linear4bit": ("loraforge.quant", "Linear4bit"),
     "load_model": ("loraforge.hf", "load_model"),
     "save_model": ("loraforge.hf", "save_model"),
-    "train": ("loraforge.train", "train"),
-    "TrainConfig": ("loraforge.train", "TrainConfig"),
+    "train": ("loraforge.training", "train"),
+    "TrainConfig": ("loraforge.training", "TrainConfig"),
     "build_optimizer": ("loraforge.optim", "build_optimizer"),
 }
 __all__ += list(_LAZY)

@@ -28,7 +28,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train.config import describe_keys
+    from .training.config import describe_keys
 
     p = argparse.ArgumentParser(prog="loraforge", description=__doc__, formatter_class=_Formatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    from .train import ConfigError, DataError
+    from .training import ConfigError, DataError
 
     try:
         return {
@@ -160,7 +160,7 @@ def _delegate(name: str, argv: list[str]) -> int:
 
 
 def _train(args) -> int:
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     overrides = list(args.overrides) + (["resume=auto"] if args.resume else [])
     cfg = TrainConfig.from_yaml(args.config, overrides)
@@ -174,8 +174,8 @@ def _quickstart(args) -> int:
 
     import torch
 
-    from .train import TrainConfig, train
-    from .train.builtin import ASSETS
+    from .training import TrainConfig, train
+    from .training.builtin import ASSETS
 
     if "OMP_NUM_THREADS" not in os.environ:
         # The quickstart's matrices are small: a second intra-op thread gains little on an idle
@@ -228,7 +228,7 @@ def _ppl(loss: float) -> float:
 
 
 def _merge(args) -> int:
-    from .train.inference import merge_to_dir
+    from .training.inference import merge_to_dir
 
     out = merge_to_dir(args.base, args.adapter, args.out, args.dtype)
     print(f"merged model written to {out} (load with AutoModelForCausalLM.from_pretrained)")
@@ -238,7 +238,7 @@ def _merge(args) -> int:
 def _generate(args) -> int:
     import loraforge as lf
 
-    from .train.inference import generate, load_with_adapters
+    from .training.inference import generate, load_with_adapters
 
     adapters = {}
     for item in args.adapter:
@@ -277,7 +277,7 @@ def _generate(args) -> int:
 
 
 def _inspect(args) -> int:
-    from .train.inference import format_info, inspect_path
+    from .training.inference import format_info, inspect_path
 
     info = inspect_path(args.path)
     print(json.dumps(info, indent=2) if args.json else format_info(info))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import loraforge as lf
-from loraforge.train import ConfigError, TrainConfig, train
+from loraforge.training import ConfigError, TrainConfig, train
 
 from .util import QA_EVAL, QA_TRAIN, losses, tiny_config
 
@@ -34,7 +34,7 @@ def test_lora_run_writes_everything(trained_run):
 
 def test_adapter_loads_back_and_in_peft(trained_run):
     peft = pytest.importorskip("peft")
-    from loraforge.train.builtin import build_model
+    from loraforge.training.builtin import build_model
 
     ids = torch.randint(3, 512, (2, 10), generator=torch.Generator().manual_seed(0))
     ours = build_model("builtin:tiny-llama")

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import loraforge as lf
-from loraforge.train.builtin import build_model
-from loraforge.train.data import IGNORE
-from loraforge.train.loss import CausalLMLoss, chunked_head_cross_entropy, linear_cross_entropy
+from loraforge.training.builtin import build_model
+from loraforge.training.data import IGNORE
+from loraforge.training.loss import CausalLMLoss, chunked_head_cross_entropy, linear_cross_entropy
 
 
 def plain_loss(hidden, weight, bias, labels):

@@ -9,7 +9,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 import loraforge as lf
-from loraforge.train import checkpoint as ckpt
+from loraforge.training import checkpoint as ckpt
 
 
 def setup(opt_name="adamw", seed=0):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loraforge.train import TrainConfig, train
+from loraforge.training import TrainConfig, train
 
 from .util import QA_EVAL, losses, subprocess_env, tiny_config
 

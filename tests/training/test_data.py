@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from loraforge.train import DataError
-from loraforge.train.config import DataSection
-from loraforge.train.data import (
+from loraforge.training import DataError
+from loraforge.training.config import DataSection
+from loraforge.training.data import (
     FALLBACK_CHAT_TEMPLATE,
     IGNORE,
     BatchPlan,
@@ -71,7 +71,7 @@ MESSAGES = [
 
 @pytest.fixture
 def fresh_tokenizer():
-    from loraforge.train.builtin import build_tokenizer
+    from loraforge.training.builtin import build_tokenizer
 
     return build_tokenizer()
 
@@ -118,7 +118,7 @@ def test_packing_resets_positions_and_never_predicts_across(tokenizer):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_rows_do_not_attend_across_examples(tokenizer, attn):
     """The logits of an example inside a packed row equal those of the example alone."""
-    from loraforge.train.builtin import build_model
+    from loraforge.training.builtin import build_model
 
     model = build_model("builtin:tiny-llama").eval()
     model.config._attn_implementation = attn
@@ -136,8 +136,8 @@ def test_packed_rows_do_not_attend_across_examples(tokenizer, attn):
 
 
 def test_packing_check_refuses_a_model_that_would_leak():
-    from loraforge.train.builtin import build_model
-    from loraforge.train.modeling import check_packed_attention
+    from loraforge.training.builtin import build_model
+    from loraforge.training.modeling import check_packed_attention
 
     model = build_model("builtin:tiny-llama")
     check_packed_attention(model)  # Llama separates packed examples

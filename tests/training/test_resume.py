@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from tqdm.auto import tqdm
 
-from loraforge.train import TrainConfig, train
-from loraforge.train.checkpoint import list_checkpoints
+from loraforge.training import TrainConfig, train
+from loraforge.training.checkpoint import list_checkpoints
 
 from .util import losses, subprocess_env, tiny_config
 

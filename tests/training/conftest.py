@@ -22,7 +22,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from loraforge.train.builtin import build_tokenizer
+    from loraforge.training.builtin import build_tokenizer
 
     return build_tokenizer()
 
@@ -30,7 +30,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """builtin:tiny-llama saved as a plain transformers directory (weights + tokenizer)."""
-    from loraforge.train.builtin import build_model, build_tokenizer
+    from loraforge.training.builtin import build_model, build_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-llama")
     build_model("builtin:tiny-llama").save_pretrained(path)
@@ -41,7 +41,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """A finished 4-step LoRA run (adapter, checkpoint, metrics) shared by read-only tests."""
-    from loraforge.train import train
+    from loraforge.training import train
 
     out = tmp_path_factory.mktemp("run")
     cfg = tiny_config(out, data={"train": QA_TRAIN, "eval": QA_EVAL, "max_length": 48})

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from loraforge.train import ConfigError, TrainConfig
-from loraforge.train.builtin import ASSETS
-from loraforge.train.config import describe_keys
+from loraforge.training import ConfigError, TrainConfig
+from loraforge.training.builtin import ASSETS
+from loraforge.training.config import describe_keys
 
 REPO = Path(__file__).resolve().parents[2]
 

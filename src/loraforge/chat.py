@@ -160,7 +160,9 @@ def repl(chat: Chat, stdin, stdout, interactive: bool) -> int:
             arg = arg.strip()
             if cmd in ("/quit", "/exit", "/q"):
                 return 0
-            if cmd == "/personas":
+            if cmd == "/help":
+                out(HELP + "\n")
+            elif cmd == "/personas":
                 for name in [*chat.personas, BASE]:
                     out(f"{'*' if name == chat.current else ' '} {name}\n")
             elif cmd == "/base":

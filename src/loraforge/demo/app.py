@@ -41,7 +41,9 @@ def parse_args(argv):
     )
     p.add_argument("--output", default="runs/demo", help="output directory (finished runs in it are reused)")
     p.add_argument(
-        "--quick", action="store_true", help="shortened run (fewer steps and questions), as the tests use"
+        "--quick",
+        action="store_true",
+        help="shortened run (90 steps per run instead of 160), as the tests use",
     )
     p.add_argument(
         "--characters",
@@ -49,7 +51,7 @@ def parse_args(argv):
         help=f"comma-separated characters to train; known: {', '.join(data.PERSONAS)}",
     )
     p.add_argument(
-        "--steps", type=int, default=None, help="training steps per run (default: 160, --quick: 90)"
+        "--steps", type=int, default=None, help="training steps per run (unset: 160, or 90 with --quick)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed for data order and initialisation")
     p.add_argument("--base", default=None, help="use this base model directory instead of the shipped one")

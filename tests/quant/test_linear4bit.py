@@ -53,6 +53,33 @@ def test_backward_gives_input_grad_only():
     assert q.weight.grad is None
 
 
+def test_large_weights_reuse_one_buffer_and_give_the_same_results(monkeypatch):
+    """Weights of 32 MiB and more dequantize into a per-thread buffer (forced here for small ones):
+    two layers of one size share it, and outputs and input gradients equal the fresh path."""
+    from loraforge.quant import linear4bit as L
+
+    layers = [make(seed=k)[1] for k in range(2)]
+    x = torch.randn(4, 96)
+
+    def run():
+        xs = [x.clone().requires_grad_() for _ in layers]
+        ys = [q(xi) for q, xi in zip(layers, xs)]
+        sum(y.pow(2).sum() for y in ys).backward()
+        return [y.detach() for y in ys], [xi.grad for xi in xs]
+
+    fresh = run()
+    L.release_buffers()
+    monkeypatch.setattr(L, "_REUSE_BYTES", 0)
+    reused = run()
+    buffers = L._buffers.by_size
+    assert list(buffers) == [(40 * 96, torch.float32)]  # one buffer, shared by both layers
+    for a, b in zip(fresh[0] + fresh[1], reused[0] + reused[1]):
+        assert torch.equal(a, b)
+    assert not torch.equal(fresh[0][0], fresh[0][1])  # (the two layers do differ)
+    L.release_buffers()
+    assert L._buffers.by_size == {}
+
+
 def test_autograd_keeps_only_the_packed_weight():
     """Memory test: record every tensor autograd saves for backward during the forward pass."""
     torch.manual_seed(0)

@@ -104,9 +104,17 @@ def test_disabled_kernel_falls_back(monkeypatch):
     assert (dequantize_4bit(packed, state) - w).abs().max() < w.abs().max() * 0.2
 
 
-def test_empty_huge_is_a_plain_tensor():
-    for n, dtype in [(10, torch.float32), (3 << 20, torch.bfloat16), (5 << 20, torch.float32)]:
-        t = _native.empty_huge(n, dtype)
-        assert t.shape == (n,) and t.dtype == dtype and t.is_contiguous()
-        t.fill_(1.5)
-        assert float(t.sum()) == 1.5 * n
+@pytest.mark.parametrize("native", [True, False])
+def test_out_buffer(monkeypatch, native):
+    monkeypatch.setenv("LORAFORGE_NATIVE", "1" if native else "0")
+    for shape in [(32, 256), (5, 13)]:  # whole blocks; a partial block with an odd count
+        w = _weights(shape, 2)
+        packed, state = quantize_4bit(w, "nf4", 64, double_quant=True)
+        buf = torch.full((w.numel(),), float("nan"))
+        got = dequantize_4bit(packed, state, out=buf)
+        assert got.data_ptr() == buf.data_ptr() and got.shape == w.shape
+        assert torch.equal(got, dequantize_4bit(packed, state))
+    with pytest.raises(ValueError, match="out= must be a contiguous torch.float32 tensor of 65"):
+        dequantize_4bit(packed, state, out=torch.empty(64))
+    with pytest.raises(ValueError, match="out= must be"):
+        dequantize_4bit(packed, state, torch.bfloat16, out=torch.empty(65))

@@ -18,7 +18,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -72,7 +71,9 @@ def _cache_dir(cache: Path | None) -> Path:
     return path
 
 
-_FLAGS = (("-O3", "-march=native"), ("-O3",))  # some compilers lack -march=native
+# no FMA contraction: the C loop must round exactly as the PyTorch path does; not every compiler
+# knows -march=native
+_FLAGS = (("-O3", "-march=native", "-ffp-contract=off"), ("-O3", "-ffp-contract=off"))
 
 
 def build(cache: Path | None = None, flag_sets=_FLAGS):
@@ -124,41 +125,6 @@ def kernel():
 def error() -> str | None:
     """Why the kernel is not in use, if it was asked for and could not be built."""
     return _state.get("error")  # type: ignore[return-value]
-
-
-_HUGE = 1 << 21  # a transparent huge page on x86-64 and arm64 Linux
-_MADV_HUGEPAGE = 14
-
-
-def _libc():
-    if "libc" not in _state:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        except (OSError, AttributeError):
-            libc = None
-        _state["libc"] = libc
-    return _state["libc"]
-
-
-def empty_huge(n: int, dtype: torch.dtype) -> torch.Tensor:
-    """``torch.empty(n, dtype=dtype)`` on CPU, its memory asked to be backed by 2 MiB pages.
-
-    A fresh multi-MB tensor is new memory from the OS, and writing it first costs one page fault
-    per 4 KiB: for a 64 MB output that is about half of the whole dequantization. With
-    ``madvise(MADV_HUGEPAGE)`` on its 2 MiB-aligned interior (transparent huge pages in the
-    kernel's default "madvise" mode), 512 times fewer faults. Only a hint: where the OS ignores
-    it, nothing changes.
-    """
-    out = torch.empty(n, dtype=dtype)
-    nbytes = n * out.element_size()
-    libc = _libc() if nbytes >= 2 * _HUGE else None
-    if libc is not None:
-        start = -(-out.data_ptr() // _HUGE) * _HUGE
-        end = (out.data_ptr() + nbytes) // _HUGE * _HUGE
-        if end > start:
-            libc.madvise(start, end - start, _MADV_HUGEPAGE)
-    return out
 
 
 def usable(packed: torch.Tensor, out: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> bool:

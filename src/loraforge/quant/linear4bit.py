@@ -8,6 +8,9 @@ per element) and dequantizes again, instead of keeping a 2- or 4-byte copy alive
 
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 from torch import nn
 
@@ -15,7 +18,32 @@ from .config import QuantConfig
 from .nf4 import dequantize_4bit, quantize_4bit
 from .state import QuantState
 
-__all__ = ["Linear4bit", "quantize"]
+__all__ = ["Linear4bit", "quantize", "release_buffers"]
+
+
+# On CPU, glibc serves allocations of 32 MiB and more with a fresh mmap each time, so every call
+# would page-fault its whole dequantized weight in again (4x the dequantization itself, measured on
+# a 4096 x 2048 fp32 weight). Those weights go into a buffer kept per thread, size and dtype.
+_REUSE_BYTES = 32 << 20
+_buffers = threading.local()
+
+
+def _dequantize(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize_4bit`` for a matmul that uses the result at once and keeps no reference."""
+    n = math.prod(state.shape)
+    if packed.device.type != "cpu" or n * dtype.itemsize < _REUSE_BYTES:
+        return dequantize_4bit(packed, state, dtype)
+    cache = getattr(_buffers, "by_size", None)
+    if cache is None:
+        cache = _buffers.by_size = {}
+    if (n, dtype) not in cache:
+        cache[(n, dtype)] = torch.empty(n, dtype=dtype)
+    return dequantize_4bit(packed, state, dtype, out=cache[(n, dtype)])
+
+
+def release_buffers() -> None:
+    """Free this thread's reused dequantization buffers (they are rebuilt when next needed)."""
+    _buffers.by_size = {}
 
 
 class _Dequantize4bitMatmul(torch.autograd.Function):
@@ -25,7 +53,7 @@ class _Dequantize4bitMatmul(torch.autograd.Function):
     def forward(ctx, x, packed, state, compute_dtype):
         ctx.state, ctx.compute_dtype = state, compute_dtype
         ctx.save_for_backward(packed)  # the packed uint8 weight, not a dequantized copy
-        return x @ dequantize_4bit(packed, state, compute_dtype).t()
+        return x @ _dequantize(packed, state, compute_dtype).t()
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -33,7 +61,7 @@ class _Dequantize4bitMatmul(torch.autograd.Function):
             return None, None, None, None
         (packed,) = ctx.saved_tensors
         return (
-            grad_out.to(ctx.compute_dtype) @ dequantize_4bit(packed, ctx.state, ctx.compute_dtype),
+            grad_out.to(ctx.compute_dtype) @ _dequantize(packed, ctx.state, ctx.compute_dtype),
             None,
             None,
             None,

@@ -290,12 +290,17 @@ def quantize_4bit(
 
 
 def dequantize_4bit(
-    packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None
+    packed: torch.Tensor,
+    state: QuantState,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_4bit`: ``W_hat = code[q] * absmax[block]`` in fp32, cast to ``dtype``.
 
     ``packed``: ``(n + 1) // 2`` bytes (any shape; other storage dtypes are viewed as uint8);
-    returns a tensor of ``state.shape`` in ``dtype`` (default ``state.dtype``). On CPU the whole
+    returns a tensor of ``state.shape`` in ``dtype`` (default ``state.dtype``), written into
+    ``out`` when given (a contiguous tensor of as many elements: reuse one buffer across calls and
+    skip the allocation, whose page faults cost more than the dequantization itself). On CPU the whole
     blocks go through the C loop of ``_dequant.c`` when it could be built (see ``_native``);
     otherwise, per chunk: one gather of 8-byte (high, low) code pairs by byte value, one broadcast
     multiply by the block scales, one cast. Both give the same bits.
@@ -317,10 +322,19 @@ def dequantize_4bit(
     pairs = _pair_table(state.code.to(device))
     src = packed.reshape(-1)
 
-    if device.type == "cpu":
-        out = _native.empty_huge(2 * n_bytes, dtype)  # fewer page faults on first write
+    if out is not None and (
+        out.dtype != dtype or out.device != device or out.numel() != n or not out.is_contiguous()
+    ):
+        raise ValueError(
+            f"dequantize_4bit: out= must be a contiguous {dtype} tensor of {n} elements on {device}, "
+            f"got {out.dtype} {list(out.shape)} on {out.device}"
+        )
+    if out is None or n % 2:  # (an odd count also decodes the pad nibble: one element more)
+        work = torch.empty(2 * n_bytes, dtype=dtype, device=device)
+        result = work[:n].view(state.shape) if out is None else out.view(state.shape)
+        out = work
     else:
-        out = torch.empty(2 * n_bytes, dtype=dtype, device=device)
+        result, out = out.view(state.shape), out.view(-1)
     full = n - n % bs
     blocks = absmax[: full // bs, None]
     chunk = _chunk(device)
@@ -354,7 +368,9 @@ def dequantize_4bit(
     if full < 2 * n_bytes:  # the partial last block and the pad nibble
         vals = pairs[src[full // 2 :].long()].view(torch.float32) * absmax[-1]
         out[full:].copy_(vals)
-    return out[:n].view(state.shape)
+    if out.data_ptr() != result.data_ptr():  # odd n with out=: the work buffer had the pad element
+        result.view(-1).copy_(out[:n])
+    return result
 
 
 def _dq_thresholds(device: torch.device) -> torch.Tensor:

@@ -33,6 +33,30 @@ def _bnb():
     return F, f"bitsandbytes {bitsandbytes.__version__}"
 
 
+def _bnb_kernel_into(F, packed, state, out):
+    """bitsandbytes' CPU dequantization into a preallocated ``out``, as its op does it (nested
+    absmax first, then its native NF4 kernel) minus the allocation: its op has no ``out=`` variant
+    on CPU. ``None`` where the installed build has no such kernel."""
+    from bitsandbytes.cextension import lib
+
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[out.dtype]
+    fn = getattr(lib, f"cdequantize_blockwise_cpu_nf4_{name}", None)
+    if fn is None or state.blocksize >= 2048:  # (it falls back to PyTorch code there)
+        return None
+    import ctypes
+
+    m, n = state.shape
+
+    def run():
+        absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        fn(ctypes.c_void_p(packed.data_ptr()), ctypes.c_void_p(absmax.data_ptr()),
+           ctypes.c_void_p(out.data_ptr()), ctypes.c_longlong(state.blocksize), ctypes.c_longlong(m),
+           ctypes.c_longlong(n))
+        return out
+
+    return run
+
+
 def speed_rows(
     shapes: list[tuple[int, int]], device: str, warmup: int = 1, reps: int = 7
 ) -> list[C.Row]:
@@ -56,8 +80,15 @@ def speed_rows(
         if not device.startswith("cuda"):  # bit-exact with the CPU backend (CUDA rounds its own way)
             assert torch.equal(p1, p2) and torch.equal(s1.absmax, s2.absmax), "outputs differ"
             assert torch.equal(s1.state2.absmax, s2.state2.absmax) and torch.equal(s1.offset, s2.offset)
+        fns = {}
+        bnb_into = None if device.startswith("cuda") else _bnb_kernel_into(F, p1, s1, torch.empty_like(w))
+        if bnb_into is not None:  # the dequantization alone, without the fresh output's page faults
+            assert torch.equal(bnb_into(), F.dequantize_4bit(p1, s1)), "bitsandbytes' kernel call is off"
+            out = torch.empty_like(w)
+            fns = {"ours_o": lambda p=p2, s=s2, o=out: dequantize_4bit(p, s, out=o), "bnb_o": bnb_into}
         t = C.interleaved(
             {
+                **fns,
                 "ours_q": lambda w=w: quantize_4bit(w, "nf4", BLOCKSIZE, double_quant=True),
                 "bnb_q": lambda w=w: F.quantize_4bit(
                     w, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4"
@@ -76,6 +107,9 @@ def speed_rows(
             C.Row("nf4", f"dequantize {shape}{path}", t["ours_d"] * 1e3, t["bnb_d"] * 1e3, "ms", peer,
                   ("<=", 1.0)),
         ]
+        if fns:
+            rows.append(C.Row("nf4", f"dequantize {shape}{path}, into a preallocated buffer",
+                              t["ours_o"] * 1e3, t["bnb_o"] * 1e3, "ms", peer + " kernel", None))
     return rows
 
 

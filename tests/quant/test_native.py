@@ -38,17 +38,30 @@ def test_kernel_builds_where_a_compiler_exists():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 4096])
-def test_native_equals_pytorch_path(monkeypatch, dtype, quant_type, blocksize):
+@pytest.mark.parametrize("stream", [False, True], ids=["cached-stores", "streaming-stores"])
+def test_native_equals_pytorch_path(monkeypatch, dtype, quant_type, blocksize, stream):
+    monkeypatch.setattr(_native, "STREAM_BYTES", 0 if stream else 1 << 60)
     # whole blocks only, a partial last block, an odd element count (pad nibble), blocks across rows
     for shape in [(64, 4096), (37, 96), (3, 1001), (1, 4097 * 3)]:
         w = _weights(shape, blocksize + len(shape)).to(dtype)
         for double_quant in (False, True):
             packed, state = quantize_4bit(w, quant_type, blocksize, double_quant=double_quant)
-            native = dequantize_4bit(packed, state, dtype)
+            native = dequantize_4bit(packed, state, dtype, out=torch.empty(w.numel(), dtype=dtype))
             eager = _eager(monkeypatch, packed, state, dtype)
             where = f"{shape} {dtype} {quant_type} bs={blocksize} dq={double_quant}"
             assert native.dtype == dtype and native.shape == w.shape, where
             assert torch.equal(native.view(-1).view(torch.uint8), eager.view(-1).view(torch.uint8)), where
+
+
+@needs_cc
+def test_native_absmax_equals_pytorch_path(monkeypatch):
+    for shape, blocksize in [((300, 1000), 64), ((7, 333), 32), ((1, 64 * 256 * 3 + 64), 64)]:
+        packed, state = quantize_4bit(_weights(shape, 5), "nf4", blocksize, double_quant=True)
+        native = state.dequantize_absmax()
+        with monkeypatch.context() as m:
+            m.setenv("LORAFORGE_NATIVE", "0")
+            eager = state.dequantize_absmax()
+        assert native.dtype == torch.float32 and torch.equal(native, eager), shape
 
 
 @needs_cc
@@ -114,6 +127,9 @@ def test_out_buffer(monkeypatch, native):
         got = dequantize_4bit(packed, state, out=buf)
         assert got.data_ptr() == buf.data_ptr() and got.shape == w.shape
         assert torch.equal(got, dequantize_4bit(packed, state))
+        monkeypatch.setattr(_native, "STREAM_BYTES", 0)  # an unaligned out= gets ordinary stores
+        unaligned = torch.full((w.numel() + 1,), float("nan"))[1:]
+        assert torch.equal(dequantize_4bit(packed, state, out=unaligned), got)
     with pytest.raises(ValueError, match="out= must be a contiguous torch.float32 tensor of 65"):
         dequantize_4bit(packed, state, out=torch.empty(64))
     with pytest.raises(ValueError, match="out= must be"):

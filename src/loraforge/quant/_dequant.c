@@ -51,9 +51,22 @@ static inline uint16_t f32_to_f16(float f) {
 #endif
 }
 
-/* Blocks [b0, b1) of bs elements (bs even, a power of two >= 32). */
+#if defined(__AVX512F__)
+/* A 64-byte store; streaming (non-temporal) ones skip reading the destination line into the cache
+   first, which halves the memory traffic of a large output (measured 10.7 -> 3.4 ms for 64 MB). */
+static inline void store512(void *dst, __m512i v, int stream) {
+    if (stream)
+        _mm512_stream_si512((__m512i *)dst, v);
+    else
+        _mm512_storeu_si512(dst, v);
+}
+#endif
+
+/* Blocks [b0, b1) of bs elements (bs even, a power of two >= 32). `stream`: write with
+   non-temporal stores (for outputs much larger than the caches; `out` must be 64-byte aligned). */
 void lf_dequantize_4bit(const uint8_t *packed, const float *absmax, const float *code, void *out,
-                        int64_t b0, int64_t b1, int64_t bs, int32_t out_type) {
+                        int64_t b0, int64_t b1, int64_t bs, int32_t out_type, int32_t stream) {
+    if (((uintptr_t)out & 63) != 0) stream = 0;
     float pair_hi[256], pair_lo[256];
     for (int v = 0; v < 256; v++) {
         pair_hi[v] = code[v >> 4];
@@ -79,16 +92,15 @@ void lf_dequantize_4bit(const uint8_t *packed, const float *absmax, const float 
             __m512 first = _mm512_permutex2var_ps(hi, take_first, lo);   /* hi0 lo0 hi1 lo1 ... */
             __m512 second = _mm512_permutex2var_ps(hi, take_second, lo); /* hi8 lo8 ... */
             if (out_type == OUT_F32) {
-                _mm512_storeu_ps((float *)out + e, first);
-                _mm512_storeu_ps((float *)out + e + 16, second);
+                store512((float *)out + e, _mm512_castps_si512(first), stream);
+                store512((float *)out + e + 16, _mm512_castps_si512(second), stream);
             } else if (out_type == OUT_F16) {
-                _mm256_storeu_si256((__m256i *)((uint16_t *)out + e),
-                                    _mm512_cvtps_ph(first, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-                _mm256_storeu_si256((__m256i *)((uint16_t *)out + e + 16),
-                                    _mm512_cvtps_ph(second, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                __m256i h1 = _mm512_cvtps_ph(first, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                __m256i h2 = _mm512_cvtps_ph(second, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                store512((uint16_t *)out + e, _mm512_inserti64x4(_mm512_castsi256_si512(h1), h2, 1), stream);
             } else {
 #if defined(__AVX512BF16__)
-                _mm512_storeu_si512((uint16_t *)out + e, (__m512i)_mm512_cvtne2ps_pbh(second, first));
+                store512((uint16_t *)out + e, (__m512i)_mm512_cvtne2ps_pbh(second, first), stream);
 #else
                 /* round to nearest even on the bits (inputs are finite: code x absmax) */
                 __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
@@ -97,8 +109,9 @@ void lf_dequantize_4bit(const uint8_t *packed, const float *absmax, const float 
                                                         _mm512_and_si512(_mm512_srli_epi32(u1, 16), one)), 16);
                 u2 = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u2, bias),
                                                         _mm512_and_si512(_mm512_srli_epi32(u2, 16), one)), 16);
-                _mm256_storeu_si256((__m256i *)((uint16_t *)out + e), _mm512_cvtepi32_epi16(u1));
-                _mm256_storeu_si256((__m256i *)((uint16_t *)out + e + 16), _mm512_cvtepi32_epi16(u2));
+                __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(u1)),
+                                                  _mm512_cvtepi32_epi16(u2), 1);
+                store512((uint16_t *)out + e, both, stream);
 #endif
             }
         }
@@ -115,6 +128,25 @@ void lf_dequantize_4bit(const uint8_t *packed, const float *absmax, const float 
                 ((uint16_t *)out)[e] = f32_to_f16(h);
                 ((uint16_t *)out)[e + 1] = f32_to_f16(l);
             }
+        }
+    }
+#if defined(__AVX512F__)
+    if (stream) _mm_sfence(); /* streaming stores are weakly ordered: publish them before returning */
+#endif
+}
+
+/* Double-quantized block scales: absmax[i] = code[q[i]] * nested[i / nested_bs] + offset, for
+   i in [i0, i1): a product rounded to fp32, then a sum rounded to fp32 (no FMA: the build passes
+   -ffp-contract=off), as bitsandbytes and the PyTorch path compute it. */
+void lf_dequantize_absmax(const uint8_t *q, const float *code, const float *nested, float offset,
+                          float *absmax, int64_t i0, int64_t i1, int64_t nested_bs) {
+    for (int64_t b = i0 / nested_bs; b * nested_bs < i1; b++) {
+        const float scale = nested[b];
+        int64_t lo = b * nested_bs > i0 ? b * nested_bs : i0;
+        int64_t hi = (b + 1) * nested_bs < i1 ? (b + 1) * nested_bs : i1;
+        for (int64_t i = lo; i < hi; i++) {
+            float product = code[q[i]] * scale;
+            absmax[i] = product + offset;
         }
     }
 }

@@ -25,6 +25,10 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).with_name("_dequant.c")
+# Reused output buffers of this size and more are written with non-temporal stores (bypassing the
+# caches): far larger than a core's L2, they would only evict what is there, and the store skips
+# reading each destination line first. Smaller ones stay in the cache for the matmul next.
+STREAM_BYTES = 8 << 20
 _OUT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "fn": the ctypes function, or "error": why there is none
@@ -102,9 +106,13 @@ def build(cache: Path | None = None, flag_sets=_FLAGS):
             errors.append(f"{' '.join(cmd)}: {done.stderr.strip()[-500:]}")
         else:
             raise RuntimeError("; ".join(errors))
-    fn = ctypes.CDLL(str(lib)).lf_dequantize_4bit
+    dll = ctypes.CDLL(str(lib))
+    fn = dll.lf_dequantize_4bit
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int32]
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int32] * 2
+    fn.absmax = dll.lf_dequantize_absmax
+    fn.absmax.restype = None
+    fn.absmax.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_float, ctypes.c_void_p] + [ctypes.c_int64] * 3
     return fn
 
 
@@ -142,13 +150,33 @@ def usable(packed: torch.Tensor, out: torch.Tensor, absmax: torch.Tensor, blocks
 
 def dequantize_blocks(
     packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out: torch.Tensor,
-    b0: int, b1: int, blocksize: int, fn=None,
+    b0: int, b1: int, blocksize: int, fn=None, stream: bool = False,
 ) -> None:
     """Writes blocks ``[b0, b1)`` of ``out`` (flat, contiguous) from ``packed`` (flat uint8).
+
+    ``stream``: ``out`` is a reused buffer, so large outputs go out with non-temporal stores (a
+    fresh one is better written normally: the page fault has just brought each page in).
 
     ctypes releases the GIL for the call, so pieces run in parallel from a thread pool.
     """
     fn = fn or kernel()
     code = code.to(torch.float32).contiguous()
+    stream = stream and out.numel() * out.element_size() >= STREAM_BYTES
     fn(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), out.data_ptr(), b0, b1, blocksize,
-       _OUT_TYPES[out.dtype])
+       _OUT_TYPES[out.dtype], int(stream))
+
+
+def dequantize_absmax(q: torch.Tensor, code: torch.Tensor, nested: torch.Tensor, offset: torch.Tensor,
+                      nested_blocksize: int) -> torch.Tensor | None:
+    """``code[q] * nested[i // nested_blocksize] + offset`` (fp32) for CPU tensors, or ``None``
+    where the kernel is not available (the caller computes it with PyTorch)."""
+    fn = kernel()
+    if fn is None or q.device.type != "cpu" or q.dtype != torch.uint8:
+        return None
+    q = q.contiguous().view(-1)
+    code = code.to(torch.float32).contiguous()
+    nested = nested.to(torch.float32).contiguous()
+    out = torch.empty(q.numel(), dtype=torch.float32)
+    fn.absmax(q.data_ptr(), code.data_ptr(), nested.data_ptr(), float(offset), out.data_ptr(), 0, q.numel(),
+              nested_blocksize)
+    return out

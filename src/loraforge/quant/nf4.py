@@ -329,7 +329,10 @@ def dequantize_4bit(
             f"dequantize_4bit: out= must be a contiguous {dtype} tensor of {n} elements on {device}, "
             f"got {out.dtype} {list(out.shape)} on {out.device}"
         )
-    if out is None or n % 2:  # (an odd count also decodes the pad nibble: one element more)
+    given = out is not None
+    # a work buffer where none is given, for an odd count (the pad nibble is one element more), or
+    # where ``out`` is not 8-byte aligned (the PyTorch path writes 8-byte code pairs)
+    if out is None or n % 2 or out.data_ptr() % 8:
         work = torch.empty(2 * n_bytes, dtype=dtype, device=device)
         result = work[:n].view(state.shape) if out is None else out.view(state.shape)
         out = work
@@ -360,7 +363,7 @@ def dequantize_4bit(
         code = state.code.to(device=device, dtype=torch.float32)
 
         def native(lo: int, hi: int) -> None:
-            _native.dequantize_blocks(src, absmax, code, out, lo // bs, hi // bs, bs)
+            _native.dequantize_blocks(src, absmax, code, out, lo // bs, hi // bs, bs, stream=given)
 
         _run_chunks(full, chunk, native, device)
     elif full:

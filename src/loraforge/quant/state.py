@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import _native
+
 __all__ = ["BLOCKSIZES", "NESTED_BLOCKSIZE", "QUANT_TYPES", "QuantState"]
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -75,6 +77,9 @@ class QuantState:
         if not self.nested:
             return self.absmax.float()
         s2 = self.state2
+        fast = _native.dequantize_absmax(self.absmax, s2.code, s2.absmax, self.offset, s2.blocksize)
+        if fast is not None:
+            return fast
         vals = s2.code[self.absmax.long()]
         scale = s2.absmax.repeat_interleave(s2.blocksize)[: vals.numel()]
         return vals * scale + self.offset

@@ -36,7 +36,7 @@ def _nf4(wl: C.Workload, device: str) -> list[C.Row]:
 
 
 def _groups() -> dict:
-    from . import bench_lora, bench_memory, bench_qlora
+    from . import bench_bound, bench_lora, bench_memory, bench_qlora
 
     return {
         "lora_step": bench_lora.training_step,
@@ -47,10 +47,13 @@ def _groups() -> dict:
         "mixed": bench_lora.mixed_batch,
         "switch": bench_lora.adapter_switch,
         "memory": bench_memory.peak_memory,
+        "bound": bench_bound.lower_bound,
     }
 
 
-GROUP_NAMES = ("lora_step", "qlora_step", "nf4", "linear4bit", "inference", "mixed", "switch", "memory")
+GROUP_NAMES = (
+    "lora_step", "qlora_step", "nf4", "linear4bit", "inference", "mixed", "switch", "memory", "bound"
+)
 
 
 def table(rows: list[C.Row], errors: dict[str, str]) -> str:

@@ -24,7 +24,7 @@ pytest.importorskip("peft")
 
 
 def _groups() -> list[str]:
-    groups = ["lora_step", "inference", "mixed", "switch"]
+    groups = ["lora_step", "inference", "mixed", "switch", "bound"]
     import loraforge.quant
 
     if hasattr(loraforge.quant, "quantize") and importlib.util.find_spec("bitsandbytes"):

@@ -82,6 +82,9 @@ class TrainSection:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     max_grad_norm: float = 1.0  # 0 disables clipping
     gradient_checkpointing: bool = False
+    # Exact fast forwards for Llama-family SwiGLU MLPs and RMSNorms (loraforge.training.fast):
+    # fewer activations kept for backward, same loss and gradients. false = the models' own.
+    fast_kernels: bool = True
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N

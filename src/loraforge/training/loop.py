@@ -30,6 +30,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, TrainSection
 from .data import BatchPlan, collate, load_datasets
 from .dist import all_reduce_sum, cleanup, communication_report, setup, wrap_ddp
+from .fast import patch_model, unpatch_model
 from .loss import CausalLMLoss
 from .modeling import check_packed_attention, prepare_model, save_trained
 from .report import MetricsLog, plot_losses
@@ -75,6 +76,10 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
             )
         say(f"resumed from {resume_dir} at step {step}/{total_steps}")
 
+    if t.fast_kernels:  # exact fast MLP / RMSNorm forwards while training (removed at the end)
+        n_fast = patch_model(model)
+        if n_fast:
+            say(f"fast kernels: {n_fast} MLP / RMSNorm modules")
     core = CausalLMLoss(model, t.loss_chunk_size)
     loss_model = wrap_ddp(core, dist)  # DDP over the trainable tensors when torchrun started us
     n_train, n_total = _count(model)
@@ -203,6 +208,7 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
     finally:
         bar.close()
         stop.restore()
+    unpatch_model(model)  # the caller gets the model with its own forwards
 
     # -- results ------------------------------------------------------------------------------------
     run_time = time.perf_counter() - run_start

@@ -321,13 +321,18 @@ def copy_lora(src: torch.nn.Module, dst: torch.nn.Module) -> int:
     return n
 
 
-def step_loraforge(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], float]:
+def step_loraforge(model: torch.nn.Module, ids: torch.Tensor, fast: bool = True) -> Callable[[], float]:
     """One loraforge training step: ``CausalLMLoss`` (chunked linear + cross-entropy, no full
     logits) divided by the number of target tokens, then backward. Gradients are dropped
     (set to None) before each step; no optimizer update is timed (it is the same few hundred
-    thousand adapter parameters for every contender)."""
+    thousand adapter parameters for every contender). ``fast``: the model first gets the
+    training loop's exact fast MLP / RMSNorm forwards (``loraforge.training.fast``, on by
+    default there as ``train.fast_kernels``)."""
+    from loraforge.training import fast as fast_kernels
     from loraforge.training.loss import CausalLMLoss
 
+    if fast:
+        fast_kernels.patch_model(model)
     loss_fn = CausalLMLoss(model)
     labels = shifted_labels(ids)
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)

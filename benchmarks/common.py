@@ -366,8 +366,9 @@ def step_peft(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], float]:
 def frozen_floor(model: torch.nn.Module) -> torch.nn.Module:
     """The floor a LoRA step cannot beat: the base model with every parameter frozen and the
     input embeddings' *output* made to require grad, so that backward still runs through every
-    layer (activation gradients, no weight gradients). It is timed with the same loss as
-    loraforge's step (``step_loraforge``), so the two differ only by the LoRA work."""
+    layer (activation gradients, no weight gradients). It is timed with the same loss and the
+    same fast MLP / RMSNorm forwards as loraforge's step (``step_loraforge``), so the two differ
+    only by the LoRA work."""
     for p in model.parameters():
         p.requires_grad_(False)
     model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))

@@ -252,13 +252,15 @@ def test_merged_adapter_that_trains_still_raises():
         step(model)
 
 
-def test_train_loop_fast_kernels_flag(tmp_path):
+def test_train_loop_fast_kernels_flag(tmp_path, capsys):
     cfg = tiny_config(tmp_path / "a", lora={"r": 4, "alpha": 8, "target_modules": "all-linear"})
     assert TrainConfig.from_dict(cfg).train.fast_kernels is True  # on by default
     model, on = lf.train(cfg)
+    assert "fast kernels: 7 MLP / RMSNorm modules" in capsys.readouterr().out
     assert not fast.is_patched(model)  # the returned model runs its own forwards again
     off_cfg = tiny_config(tmp_path / "b", lora=cfg["lora"], train={**cfg["train"], "fast_kernels": False})
     _, off = lf.train(off_cfg)
+    assert "fast kernels" not in capsys.readouterr().out
     assert on["train_loss"] == pytest.approx(off["train_loss"], abs=1e-5)
     with pytest.raises(ConfigError, match="fast_kernels"):
         TrainConfig.from_dict(cfg, ["train.fast_kernels=sometimes"])

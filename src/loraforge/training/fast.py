@@ -26,12 +26,17 @@ part of ``down_proj`` is computed here rather than by the wrapper.
 
 RMSNorm with a frozen weight already keeps only ``x`` and ``rstd`` under autograd; the fast norm
 keeps the same (and never the normalised copy, which a *trainable* weight would need), but runs
-one autograd node with a short hand-written backward instead of seven.
+one autograd node with a short hand-written backward in place of a chain of six. Rotary
+embeddings are not patched: autograd keeps only the shared cos/sin for them, and transformers
+calls them as a module-level function, which cannot be replaced per instance.
 
-Falls back to the module's own forward when gradients are off (inference and generation), for
-a mixed-adapter batch, several live adapters or LoRA dropout on ``down_proj`` (the SwiGLU
-function is still used, the wrapper then computes ``down_proj`` as usual), and for any call with
-extra arguments. Double backward is not supported (as for ``layers._FusedLoraLinear``).
+Fallbacks. The module's own forward runs when gradients are off (evaluation, generation), for a
+call with extra arguments, and when ``act_fn`` has hooks. ``down_proj`` keeps its own forward
+(the SwiGLU function still replaces ``silu(g) * u``) unless it is a ``LoraLinear`` with exactly
+one live, unmerged adapter without dropout and no hooks: so plain or 4-bit ``nn.Linear``s,
+merged or disabled adapters, several adapters, LoRA dropout (its mask would have to be kept)
+and mixed-adapter batches all take the wrapper's usual path. Double backward is not supported
+(as for ``layers._FusedLoraLinear``).
 """
 
 from __future__ import annotations

@@ -134,3 +134,11 @@ def test_out_buffer(monkeypatch, native):
         dequantize_4bit(packed, state, out=torch.empty(64))
     with pytest.raises(ValueError, match="out= must be"):
         dequantize_4bit(packed, state, torch.bfloat16, out=torch.empty(65))
+
+
+@pytest.mark.skipif(_native._libc() is None, reason="mincore is asked for on Linux only")
+def test_written_before_tells_fresh_pages_from_written_ones():
+    t = torch.empty(16 << 20)  # 64 MB: a fresh mapping from any malloc, not yet touched
+    assert not _native.written_before(t)
+    t.fill_(1.0)
+    assert _native.written_before(t)

@@ -135,6 +135,40 @@ def error() -> str | None:
     return _state.get("error")  # type: ignore[return-value]
 
 
+_PAGE = 4096
+
+
+def _libc():
+    if "libc" not in _state:
+        libc = None
+        if os.name == "posix" and os.uname().sysname == "Linux":
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+            except (OSError, AttributeError):
+                libc = None
+        _state["libc"] = libc
+    return _state["libc"]
+
+
+def written_before(out: torch.Tensor) -> bool:
+    """Whether the middle page of ``out`` is already in memory (Linux ``mincore``).
+
+    A fresh multi-MB tensor is usually a new mapping whose pages fault in as they are first
+    written, each fault bringing its page into the cache, so ordinary stores suit it; memory
+    that was written before (the allocator's heap, a reused buffer) is better streamed past the
+    cache. Where it cannot be told, ``False``.
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    page = (out.data_ptr() + out.numel() * out.element_size() // 2) // _PAGE * _PAGE
+    vec = (ctypes.c_ubyte * 1)()
+    if libc.mincore(page, _PAGE, vec) != 0:
+        return False
+    return bool(vec[0] & 1)
+
+
 def usable(packed: torch.Tensor, out: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> bool:
     return (
         packed.device.type == "cpu"

@@ -361,9 +361,13 @@ def dequantize_4bit(
 
     if full and _native.usable(src, out, absmax, bs):  # the C loop (_dequant.c): one pass, same bits
         code = state.code.to(device=device, dtype=torch.float32)
+        # non-temporal stores pay off where the memory was written before (a reused buffer, or
+        # heap memory); a fresh mapping is faulted in page by page, each fault bringing its page
+        # into the cache, and is better written with ordinary stores
+        stream = given or _native.written_before(out)
 
         def native(lo: int, hi: int) -> None:
-            _native.dequantize_blocks(src, absmax, code, out, lo // bs, hi // bs, bs, stream=given)
+            _native.dequantize_blocks(src, absmax, code, out, lo // bs, hi // bs, bs, stream=stream)
 
         _run_chunks(full, chunk, native, device)
     elif full:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import mmap
 import os
 import platform
 import shutil
@@ -135,7 +136,7 @@ def error() -> str | None:
     return _state.get("error")  # type: ignore[return-value]
 
 
-_PAGE = 4096
+_PAGE = mmap.PAGESIZE  # (mincore wants page-aligned addresses; 16 or 64 KiB on some arm64)
 
 
 def _libc():

@@ -36,7 +36,7 @@ def _nf4(wl: C.Workload, device: str) -> list[C.Row]:
 
 
 def _groups() -> dict:
-    from . import bench_bound, bench_lora, bench_memory, bench_qlora
+    from . import bench_bound, bench_compile, bench_lora, bench_memory, bench_qlora
 
     return {
         "lora_step": bench_lora.training_step,
@@ -48,11 +48,13 @@ def _groups() -> dict:
         "switch": bench_lora.adapter_switch,
         "memory": bench_memory.peak_memory,
         "bound": bench_bound.lower_bound,
+        "compile": bench_compile.compiled_step,
     }
 
 
 GROUP_NAMES = (
-    "lora_step", "qlora_step", "nf4", "linear4bit", "inference", "mixed", "switch", "memory", "bound"
+    "lora_step", "qlora_step", "nf4", "linear4bit", "inference", "mixed", "switch", "memory", "bound",
+    "compile",
 )
 
 

@@ -264,3 +264,29 @@ def test_train_loop_fast_kernels_flag(tmp_path, capsys):
     assert on["train_loss"] == pytest.approx(off["train_loss"], abs=1e-5)
     with pytest.raises(ConfigError, match="fast_kernels"):
         TrainConfig.from_dict(cfg, ["train.fast_kernels=sometimes"])
+
+
+def test_train_loop_compile_flag(tmp_path, capsys):
+    """``train.compile``: off by default; on, every decoder layer is torch.compile'd for the run
+    (same losses as eager) and the returned model runs eagerly again."""
+    cfg = tiny_config(tmp_path / "a", lora={"r": 4, "alpha": 8, "target_modules": "all-linear"})
+    assert TrainConfig.from_dict(cfg).train.compile is False
+    _, eager = lf.train(cfg)
+    compiled_cfg = tiny_config(tmp_path / "b", lora=cfg["lora"], train={**cfg["train"], "compile": True})
+    model, compiled = lf.train(compiled_cfg)
+    out = capsys.readouterr().out
+    layers = model.model.layers
+    assert f"torch.compile: {len(layers)} decoder layers" in out
+    assert all(layer._compiled_call_impl is None for layer in layers)
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], abs=1e-4)
+    with pytest.raises(ConfigError, match="compile"):
+        TrainConfig.from_dict(cfg, ["train.compile=maybe"])
+
+
+def test_compile_layers_finds_the_block_stack():
+    model = tiny_llama()
+    assert fast.compile_layers(model) == len(model.model.layers)
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    fast.uncompile_layers(model)
+    assert all(layer._compiled_call_impl is None for layer in model.model.layers)
+

@@ -50,7 +50,15 @@ from torch import nn
 
 from ..layers import LoraLinear
 
-__all__ = ["fast_kernels", "is_patched", "patch_model", "patched_modules", "unpatch_model"]
+__all__ = [
+    "compile_layers",
+    "fast_kernels",
+    "is_patched",
+    "patch_model",
+    "patched_modules",
+    "uncompile_layers",
+    "unpatch_model",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,3 +342,31 @@ def fast_kernels(model: nn.Module, enabled: bool = True):
         for name, module in model.named_modules():
             if name not in before and _patched_kind(module) is not None:
                 del module.forward
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile of the decoder layers
+# --------------------------------------------------------------------------------------------
+def _layer_list(model: nn.Module) -> nn.ModuleList | None:
+    """The model's stack of blocks: its longest ``nn.ModuleList`` (Llama ``model.layers``, GPT-2
+    ``transformer.h``, BERT ``encoder.layer``)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    return max(lists, key=len) if lists else None
+
+
+def compile_layers(model: nn.Module, **options) -> int:
+    """``torch.compile`` every block of the model in place (``nn.Module.compile``: parameter names
+    and the state dict do not change); returns how many. Compiling each block, not the whole
+    model, keeps one small graph that all blocks of a shape share, and the loss, LoRA bookkeeping
+    and Python control flow outside it. ``options`` go to ``torch.compile``."""
+    layers = _layer_list(model)
+    for layer in layers or ():
+        layer.compile(**options)
+    return len(layers or ())
+
+
+def uncompile_layers(model: nn.Module) -> None:
+    """Undo :func:`compile_layers`: the blocks run eagerly again."""
+    for layer in _layer_list(model) or ():
+        layer._compiled_call_impl = None
+

@@ -30,7 +30,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, TrainSection
 from .data import BatchPlan, collate, load_datasets
 from .dist import all_reduce_sum, cleanup, communication_report, setup, wrap_ddp
-from .fast import patch_model, unpatch_model
+from .fast import compile_layers, patch_model, uncompile_layers, unpatch_model
 from .loss import CausalLMLoss
 from .modeling import check_packed_attention, prepare_model, save_trained
 from .report import MetricsLog, plot_losses
@@ -80,6 +80,8 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
         n_fast = patch_model(model)
         if n_fast:
             say(f"fast kernels: {n_fast} MLP / RMSNorm modules")
+    if t.compile:  # TorchInductor per decoder layer (removed at the end, like the fast forwards)
+        say(f"torch.compile: {compile_layers(model)} decoder layers (the first steps compile)")
     core = CausalLMLoss(model, t.loss_chunk_size)
     loss_model = wrap_ddp(core, dist)  # DDP over the trainable tensors when torchrun started us
     n_train, n_total = _count(model)
@@ -209,6 +211,8 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
         bar.close()
         stop.restore()
     unpatch_model(model)  # the caller gets the model with its own forwards
+    if t.compile:
+        uncompile_layers(model)
 
     # -- results ------------------------------------------------------------------------------------
     run_time = time.perf_counter() - run_start

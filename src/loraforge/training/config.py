@@ -85,8 +85,8 @@ class TrainSection:
     # Exact fast forwards for Llama-family SwiGLU MLPs and RMSNorms (loraforge.training.fast):
     # fewer activations kept for backward, same loss and gradients. false = the models' own.
     fast_kernels: bool = True
-    # torch.compile (TorchInductor) each decoder layer: the first steps compile (9-20 s for the
-    # reference model on CPU), then about 5% faster steps there; off by default (BENCHMARKS.md).
+    # torch.compile (TorchInductor) each decoder layer: the first step compiles (seconds), later
+    # ones were about 5% faster on the reference model on CPU; off by default (BENCHMARKS.md).
     compile: bool = False
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
     seed: int = 0

@@ -19,7 +19,14 @@ import torch
 
 from . import common as C
 
-KINDS = ("lora_loraforge", "lora_peft", "qlora_loraforge", "qlora_peft")
+KINDS = ("lora_loraforge", "lora_peft", "qlora_loraforge", "qlora_peft", "lora_loraforge_ckpt")
+
+
+def _checkpointed(model):
+    from loraforge.training.modeling import enable_activation_checkpointing
+
+    enable_activation_checkpointing(model)  # what `train.gradient_checkpointing: true` does
+    return model
 
 
 def _build(kind: str, wl: C.Workload, device: str):
@@ -33,6 +40,8 @@ def _build(kind: str, wl: C.Workload, device: str):
     ids = C.tokens(wl, device)
     if kind == "lora_loraforge":
         return C.step_loraforge(lf.inject(base, C.lf_config(wl)).train(), ids)
+    if kind == "lora_loraforge_ckpt":
+        return C.step_loraforge(_checkpointed(lf.inject(base, C.lf_config(wl)).train()), ids)
     if kind == "lora_peft":
         return C.step_peft(peft.get_peft_model(base, C.peft_config(wl)).train(), ids)
     if kind == "qlora_loraforge":
@@ -91,3 +100,28 @@ def peak_memory(wl: C.Workload, device: str) -> list[C.Row]:
     if errors:
         raise C.PartialFailure(rows, "; ".join(errors))
     return rows
+
+
+def checkpointing(wl: C.Workload, device: str) -> list[C.Row]:
+    """Activation checkpointing's trade-off for the LoRA step (``train.gradient_checkpointing``):
+    peak memory with and without (fresh processes, as above), and step time with and without
+    (one process, interleaved, same loss checked)."""
+    import loraforge as lf
+
+    with_ckpt = C.run_isolated(measure, "lora_loraforge_ckpt", wl, device)
+    without = C.run_isolated(measure, "lora_loraforge", wl, device)
+    plain = lf.inject(C.llama(wl, device), C.lf_config(wl)).train()
+    C.randomize_lora_b(plain)
+    ckpt = _checkpointed(C.clone(plain))
+    ids = C.tokens(wl, device)
+    steps = {"ckpt": C.step_loraforge(ckpt, ids), "plain": C.step_loraforge(plain, ids)}
+    C.check_same_loss(steps["ckpt"](), steps["plain"](), "checkpointed LoRA step")
+    t = C.interleaved(steps, wl.warmup, wl.reps, device)
+    return [
+        C.Row("checkpointing", "LoRA step peak memory, activation checkpointing vs none (info)",
+              with_ckpt["peak_mb"], without["peak_mb"], "MB", "loraforge, no checkpointing", None),
+        C.Row("checkpointing", "LoRA step time, activation checkpointing vs none (info)", t["ckpt"],
+              t["plain"], "s", "loraforge, no checkpointing", None,
+              f"samples {t.spread('ckpt', 'plain')}", t.best_ratio("ckpt", "plain")),
+    ]
+

@@ -49,12 +49,13 @@ def _groups() -> dict:
         "memory": bench_memory.peak_memory,
         "bound": bench_bound.lower_bound,
         "compile": bench_compile.compiled_step,
+        "checkpointing": bench_memory.checkpointing,
     }
 
 
 GROUP_NAMES = (
     "lora_step", "qlora_step", "nf4", "linear4bit", "inference", "mixed", "switch", "memory", "bound",
-    "compile",
+    "compile", "checkpointing",
 )
 
 

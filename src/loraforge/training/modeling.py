@@ -90,13 +90,19 @@ def prepare_model(cfg: TrainConfig, device: torch.device, log=print):
         lf.inject(model, cfg.lora)
         model.to(device)  # the new adapter tensors
     if cfg.train.gradient_checkpointing:
-        # Non-reentrant checkpointing works with a frozen embedding layer and with DDP.
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_activation_checkpointing(model)
     return model, tokenizer
+
+
+def enable_activation_checkpointing(model) -> None:
+    """transformers' per-layer activation checkpointing, non-reentrant (which works with a frozen
+    embedding layer and with DDP): each decoder layer keeps only its input for backward and runs
+    its forward again there."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def save_trained(model, tokenizer, directory: Path, method: str) -> None:

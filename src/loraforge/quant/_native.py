@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).with_name("_dequant.c")
-# Reused output buffers of this size and more are written with non-temporal stores (bypassing the
-# caches): far larger than a core's L2, they would only evict what is there, and the store skips
-# reading each destination line first. Smaller ones stay in the cache for the matmul next.
+# Outputs of this size and more whose memory was written before are written with non-temporal
+# stores (bypassing the caches): far larger than a core's L2, they would only evict what is there,
+# and the store skips reading each destination line first. Smaller ones stay in the cache for the
+# matmul next.
 STREAM_BYTES = 8 << 20
 _OUT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _lock = threading.Lock()
@@ -189,8 +190,9 @@ def dequantize_blocks(
 ) -> None:
     """Writes blocks ``[b0, b1)`` of ``out`` (flat, contiguous) from ``packed`` (flat uint8).
 
-    ``stream``: ``out`` is a reused buffer, so large outputs go out with non-temporal stores (a
-    fresh one is better written normally: the page fault has just brought each page in).
+    ``stream``: ``out``'s memory was written before (a reused buffer, heap memory: see
+    :func:`written_before`), so an output of ``STREAM_BYTES`` or more goes out with non-temporal
+    stores (a fresh mapping is better written normally: each page fault has just brought its page in).
 
     ctypes releases the GIL for the call, so pieces run in parallel from a thread pool.
     """

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from . import _native
+from . import _native, _triton
 from ._bnb_tables import DYNAMIC_MAP_THRESHOLD_BITS
 from .state import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, QuantState
 
@@ -303,7 +303,8 @@ def dequantize_4bit(
     skip the allocation, whose page faults cost more than the dequantization itself). On CPU the whole
     blocks go through the C loop of ``_dequant.c`` when it could be built (see ``_native``);
     otherwise, per chunk: one gather of 8-byte (high, low) code pairs by byte value, one broadcast
-    multiply by the block scales, one cast. Both give the same bits.
+    multiply by the block scales, one cast. On CUDA, one Triton kernel (``_triton``) when Triton
+    is importable, else the PyTorch path. All give the same bits.
     """
     if packed.dtype != torch.uint8:
         packed = packed.view(torch.uint8)  # bitsandbytes' quant_storage may be another dtype
@@ -318,8 +319,6 @@ def dequantize_4bit(
     dtype = dtype or state.dtype
     device = packed.device
     bs = state.blocksize
-    absmax = state.dequantize_absmax()
-    pairs = _pair_table(state.code.to(device))
     src = packed.reshape(-1)
 
     if out is not None and (
@@ -329,6 +328,11 @@ def dequantize_4bit(
             f"dequantize_4bit: out= must be a contiguous {dtype} tensor of {n} elements on {device}, "
             f"got {out.dtype} {list(out.shape)} on {out.device}"
         )
+    if _triton.usable(src):  # CUDA: one kernel, scales and all (see _triton)
+        result = torch.empty(state.shape, dtype=dtype, device=device) if out is None else out
+        return _triton.dequantize(src.contiguous(), state, result).view(state.shape)
+    absmax = state.dequantize_absmax()
+    pairs = _pair_table(state.code.to(device))
     given = out is not None
     # a work buffer where none is given, for an odd count (the pad nibble is one element more), or
     # where ``out`` is not 8-byte aligned (the PyTorch path writes 8-byte code pairs)

@@ -1,0 +1,120 @@
+"""NF4 / FP4 dequantization on CUDA as one Triton kernel.
+
+PyTorch ops need three passes over a 4-bit weight (gather code pairs by byte, scale per block,
+cast), with fp32 temporaries of 8 bytes per element in between, and a few more small kernels for
+double-quantized block scales; this kernel reads the packed bytes and the (8-bit) block scales
+once and writes the output once: 0.5 + 2 bytes per element for a bf16 weight, one launch.
+
+Per output element ``i`` (flat, row-major, ``0 <= i < n``), with ``b = i // blocksize``::
+
+    byte     = packed[i // 2]
+    q        = byte >> 4  if i is even  else  byte & 0xF          # high nibble first, as bitsandbytes
+    absmax_b = absmax[b]                                          # plain fp32 scales, or with
+             = code2[absmax[b]] * nested_absmax[b // 256] + offset  # double quantization
+    out[i]   = cast(code[q] * absmax_b)                           # fp32, one rounding to out's dtype
+
+which is exactly what ``nf4.dequantize_4bit``'s other paths and ``QuantState.dequantize_absmax``
+compute: each product and sum is one fp32 operation (the kernel is built without fused
+multiply-add, which would round once instead of twice) and the cast rounds to nearest even, so
+all paths give the same bits.
+
+Used by ``nf4.dequantize_4bit`` for CUDA tensors when Triton is importable;
+``LORAFORGE_TRITON=0`` turns it off (the PyTorch path is then used). On CPU this module is not
+used (``_native`` is the CPU kernel); ``TRITON_INTERPRET=1`` runs the kernel on CPU tensors for
+testing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+_BLOCK = 4096  # output elements per program: 2 KB of packed bytes in, 8 KB (bf16) out
+
+
+@functools.cache
+def _kernel(interpret: bool):
+    """Build the kernel on first use (importing Triton costs ~0.5 s; CPU-only users never pay it).
+
+    ``triton.jit`` reads ``TRITON_INTERPRET`` when it decorates, so each mode has its own build."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dequant4(
+        packed_ptr, absmax_ptr, code_ptr, out_ptr, n,
+        code2_ptr, nested_ptr, offset_ptr,  # double quantization only (else unused)
+        BS: tl.constexpr, NESTED_BS: tl.constexpr, NESTED: tl.constexpr, BF16: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # int64 offsets: an embedding's 4-bit weight can pass 2**31 elements
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        byte = tl.load(packed_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
+        q = tl.where(offs % 2 == 0, byte >> 4, byte & 0xF)
+        blk = offs // BS
+        if NESTED:  # 8-bit block scales: the 256-entry code and the nested scales stay in cache
+            qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+            scale = tl.load(code2_ptr + qa) * tl.load(nested_ptr + blk // NESTED_BS, mask=mask, other=0.0)
+            scale = scale + tl.load(offset_ptr)
+        else:
+            scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        val = tl.load(code_ptr + q) * scale  # 16-entry table: stays in L1
+        if BF16:
+            # round to nearest even by hand (what torch's cast does for finite values): Triton's
+            # interpreter truncates, and the bits must not depend on where the kernel runs.
+            # out_ptr is the output viewed as int16.
+            u = val.to(tl.uint32, bitcast=True)
+            u = u + 0x7FFF + ((u >> 16) & 1)
+            tl.store(out_ptr + offs, (u >> 16).to(tl.int16), mask=mask)
+        else:
+            tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=mask)
+
+    return triton, dequant4
+
+
+def enabled() -> bool:
+    if os.environ.get("LORAFORGE_TRITON", "1") == "0":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def usable(packed: torch.Tensor) -> bool:
+    """True where :func:`dequantize` runs: a CUDA tensor (or any, under ``TRITON_INTERPRET=1``)
+    and Triton importable and not switched off."""
+    on_device = packed.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return on_device and enabled()
+
+
+def dequantize(packed: torch.Tensor, state, out: torch.Tensor) -> torch.Tensor:
+    """Write ``cast(code[q_i] * absmax_b)`` for every element of ``out`` (flat view); see above.
+
+    ``packed``: uint8, ``(n + 1) // 2`` bytes, contiguous; ``state``: the weight's ``QuantState``
+    (fp32 scales, or 8-bit ones with ``state2`` and ``offset``), on ``packed``'s device; ``out``:
+    contiguous fp32 / bf16 / fp16 with ``n`` elements. Returns ``out``.
+    """
+    triton, kernel = _kernel(os.environ.get("TRITON_INTERPRET") == "1")
+    n = out.numel()
+    bf16 = out.dtype == torch.bfloat16
+    flat = out.view(-1).view(torch.int16) if bf16 else out.view(-1)
+    code = state.code.to(device=packed.device, dtype=torch.float32)
+    if state.nested:
+        s2 = state.state2
+        absmax = state.absmax.view(torch.uint8)
+        extra = (s2.code.float().contiguous(), s2.absmax.float().contiguous(), state.offset.float().view(1))
+        nested_bs = s2.blocksize
+    else:
+        absmax = state.absmax.float().contiguous()
+        extra, nested_bs = (absmax, absmax, absmax), 1  # placeholders: NESTED=False never reads them
+    kernel[(triton.cdiv(n, _BLOCK),)](
+        packed, absmax, code, flat, n, *extra,
+        BS=state.blocksize, NESTED_BS=nested_bs, NESTED=state.nested, BF16=bf16, BLOCK=_BLOCK,
+        enable_fp_fusion=False,
+    )  # fmt: skip
+    return out

@@ -234,3 +234,63 @@ def test_fused_linear_equals_plain_autograd(monkeypatch, arch, bias):
     assert set(g1) == set(g2) and len(g1) > 0
     for n in g1:
         torch.testing.assert_close(g1[n], g2[n], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["input", "adapter"])
+def test_half_precision_base_compute_modes(mode):
+    """A bf16 base gets fp32 factors. ``input`` (default) runs the branch in bf16 with the
+    factors cast to it; ``adapter`` casts the activation to fp32 (PEFT's default). Either way the
+    factors' gradients are fp32."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 24, dtype=torch.bfloat16))
+    lf.inject(model, lf.LoraConfig(r=4, alpha=8, target_modules=["0"]))
+    layer = model[0]
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert a.dtype == b.dtype == torch.float32 and layer.compute == "input"
+    with torch.no_grad():
+        b.normal_()
+    lf.set_compute(model, mode)
+    x = torch.randn(5, 32).to(torch.bfloat16)
+    y = model(x)
+    with torch.no_grad():
+        if mode == "input":
+            low = F.linear(F.linear(x, a.to(torch.bfloat16)), b.to(torch.bfloat16)) * 2.0
+        else:
+            low = (F.linear(F.linear(x.float(), a), b) * 2.0).to(torch.bfloat16)
+        assert y.dtype == torch.bfloat16 and torch.equal(y, layer.base_layer(x) + low)
+    y.float().square().sum().backward()
+    assert a.grad.dtype == b.grad.dtype == torch.float32 and a.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="set_compute"):
+        lf.set_compute(model, "fp8")
+
+
+@pytest.mark.parametrize("mode", ["input", "adapter"])
+def test_half_precision_mixed_batch_follows_the_compute_mode(mode):
+    """A mixed-adapter batch on a bf16 base runs its low-rank products in the same dtype as
+    one adapter at a time, and agrees with it row by row (up to bf16 rounding)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(32, 24, dtype=torch.bfloat16))
+    lf.inject(model, lf.LoraConfig(r=4, alpha=8, target_modules=["0"]), adapter="a")
+    lf.add_adapter(model, "b", lf.LoraConfig(r=2, alpha=4, target_modules=["0"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    lf.set_compute(model, mode)
+    x = torch.randn(3, 7, 32).to(torch.bfloat16)
+    rows = ["a", "b", "__base__"]
+    with torch.no_grad(), lf.adapter_batch(model, rows):
+        mixed = model(x)
+    with torch.no_grad():
+        singles = []
+        for i, name in enumerate(rows):
+            if name == "__base__":
+                singles.append(model[0].base_layer(x[i : i + 1]))
+            else:
+                lf.set_adapter(model, name)
+                singles.append(model(x[i : i + 1]))
+    want = torch.cat(singles)
+    assert mixed.dtype == torch.bfloat16
+    assert float((mixed.float() - want.float()).norm() / want.float().norm()) < 1e-2

@@ -17,6 +17,7 @@ from .adapters import (
     merge_and_unload,
     merged_adapters,
     set_adapter,
+    set_compute,
     unload,
     unmerge,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "print_trainable_parameters",
     "save_adapter",
     "set_adapter",
+    "set_compute",
     "unload",
     "unmerge",
 ]

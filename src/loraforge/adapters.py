@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .inject import _replace, active_adapters, configs, inject, lora_layers, saved_modules, set_trainable
-from .layers import BASE, LoraLayer, ModulesToSave, _is_quantized
+from .layers import BASE, COMPUTE_MODES, LoraLayer, ModulesToSave, _is_quantized
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -29,6 +29,17 @@ def _check_known(model: nn.Module, names, allow_base: bool = False) -> list[str]
         extra = f" (or {BASE!r} for the base model)" if allow_base else ""
         raise KeyError(f"unknown adapter(s) {bad}; known adapters: {sorted(known)}{extra}")
     return names
+
+
+def set_compute(model: nn.Module, mode: str) -> None:
+    """Where a half-precision (bf16 / fp16) activation meets fp32 LoRA factors: ``"input"``
+    (default) runs the low-rank branch in the activation's dtype with the factors cast to it
+    (fp32 master weights, as under ``torch.autocast``); ``"adapter"`` casts the activation to fp32
+    (PEFT's default). See ``loraforge.layers.LoraLayer``. fp32 models are the same either way."""
+    if mode not in COMPUTE_MODES:
+        raise ValueError(f"set_compute: mode must be one of {COMPUTE_MODES}, got {mode!r}")
+    for _, layer in lora_layers(model):
+        layer.compute = mode
 
 
 def set_adapter(model: nn.Module, adapter: str | list[str]) -> None:
@@ -150,8 +161,12 @@ def _unwrap(model: nn.Module, merge_names: list[str] | None, dequantize: bool) -
 
 
 def _dequantized_linear(q: nn.Module) -> nn.Linear:
+    # in the weight's dtype before quantization, which is the rest of the model's: the compute
+    # dtype may differ (an fp32 model with bf16 compute), and a bf16 layer would then refuse the
+    # fp32 activations that the 4-bit layer took (it casts its input and output)
     weight = q.dequantize(torch.float32)
-    dtype = q.compute_dtype if getattr(q, "compute_dtype", None) is not None else torch.float32
+    state = getattr(q, "quant_state", None)
+    dtype = getattr(state, "dtype", None) or getattr(q, "compute_dtype", None) or torch.float32
     lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=weight.device, dtype=dtype)
     with torch.no_grad():
         lin.weight.copy_(weight)
@@ -298,6 +313,7 @@ __all__ = [
     "merge_and_unload",
     "merged_adapters",
     "set_adapter",
+    "set_compute",
     "unload",
     "unmerge",
 ]

@@ -228,6 +228,15 @@ def test_lora_merge_dequantize_gives_full_precision_model():
     with torch.no_grad():
         got = merged(ids).logits
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    # an fp32 model computing in bf16: the unloaded layers are fp32 like the rest of it
+    half = lf.quantize(tiny_llama().float(), QuantConfig(compute_dtype=torch.bfloat16))
+    lf.inject(half, lf.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        want_half = half(ids).logits
+        plain = lf.merge_and_unload(half, dequantize=True)
+        assert plain.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+        got_half = plain(ids).logits
+    assert float((got_half - want_half).norm() / want_half.norm()) < 2e-2  # bf16 vs fp32 compute
     # requantized merge: stays 4-bit, reports its rounding error
     with pytest.warns(UserWarning, match="requantization changed weights by"):
         requant = lf.merge_and_unload(model, dequantize=False)

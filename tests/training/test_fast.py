@@ -156,6 +156,31 @@ def test_bfloat16_model_with_fp32_adapters_close_to_plain_path():
     assert_close(ref, step(model), tol=2e-2)  # bf16 rounding of a different summation order
 
 
+@pytest.mark.parametrize("mode", ["input", "adapter"])
+def test_bfloat16_model_fast_path_follows_the_compute_mode(mode):
+    """The fused down_proj LoRA computes in the dtype ``lf.set_compute`` chose, like the plain
+    layer: with the same kernels in the same order, the forward is bit for bit the plain one."""
+    cfg = lf.LoraConfig(r=4, alpha=8, target_modules="all-linear")
+    model = lf.inject(tiny_llama().to(torch.bfloat16), cfg)
+    randomize_lora(model)
+    lf.set_compute(model, mode)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 5, mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(0))
+    x = x.to(torch.bfloat16)
+    with torch.enable_grad():
+        plain = mlp(x)
+        fast.patch_model(model)
+        patched = mlp(x)
+        fast.unpatch_model(model)
+    assert torch.equal(plain, patched)
+    ref = step(model.train())
+    fast.patch_model(model)
+    got = step(model)
+    fast.unpatch_model(model)
+    assert_close(ref, got, tol=2e-2)
+    assert all(g.dtype == torch.float32 for g in got[1].values())  # fp32 master factors either way
+
+
 def test_patched_step_keeps_fewer_bytes_for_backward():
     """Bytes of the tensors autograd keeps for backward (each storage once, parameters not
     counted): the fast MLP drops silu(g) and silu(g)*u, two (tokens x intermediate) tensors per
@@ -275,20 +300,46 @@ def _inductor_works() -> bool:
 
 @pytest.mark.skipif(not _inductor_works(), reason="TorchInductor cannot compile on this machine")
 def test_train_loop_compile_flag(tmp_path, capsys):
-    """``train.compile``: off by default; on, every decoder layer is torch.compile'd for the run
-    (same losses as eager) and the returned model runs eagerly again."""
+    """``train.compile``: auto by default, which is off on CPU; true compiles every decoder layer
+    for the run (same losses as eager) and the returned model runs eagerly again."""
     cfg = tiny_config(tmp_path / "a", lora={"r": 4, "alpha": 8, "target_modules": "all-linear"})
-    assert TrainConfig.from_dict(cfg).train.compile is False
+    assert TrainConfig.from_dict(cfg).train.compile == "auto"
     _, eager = lf.train(cfg)
+    assert "torch.compile" not in capsys.readouterr().out
     compiled_cfg = tiny_config(tmp_path / "b", lora=cfg["lora"], train={**cfg["train"], "compile": True})
     model, compiled = lf.train(compiled_cfg)
     out = capsys.readouterr().out
     layers = model.model.layers
-    assert f"torch.compile: {len(layers)} decoder layers" in out
+    assert f"torch.compile (train.compile: true): {len(layers)} decoder layers" in out
     assert all(layer._compiled_call_impl is None for layer in layers)
     assert compiled["train_loss"] == pytest.approx(eager["train_loss"], abs=1e-4)
     with pytest.raises(ConfigError, match="compile"):
         TrainConfig.from_dict(cfg, ["train.compile=maybe"])
+
+
+def test_should_compile_auto_means_cuda_only(monkeypatch):
+    """``auto``: CUDA with Triton, and not for 4-bit bases or activation checkpointing; true and
+    false are obeyed anywhere; anything else is an error."""
+    import sys
+    import types
+
+    from loraforge.quant import QuantConfig, quantize
+
+    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))  # as a CUDA build has it
+    model = tiny_llama()
+    assert fast.should_compile("auto", model, "cuda") == (True, "auto: CUDA")
+    assert fast.should_compile("auto", model, "cuda:1")[0]
+    assert fast.should_compile("auto", model, "cpu") == (False, "auto: not on CUDA")
+    assert not fast.should_compile("auto", model, "cuda", gradient_checkpointing=True)[0]
+    assert fast.should_compile(True, model, "cpu") == (True, "train.compile: true")
+    assert fast.should_compile(False, model, "cuda") == (False, "train.compile: false")
+    four_bit = quantize(tiny_llama(), QuantConfig(skip_modules=["lm_head"]))
+    assert fast.should_compile("auto", four_bit, "cuda") == (False, "auto: 4-bit layers")
+    assert fast.should_compile(True, four_bit, "cuda")[0]
+    monkeypatch.setitem(sys.modules, "triton", None)  # import fails
+    assert fast.should_compile("auto", model, "cuda") == (False, "auto: Triton is not installed")
+    with pytest.raises(ValueError, match="train.compile"):
+        fast.should_compile("sometimes", model, "cuda")
 
 
 def test_compile_layers_finds_the_block_stack():

@@ -25,12 +25,13 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from ..adapters import set_compute
 from ..optim import build_optimizer
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, TrainSection
 from .data import BatchPlan, collate, load_datasets
 from .dist import all_reduce_sum, cleanup, communication_report, setup, wrap_ddp
-from .fast import compile_layers, patch_model, uncompile_layers, unpatch_model
+from .fast import compile_layers, patch_model, should_compile, uncompile_layers, unpatch_model
 from .loss import CausalLMLoss
 from .modeling import check_packed_attention, prepare_model, save_trained
 from .report import MetricsLog, plot_losses
@@ -76,12 +77,18 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
             )
         say(f"resumed from {resume_dir} at step {step}/{total_steps}")
 
-    if t.fast_kernels:  # exact fast MLP / RMSNorm forwards while training (removed at the end)
+    if cfg.method != "full":
+        set_compute(model, t.lora_compute)
+    compiled, why = should_compile(t.compile, model, dist.device, t.gradient_checkpointing)
+    # Exact fast MLP / RMSNorm forwards while training (removed at the end); not under
+    # torch.compile, which fuses and recomputes those ops itself, and whose CUDA backend gave
+    # wrong gradients for the hand-written backward (BENCHMARKS.md)
+    if t.fast_kernels and not compiled:
         n_fast = patch_model(model)
         if n_fast:
             say(f"fast kernels: {n_fast} MLP / RMSNorm modules")
-    if t.compile:  # TorchInductor per decoder layer (removed at the end, like the fast forwards)
-        say(f"torch.compile: {compile_layers(model)} decoder layers (the first steps compile)")
+    if compiled:  # TorchInductor per decoder layer (removed at the end, like the fast forwards)
+        say(f"torch.compile ({why}): {compile_layers(model)} decoder layers (the first steps compile)")
     core = CausalLMLoss(model, t.loss_chunk_size)
     loss_model = wrap_ddp(core, dist)  # DDP over the trainable tensors when torchrun started us
     n_train, n_total = _count(model)
@@ -211,7 +218,7 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
         bar.close()
         stop.restore()
     unpatch_model(model)  # the caller gets the model with its own forwards
-    if t.compile:
+    if compiled:
         uncompile_layers(model)
 
     # -- results ------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ contenders of one row are always timed interleaved in this process (``common.int
 from __future__ import annotations
 
 import tempfile
+import time
 
 import torch
 
@@ -48,20 +49,51 @@ def training_step(wl: C.Workload, device: str) -> list[C.Row]:
     loss of the first step must agree between loraforge and PEFT (1e-4) and so must the adapter
     gradients (1e-3 relative), else the benchmark fails instead of timing different work.
     """
+    from loraforge.training import fast
+
     base, ours, theirs = _pair(wl, device)
     floor = C.frozen_floor(base)
     ids = C.tokens(wl, device)
-    steps = {
-        "loraforge": C.step_loraforge(ours, ids),
+    fp32_copy = C.clone(ours).float() if wl.dtype != torch.float32 else None  # for check_grads
+    steps = {  # loraforge and the floor as the training loop runs them (train.compile: auto)
+        "loraforge": C.step_loraforge(ours, ids, compile="auto"),
         "peft": C.step_peft(theirs, ids),
-        "floor": C.step_loraforge(floor, ids),
+        "floor": C.step_loraforge(floor, ids, compile="auto"),
     }
-    C.check_same_loss(steps["loraforge"](), steps["peft"](), "LoRA training step")
-    diff = C.max_rel_diff(C.lora_grads(ours), C.lora_grads(theirs, prefix="base_model.model."))
-    if diff > 1e-3:
-        raise AssertionError(f"LoRA gradients differ from PEFT's by {diff:.2e} (relative)")
+    compiled = fast.should_compile("auto", ours, device)[0]
+    t0 = time.perf_counter()
+    first = steps["loraforge"]()  # (compiles, where the loop would)
+    first_s = time.perf_counter() - t0
+    peer_loss = steps["peft"]()
+    C.check_same_loss(first, peer_loss, "LoRA training step", tol=C.tol(wl.dtype, 1e-4))
+
+    def reference():
+        C.step_loraforge(fp32_copy, ids, fast=False)()
+        return C.lora_grads(fp32_copy)
+
+    grads_note = C.check_grads(
+        C.lora_grads(ours), C.lora_grads(theirs, prefix="base_model.model."), wl.dtype, "LoRA step vs PEFT",
+        reference if fp32_copy is not None else None,
+    )
+    fp32_copy = None  # (frees the fp32 model)
+    how = f"decoder layers torch.compile'd (first step {first_s:.1f} s); " if compiled else ""
+    if compiled:  # PEFT's model with the same per-layer torch.compile, for information
+        peft_compiled = C.clone(theirs)
+        fast.compile_layers(peft_compiled)
+        steps["peft_compiled"] = C.step_peft(peft_compiled, ids)
+        loss_c = steps["peft_compiled"]()
+        C.check_same_loss(loss_c, peer_loss, "compiled PEFT step", tol=C.tol(wl.dtype, 1e-4))
+    checked = f"checked: loss {first:.5f} vs {peer_loss:.5f}, {grads_note}; "
     t = C.interleaved(steps, wl.warmup, wl.reps, device)
     tok = wl.tokens
+    extra = []
+    if compiled:
+        extra.append(C.Row(
+            "lora_step", "LoRA train step throughput vs PEFT with the same torch.compile (info)",
+            tok / t["loraforge"], tok / t["peft_compiled"], "tok/s", "PEFT, decoder layers compiled", None,
+            f"samples {t.spread('peft_compiled')}",
+            t.best_ratio("loraforge", "peft_compiled", throughput=True),
+        ))  # fmt: skip
     return [
         C.Row(
             "lora_step",
@@ -71,7 +103,7 @@ def training_step(wl: C.Workload, device: str) -> list[C.Row]:
             "tok/s",
             "PEFT",
             (">=", 2.0),
-            f"step {t['loraforge']:.3f} s vs {t['peft']:.3f} s; "
+            f"{how}step {t['loraforge']:.3f} s vs {t['peft']:.3f} s; {checked}"
             f"samples {t.spread('loraforge', 'peft', 'floor')}",
             t.best_ratio("loraforge", "peft", throughput=True),
         ),
@@ -96,7 +128,7 @@ def training_step(wl: C.Workload, device: str) -> list[C.Row]:
             note="PEFT's own overhead over the floor",
             best_ratio=t.best_ratio("peft", "floor"),
         ),
-    ]
+    ] + extra
 
 
 def inference(wl: C.Workload, device: str) -> list[C.Row]:
@@ -112,10 +144,12 @@ def inference(wl: C.Workload, device: str) -> list[C.Row]:
     with torch.no_grad():
         ref, got = base(input_ids=ids).logits, merged(input_ids=ids).logits
         lf_out, peft_out = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
-    if not torch.allclose(lf_out, peft_out, atol=1e-4, rtol=1e-4) or not torch.allclose(
-        got, lf_out, atol=1e-3, rtol=1e-3
-    ):
-        raise AssertionError("merged / unmerged / PEFT logits disagree")
+    if not C.close(lf_out, peft_out, 1e-4) or not C.close(got, lf_out, 1e-3):
+        rel = lambda x, y: float((x.float() - y.float()).norm() / y.float().norm())  # noqa: E731
+        raise AssertionError(
+            f"merged / unmerged / PEFT logits disagree: |unmerged - PEFT| / |PEFT| = "
+            f"{rel(lf_out, peft_out):.2e}, |merged - unmerged| / |unmerged| = {rel(got, lf_out):.2e}"
+        )
     del ref, got, lf_out, peft_out
 
     def fwd(m):
@@ -189,8 +223,9 @@ def mixed_batch(wl: C.Workload, device: str) -> list[C.Row]:
         a = ours(input_ids=ids).logits
     with torch.no_grad():
         b = theirs(input_ids=ids, adapter_names=rows).logits
-    if not torch.allclose(a, b, atol=1e-4, rtol=1e-4):
-        raise AssertionError(f"mixed-batch logits differ from PEFT's by {float((a - b).abs().max()):.2e}")
+    if not C.close(a, b, 1e-4):
+        rel = float((a.float() - b.float()).norm() / b.float().norm())
+        raise AssertionError(f"mixed-batch logits differ from PEFT's by {rel:.2e} (relative norm)")
     del a, b
 
     def ours_mixed():

@@ -15,6 +15,7 @@ measured bits per weight.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -57,6 +58,19 @@ def _bnb_kernel_into(F, packed, state, out):
     return run
 
 
+def _without_triton(fn, *args):
+    """``fn(*args)`` with loraforge's Triton kernel switched off (its PyTorch-ops path on CUDA)."""
+    old = os.environ.get("LORAFORGE_TRITON")
+    os.environ["LORAFORGE_TRITON"] = "0"
+    try:
+        return fn(*args)
+    finally:
+        if old is None:
+            del os.environ["LORAFORGE_TRITON"]
+        else:
+            os.environ["LORAFORGE_TRITON"] = old
+
+
 def speed_rows(
     shapes: list[tuple[int, int]], device: str, warmup: int = 1, reps: int = 7
 ) -> list[C.Row]:
@@ -64,13 +78,17 @@ def speed_rows(
 
     On CPU loraforge dequantizes with its C loop where it could be built (``quant/_native.py``);
     the row says which path ran."""
-    from loraforge.quant import _native, dequantize_4bit, quantize_4bit
+    from loraforge.quant import _native, _triton, dequantize_4bit, quantize_4bit
+    from loraforge.quant.state import QuantState
 
     F, peer = _bnb()
-    peer += " CUDA" if device.startswith("cuda") else " CPU"
-    path = ""
-    if not device.startswith("cuda"):
+    cuda = device.startswith("cuda")
+    peer += " CUDA" if cuda else " CPU"
+    if cuda:
+        path = ", Triton kernel" if _triton.enabled() else ", PyTorch ops (no Triton)"
+    else:
         path = ", C loop" if _native.kernel() is not None else f", PyTorch path ({_native.error() or 'off'})"
+    inner = 20 if cuda else 1  # a GPU dequantization takes tens of microseconds: time 20 calls per sample
     g = torch.Generator().manual_seed(0)
     rows = []
     for (m, n), dtype in [(shape, dt) for shape in shapes for dt in (torch.float32, torch.bfloat16)]:
@@ -80,8 +98,21 @@ def speed_rows(
         if not device.startswith("cuda"):  # bit-exact with the CPU backend (CUDA rounds its own way)
             assert torch.equal(p1, p2) and torch.equal(s1.absmax, s2.absmax), "outputs differ"
             assert torch.equal(s1.state2.absmax, s2.state2.absmax) and torch.equal(s1.offset, s2.offset)
-        fns = {}
-        bnb_into = None if device.startswith("cuda") else _bnb_kernel_into(F, p1, s1, torch.empty_like(w))
+        fns, note = {}, ""
+        if cuda:  # both dequantize bitsandbytes' own bytes: same input, compare the outputs
+            s1_ours = QuantState.from_tensors(s1.as_dict(packed=True))
+            a, b = dequantize_4bit(p1, s1_ours), F.dequantize_4bit(p1, s1)
+            diff = float((a.float() - b.float()).abs().max())
+            same = "bit-identical output" if torch.equal(a, b) else f"max diff {diff:.2e}"
+            note = f"on bitsandbytes' bytes: {same}"
+            p2, s2 = p1, s1_ours
+            out_o, out_b = torch.empty_like(w), torch.empty_like(w)
+            fns = {
+                "ours_o": lambda p=p2, s=s2, o=out_o: dequantize_4bit(p, s, out=o),
+                "bnb_o": lambda p=p1, s=s1, o=out_b: F.dequantize_4bit(p, s, out=o),
+                "torch_d": lambda p=p2, s=s2: _without_triton(dequantize_4bit, p, s),
+            }
+        bnb_into = None if cuda else _bnb_kernel_into(F, p1, s1, torch.empty_like(w))
         if bnb_into is not None:  # the dequantization alone, without the fresh output's page faults
             assert torch.equal(bnb_into(), F.dequantize_4bit(p1, s1)), "bitsandbytes' kernel call is off"
             out = torch.empty_like(w)
@@ -99,17 +130,22 @@ def speed_rows(
             warmup,
             reps,
             device,
+            inner,
         )
         dt = str(dtype).removeprefix("torch.")
         shape = f"{m}x{n} {dt}, NF4+DQ bs {BLOCKSIZE}"
         rows += [
             C.Row("nf4", f"quantize {shape}", t["ours_q"] * 1e3, t["bnb_q"] * 1e3, "ms", peer, ("<=", 1.0)),
             C.Row("nf4", f"dequantize {shape}{path}", t["ours_d"] * 1e3, t["bnb_d"] * 1e3, "ms", peer,
-                  ("<=", 1.0)),
+                  ("<=", 1.0), note=note),
         ]
         if fns:
             rows.append(C.Row("nf4", f"dequantize {shape}{path}, into a preallocated buffer",
-                              t["ours_o"] * 1e3, t["bnb_o"] * 1e3, "ms", peer + " kernel", None))
+                              t["ours_o"] * 1e3, t["bnb_o"] * 1e3, "ms", peer + ("" if cuda else " kernel"),
+                              None))
+        if "torch_d" in fns:
+            rows.append(C.Row("nf4", f"dequantize {shape}, loraforge's PyTorch-ops path (info)",
+                              t["torch_d"] * 1e3, t["bnb_d"] * 1e3, "ms", peer, None))
     return rows
 
 

@@ -81,9 +81,13 @@ class Workload:
         return text
 
 
-def workload(quick: bool = False, size: str = "ref", threads: int = 0) -> Workload:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def workload(quick: bool = False, size: str = "ref", threads: int = 0, dtype: str = "") -> Workload:
     """``ref``: issue 6's reference (fp32). ``1b``: a TinyLlama-1.1B shape in bf16 for a GPU.
-    ``--quick`` keeps the widths but uses 2 layers and a 2 x 64 batch."""
+    ``--quick`` keeps the widths but uses 2 layers and a 2 x 64 batch. ``dtype`` (``fp32``,
+    ``bf16``, ``fp16``) overrides the size's own."""
     if size == "1b":
         wl = Workload(
             name="1b",
@@ -117,6 +121,8 @@ def workload(quick: bool = False, size: str = "ref", threads: int = 0) -> Worklo
         raise ValueError(f"unknown size {size!r}; use ref, 1b or tiny")
     if quick and size != "tiny":
         wl = dataclasses.replace(wl, name=wl.name + "-quick", layers=2, batch=2, seq=64, reps=5, quick=True)
+    if dtype:
+        wl = dataclasses.replace(wl, dtype=DTYPES[dtype])  # (describe() names the dtype)
     return dataclasses.replace(wl, threads=threads)
 
 
@@ -229,8 +235,13 @@ class Timings(dict):
         )
 
 
-def interleaved(fns: dict[str, Callable[[], object]], warmup: int, reps: int, device: str) -> Timings:
-    """Median seconds per call of each function, timed interleaved (see the module docstring)."""
+def interleaved(
+    fns: dict[str, Callable[[], object]], warmup: int, reps: int, device: str, inner: int = 1
+) -> Timings:
+    """Median seconds per call of each function, timed interleaved (see the module docstring).
+
+    ``inner`` > 1 times that many back-to-back calls per sample and divides: for GPU kernels of
+    tens of microseconds, where one synchronisation per call would be a large part of the time."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
@@ -242,9 +253,10 @@ def interleaved(fns: dict[str, Callable[[], object]], warmup: int, reps: int, de
         for n in names[k:] + names[:k]:
             sync(device)
             t0 = time.perf_counter()
-            fns[n]()
+            for _ in range(inner):
+                fns[n]()
             sync(device)
-            times[n].append(time.perf_counter() - t0)
+            times[n].append((time.perf_counter() - t0) / inner)
     return Timings(times)
 
 
@@ -321,17 +333,23 @@ def copy_lora(src: torch.nn.Module, dst: torch.nn.Module) -> int:
     return n
 
 
-def step_loraforge(model: torch.nn.Module, ids: torch.Tensor, fast: bool = True) -> Callable[[], float]:
+def step_loraforge(
+    model: torch.nn.Module, ids: torch.Tensor, fast: bool = True, compile: bool | str = False
+) -> Callable[[], float]:
     """One loraforge training step: ``CausalLMLoss`` (chunked linear + cross-entropy, no full
     logits) divided by the number of target tokens, then backward. Gradients are dropped
     (set to None) before each step; no optimizer update is timed (it is the same few hundred
     thousand adapter parameters for every contender). ``fast``: the model first gets the
     training loop's exact fast MLP / RMSNorm forwards (``loraforge.training.fast``, on by
-    default there as ``train.fast_kernels``)."""
+    default there as ``train.fast_kernels``). ``compile``: as ``train.compile`` (``"auto"``: the
+    training loop's default, which compiles the decoder layers on CUDA only, and then leaves the
+    MLP / RMSNorm forwards to TorchInductor, as the loop does)."""
     from loraforge.training import fast as fast_kernels
     from loraforge.training.loss import CausalLMLoss
 
-    if fast:
+    if fast_kernels.should_compile(compile, model, ids.device)[0]:
+        fast_kernels.compile_layers(model)  # (without the fast forwards, as the training loop)
+    elif fast:
         fast_kernels.patch_model(model)
     loss_fn = CausalLMLoss(model)
     labels = shifted_labels(ids)
@@ -390,6 +408,68 @@ def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)) for k in a)
 
 
+def check_grads(
+    ours: dict[str, torch.Tensor],
+    peer: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    what: str,
+    reference: Callable[[], dict[str, torch.Tensor]] | None = None,
+) -> str:
+    """Raise unless two implementations' adapter gradients agree; returns a note saying how well.
+
+    fp32: ``max_rel_diff`` within 1e-3. bf16 / fp16: two exact implementations round differently
+    and a deep model amplifies that (5e-2 apart in relative norm after 22 bf16 layers), so each is
+    compared with ``reference()`` (the same step in fp32, the gradients of the fp32 adapter): ours
+    must be no further from it than twice the peer's distance (plus 1e-3)."""
+    if dtype == torch.float32 or reference is None:
+        diff = grad_diff(ours, peer, dtype)
+        if diff > tol(dtype, 1e-3):
+            raise AssertionError(f"{what}: adapter gradients differ by {diff:.2e} (relative)")
+        return f"adapter grads differ by {diff:.1e}"
+    ref = reference()
+    err_ours, err_peer = grad_diff(ours, ref, dtype), grad_diff(peer, ref, dtype)
+    note = f"adapter grads' error vs an fp32 step: {err_ours:.1e} (peer {err_peer:.1e})"
+    if err_ours > 2 * err_peer + 1e-3:
+        raise AssertionError(f"{what}: {note}")
+    return note
+
+
+def grad_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], dtype: torch.dtype) -> float:
+    """How far two sets of adapter gradients are apart, for a check against ``tol(dtype, 1e-3)``:
+    in fp32 :func:`max_rel_diff`; in bf16 / fp16 the relative norm of all of them together, since
+    a low-precision step has a few elements far off in some tensor whatever the implementation."""
+    if dtype == torch.float32:
+        return max_rel_diff(a, b)
+    if set(a) != set(b) or not a:
+        raise AssertionError(f"gradient sets differ: {len(a)} vs {len(b)} tensors")
+    num = sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in a)
+    den = sum(float(b[k].float().pow(2).sum()) for k in a)
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+# How far two exact implementations of the same step may drift apart only by rounding, as a
+# relative error: fp32 keeps 24 mantissa bits, bf16 8 and fp16 11, and a step is thousands of
+# roundings deep, so a bf16 check can only tell "same work" from "different work" (errors of
+# order 1) at a few per cent.
+_LOW_PRECISION_TOL = {torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+def tol(dtype: torch.dtype, fp32: float) -> float:
+    """A check's tolerance in ``dtype``: ``fp32`` as given for float32, looser for bf16 / fp16."""
+    return max(fp32, _LOW_PRECISION_TOL.get(dtype, fp32))
+
+
+def close(a: torch.Tensor, b: torch.Tensor, fp32_tol: float) -> bool:
+    """``a`` equals ``b`` up to rounding: elementwise ``allclose`` (atol = rtol = ``fp32_tol``) in
+    fp32; in bf16 / fp16, whose elementwise errors are large near zero, the relative error norm
+    ``|a - b| / |b|`` within ``tol(dtype, fp32_tol)``."""
+    if a.dtype == torch.float32:
+        return torch.allclose(a, b, atol=fp32_tol, rtol=fp32_tol)
+    bound = tol(a.dtype, fp32_tol)
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30)) <= bound
+
+
 def check_same_loss(ours: float, peer: float, what: str, tol: float = 1e-4) -> None:
     """The contenders must compute the same thing before we compare their speed."""
     if not abs(ours - peer) <= tol * max(1.0, abs(peer)):
@@ -440,9 +520,15 @@ def run_isolated(fn: Callable, *args):
     """Run ``fn(*args)`` in a fresh process and return its result.
 
     Processes come from a ``forkserver`` that has only imported the libraries (never built a
-    model or run an op), so each child starts clean, without paying the ~10-20 s import again.
+    model or run an op), so each child starts clean, without paying the ~10-20 s import again;
+    where CUDA is available they are spawned (see below).
     """
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)
+    if torch.cuda.is_available():
+        # a forkserver that imported the libraries may have initialised CUDA already (bitsandbytes
+        # does on import), and CUDA cannot be used in a process forked after that
+        ctx = multiprocessing.get_context("spawn")
+    else:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(_PRELOAD)
     with ctx.Pool(1, maxtasksperchild=1) as pool:
         return pool.apply(fn, args)

@@ -1,7 +1,7 @@
 """Run the benchmarks of issue 6 and print one table: loraforge | peer | ratio | target | met?
 
     python -m benchmarks.run [--quick] [--device cpu|cuda] [--size ref|1b] [--only NAMES]
-                             [--threads N] [--json OUT] [--markdown]
+                             [--dtype fp32|bf16|fp16] [--threads N] [--json OUT] [--markdown]
 
 ``ratio`` is always loraforge's figure divided by the peer's, in the row's unit: for tok/s
 (throughput) higher is better, for s / ms / MB lower is better; the target column gives issue
@@ -100,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["ref", "1b", "tiny"],
         help="ref: issue 6's workload; 1b: TinyLlama-1.1B shape in bf16 (GPU); tiny: smoke test",
     )
+    ap.add_argument(
+        "--dtype",
+        default="",
+        choices=["", "fp32", "bf16", "fp16"],
+        help="override the size's dtype (ref: fp32, 1b: bf16), e.g. to try the bf16 checks on CPU",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(GROUP_NAMES)}")
     ap.add_argument("--json", default="", help="also write all figures to this JSON file")
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--device cuda but torch.cuda.is_available() is False")
 
     start = time.perf_counter()
-    wl = C.workload(args.quick, args.size, args.threads)
+    wl = C.workload(args.quick, args.size, args.threads, args.dtype)
     C.apply_threads(wl)
     machine, date = C.machine(args.device), C.today()
     print(f"machine: {machine}\ndate: {date}\ndevice: {args.device}\nworkload: {wl.describe()}", flush=True)

@@ -61,7 +61,8 @@ class LoraLayer(nn.Module):
     fp32 and the branch runs in fp32 (PEFT's default). Both keep the gradient error of a bf16
     step (4.1e-2 and 4.0e-2 against an fp32 step for a 1B Llama), but casting the (tokens x in)
     activations to fp32 and back took the step from 2.23x to 1.69x PEFT's throughput and its peak
-    memory from 8.5 to 11.0 GB there (H100, BENCHMARKS.md). Set with ``loraforge.set_compute(model, mode)``.
+    memory from 8.5 to 11.0 GB there (H100, BENCHMARKS.md). Set with
+    ``loraforge.set_compute(model, mode)``.
     """
 
     adapter_param_names: tuple[str, ...] = ()

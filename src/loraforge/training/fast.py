@@ -52,11 +52,11 @@ from ..layers import LoraLinear
 
 __all__ = [
     "compile_layers",
-    "should_compile",
     "fast_kernels",
     "is_patched",
     "patch_model",
     "patched_modules",
+    "should_compile",
     "uncompile_layers",
     "unpatch_model",
 ]
@@ -370,7 +370,7 @@ def should_compile(
     setting: bool | str, model: nn.Module, device: torch.device | str, gradient_checkpointing: bool = False
 ) -> tuple[bool, str]:
     """What ``train.compile`` means for this run, and why: ``True`` / ``False`` as given;
-    ``"auto"`` compiles on CUDA, where it pays (0.63x the step time of a 1B Llama on an H100, a
+    ``"auto"`` compiles on CUDA, where it pays (0.55x the step time of a 1B Llama on an H100, a
     ~20 s first step), and not on CPU (0.95x on the reference model, for a first step of ~9 s).
     ``auto`` also stays eager for 4-bit bases (their dequantization kernels are not traced) and
     with activation checkpointing (which re-enters the layers in backward); ``true`` still forces

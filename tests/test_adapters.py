@@ -97,6 +97,52 @@ def test_mixed_batch_runs_base_once_and_no_loop_over_rows(ids):
     assert out.shape == (64, 5, 96)
 
 
+def test_mixed_batch_stacks_are_kept_until_a_factor_changes(ids):
+    """Inference reuses a layer's stacked factors from call to call (decoding); an in-place
+    update of a factor (an optimizer step, load_state_dict) makes the next call rebuild them; with
+    gradients on, nothing is kept and the factors get their gradients."""
+    m = _three_adapters()
+    layer = m.model.layers[0].self_attn.q_proj
+    names = ["pirate", "formal", "__base__"]
+
+    def mixed():
+        with lf.adapter_batch(m, names):
+            return logits(m, ids)
+
+    def one_at_a_time():
+        rows = []
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with lf.disable_adapters(m):
+                    rows.append(logits(m, ids[i : i + 1]))
+            else:
+                lf.set_adapter(m, name)
+                rows.append(logits(m, ids[i : i + 1]))
+        return torch.cat(rows)
+
+    first = mixed()
+    stacks = layer.__dict__["_stack_cache"][1]
+    again = mixed()
+    assert layer.__dict__["_stack_cache"][1] is stacks and torch.equal(first, again)  # reused
+    with torch.no_grad():
+        layer.lora_B["formal"].weight.add_(0.5)  # in place: the version counter moves
+    changed = mixed()
+    assert layer.__dict__["_stack_cache"][1] is not stacks and not torch.equal(changed, first)
+    torch.testing.assert_close(changed, one_at_a_time(), rtol=0, atol=1e-5)
+    # training through a mixed batch: no cache, gradients reach each adapter's factors
+    m.train()
+    for p in m.parameters():
+        p.grad = None
+    for n in ("pirate", "formal"):
+        for p in (layer.lora_A[n].weight, layer.lora_B[n].weight):
+            p.requires_grad_(True)
+    with lf.adapter_batch(m, names):
+        m(ids).logits.square().mean().backward()
+    assert layer.__dict__["_stack_cache"] is None
+    grad = layer.lora_A["formal"].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
 def test_mixed_batch_rejects_unknown_and_wrong_length(ids):
     m = _three_adapters()
     with pytest.raises(KeyError, match="known adapters"):

@@ -261,10 +261,15 @@ class LoraLayer(nn.Module):
         """Unique adapter names used by the batch (BASE first) and each row's index into them."""
         if len(names) != batch:
             raise ValueError(f"adapter_batch got {len(names)} names for a batch of {batch} rows")
+        key = (tuple(names), str(device), tuple(self.r))
+        cached = self.__dict__.get("_row_cache")
+        if cached is not None and cached[0] == key:  # e.g. every decoding step of one batch
+            return cached[1]
         uniq = [BASE] + sorted({n for n in names if n != BASE and n in self.r})
         pos = {n: i for i, n in enumerate(uniq)}
         # An adapter that does not wrap this layer acts as the base here (as in PEFT).
         idx = torch.tensor([pos.get(n, 0) for n in names], device=device)
+        self.__dict__["_row_cache"] = (key, (uniq, idx))  # (a plain attribute: not in state_dict)
         return uniq, idx
 
     def extra_repr(self) -> str:
@@ -379,6 +384,33 @@ class LoraLinear(LoraLayer):
             return None
         return live[0]
 
+    def _stacks(self, uniq: list[str], dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's factors zero-padded to the largest rank and stacked, BASE first as zeros:
+        A (n, r_max, in) and s·B (n, out, r_max). Building them takes ~2n small copies per layer
+        per forward, so where no gradient is needed (inference, decoding step after step) they are
+        kept until a factor changes: the key holds each factor's storage and version counter,
+        which every in-place update (an optimizer step, load_state_dict) advances."""
+        params = [p for n in uniq[1:] for p in self.factors(n)]
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        try:
+            versions = tuple((p.data_ptr(), p._version) for p in params)
+        except RuntimeError:  # inference tensors keep no version counter: no cache
+            versions, grad = (), True
+        key = (tuple(uniq), dtype, str(device), versions, tuple(self.scaling[n] for n in uniq[1:]))
+        cached = self.__dict__.get("_stack_cache")
+        if not grad and cached is not None and cached[0] == key:
+            return cached[1]
+        r_max = max(self.r[n] for n in uniq[1:])
+        a_stack = torch.zeros((len(uniq), r_max, self.in_features), dtype=dtype, device=device)
+        b_stack = torch.zeros((len(uniq), self.out_features, r_max), dtype=dtype, device=device)
+        for i, n in enumerate(uniq[1:], start=1):
+            a, b = self.factors(n)
+            a_stack[i, : self.r[n]] = a
+            b_stack[i, :, : self.r[n]] = b * self.scaling[n]
+        # one entry (the latest batch's adapters); none while a gradient flows through the copies
+        self.__dict__["_stack_cache"] = None if grad else (key, (a_stack, b_stack))
+        return a_stack, b_stack
+
     def _forward_mixed(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:
         # The base matmul runs once for the whole batch; the low-rank path is a gather of each
         # row's (A, B) followed by two batched matmuls. Ranks differ, so factors are zero-padded
@@ -387,14 +419,8 @@ class LoraLinear(LoraLayer):
         uniq, idx = self._row_index(names, x.shape[0], x.device)
         if len(uniq) == 1:
             return result
-        r_max = max(self.r[n] for n in uniq[1:])
         dtype = self.branch_dtype(x.dtype, self.lora_A[uniq[1]].weight.dtype)
-        a_stack = x.new_zeros((len(uniq), r_max, self.in_features), dtype=dtype)
-        b_stack = x.new_zeros((len(uniq), self.out_features, r_max), dtype=dtype)
-        for i, n in enumerate(uniq[1:], start=1):
-            a, b = self.factors(n)
-            a_stack[i, : self.r[n]] = a
-            b_stack[i, :, : self.r[n]] = b * self.scaling[n]
+        a_stack, b_stack = self._stacks(uniq, dtype, x.device)
         xb = x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)  # (batch, tokens, in)
         low = torch.bmm(xb, a_stack[idx].transpose(1, 2))  # (batch, tokens, r_max)
         delta = torch.bmm(low, b_stack[idx].transpose(1, 2))  # (batch, tokens, out)

@@ -54,7 +54,7 @@ def training_step(wl: C.Workload, device: str) -> list[C.Row]:
     base, ours, theirs = _pair(wl, device)
     floor = C.frozen_floor(base)
     ids = C.tokens(wl, device)
-    fp32_copy = C.clone(ours).float() if wl.dtype != torch.float32 else None  # for check_grads
+    reference = C.fp32_grads(C.clone(ours).float(), ids) if wl.dtype != torch.float32 else None
     steps = {  # loraforge and the floor as the training loop runs them (train.compile: auto)
         "loraforge": C.step_loraforge(ours, ids, compile="auto"),
         "peft": C.step_peft(theirs, ids),
@@ -66,16 +66,10 @@ def training_step(wl: C.Workload, device: str) -> list[C.Row]:
     first_s = time.perf_counter() - t0
     peer_loss = steps["peft"]()
     C.check_same_loss(first, peer_loss, "LoRA training step", tol=C.tol(wl.dtype, 1e-4))
-
-    def reference():
-        C.step_loraforge(fp32_copy, ids, fast=False)()
-        return C.lora_grads(fp32_copy)
-
     grads_note = C.check_grads(
         C.lora_grads(ours), C.lora_grads(theirs, prefix="base_model.model."), wl.dtype, "LoRA step vs PEFT",
-        reference if fp32_copy is not None else None,
+        reference,
     )
-    fp32_copy = None  # (frees the fp32 model)
     how = f"decoder layers torch.compile'd (first step {first_s:.1f} s); " if compiled else ""
     if compiled:  # PEFT's model with the same per-layer torch.compile, for information
         peft_compiled = C.clone(theirs)

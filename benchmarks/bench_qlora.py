@@ -162,21 +162,16 @@ def training_step(wl: C.Workload, device: str) -> list[C.Row]:
     only the loss is checked, to 1e-2, and the row says so."""
     ours, theirs, mismatches = qlora_pair(wl, device)
     ids = C.tokens(wl, device)
-    fp32_copy = fp32_reference(ours) if wl.dtype != torch.float32 and not mismatches else None
+    low = wl.dtype != torch.float32 and not mismatches
+    reference = C.fp32_grads(fp32_reference(ours), ids) if low else None
     steps = {"loraforge": C.step_loraforge(ours, ids), "peft": C.step_peft(theirs, ids)}
     loss_tol = C.tol(wl.dtype, 1e-2 if mismatches else 1e-4)
     C.check_same_loss(steps["loraforge"](), steps["peft"](), "QLoRA training step", tol=loss_tol)
-
-    def reference():
-        C.step_loraforge(fp32_copy, ids, fast=False)()
-        return C.lora_grads(fp32_copy)
-
     if not mismatches:
         C.check_grads(
             C.lora_grads(ours), C.lora_grads(theirs, prefix="base_model.model."), wl.dtype,
-            "QLoRA step vs PEFT + bitsandbytes", reference if fp32_copy is not None else None,
+            "QLoRA step vs PEFT + bitsandbytes", reference,
         )
-    fp32_copy = None  # (frees the copy)
     t = C.interleaved(steps, wl.warmup, wl.reps, device)
     tok = wl.tokens
     return [

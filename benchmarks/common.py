@@ -434,6 +434,20 @@ def check_grads(
     return note
 
 
+def fp32_grads(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], dict[str, torch.Tensor]]:
+    """``check_grads``' reference: a function running one plain loraforge step of ``model`` (an
+    fp32 copy, made before the compared models were compiled or patched) and returning its
+    adapter gradients; it drops the copy once run."""
+    held = [model]
+
+    def run() -> dict[str, torch.Tensor]:
+        m = held.pop()
+        step_loraforge(m, ids, fast=False)()
+        return lora_grads(m)
+
+    return run
+
+
 def grad_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], dtype: torch.dtype) -> float:
     """How far two sets of adapter gradients are apart, for a check against ``tol(dtype, 1e-3)``:
     in fp32 :func:`max_rel_diff`; in bf16 / fp16 the relative norm of all of them together, since

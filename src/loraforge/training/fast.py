@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import LoraLinear
+from ..layers import LoraLinear, _is_quantized
 
 __all__ = [
     "compile_layers",
@@ -383,7 +383,7 @@ def should_compile(
         return False, "auto: not on CUDA"
     if gradient_checkpointing:
         return False, "auto: activation checkpointing is on"
-    if any(hasattr(m, "quant_state") and hasattr(m, "dequantize") for m in model.modules()):
+    if any(_is_quantized(m) for m in model.modules()):
         return False, "auto: 4-bit layers"
     try:
         import triton  # noqa: F401  (TorchInductor's GPU code generator)

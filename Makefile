@@ -25,6 +25,8 @@ lint: $(VENV)/.installed
 
 test: $(VENV)/.installed lint
 	$(BIN)/python -m pytest
+	# the GPU tests' own logic, with the CPU as the device (on a GPU they run in the line above)
+	LORAFORGE_TEST_DEVICE=cpu $(BIN)/python -m pytest tests/test_cuda.py
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks.run --quick

@@ -342,6 +342,33 @@ def test_should_compile_auto_means_cuda_only(monkeypatch):
         fast.should_compile("sometimes", model, "cuda")
 
 
+@pytest.mark.skipif(not _inductor_works(), reason="TorchInductor cannot compile on this machine")
+def test_compiled_qlora_layers_equal_eager_with_one_graph_each():
+    """4-bit layers under torch.compile: their dequantization is one opaque operator, so a
+    compiled decoder layer has no graph break, and the step equals the eager one."""
+    import torch._dynamo
+
+    from loraforge.quant import QuantConfig, quantize
+
+    model = lf.inject(
+        quantize(tiny_llama(), QuantConfig(compute_dtype=torch.float32, skip_modules=["lm_head"])),
+        lf.LoraConfig(r=4, alpha=8, target_modules="all-linear"),
+    )
+    randomize_lora(model)
+    model.train()
+    ref = step(model)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    fast.compile_layers(model)
+    try:
+        step(model)  # compiles
+        got = step(model)
+    finally:
+        fast.uncompile_layers(model)
+    assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
+    assert_close(ref, got, tol=1e-5)
+
+
 def test_compile_layers_finds_the_block_stack():
     model = tiny_llama()
     assert fast.compile_layers(model) == len(model.model.layers)

@@ -28,8 +28,46 @@ _REUSE_BYTES = 32 << 20
 _buffers = threading.local()
 
 
+@torch.library.custom_op("loraforge::dequantize_4bit", mutates_args=())
+def _dequantize_op(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    nested_blocksize: int,
+    quant_type: str,
+    shape: list[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``dequantize_4bit`` as one opaque operator for ``torch.compile``: traced through, the C
+    loop's ctypes call, its thread pool and the scales' ``.item()`` each break the graph (dozens
+    of breaks per decoder layer); as an operator with a shape-only fake below, a compiled layer
+    keeps one graph. Eager code calls ``dequantize_4bit`` directly (see ``_dequantize``)."""
+    state2 = None
+    if nested_absmax is not None:
+        state2 = QuantState(nested_absmax, nested_code, nested_blocksize, None, torch.float32)
+    state = QuantState(absmax, code, blocksize, quant_type, dtype, torch.Size(shape), offset, state2)
+    return dequantize_4bit(packed, state, dtype)
+
+
+@_dequantize_op.register_fake
+def _(packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+      shape, dtype):  # fmt: skip
+    return packed.new_empty(shape, dtype=dtype)
+
+
 def _dequantize(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
     """``dequantize_4bit`` for a matmul that uses the result at once and keeps no reference."""
+    if torch.compiler.is_compiling():  # one opaque operator in the graph, a fresh output
+        s2 = state.state2
+        return _dequantize_op(
+            packed, state.absmax, state.code, s2.absmax if s2 else None, s2.code if s2 else None,
+            state.offset, state.blocksize, s2.blocksize if s2 else 0, state.quant_type,
+            list(state.shape), dtype,
+        )  # fmt: skip
     n = math.prod(state.shape)
     if packed.device.type != "cpu" or n * dtype.itemsize < _REUSE_BYTES:
         return dequantize_4bit(packed, state, dtype)

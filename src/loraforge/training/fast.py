@@ -372,9 +372,10 @@ def should_compile(
     """What ``train.compile`` means for this run, and why: ``True`` / ``False`` as given;
     ``"auto"`` compiles on CUDA, where it pays (0.55x the step time of a 1B Llama on an H100, a
     ~20 s first step), and not on CPU (0.95x on the reference model, for a first step of ~9 s).
-    ``auto`` also stays eager for 4-bit bases (their dequantization kernels are not traced) and
-    with activation checkpointing (which re-enters the layers in backward); ``true`` still forces
-    it there."""
+    ``auto`` also stays eager for 4-bit bases (compiled, they are exact and keep one graph per
+    layer, their dequantization being one opaque operator; but no GPU has timed or checked that
+    yet) and with activation checkpointing (which re-enters the layers in backward); ``true``
+    still forces it there."""
     if setting is not True and setting is not False and setting != "auto":
         raise ValueError(f"train.compile: expected true, false or auto, got {setting!r}")
     if setting != "auto":

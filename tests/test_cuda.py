@@ -445,8 +445,9 @@ def test_compiled_layers_equal_eager_on_device(patched):
 # -- (8) the training loop -------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_train_on_device_writes_an_adapter_that_loads_on_cpu(tmp_path, method):
-    """``lf.train`` on the device with its defaults (``train.compile: auto`` compiles the LoRA run's
-    decoder layers on CUDA, not the QLoRA one's); then the adapter on a CPU base; then a resume."""
+    """``lf.train`` on the device with its defaults (8 steps: too short for ``train.compile: auto``
+    to compile; ``test_compiled_layers_equal_eager_on_device`` covers that); then the adapter on a
+    CPU base; then a resume."""
     pytest.importorskip("datasets")  # the loop reads JSONL through it (a dependency of loraforge)
     out = tmp_path / "run"
     run = {"device": DEVICE, "max_steps": 8, "batch_size": 8, "save_every": 4, "keep_checkpoints": 3}

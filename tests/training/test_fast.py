@@ -318,8 +318,8 @@ def test_train_loop_compile_flag(tmp_path, capsys):
 
 
 def test_should_compile_auto_means_cuda_only(monkeypatch):
-    """``auto``: CUDA with Triton, and not for 4-bit bases or activation checkpointing; true and
-    false are obeyed anywhere; anything else is an error."""
+    """``auto``: CUDA with Triton, and not for 4-bit bases, activation checkpointing or short
+    runs; true and false are obeyed anywhere; anything else is an error."""
     import sys
     import types
 
@@ -331,6 +331,11 @@ def test_should_compile_auto_means_cuda_only(monkeypatch):
     assert fast.should_compile("auto", model, "cuda:1")[0]
     assert fast.should_compile("auto", model, "cpu") == (False, "auto: not on CUDA")
     assert not fast.should_compile("auto", model, "cuda", gradient_checkpointing=True)[0]
+    assert fast.should_compile("auto", model, "cuda", steps=fast.MIN_COMPILE_STEPS)[0]
+    assert fast.should_compile("auto", model, "cuda", steps=80) == (
+        False, f"auto: a short run (80 < {fast.MIN_COMPILE_STEPS} forward+backward passes)"
+    )
+    assert fast.should_compile(True, model, "cuda", steps=80)[0]
     assert fast.should_compile(True, model, "cpu") == (True, "train.compile: true")
     assert fast.should_compile(False, model, "cuda") == (False, "train.compile: false")
     four_bit = quantize(tiny_llama(), QuantConfig(skip_modules=["lm_head"]))

@@ -366,16 +366,26 @@ def compile_layers(model: nn.Module, **options) -> int:
     return len(layers or ())
 
 
+# Fewer forward+backward passes than this and ``auto`` stays eager: the first compiled step takes
+# ~20 s, which a 1B model's 0.55x step time on an H100 earns back only after ~250 steps.
+MIN_COMPILE_STEPS = 300
+
+
 def should_compile(
-    setting: bool | str, model: nn.Module, device: torch.device | str, gradient_checkpointing: bool = False
+    setting: bool | str,
+    model: nn.Module,
+    device: torch.device | str,
+    gradient_checkpointing: bool = False,
+    steps: int | None = None,
 ) -> tuple[bool, str]:
     """What ``train.compile`` means for this run, and why: ``True`` / ``False`` as given;
     ``"auto"`` compiles on CUDA, where it pays (0.55x the step time of a 1B Llama on an H100, a
     ~20 s first step), and not on CPU (0.95x on the reference model, for a first step of ~9 s).
     ``auto`` also stays eager for 4-bit bases (compiled, they are exact and keep one graph per
     layer, their dequantization being one opaque operator; but no GPU has timed or checked that
-    yet) and with activation checkpointing (which re-enters the layers in backward); ``true``
-    still forces it there."""
+    yet), with activation checkpointing (which re-enters the layers in backward), and for runs of
+    fewer than ``MIN_COMPILE_STEPS`` forward+backward passes (``steps``; the quickstart's 80 would
+    spend longer compiling than training); ``true`` still forces it there."""
     if setting is not True and setting is not False and setting != "auto":
         raise ValueError(f"train.compile: expected true, false or auto, got {setting!r}")
     if setting != "auto":
@@ -384,6 +394,8 @@ def should_compile(
         return False, "auto: not on CUDA"
     if gradient_checkpointing:
         return False, "auto: activation checkpointing is on"
+    if steps is not None and steps < MIN_COMPILE_STEPS:
+        return False, f"auto: a short run ({steps} < {MIN_COMPILE_STEPS} forward+backward passes)"
     if any(_is_quantized(m) for m in model.modules()):
         return False, "auto: 4-bit layers"
     try:

@@ -255,11 +255,12 @@ def test_half_precision_base_compute_modes(mode):
     x = torch.randn(5, 32).to(torch.bfloat16)
     y = model(x)
     with torch.no_grad():
-        if mode == "input":
-            low = F.linear(F.linear(x, a.to(torch.bfloat16)), b.to(torch.bfloat16)) * 2.0
+        if mode == "input":  # one addmm: s on the (tokens x r) side, the sum inside the product
+            low = F.linear(x, a.to(torch.bfloat16)) * 2.0
+            want = torch.addmm(layer.base_layer(x), low, b.to(torch.bfloat16).t())
         else:
-            low = (F.linear(F.linear(x.float(), a), b) * 2.0).to(torch.bfloat16)
-        assert y.dtype == torch.bfloat16 and torch.equal(y, layer.base_layer(x) + low)
+            want = layer.base_layer(x) + (F.linear(F.linear(x.float(), a), b) * 2.0).to(torch.bfloat16)
+        assert y.dtype == torch.bfloat16 and torch.equal(y, want)
     y.float().square().sum().backward()
     assert a.grad.dtype == b.grad.dtype == torch.float32 and a.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="set_compute"):

@@ -3,6 +3,8 @@ every gradient within 1e-5 (fp32), and they keep fewer bytes for backward."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import randomize_lora, tiny_bert, tiny_gpt2, tiny_llama, tiny_qwen2
@@ -145,15 +147,34 @@ def test_gradient_checkpointing_with_fast_path_equals_plain_path():
     check_equal_paths(model)
 
 
+def rel_norm(got: dict, ref: dict) -> float:
+    """‖got − ref‖ / ‖ref‖ over all gradients together."""
+    num = sum(float((got[k].float() - ref[k].float()).square().sum()) for k in ref)
+    return (num / sum(float(ref[k].float().square().sum()) for k in ref)) ** 0.5
+
+
+def check_bf16_fast_path(model) -> tuple:
+    """bf16 rounds the two paths' different summation orders differently: they must agree to
+    2e-2 in relative norm, and the fast one be no further than the plain one (+10%) from the same
+    step computed in fp32."""
+    exact = step(copy.deepcopy(model).float())
+    plain = step(model)
+    fast.patch_model(model)
+    got = step(model)
+    fast.unpatch_model(model)
+    assert abs(float(got[0] - plain[0])) <= 2e-2 * abs(float(plain[0]))
+    assert rel_norm(got[1], plain[1]) < 2e-2
+    assert rel_norm(got[1], exact[1]) <= 1.1 * rel_norm(plain[1], exact[1])
+    return got
+
+
 def test_bfloat16_model_with_fp32_adapters_close_to_plain_path():
     model = lf.inject(
         tiny_llama().to(torch.bfloat16), lf.LoraConfig(r=4, alpha=8, target_modules="all-linear")
     )
     randomize_lora(model)
     assert model.model.layers[0].mlp.down_proj.lora_A["default"].weight.dtype == torch.float32
-    ref = step(model.train())
-    fast.patch_model(model)
-    assert_close(ref, step(model), tol=2e-2)  # bf16 rounding of a different summation order
+    check_bf16_fast_path(model.train())
 
 
 @pytest.mark.parametrize("mode", ["input", "adapter"])
@@ -173,11 +194,7 @@ def test_bfloat16_model_fast_path_follows_the_compute_mode(mode):
         patched = mlp(x)
         fast.unpatch_model(model)
     assert torch.equal(plain, patched)
-    ref = step(model.train())
-    fast.patch_model(model)
-    got = step(model)
-    fast.unpatch_model(model)
-    assert_close(ref, got, tol=2e-2)
+    got = check_bf16_fast_path(model.train())
     assert all(g.dtype == torch.float32 for g in got[1].values())  # fp32 master factors either way
 
 

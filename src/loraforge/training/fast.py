@@ -92,48 +92,44 @@ class _SwiGLU(torch.autograd.Function):
 
 
 class _SwiGLULora(torch.autograd.Function):
-    """(g, u, A, B, s) -> (p, s·(p·Aᵀ)·Bᵀ) with p = silu(g)·u: the SwiGLU product and the LoRA
-    part of ``down_proj`` applied to it (the caller adds ``base_layer(p)``, which keeps no copy
-    of p when the base is frozen).
+    """(g, u, A) -> (p, p·Aᵀ) with p = silu(g)·u: the SwiGLU product and the first LoRA product
+    of ``down_proj`` on it. The caller adds ``base_layer(p)`` and s·(p·Aᵀ)·Bᵀ as the plain layer
+    does (``LoraLinear.add_low_rank``); neither keeps a copy of p when the base is frozen.
 
-    Shapes: g, u (..., I); A (r × I); B (O × r); outputs p (..., I) and low (..., O).
-    Backward, with P = ∂L/∂p from the base layer and G = ∂L/∂low (N × O), G_B = G·B (N × r):
-        ∂L/∂p = P + s·G_B·A      ∂L/∂A = s·G_Bᵀ·p      ∂L/∂B = s·Gᵀ·(p·Aᵀ)
-    then ∂L/∂g, ∂L/∂u as in ``_SwiGLU``. Kept: g, u and the rank-r p·Aᵀ; p is recomputed.
+    Shapes: g, u (..., I); A (r × I); outputs p (..., I) and xa (..., r).
+    Backward, with P = ∂L/∂p from the base layer and X = ∂L/∂xa (N × r):
+        ∂L/∂p = P + X·A      ∂L/∂A = Xᵀ·p
+    then ∂L/∂g, ∂L/∂u as in ``_SwiGLU``. Kept: g and u (the rank-r xa is kept by the caller's
+    product, for B's gradient); p is recomputed.
     """
 
     @staticmethod
-    def forward(ctx, g, u, a, b, scaling: float):
+    def forward(ctx, g, u, a):
         p = F.silu(g).mul_(u)
-        xa = F.linear(p.to(a.dtype), a)  # LoRA runs in A's dtype, as LoraLinear._lora does
-        low = F.linear(xa, b) * scaling
-        ctx.save_for_backward(g, u, a, b, xa)
-        ctx.scaling = scaling
-        return p, low
+        xa = F.linear(p.to(a.dtype), a)  # LoRA runs in A's dtype, as LoraLinear does
+        ctx.save_for_backward(g, u, a)
+        return p, xa
 
     @staticmethod
-    def backward(ctx, dp, dlow):
-        g, u, a, b, xa = ctx.saved_tensors
-        s, width = ctx.scaling, g.shape[-1]
-        grad = dlow.reshape(-1, dlow.shape[-1])
-        g_b = grad @ b  # (N × r)
+    def backward(ctx, dp, dxa):
+        g, u, a = ctx.saved_tensors
+        width = g.shape[-1]
+        grad = dxa.reshape(-1, dxa.shape[-1])  # (N × r)
         silu = F.silu(g)
-        da = db = None
+        da = None
         if ctx.needs_input_grad[2]:
             p = (silu * u).to(a.dtype)  # bitwise the forward's p: the same kernels on the same g, u
-            da = (g_b.t() @ p.reshape(-1, width)).mul_(s)
+            da = grad.t() @ p.reshape(-1, width)
             del p
-        if ctx.needs_input_grad[3]:
-            db = (grad.t() @ xa.reshape(-1, xa.shape[-1])).mul_(s)
         dg = du = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             dp2 = dp.reshape(-1, width)
             if a.dtype == dp.dtype:
-                dp2 = torch.addmm(dp2, g_b, a, alpha=s)  # P + s·G_B·A in one pass, a new buffer
+                dp2 = torch.addmm(dp2, grad, a)  # P + X·A in one pass, a new buffer
             else:  # fp32 LoRA on a half-precision model: add in the model's dtype
-                dp2 = dp2 + (g_b @ a).mul_(s).to(dp.dtype)
+                dp2 = dp2 + (grad @ a).to(dp.dtype)
             dg, du = _swiglu_backward(ctx, dp2.view(g.shape), g, u, silu, dp_is_ours=True)
-        return dg, du, da, db, None
+        return dg, du, da
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -200,10 +196,9 @@ def _mlp_fast(self, x: torch.Tensor) -> torch.Tensor:
     if name is None:  # plain nn.Linear, merged / disabled adapters, dropout, mixed batch, ...
         return down(_SwiGLU.apply(g, u))
     down._check_merged_training()
-    a, b = down.compute_factors(name, g.dtype)  # (cast to a half-precision input, as _lora does)
-    p, low = _SwiGLULora.apply(g, u, a, b, down.scaling[name])
-    result = down.base_layer(p)
-    return result + low.to(result.dtype)
+    a, b = down.compute_factors(name, g.dtype)  # (cast to a half-precision input, as the layer does)
+    p, xa = _SwiGLULora.apply(g, u, a)
+    return down.add_low_rank(down.base_layer(p), xa, b, down.scaling[name])
 
 
 def _mlp_forward(self, x, *args, **kwargs):

@@ -360,11 +360,6 @@ class LoraLinear(LoraLayer):
         branch = self.branch_dtype(dtype, a.dtype)
         return (a, b) if branch == a.dtype else (a.to(branch), b.to(branch))
 
-    def _lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        a, b = self.compute_factors(name, x.dtype)
-        x = self.lora_dropout[name](x.to(a.dtype))
-        return F.linear(F.linear(x, a), b) * self.scaling[name]
-
     def _add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.compute_factors(name, x.dtype)
         xa = F.linear(self.lora_dropout[name](x.to(a.dtype)), a)

@@ -98,16 +98,13 @@ def test_mixed_batch_runs_base_once_and_no_loop_over_rows(ids):
 
 
 def test_mixed_batch_stacks_are_kept_until_a_factor_changes(ids):
-    """Inference reuses a layer's stacked factors from call to call (decoding); an in-place
-    update of a factor (an optimizer step, load_state_dict) makes the next call rebuild them; with
-    gradients on, nothing is kept and the factors get their gradients."""
+    """Inside one ``adapter_batch`` block, inference reuses a layer's stacked factors from call to
+    call (decoding); an in-place update of a factor (an optimizer step, load_state_dict) makes the
+    next call rebuild them; the block's end drops them; with gradients on, nothing is kept and the
+    factors get their gradients."""
     m = _three_adapters()
     layer = m.model.layers[0].self_attn.q_proj
     names = ["pirate", "formal", "__base__"]
-
-    def mixed():
-        with lf.adapter_batch(m, names):
-            return logits(m, ids)
 
     def one_at_a_time():
         rows = []
@@ -120,14 +117,16 @@ def test_mixed_batch_stacks_are_kept_until_a_factor_changes(ids):
                 rows.append(logits(m, ids[i : i + 1]))
         return torch.cat(rows)
 
-    first = mixed()
-    stacks = layer.__dict__["_stack_cache"][1]
-    again = mixed()
-    assert layer.__dict__["_stack_cache"][1] is stacks and torch.equal(first, again)  # reused
-    with torch.no_grad():
-        layer.lora_B["formal"].weight.add_(0.5)  # in place: the version counter moves
-    changed = mixed()
-    assert layer.__dict__["_stack_cache"][1] is not stacks and not torch.equal(changed, first)
+    with lf.adapter_batch(m, names):
+        first = logits(m, ids)
+        stacks = layer.__dict__["_stack_cache"][1]
+        again = logits(m, ids)
+        assert layer.__dict__["_stack_cache"][1] is stacks and torch.equal(first, again)  # reused
+        with torch.no_grad():
+            layer.lora_B["formal"].weight.add_(0.5)  # in place: the version counter moves
+        changed = logits(m, ids)
+        assert layer.__dict__["_stack_cache"][1] is not stacks and not torch.equal(changed, first)
+    assert "_stack_cache" not in layer.__dict__ and "_row_cache" not in layer.__dict__
     torch.testing.assert_close(changed, one_at_a_time(), rtol=0, atol=1e-5)
     # training through a mixed batch: no cache, gradients reach each adapter's factors
     m.train()
@@ -138,7 +137,7 @@ def test_mixed_batch_stacks_are_kept_until_a_factor_changes(ids):
             p.requires_grad_(True)
     with lf.adapter_batch(m, names):
         m(ids).logits.square().mean().backward()
-    assert layer.__dict__["_stack_cache"] is None
+        assert layer.__dict__["_stack_cache"] is None
     grad = layer.lora_A["formal"].weight.grad
     assert grad is not None and grad.abs().sum() > 0
 

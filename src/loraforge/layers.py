@@ -404,8 +404,9 @@ class LoraLinear(LoraLayer):
         """The batch's factors zero-padded to the largest rank and stacked, BASE first as zeros:
         A (n, r_max, in) and s·B (n, out, r_max). Building them takes ~2n small copies per layer
         per forward, so where no gradient is needed (inference, decoding step after step) they are
-        kept until a factor changes: the key holds each factor's storage and version counter,
-        which every in-place update (an optimizer step, load_state_dict) advances."""
+        kept until a factor changes (the key holds each factor's storage and version counter,
+        which every in-place update, an optimizer step or load_state_dict, advances) or the
+        ``adapter_batch`` block ends."""
         params = [p for n in uniq[1:] for p in self.factors(n)]
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         try:

@@ -75,14 +75,19 @@ def _kernel(interpret: bool):
     return triton, dequant4
 
 
-def enabled() -> bool:
-    if os.environ.get("LORAFORGE_TRITON", "1") == "0":
-        return False
+@functools.cache
+def _importable() -> bool:
+    # once per process: a failed import searches sys.path again on every attempt, and
+    # dequantize_4bit asks on every call of a CUDA 4-bit layer
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def enabled() -> bool:
+    return os.environ.get("LORAFORGE_TRITON", "1") != "0" and _importable()
 
 
 def usable(packed: torch.Tensor) -> bool:

@@ -139,10 +139,10 @@ def inference(wl: C.Workload, device: str) -> list[C.Row]:
         ref, got = base(input_ids=ids).logits, merged(input_ids=ids).logits
         lf_out, peft_out = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
     if not C.close(lf_out, peft_out, 1e-4) or not C.close(got, lf_out, 1e-3):
-        rel = lambda x, y: float((x.float() - y.float()).norm() / y.float().norm())  # noqa: E731
         raise AssertionError(
             f"merged / unmerged / PEFT logits disagree: |unmerged - PEFT| / |PEFT| = "
-            f"{rel(lf_out, peft_out):.2e}, |merged - unmerged| / |unmerged| = {rel(got, lf_out):.2e}"
+            f"{C.rel_err(lf_out, peft_out):.2e}, "
+            f"|merged - unmerged| / |unmerged| = {C.rel_err(got, lf_out):.2e}"
         )
     del ref, got, lf_out, peft_out
 
@@ -218,8 +218,8 @@ def mixed_batch(wl: C.Workload, device: str) -> list[C.Row]:
     with torch.no_grad():
         b = theirs(input_ids=ids, adapter_names=rows).logits
     if not C.close(a, b, 1e-4):
-        rel = float((a.float() - b.float()).norm() / b.float().norm())
-        raise AssertionError(f"mixed-batch logits differ from PEFT's by {rel:.2e} (relative norm)")
+        diff = C.rel_err(a, b)
+        raise AssertionError(f"mixed-batch logits differ from PEFT's by {diff:.2e} (relative norm)")
     del a, b
 
     def ours_mixed():

@@ -473,15 +473,19 @@ def tol(dtype: torch.dtype, fp32: float) -> float:
     return max(fp32, _LOW_PRECISION_TOL.get(dtype, fp32))
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``|a - b| / |b|`` (Frobenius norms, computed in fp32)."""
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
 def close(a: torch.Tensor, b: torch.Tensor, fp32_tol: float) -> bool:
     """``a`` equals ``b`` up to rounding: elementwise ``allclose`` (atol = rtol = ``fp32_tol``) in
     fp32; in bf16 / fp16, whose elementwise errors are large near zero, the relative error norm
     ``|a - b| / |b|`` within ``tol(dtype, fp32_tol)``."""
     if a.dtype == torch.float32:
         return torch.allclose(a, b, atol=fp32_tol, rtol=fp32_tol)
-    bound = tol(a.dtype, fp32_tol)
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30)) <= bound
+    return rel_err(a, b) <= tol(a.dtype, fp32_tol)
 
 
 def check_same_loss(ours: float, peer: float, what: str, tol: float = 1e-4) -> None:

@@ -164,7 +164,8 @@ def training_step(wl: C.Workload, device: str) -> list[C.Row]:
     ids = C.tokens(wl, device)
     low = wl.dtype != torch.float32 and not mismatches
     reference = C.fp32_grads(fp32_reference(ours), ids) if low else None
-    steps = {"loraforge": C.step_loraforge(ours, ids), "peft": C.step_peft(theirs, ids)}
+    # loraforge as its training loop runs it by default (train.compile: auto)
+    steps = {"loraforge": C.step_loraforge(ours, ids, compile="auto"), "peft": C.step_peft(theirs, ids)}
     loss_tol = C.tol(wl.dtype, 1e-2 if mismatches else 1e-4)
     C.check_same_loss(steps["loraforge"](), steps["peft"](), "QLoRA training step", tol=loss_tol)
     if not mismatches:

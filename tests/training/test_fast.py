@@ -356,7 +356,8 @@ def test_should_compile_auto_means_cuda_only(monkeypatch):
     assert fast.should_compile(True, model, "cpu") == (True, "train.compile: true")
     assert fast.should_compile(False, model, "cuda") == (False, "train.compile: false")
     four_bit = quantize(tiny_llama(), QuantConfig(skip_modules=["lm_head"]))
-    assert fast.should_compile("auto", four_bit, "cuda") == (False, "auto: 4-bit layers")
+    assert fast.should_compile("auto", four_bit, "cuda") == (True, "auto: CUDA")  # (one graph each)
+    assert fast.should_compile("auto", four_bit, "cpu")[0] is False
     assert fast.should_compile(True, four_bit, "cuda")[0]
     monkeypatch.setitem(sys.modules, "triton", None)  # import fails
     assert fast.should_compile("auto", model, "cuda") == (False, "auto: Triton is not installed")

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import LoraLinear, _is_quantized
+from ..layers import LoraLinear
 
 __all__ = [
     "compile_layers",
@@ -374,13 +374,13 @@ def should_compile(
     steps: int | None = None,
 ) -> tuple[bool, str]:
     """What ``train.compile`` means for this run, and why: ``True`` / ``False`` as given;
-    ``"auto"`` compiles on CUDA, where it pays (0.55x the step time of a 1B Llama on an H100, a
-    ~20 s first step), and not on CPU (0.95x on the reference model, for a first step of ~9 s).
-    ``auto`` also stays eager for 4-bit bases (compiled, they are exact and keep one graph per
-    layer, their dequantization being one opaque operator; but no GPU has timed or checked that
-    yet), with activation checkpointing (which re-enters the layers in backward), and for runs of
-    fewer than ``MIN_COMPILE_STEPS`` forward+backward passes (``steps``; the quickstart's 80 would
-    spend longer compiling than training); ``true`` still forces it there."""
+    ``"auto"`` compiles on CUDA, where it pays (a 1B Llama on an H100: 0.56x the eager step time,
+    0.63x with a 4-bit base, whose dequantization stays one opaque operator in each layer's graph;
+    a first step of 8-20 s), and not on CPU (0.95x on the reference model, for a first step of
+    ~9 s). ``auto`` also stays eager with activation checkpointing (which re-enters the layers in
+    backward), and for runs of fewer than ``MIN_COMPILE_STEPS`` forward+backward passes
+    (``steps``; the quickstart's 80 would spend longer compiling than training); ``true`` still
+    forces it there."""
     if setting is not True and setting is not False and setting != "auto":
         raise ValueError(f"train.compile: expected true, false or auto, got {setting!r}")
     if setting != "auto":
@@ -391,8 +391,6 @@ def should_compile(
         return False, "auto: activation checkpointing is on"
     if steps is not None and steps < MIN_COMPILE_STEPS:
         return False, f"auto: a short run ({steps} < {MIN_COMPILE_STEPS} forward+backward passes)"
-    if any(_is_quantized(m) for m in model.modules()):
-        return False, "auto: 4-bit layers"
     try:
         import triton  # noqa: F401  (TorchInductor's GPU code generator)
     except ImportError:

@@ -98,10 +98,10 @@ def test_mixed_batch_runs_base_once_and_no_loop_over_rows(ids):
 
 
 def test_mixed_batch_stacks_are_kept_until_a_factor_changes(ids):
-    """Inside one ``adapter_batch`` block, inference reuses a layer's stacked factors from call to
-    call (decoding); an in-place update of a factor (an optimizer step, load_state_dict) makes the
-    next call rebuild them; the block's end drops them; with gradients on, nothing is kept and the
-    factors get their gradients."""
+    """Inference reuses a layer's stacked factors from call to call (decoding) and from block to
+    block (serving); an in-place update of a factor (an optimizer step, load_state_dict) makes the
+    next call rebuild them, and so does another set of adapters; deleting an adapter drops them;
+    with gradients on, nothing is kept and the factors get their gradients."""
     m = _three_adapters()
     layer = m.model.layers[0].self_attn.q_proj
     names = ["pirate", "formal", "__base__"]
@@ -126,8 +126,18 @@ def test_mixed_batch_stacks_are_kept_until_a_factor_changes(ids):
             layer.lora_B["formal"].weight.add_(0.5)  # in place: the version counter moves
         changed = logits(m, ids)
         assert layer.__dict__["_stack_cache"][1] is not stacks and not torch.equal(changed, first)
-    assert "_stack_cache" not in layer.__dict__ and "_row_cache" not in layer.__dict__
     torch.testing.assert_close(changed, one_at_a_time(), rtol=0, atol=1e-5)
+    with lf.adapter_batch(m, names):  # the next block (a server's next batch): still kept
+        assert torch.equal(logits(m, ids), changed)
+        kept = layer.__dict__["_stack_cache"][1]
+    other = ["formal", "formal", "__base__"]
+    with lf.adapter_batch(m, other):  # another set of adapters: rebuilt
+        logits(m, ids)
+        assert layer.__dict__["_stack_cache"][1] is not kept
+    lf.delete_adapter(m, "formal")
+    assert "_stack_cache" not in layer.__dict__
+    m = _three_adapters()
+    layer = m.model.layers[0].self_attn.q_proj
     # training through a mixed batch: no cache, gradients reach each adapter's factors
     m.train()
     for p in m.parameters():

@@ -73,9 +73,10 @@ def adapter_batch(model: nn.Module, names: list[str]):
     """Run one adapter per batch row: ``names[i]`` for row i (``"__base__"`` = no adapter).
 
     The base layers run once for the whole batch; each LoRA layer gathers the rows' (A, B)
-    factors and applies them with two batched matmuls (see ``LoraLinear._forward_mixed``). The
-    layers keep their stacked factors from call to call inside the block (a ``generate`` call
-    decodes step after step with them) and drop them when it ends.
+    factors and applies them with two batched matmuls (see ``LoraLinear._forward_mixed``). Where
+    no gradient is needed the layers keep their stacked factors from call to call, inside the
+    block and after it (a server runs batch after batch, a ``generate`` call step after step),
+    until a factor, the batch's set of adapters or the dtype changes (see ``LoraLinear._stacks``).
     """
     names = _check_known(model, names, allow_base=True)
     layers = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
@@ -89,8 +90,6 @@ def adapter_batch(model: nn.Module, names: list[str]):
     finally:
         for m in layers:
             m.batch_adapters = previous[id(m)]
-            m.__dict__.pop("_stack_cache", None)  # (see LoraLinear._stacks)
-            m.__dict__.pop("_row_cache", None)
 
 
 def merge(model: nn.Module, adapter: str | list[str] | None = None) -> None:

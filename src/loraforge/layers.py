@@ -110,6 +110,7 @@ class LoraLayer(nn.Module):
         for d in (self.r, self.alpha, self.scaling):
             d.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
+        self.__dict__.pop("_stack_cache", None)  # (mixed batches' stacked factors: see _stacks)
 
     @property
     def adapters(self) -> list[str]:
@@ -402,11 +403,14 @@ class LoraLinear(LoraLayer):
 
     def _stacks(self, uniq: list[str], dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's factors zero-padded to the largest rank and stacked, BASE first as zeros:
-        A (n, r_max, in) and s·B (n, out, r_max). Building them takes ~2n small copies per layer
-        per forward, so where no gradient is needed (inference, decoding step after step) they are
-        kept until a factor changes (the key holds each factor's storage and version counter,
-        which every in-place update, an optimizer step or load_state_dict, advances) or the
-        ``adapter_batch`` block ends."""
+        A (n, r_max, in) and s·B (n, r_max, out) (B transposed, so the second batched matmul
+        reads it as stored). Building them takes ~2n small copies per layer, ~40 µs of Python
+        for 8 adapters, which made a GPU-bound forward CPU-bound; so where no gradient is needed
+        (serving: batch after batch, decoding step after step) they are kept, one set per layer,
+        until a factor changes (the key holds each factor's storage and version counter, which
+        every in-place update, an optimizer step or ``load_state_dict``, advances), the batch's
+        adapters or dtype change, or the adapter is deleted. They cost one copy of the batch's
+        adapters in the branch dtype, as a multi-adapter server's stacked adapter buffer does."""
         params = [p for n in uniq[1:] for p in self.factors(n)]
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         try:
@@ -417,21 +421,23 @@ class LoraLinear(LoraLayer):
         cached = self.__dict__.get("_stack_cache")
         if not grad and cached is not None and cached[0] == key:
             return cached[1]
+        self.__dict__.pop("_stack_cache", None)  # (free the old set before building the new one)
         r_max = max(self.r[n] for n in uniq[1:])
         a_stack = torch.zeros((len(uniq), r_max, self.in_features), dtype=dtype, device=device)
-        b_stack = torch.zeros((len(uniq), self.out_features, r_max), dtype=dtype, device=device)
+        b_stack = torch.zeros((len(uniq), r_max, self.out_features), dtype=dtype, device=device)
         for i, n in enumerate(uniq[1:], start=1):
             a, b = self.factors(n)
             a_stack[i, : self.r[n]] = a
-            b_stack[i, :, : self.r[n]] = b * self.scaling[n]
-        # one entry (the latest batch's adapters); none while a gradient flows through the copies
+            b_stack[i, : self.r[n]] = b.T * self.scaling[n]
+        # none kept while a gradient flows through the copies (training a mixed batch)
         self.__dict__["_stack_cache"] = None if grad else (key, (a_stack, b_stack))
         return a_stack, b_stack
 
     def _forward_mixed(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:
         # The base matmul runs once for the whole batch; the low-rank path is a gather of each
-        # row's (A, B) followed by two batched matmuls. Ranks differ, so factors are zero-padded
-        # to the largest r (zero rows/columns add nothing); BASE rows get zero factors.
+        # row's (A, B) followed by two batched matmuls, the second adding into the base output
+        # (baddbmm: no separate sum over the (batch, tokens, out) tensor). Ranks differ, so
+        # factors are zero-padded to the largest r (zero rows add nothing); BASE rows get zeros.
         result = self.base_layer(x, *args, **kwargs)
         uniq, idx = self._row_index(names, x.shape[0], x.device)
         if len(uniq) == 1:
@@ -440,7 +446,10 @@ class LoraLinear(LoraLayer):
         a_stack, b_stack = self._stacks(uniq, dtype, x.device)
         xb = x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)  # (batch, tokens, in)
         low = torch.bmm(xb, a_stack[idx].transpose(1, 2))  # (batch, tokens, r_max)
-        delta = torch.bmm(low, b_stack[idx].transpose(1, 2))  # (batch, tokens, out)
+        if result.dtype == dtype:
+            out = torch.baddbmm(result.reshape(low.shape[0], low.shape[1], -1), low, b_stack[idx])
+            return out.reshape(result.shape)
+        delta = torch.bmm(low, b_stack[idx])  # (batch, tokens, out)
         return result + delta.reshape(result.shape).to(result.dtype)
 
 

@@ -23,6 +23,7 @@ import time
 import traceback
 
 import torch
+import torch._dynamo
 
 from . import common as C
 
@@ -129,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     errors: dict[str, str] = {}
     for name in names:
         t0 = time.perf_counter()
+        # Each group compiles afresh: Dynamo's per-function recompile limit (8) counts every model
+        # earlier groups compiled (floor, PEFT, QLoRA: different guards), and past it the compiled
+        # layers silently run eagerly.
+        torch._dynamo.reset()
         try:
             got = groups[name](wl, args.device)
         except C.PartialFailure as e:

@@ -76,3 +76,23 @@ def test_switched_off_by_environment(monkeypatch):
     assert _triton.usable(packed)
     monkeypatch.setenv("LORAFORGE_TRITON", "0")
     assert not _triton.usable(packed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_compiled_graph_operator_matches_other_paths(monkeypatch, dtype, double_quant):
+    """The kernel as the ``triton_op`` that compiled 4-bit layers use: called as is (in the
+    interpreter on CPU) and, on a GPU, inside ``torch.compile`` (Inductor builds it itself, with
+    fp fusion on: the PTX multiply keeps the bits)."""
+    w = (torch.randn(37, 129, generator=torch.Generator().manual_seed(5)) * 3).to(DEVICE, dtype)
+    packed, state = quantize_4bit(w, blocksize=64, double_quant=double_quant)
+    want = _reference(monkeypatch, packed, state, dtype)
+    assert _triton.prepare_compiled(interpret=DEVICE == "cpu")
+    got = _triton.compiled_call(packed, state, dtype, interpret=DEVICE == "cpu")
+    assert got.dtype == dtype and _same_bits(got, want)
+    if DEVICE == "cuda":
+        from loraforge.quant.linear4bit import _dequantize
+
+        torch.compiler.reset()
+        compiled = torch.compile(lambda p: _dequantize(p, state, dtype) * 1, fullgraph=True)
+        assert _same_bits(compiled(packed), want)

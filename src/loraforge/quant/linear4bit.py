@@ -14,6 +14,7 @@ import threading
 import torch
 from torch import nn
 
+from . import _triton
 from .config import QuantConfig
 from .nf4 import dequantize_4bit, quantize_4bit
 from .state import QuantState
@@ -61,6 +62,8 @@ def _(packed, absmax, code, nested_absmax, nested_code, offset, blocksize, neste
 
 def _dequantize(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
     """``dequantize_4bit`` for a matmul that uses the result at once and keeps no reference."""
+    if torch.compiler.is_compiling() and _triton.compilable(packed):  # launched by Inductor itself
+        return _triton.compiled_call(packed, state, dtype)
     if torch.compiler.is_compiling():  # one opaque operator in the graph, a fresh output
         s2 = state.state2
         return _dequantize_op(
@@ -69,6 +72,8 @@ def _dequantize(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> 
             list(state.shape), dtype,
         )  # fmt: skip
     n = math.prod(state.shape)
+    if packed.is_cuda and False not in _triton._OPS:
+        _triton.prepare_compiled()  # (ready for a later torch.compile of the model)
     if packed.device.type != "cpu" or n * dtype.itemsize < _REUSE_BYTES:
         return dequantize_4bit(packed, state, dtype)
     cache = getattr(_buffers, "by_size", None)

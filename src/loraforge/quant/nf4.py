@@ -330,7 +330,7 @@ def dequantize_4bit(
         )
     if _triton.usable(src):  # CUDA: one kernel, scales and all (see _triton)
         result = torch.empty(state.shape, dtype=dtype, device=device) if out is None else out
-        return _triton.dequantize(src.contiguous(), state, result).view(state.shape)
+        return _triton.dequantize(src, state, result).view(state.shape)  # (src: reshape gives contiguous)
     absmax = state.dequantize_absmax()
     pairs = _pair_table(state.code.to(device))
     given = out is not None

@@ -64,7 +64,7 @@ def _dequantize(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> 
     """``dequantize_4bit`` for a matmul that uses the result at once and keeps no reference."""
     if torch.compiler.is_compiling() and _triton.compilable(packed):  # launched by Inductor itself
         return _triton.compiled_call(packed, state, dtype)
-    if torch.compiler.is_compiling():  # one opaque operator in the graph, a fresh output
+    if torch.compiler.is_compiling():  # elsewhere (CPU, ROCm, no Triton): one opaque operator
         s2 = state.state2
         return _dequantize_op(
             packed, state.absmax, state.code, s2.absmax if s2 else None, s2.code if s2 else None,

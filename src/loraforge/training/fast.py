@@ -406,4 +406,3 @@ def uncompile_layers(model: nn.Module) -> None:
     """Undo :func:`compile_layers`: the blocks run eagerly again."""
     for layer in _layer_list(model) or ():
         layer._compiled_call_impl = None
-

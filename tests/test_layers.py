@@ -295,3 +295,22 @@ def test_half_precision_mixed_batch_follows_the_compute_mode(mode):
     want = torch.cat(singles)
     assert mixed.dtype == torch.bfloat16
     assert float((mixed.float() - want.float()).norm() / want.float().norm()) < 1e-2
+
+
+def test_unfused_sum_leaves_a_hooked_base_output_alone():
+    """The unfused path adds the low-rank product into the base's output in place where the layer
+    owns that output, but not where a forward hook may keep it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12))
+    lf.inject(model, lf.LoraConfig(r=2, alpha=4, dropout=0.1, target_modules=["0"]))  # unfused
+    with torch.no_grad():
+        model[0].lora_B["default"].weight.normal_()
+    model.eval()
+    x = torch.randn(2, 5, 16)
+    seen = []
+    handle = model[0].base_layer.register_forward_hook(lambda m, i, o: seen.append(o))
+    out = model(x)
+    handle.remove()
+    base = model[0].base_layer(x)
+    torch.testing.assert_close(seen[0].reshape(base.shape), base)  # not modified in place
+    torch.testing.assert_close(model(x), out)

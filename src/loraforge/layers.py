@@ -368,8 +368,11 @@ class LoraLinear(LoraLayer):
 
     def _owns_output(self) -> bool:
         """Whether the base's output is a fresh tensor that nothing else holds or saves for
-        backward (ours to add into in place): ``nn.Linear`` and loraforge's 4-bit linear."""
+        backward (ours to add into in place): ``nn.Linear`` and loraforge's 4-bit linear, with
+        no forward hook that could keep a reference to it."""
         base = self.base_layer
+        if base._forward_hooks or nn.modules.module._global_forward_hooks:
+            return False
         return type(base) is nn.Linear or type(base).__module__ == "loraforge.quant.linear4bit"
 
     @staticmethod

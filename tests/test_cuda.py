@@ -428,18 +428,23 @@ def test_compiled_layers_equal_eager_on_device(patched):
     eager = fast_step(dev, DEVICE)
     if patched:
         fast.patch_model(dev)
-    fast.compile_layers(dev)
+    assert_same_step(eager, compiled_step(dev), 1e-4)
+
+
+def compiled_step(model):
+    """``fast_step`` with the decoder layers compiled (the second step, after the one that
+    compiles); the model is left uncompiled and unpatched again."""
+    fast.compile_layers(model)
     try:
-        fast_step(dev, DEVICE)  # compiles
-        compiled = fast_step(dev, DEVICE)
+        fast_step(model, DEVICE)  # compiles
+        return fast_step(model, DEVICE)
     except Exception as e:  # on CPU without a C++ toolchain TorchInductor cannot build kernels
         if ON_CUDA:
             raise
         pytest.skip(f"TorchInductor cannot compile here: {type(e).__name__}")
     finally:
-        fast.uncompile_layers(dev)
-        fast.unpatch_model(dev)
-    assert_same_step(eager, compiled, 1e-4)
+        fast.uncompile_layers(model)
+        fast.unpatch_model(model)
 
 
 def test_compiled_qlora_layers_equal_eager_on_device():
@@ -452,16 +457,7 @@ def test_compiled_qlora_layers_equal_eager_on_device():
     eager = fast_step(dev, DEVICE)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    fast.compile_layers(dev)
-    try:
-        fast_step(dev, DEVICE)  # compiles
-        compiled = fast_step(dev, DEVICE)
-    except Exception as e:  # on CPU without a C++ toolchain TorchInductor cannot build kernels
-        if ON_CUDA:
-            raise
-        pytest.skip(f"TorchInductor cannot compile here: {type(e).__name__}")
-    finally:
-        fast.uncompile_layers(dev)
+    compiled = compiled_step(dev)
     assert dict(torch._dynamo.utils.counters["graph_break"]) == {}  # one graph per layer
     assert_same_step(eager, compiled, 1e-4)
 

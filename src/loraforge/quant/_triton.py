@@ -104,24 +104,29 @@ def usable(packed: torch.Tensor) -> bool:
     return on_device and enabled()
 
 
+def _kernel_args(state, device) -> tuple:
+    """(absmax, code, code2, nested, offset, nested blocksize) as the kernel takes them."""
+    code = state.code.to(device=device, dtype=torch.float32)
+    if state.nested:
+        s2 = state.state2
+        code2, nested = s2.code.float().contiguous(), s2.absmax.float().contiguous()
+        offset = state.offset.float().reshape(1)
+        return (state.absmax.view(torch.uint8), code, code2, nested, offset, s2.blocksize)
+    absmax = state.absmax.float().contiguous()
+    return (absmax, code, absmax, absmax, absmax, 1)  # placeholders: NESTED=False never reads them
+
+
 def _launch_args(state, device) -> tuple:
-    """(absmax, code, code2, nested, offset, nested blocksize) as the kernel takes them, kept on
-    the state while its tensors stay the same objects (``QuantState.to`` replaces them): the
-    conversions cost more host time per call than a 4096 x 4096 weight's kernel does on an H100,
-    where an eager 4-bit layer is bound by its host-side launch cost."""
+    """:func:`_kernel_args`, kept on the state while its tensors stay the same objects
+    (``QuantState.to`` replaces them): the conversions cost more host time per call than a
+    4096 x 4096 weight's kernel does on an H100, where an eager 4-bit layer is bound by its
+    host-side launch cost."""
     s2 = state.state2
     key = (state.absmax, state.code, state.offset, s2 and s2.absmax, s2 and s2.code)
     hit = state.__dict__.get("_triton_args")
     if hit is not None and all(a is b for a, b in zip(hit[0], key)):
         return hit[1]
-    code = state.code.to(device=device, dtype=torch.float32)
-    if state.nested:
-        absmax = state.absmax.view(torch.uint8)
-        code2, nested = s2.code.float().contiguous(), s2.absmax.float().contiguous()
-        args = (absmax, code, code2, nested, state.offset.float().reshape(1), s2.blocksize)
-    else:
-        absmax = state.absmax.float().contiguous()
-        args = (absmax, code, absmax, absmax, absmax, 1)  # placeholders: NESTED=False never reads them
+    args = _kernel_args(state, device)
     state.__dict__["_triton_args"] = (key, args)
     return args
 
@@ -206,17 +211,9 @@ def compiled_op(interpret: bool = False):
 
 def compiled_call(packed: torch.Tensor, state, dtype: torch.dtype, interpret: bool = False) -> torch.Tensor:
     """``dequantize_4bit(packed, state, dtype)`` through :func:`compiled_op`, which
-    :func:`prepare_compiled` must have built."""
-    code = state.code.to(device=packed.device, dtype=torch.float32)
-    if state.nested:
-        s2 = state.state2
-        absmax = state.absmax.view(torch.uint8)
-        extra = (s2.code.float(), s2.absmax.float(), state.offset.float().reshape(1))
-        nested_bs = s2.blocksize
-    else:
-        absmax = state.absmax.float()
-        extra, nested_bs = (absmax, absmax, absmax), 1
+    :func:`prepare_compiled` must have built. (Traced while compiling: no cache on the state.)"""
+    absmax, code, code2, nested, offset, nested_bs = _kernel_args(state, packed.device)
     return _OPS[interpret](
-        packed.reshape(-1).view(torch.uint8), absmax, code, *extra, state.blocksize, nested_bs,
-        state.nested, list(state.shape), dtype,
+        packed.reshape(-1).view(torch.uint8), absmax, code, code2, nested, offset, state.blocksize,
+        nested_bs, state.nested, list(state.shape), dtype,
     )  # fmt: skip

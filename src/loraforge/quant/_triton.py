@@ -172,9 +172,9 @@ def compilable(packed: torch.Tensor) -> bool:
     return packed.is_cuda and False in _OPS and os.environ.get("LORAFORGE_TRITON", "1") != "0"
 
 
-@functools.cache
 def compiled_op(interpret: bool = False):
-    """The kernel as a ``torch.library.triton_op`` for compiled graphs: TorchInductor then
+    """The kernel as a ``torch.library.triton_op`` for compiled graphs (registered once per
+    process, by :func:`prepare_compiled`, which keeps it in ``_OPS``): TorchInductor then
     launches it from its own generated code, like its kernels, instead of calling back into
     Python (a custom op's dispatch, ``dequantize_4bit``'s checks and Triton's Python launcher:
     ~0.1 ms per call, which made a compiled 1B QLoRA step CPU-bound on an H100, 105 ms for 60 ms

@@ -72,8 +72,8 @@ def _dequantize(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> 
             list(state.shape), dtype,
         )  # fmt: skip
     n = math.prod(state.shape)
-    if packed.is_cuda and False not in _triton._OPS:
-        _triton.prepare_compiled()  # (ready for a later torch.compile of the model)
+    if packed.is_cuda:
+        _triton.prepare_compiled()  # (ready for a later torch.compile of the model; once)
     if packed.device.type != "cpu" or n * dtype.itemsize < _REUSE_BYTES:
         return dequantize_4bit(packed, state, dtype)
     cache = getattr(_buffers, "by_size", None)

@@ -86,8 +86,8 @@ class TrainSection:
     # fewer activations kept for backward, same loss and gradients. false = the models' own.
     fast_kernels: bool = True
     # torch.compile (TorchInductor) each decoder layer: the first step compiles (seconds), later
-    # ones run faster: 0.56x the step time on an H100 at 1B size (0.63x with a 4-bit base), 0.95x
-    # on the 2-core reference CPU (BENCHMARKS.md). auto = on for CUDA runs of 300+
+    # ones run faster: 0.56x the step time on an H100 at 1B size (0.63x with a 4-bit base), 0.90x
+    # on the 2-core reference CPU at 1.2x its peak memory (BENCHMARKS.md). auto = on for CUDA runs of 300+
     # forward+backward passes (without gradient checkpointing), off elsewhere; true / false force it.
     compile: bool | str = "auto"
     # A bf16 / fp16 model's LoRA branch: "input" runs it in the model's dtype over fp32 master

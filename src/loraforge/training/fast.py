@@ -380,11 +380,12 @@ def should_compile(
     """What ``train.compile`` means for this run, and why: ``True`` / ``False`` as given;
     ``"auto"`` compiles on CUDA, where it pays (a 1B Llama on an H100: 0.56x the eager step time,
     0.63x with a 4-bit base, whose dequantization kernel each layer's graph launches itself;
-    a first step of 8-20 s), and not on CPU (0.95x on the reference model, for a first step of
-    ~9 s). ``auto`` also stays eager with activation checkpointing (which re-enters the layers in
-    backward), and for runs of fewer than ``MIN_COMPILE_STEPS`` forward+backward passes
-    (``steps``; the quickstart's 80 would spend longer compiling than training); ``true`` still
-    forces it there."""
+    a first step of 8-20 s), and not on CPU (the reference model: 0.90-0.95x the step time for a
+    first step of ~9-11 s, but 1.2x the process's peak memory over its first steps, 662 vs 554 MB,
+    over issue 6's 0.6x PEFT). ``auto`` also stays eager with activation checkpointing (which
+    re-enters the layers in backward), and for runs of fewer than ``MIN_COMPILE_STEPS``
+    forward+backward passes (``steps``; the quickstart's 80 would spend longer compiling than
+    training); ``true`` still forces it there."""
     if setting is not True and setting is not False and setting != "auto":
         raise ValueError(f"train.compile: expected true, false or auto, got {setting!r}")
     if setting != "auto":

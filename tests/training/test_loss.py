@@ -43,6 +43,22 @@ def test_linear_cross_entropy_matches_plain(chunk, with_bias):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_cross_entropy_bf16_matches_plain(with_bias):
+    """A bf16 head takes the copy-into-the-buffer path: its logits are rounded to bf16 as
+    ``lm_head(h).float()`` rounds them, so the loss is the plain path's to fp32 summation order."""
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 9, 16, generator=g).bfloat16().requires_grad_()
+    weight = torch.randn(40, 16, generator=g).bfloat16()
+    bias = torch.randn(40, generator=g).bfloat16() if with_bias else None
+    labels = torch.randint(0, 40, (2, 9), generator=g)
+    ours, (ours_g,) = grads(lambda: linear_cross_entropy(hidden, weight, labels, bias, 4), hidden)
+    ref, (ref_g,) = grads(lambda: plain_loss(hidden, weight, bias, labels), hidden)
+    assert ours.dtype == torch.float32 and ours_g.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(ours_g, ref_g, atol=2e-2, rtol=2e-2)
+
+
 def test_frozen_head_gets_no_gradient_and_scaling_propagates():
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(20, 8, generator=g, requires_grad=True)

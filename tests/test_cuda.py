@@ -23,8 +23,8 @@ from torch import nn
 from training.util import QA_EVAL, losses, tiny_config
 
 import loraforge as lf
-from loraforge import layers
 from loraforge.inject import lora_layers
+from loraforge.layers import linear as lora_linear
 from loraforge.quant import Linear4bit, QuantConfig, QuantState, dequantize_4bit, quantize_4bit
 from loraforge.training import fast, train
 from loraforge.training.builtin import build_model
@@ -128,7 +128,7 @@ def run_net(net, device, dtype=torch.float32):
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_lora_layers_forward_backward_equal_cpu(fused, monkeypatch):
-    monkeypatch.setattr(layers, "FUSED", fused)  # the fused autograd function, or plain autograd
+    monkeypatch.setattr(lora_linear, "FUSED", fused)  # the fused autograd function, or plain autograd
     cpu = lora_net()
     dev = copy.deepcopy(cpu).to(DEVICE)
     y0, dx0, g0 = run_net(cpu, "cpu")

@@ -204,7 +204,7 @@ def test_fused_linear_equals_plain_autograd(monkeypatch, arch, bias):
     """The fused base+LoRA function (on by default) gives the plain path's loss and gradients."""
     from conftest import randomize_lora, tiny_gpt2, tiny_llama
 
-    import loraforge.layers as layers
+    import loraforge.layers.linear as layers
 
     base = {"llama": tiny_llama, "gpt2": tiny_gpt2}[arch]()
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))

@@ -36,7 +36,7 @@ call with extra arguments, and when ``act_fn`` has hooks. ``down_proj`` keeps it
 one live, unmerged adapter without dropout and no hooks: so plain or 4-bit ``nn.Linear``s,
 merged or disabled adapters, several adapters, LoRA dropout (its mask would have to be kept)
 and mixed-adapter batches all take the wrapper's usual path. Double backward is not supported
-(as for ``layers._FusedLoraLinear``).
+(as for ``layers.linear._FusedLoraLinear``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,268 @@
+"""What every LoRA wrapper shares: the adapter bookkeeping, merge/unmerge and the forward.
+
+See ``loraforge.layers`` for the maths; the wrappers for each kind of base layer are in the
+sibling files (``linear``, ``embedding``, ``conv``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+BASE = "__base__"  # the name that means "no adapter" in a mixed batch
+
+# The low-rank path runs in this precision when the base is stored in half precision or 4 bits:
+# rank-r matmuls are cheap, and fp32 keeps small updates from rounding away.
+_UPCAST = (torch.float16, torch.bfloat16)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _custom_base(module: nn.Module) -> bool:
+    """True when the base is not a plain matmul layer (4-bit, or a subclass with its own forward)."""
+    return _is_quantized(module) or not (type(module) is nn.Linear or _is_conv1d(module))
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    return hasattr(module, "dequantize") and hasattr(module, "quant_state")
+
+
+def _lora_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.float32 if (weight.dtype in _UPCAST or not weight.is_floating_point()) else weight.dtype
+
+
+COMPUTE_MODES = ("input", "adapter")
+
+
+class LoraLayer(nn.Module):
+    """State shared by every wrapper: ranks, scalings, active / merged adapters, mixed batches.
+
+    ``compute``: the dtype of the low-rank branch where a half-precision input (bf16 / fp16)
+    meets the fp32 factors that such a base gets (``_lora_dtype``). ``"input"`` (default): the
+    factors are cast to the input's dtype, as ``torch.autocast`` would, and stay fp32 master
+    weights whose gradients autograd accumulates in fp32. ``"adapter"``: the input is cast to
+    fp32 and the branch runs in fp32 (PEFT's default). Both keep the gradient error of a bf16
+    step (4.1e-2 and 4.0e-2 against an fp32 step for a 1B Llama), but casting the (tokens x in)
+    activations to fp32 and back took the step from 2.23x to 1.69x PEFT's throughput and its peak
+    memory from 8.5 to 11.0 GB there (H100, BENCHMARKS.md). Set with
+    ``loraforge.set_compute(model, mode)``.
+    """
+
+    adapter_param_names: tuple[str, ...] = ()
+    compute: str = "input"
+    stores_transposed = False  # the base stores W0 as (in × out): GPT-2 Conv1D, embedding tables
+
+    def branch_dtype(self, input_dtype: torch.dtype, factor_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the low-rank branch runs in for this input and these factors."""
+        if self.compute == "input" and input_dtype in _UPCAST and factor_dtype == torch.float32:
+            return input_dtype
+        return factor_dtype
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.batch_adapters: list[str] | None = None  # one adapter name per batch row, or None
+        self.merge_error: dict[str, float] = {}  # rounding error of a requantized merge (4-bit)
+
+    # -- adapter bookkeeping ----------------------------------------------------------------
+    def add(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, init: str) -> None:
+        if name in self.r:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        self.r[name], self.alpha[name] = r, alpha
+        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._create(name, r)
+        self.reset(name, init)
+        if not self.active_adapters:
+            self.active_adapters = [name]
+
+    def delete(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge(name)
+        for attr in self.adapter_param_names:
+            container = getattr(self, attr)
+            if name in container:
+                del container[name]
+        del self.lora_dropout[name]
+        for d in (self.r, self.alpha, self.scaling):
+            d.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+        self.__dict__.pop("_stack_cache", None)  # (mixed batches' stacked factors: see _stacks)
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.r)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of one adapter, as 2-D matrices (r × in_flat), (out × r)."""
+        raise NotImplementedError
+
+    def set_factors(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        fa, fb = self.factors(name)
+        with torch.no_grad():
+            fa.copy_(a.reshape(fa.shape))
+            fb.copy_(b.reshape(fb.shape))
+
+    def reset(self, name: str, init: str) -> None:
+        a, b = self.factors(name)
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(a, std=1.0 / self.r[name])
+            else:
+                # Kaiming-uniform with a=√5 is nn.Linear's default; B = 0 makes ΔW = 0 at the start.
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(b)
+        if init == "pissa":
+            self._init_pissa(name)
+
+    def _init_pissa(self, name: str) -> None:
+        # PiSSA: W = U S Vᵀ; B·A takes the top-r part, scaled so s·B·A equals it; W keeps the rest.
+        if _is_quantized(self.base_layer):
+            raise ValueError("init='pissa' needs a full-precision base layer, not a quantized one")
+        w = self._ba_layout(self.base_weight().float())
+        u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+        r, s = self.r[name], self.scaling[name]
+        root = torch.sqrt(sv[:r] / s)
+        self.set_factors(name, root[:, None] * vh[:r], u[:, :r] * root)
+        self._add_to_base(-self.delta_weight(name))
+
+    def _ba_layout(self, w: torch.Tensor) -> torch.Tensor:
+        """The base weight as the (out × in_flat) matrix that B·A approximates."""
+        return w.reshape(w.shape[0], -1)
+
+    # -- weights -----------------------------------------------------------------------------
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as (out × in) (Conv2d: out × in × kh × kw), dequantized if need be."""
+        base = self.base_layer
+        if _is_quantized(base):
+            return base.dequantize()
+        if _is_conv1d(base):
+            return base.weight.T
+        return base.weight
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """ΔW = s · B·A in the base weight's (out × in) layout."""
+        a, b = self.factors(name)
+        return (b.float() @ a.float()).reshape(self.base_weight_shape()) * self.scaling[name]
+
+    def base_weight_shape(self) -> tuple[int, ...]:
+        base = self.base_layer
+        if _is_quantized(base):
+            return (base.out_features, base.in_features)
+        if _is_conv1d(base):
+            return tuple(base.weight.T.shape)
+        return tuple(base.weight.shape)
+
+    def _add_to_base(self, delta: torch.Tensor) -> float | None:
+        """W0 += delta; on a 4-bit base the sum is requantized and its mean |error| returned."""
+        base = self.base_layer
+        with torch.no_grad():
+            if _is_quantized(base):
+                return float(base.requantize_(base.dequantize(torch.float32) + delta.float()))
+            w = base.weight
+            if _is_conv1d(base):
+                delta = delta.T
+            # Add in fp32 and round once: the add/subtract of a switch then drifts by ≤ 1 ulp.
+            w.copy_((w.float() + delta.to(w.device, torch.float32)).to(w.dtype))
+        return None
+
+    # -- merge -------------------------------------------------------------------------------
+    def merge(self, name: str) -> None:
+        if name not in self.r:
+            raise KeyError(name)
+        if name in self.merged_adapters:
+            return  # idempotent
+        error = self._apply_delta(name, +1.0)
+        if error is not None:
+            self.merge_error[name] = error
+        self.merged_adapters.append(name)
+
+    def unmerge(self, name: str | None = None) -> None:
+        names = list(reversed(self.merged_adapters)) if name is None else [name]
+        for n in names:
+            if n not in self.merged_adapters:
+                continue
+            self._apply_delta(n, -1.0)
+            self.merged_adapters.remove(n)
+
+    def _apply_delta(self, name: str, sign: float) -> float | None:
+        """W0 ← W0 ± s·B·A. Where the base stores a plain matrix in the factors' dtype this is one
+        in-place ``addmm_`` (one pass, no temporaries); the product B·A is computed the same way
+        both times, so merge followed by unmerge moves each weight by at most one rounding."""
+        a, b = self.factors(name)
+        w = None if _is_quantized(self.base_layer) else getattr(self.base_layer, "weight", None)
+        if w is not None and w.dim() == 2 and w.dtype == a.dtype and w.device == a.device:
+            with torch.no_grad():
+                # (out × in) = B·A; stored transposed (in × out) = Aᵀ·Bᵀ for Conv1D and embeddings
+                if self.stores_transposed:
+                    w.addmm_(a.t(), b.t(), alpha=sign * self.scaling[name])
+                else:
+                    w.addmm_(b, a, alpha=sign * self.scaling[name])
+            return None
+        return self._add_to_base(sign * self.delta_weight(name))
+
+    # -- forward -----------------------------------------------------------------------------
+    def _check_merged_training(self) -> None:
+        if self.training and torch.is_grad_enabled():
+            for n in self.merged_adapters:
+                if any(p.requires_grad for p in self._params_of(n)):
+                    raise RuntimeError(
+                        f"adapter {n!r} is merged into the base weights; call lf.unmerge(model) before "
+                        "training it (gradients would not reach the merged copy)"
+                    )
+
+    def _params_of(self, name: str) -> list[nn.Parameter]:
+        return list(self.factors(name))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disabled:
+            return self.base_layer(x, *args, **kwargs)
+        if self.batch_adapters is not None:
+            if self.merged_adapters:
+                raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call lf.unmerge(model)")
+            return self._forward_mixed(x, self.batch_adapters, *args, **kwargs)
+        self._check_merged_training()
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name in self.r and name not in self.merged_adapters:
+                result = self._add_lora(result, x, name)
+        return result
+
+    def _add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``result + s·lora(x)`` for one adapter."""
+        return result + self._lora(x, name).to(result.dtype)
+
+    def _lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _forward_mixed(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _row_index(self, names: list[str], batch: int, device) -> tuple[list[str], torch.Tensor]:
+        """Unique adapter names used by the batch (BASE first) and each row's index into them."""
+        if len(names) != batch:
+            raise ValueError(f"adapter_batch got {len(names)} names for a batch of {batch} rows")
+        key = (tuple(names), str(device), tuple(self.r))
+        cached = self.__dict__.get("_row_cache")
+        if cached is not None and cached[0] == key:  # e.g. every decoding step of one batch
+            return cached[1]
+        uniq = [BASE] + sorted({n for n in names if n != BASE and n in self.r})
+        pos = {n: i for i, n in enumerate(uniq)}
+        # An adapter that does not wrap this layer acts as the base here (as in PEFT).
+        idx = torch.tensor([pos.get(n, 0) for n in names], device=device)
+        self.__dict__["_row_cache"] = (key, (uniq, idx))  # (a plain attribute: not in state_dict)
+        return uniq, idx
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapters}, active={self.active_adapters}, merged={self.merged_adapters}"

@@ -59,6 +59,20 @@ def test_linear_cross_entropy_bf16_matches_plain(with_bias):
     torch.testing.assert_close(ours_g, ref_g, atol=2e-2, rtol=2e-2)
 
 
+def test_linear_cross_entropy_under_autocast_rounds_as_the_plain_path():
+    """Under autocast the head's matmul runs in bf16 as ``lm_head(h).float()`` does there (the
+    fp32 out= path would skip autocast and give a different, unrounded loss)."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(10, 16, generator=g, requires_grad=True)
+    weight = torch.randn(40, 16, generator=g)
+    labels = torch.randint(0, 40, (10,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, (ours_g,) = grads(lambda: linear_cross_entropy(hidden, weight, labels, chunk_size=4), hidden)
+        ref, (ref_g,) = grads(lambda: plain_loss(hidden, weight, None, labels), hidden)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(ours_g, ref_g, atol=2e-2, rtol=2e-2)
+
+
 def test_frozen_head_gets_no_gradient_and_scaling_propagates():
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(20, 8, generator=g, requires_grad=True)

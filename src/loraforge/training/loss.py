@@ -44,10 +44,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # 32k vocab) is, on CPU, often mapped from the OS and page-faulted in anew (measured on the
         # reference model's floor step: ~12.8k page faults per step -> ~1, 0.974x the step time).
         buffer = hidden.new_empty((min(chunk_size, hidden.shape[0]), weight.shape[0]), dtype=torch.float32)
+        # fp32 straight into the buffer; otherwise (bf16 / fp16, or under autocast, which does not
+        # apply to out= calls) F.linear's own rounding, copied in
+        autocast = torch.is_autocast_enabled(hidden.device.type)
+        direct = weight.dtype == hidden.dtype == torch.float32 and not autocast
         for start in range(0, hidden.shape[0], chunk_size):
             h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
             logits = buffer[: h.shape[0]]  # (n, V): same rounding as lm_head(h).float()
-            if weight.dtype == torch.float32 and h.dtype == torch.float32:
+            if direct:
                 if bias is None:
                     torch.mm(h, weight.t(), out=logits)
                 else:
@@ -64,7 +68,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_h or need_w or need_b:
                 g = logits.div_(sums[:, None])  # softmax, in place of the logits
                 g[rows, y] -= 1.0
-                if need_h and grad_h.dtype == weight.dtype:
+                if need_h and grad_h.dtype == weight.dtype and not autocast:
                     torch.mm(g.to(weight.dtype), weight, out=grad_h[start : start + chunk_size])
                 elif need_h:
                     grad_h[start : start + chunk_size] = g.to(weight.dtype) @ weight

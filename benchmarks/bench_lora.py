@@ -60,7 +60,7 @@ def training_step(wl: C.Workload, device: str) -> list[C.Row]:
         "peft": C.step_peft(theirs, ids),
         "floor": C.step_loraforge(floor, ids, compile="auto"),
     }
-    compiled = fast.should_compile("auto", ours, device)[0]
+    compiled = fast.should_compile("auto", device)[0]
     t0 = time.perf_counter()
     first = steps["loraforge"]()  # (compiles, where the loop would)
     first_s = time.perf_counter() - t0

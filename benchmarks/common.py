@@ -347,7 +347,7 @@ def step_loraforge(
     from loraforge.training import fast as fast_kernels
     from loraforge.training.loss import CausalLMLoss
 
-    if fast_kernels.should_compile(compile, model, ids.device)[0]:
+    if fast_kernels.should_compile(compile, ids.device)[0]:
         fast_kernels.compile_layers(model)  # (without the fast forwards, as the training loop)
     elif fast:
         fast_kernels.patch_model(model)

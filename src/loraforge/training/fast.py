@@ -372,7 +372,6 @@ MIN_COMPILE_STEPS = 300
 
 def should_compile(
     setting: bool | str,
-    model: nn.Module,
     device: torch.device | str,
     gradient_checkpointing: bool = False,
     steps: int | None = None,

@@ -80,7 +80,7 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
     if cfg.method != "full":
         set_compute(model, t.lora_compute)
     passes = (total_steps - step) * t.grad_accum  # forward+backward passes this run will make
-    compiled, why = should_compile(t.compile, model, dist.device, t.gradient_checkpointing, passes)
+    compiled, why = should_compile(t.compile, dist.device, t.gradient_checkpointing, passes)
     # Exact fast MLP / RMSNorm forwards while training (removed at the end); not under
     # torch.compile, which fuses and recomputes those ops itself, and whose CUDA backend gave
     # wrong gradients for the hand-written backward (BENCHMARKS.md)

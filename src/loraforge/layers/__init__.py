@@ -44,7 +44,7 @@ def wrap(module: nn.Module) -> LoraLayer:
         return LoraEmbedding(module)
     if isinstance(module, nn.Conv2d):
         return LoraConv2d(module)
-    if isinstance(module, nn.Linear) or _is_conv1d(module) or _is_quantized(module):
+    if is_linear_like(module):
         return LoraLinear(module)
     raise TypeError(
         f"LoRA supports nn.Linear, nn.Embedding, nn.Conv2d, GPT-2 Conv1D and 4-bit linears; "

@@ -234,10 +234,14 @@ class LoraLayer(nn.Module):
             return self._forward_mixed(x, self.batch_adapters, *args, **kwargs)
         self._check_merged_training()
         result = self.base_layer(x, *args, **kwargs)
-        for name in self.active_adapters:
-            if name in self.r and name not in self.merged_adapters:
-                result = self._add_lora(result, x, name)
+        for name in self.live_adapters():
+            result = self._add_lora(result, x, name)
         return result
+
+    def live_adapters(self) -> list[str]:
+        """The active adapters that this layer holds and that are not merged: those the forward
+        adds."""
+        return [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
 
     def _add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """``result + s·lora(x)`` for one adapter."""

@@ -149,16 +149,15 @@ class LoraLinear(LoraLayer):
         self._check_merged_training()
         x2 = x.reshape(-1, x.shape[-1])
         result = self.base_layer(x2)
-        for name in self.active_adapters:
-            if name in self.r and name not in self.merged_adapters:
-                result = self._add_lora(result, x2, name)
+        for name in self.live_adapters():
+            result = self._add_lora(result, x2, name)
         return result.view(*x.shape[:-1], result.shape[-1])
 
     def _fusable(self, x: torch.Tensor) -> str | None:
         """The one adapter to fuse with the base matmul, or None where fusing would not be exact."""
         if not FUSED or self.disabled or self.batch_adapters is not None or _custom_base(self.base_layer):
             return None
-        live = [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
+        live = self.live_adapters()
         if len(live) != 1 or not isinstance(self.lora_dropout[live[0]], nn.Identity):
             return None
         w = self.base_layer.weight

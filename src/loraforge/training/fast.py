@@ -181,7 +181,7 @@ def _live_lora(down: nn.Module) -> str | None:
         return None
     if _hooked(down):  # we would call its base layer directly and skip its hooks
         return None
-    live = [n for n in down.active_adapters if n in down.r and n not in down.merged_adapters]
+    live = down.live_adapters()
     if len(live) != 1 or not isinstance(down.lora_dropout[live[0]], nn.Identity):
         return None  # several adapters, or dropout (its mask would have to be kept): plain path
     return live[0]

@@ -282,3 +282,28 @@ def test_refused_before_any_change_on_an_adapted_model(tmp_path):
     _edit_tensors(d, lambda t: t[Q_A].view(-1).__setitem__(0, float("nan")))
     m = lf.inject(tiny_llama(), lf.LoraConfig(r=2, target_modules=["q_proj"]), adapter="first")
     _refused(m, d, "NaN/Inf")
+
+
+class _WithBuffers(torch.nn.Module):
+    """A target layer and a saved module with an integer buffer (BatchNorm's step counter)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(8, 8)
+        self.norm = torch.nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return self.norm(self.lin(x))
+
+
+def test_integer_buffers_of_saved_modules_load_as_they_are(tmp_path):
+    m = lf.inject(_WithBuffers(), lf.LoraConfig(r=2, target_modules=["lin"], modules_to_save=["norm"]))
+    m.norm.modules_to_save["default"].num_batches_tracked.fill_(5)
+    lf.save_adapter(m, tmp_path / "ad")
+    loaded = lf.load_adapter(_WithBuffers(), tmp_path / "ad")
+    assert loaded.norm.modules_to_save["default"].num_batches_tracked.item() == 5
+    key = "base_model.model.norm.num_batches_tracked"
+    _edit_tensors(tmp_path / "ad", lambda t: t.__setitem__(key, t[key].float()))
+    msg = _refused(_WithBuffers(), tmp_path / "ad", "is float32; the model's is int64")
+    assert key in msg

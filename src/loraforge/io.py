@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -168,15 +169,18 @@ def _check_values(weights: Path, tensors: dict, own: dict, allow_nonfinite: bool
     """
     for key, t in tensors.items():
         mine = own.get(key)
-        if mine is not None and not mine.is_floating_point() and t.dtype == mine.dtype:
-            continue  # e.g. a saved module's integer buffer: copied as it is
+        if mine is not None and not mine.is_floating_point():  # e.g. a saved module's integer buffer
+            if t.dtype != mine.dtype:
+                raise ValueError(
+                    f"{weights}: tensor {key!r} is {_name(t.dtype)}; the model's is {_name(mine.dtype)}"
+                )
+            continue
         if t.dtype not in FLOAT_DTYPES:
             raise ValueError(
                 f"{weights}: tensor {key!r} is {_name(t.dtype)}; adapter tensors must be float16, "
                 "bfloat16, float32 or float64"
-                + (f" (the model's is {_name(mine.dtype)})" if mine is not None else "")
             )
-        if not allow_nonfinite and not bool(torch.isfinite(t).all()):
+        if not allow_nonfinite and not _all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise ValueError(
                 f"{weights}: tensor {key!r} holds {bad} NaN/Inf value(s) of {t.numel()} "
@@ -374,11 +378,7 @@ def _copy_in(
     for key, dst in live.items():
         value = tensors[key].to(device=dst.device, dtype=dst.dtype)
         # (finite in the file was checked; a narrower dtype may still overflow: 1e6 in float16)
-        if (
-            not allow_nonfinite
-            and value.dtype != tensors[key].dtype
-            and not bool(torch.isfinite(value).all())
-        ):
+        if not allow_nonfinite and value.dtype != tensors[key].dtype and not _all_finite(value):
             raise ValueError(
                 f"{weights}: tensor {key!r} overflows {_name(dst.dtype)}, the "
                 f"model's dtype for it (largest |value| {float(tensors[key].abs().max()):.4g})"
@@ -410,6 +410,15 @@ def _live_tensors(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
     for name in _bias_names(model, cfg):
         out[PREFIX + name] = params[name]
     return out
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or ±Inf in ``t``: min and max propagate NaN and show an infinity (one fused pass
+    and no mask tensor: several times faster than ``isfinite(t).all()`` on CPU)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(lo) and math.isfinite(hi)
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,12 +83,16 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+        if not _is_int(self.r) or self.r <= 0:
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"LoraConfig.alpha must be a positive number, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if not _is_number(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"LoraConfig.alpha must be a positive finite number, got {self.alpha!r}")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("use_rslora", "fan_in_fan_out"):
+            # a string such as "no" is truthy: only real booleans are taken
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LoraConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.init not in INIT_MODES:
@@ -105,16 +111,35 @@ class LoraConfig:
                     re.compile(value)
                 except re.error as e:
                     raise ValueError(f"LoraConfig.{name} is not a valid regex: {value!r} ({e})") from e
-        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+        if _is_int(self.layers_to_transform):
             self.layers_to_transform = [self.layers_to_transform]
-        if self.modules_to_save is not None:
+        if isinstance(self.layers_to_transform, tuple):
+            self.layers_to_transform = list(self.layers_to_transform)
+        if self.layers_to_transform is not None and not (
+            isinstance(self.layers_to_transform, list)
+            and all(_is_int(i) and i >= 0 for i in self.layers_to_transform)
+        ):
+            raise ValueError(
+                "LoraConfig.layers_to_transform must be a layer index or a list of them, "
+                f"got {self.layers_to_transform!r}"
+            )
+        if isinstance(self.modules_to_save, tuple):
             self.modules_to_save = list(self.modules_to_save)
-        for key, rank in self.rank_pattern.items():
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-                raise ValueError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
-        for key, a in self.alpha_pattern.items():
-            if not isinstance(a, (int, float)) or a <= 0:
-                raise ValueError(f"LoraConfig.alpha_pattern[{key!r}] must be positive, got {a!r}")
+        if self.modules_to_save is not None and not (
+            isinstance(self.modules_to_save, list) and all(isinstance(v, str) for v in self.modules_to_save)
+        ):
+            raise ValueError(
+                f"LoraConfig.modules_to_save must be a list of module names, got {self.modules_to_save!r}"
+            )
+        _check_patterns(
+            "rank_pattern", self.rank_pattern, lambda v: _is_int(v) and v > 0, "a positive integer"
+        )
+        _check_patterns(
+            "alpha_pattern",
+            self.alpha_pattern,
+            lambda v: _is_number(v) and math.isfinite(v) and v > 0,
+            "a positive finite number",
+        )
 
     # -- per-module values -------------------------------------------------------------------
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
@@ -131,15 +156,38 @@ class LoraConfig:
     # -- dict / PEFT mapping -----------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "LoraConfig") -> LoraConfig:
-        """Build from a plain dict (YAML); unknown keys and bad values raise ``ValueError``."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown LoRA config key(s) {unknown}; known keys: {sorted(known)}")
+        """Build from a plain dict (YAML): PEFT's names are accepted (see :meth:`canonical_keys`);
+        unknown keys and bad values raise ``ValueError``."""
+        kwargs = cls.canonical_keys(data, source)
         try:
-            return cls(**data)
+            return cls(**kwargs)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {e}") from e
+            raise ValueError(f"{source}: {str(e).replace('LoraConfig.', '')}") from e
+
+    @classmethod
+    def canonical_keys(cls, data: dict[str, Any], source: str = "LoraConfig") -> dict[str, Any]:
+        """``data`` with PEFT's names mapped to loraforge's (values not yet checked).
+
+        ``lora_alpha`` -> ``alpha``, ``lora_dropout`` -> ``dropout``, ``init_lora_weights`` ->
+        ``init`` (``true`` -> "default", "gaussian", "pissa"/"pissa_niter_<k>" -> "pissa": loraforge
+        takes the exact SVD). An unknown key raises ``ValueError`` naming the closest known one
+        ("unknown LoRA config key 'rank' (did you mean 'r'?)"); so does a key given under both names.
+        """
+        known = [f.name for f in dataclasses.fields(cls)]
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            name = PEFT_NAMES.get(key, key)
+            if name not in known:
+                raise ValueError(
+                    f"{source}: unknown LoRA config key {key!r}{_suggestion(str(key), known)}; "
+                    f"known keys: {', '.join(known)} (and PEFT's {', '.join(PEFT_NAMES)})"
+                )
+            if name in out:
+                raise ValueError(
+                    f"{source}: {name!r} is given twice (as {name!r} and as PEFT's {_peft(name)!r})"
+                )
+            out[name] = _peft_init(value, source, loading=False) if key == "init_lora_weights" else value
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -180,67 +228,165 @@ class LoraConfig:
 
     @classmethod
     def from_peft_dict(cls, data: dict[str, Any], source: str = "adapter_config.json") -> LoraConfig:
-        """Map a PEFT LoRA ``adapter_config.json`` onto a LoraConfig, refusing what we cannot honour."""
+        """Map a PEFT LoRA ``adapter_config.json`` onto a LoraConfig, refusing what we cannot honour.
+
+        Every value is type-checked (booleans must be JSON booleans, ranks integers, numbers
+        finite). A key this module does not know, as a newer PEFT may write, is ignored with a
+        warning when it is null / false / empty (PEFT's way of saying "off") and refused otherwise.
+        """
         if data.get("peft_type", "LORA") != "LORA":
             raise ValueError(
                 f"{source}: peft_type is {data.get('peft_type')!r}; loraforge loads LORA adapters"
             )
-        mapping = {
-            "r": "r",
-            "lora_alpha": "alpha",
-            "lora_dropout": "dropout",
-            "target_modules": "target_modules",
-            "exclude_modules": "exclude_modules",
-            "bias": "bias",
-            "use_rslora": "use_rslora",
-            "modules_to_save": "modules_to_save",
-            "layers_to_transform": "layers_to_transform",
-            "layers_pattern": "layers_pattern",
-            "fan_in_fan_out": "fan_in_fan_out",
-            "rank_pattern": "rank_pattern",
-            "alpha_pattern": "alpha_pattern",
-        }
+        if "r" not in data:
+            raise ValueError(f"{source}: required key 'r' (the LoRA rank) is missing")
         kwargs: dict[str, Any] = {}
-        unknown, unsupported = [], []
+        unknown, unsupported, ignored = [], [], []
         for key, value in data.items():
             if key == "peft_type":
                 continue
-            if key in mapping:
+            if key in _FROM_PEFT:
                 if value is not None or key not in ("rank_pattern", "alpha_pattern"):
-                    kwargs[mapping[key]] = value
+                    kwargs[_FROM_PEFT[key]] = value
             elif key == "init_lora_weights":
-                init = {True: "default", False: "default", "gaussian": "gaussian"}.get(value)
-                if init is None and isinstance(value, str) and value.startswith("pissa"):
-                    init = "pissa"
-                # The init only matters when creating weights; a loaded adapter has its own.
-                kwargs["init"] = init or "default"
+                kwargs["init"] = _peft_init(value, source, loading=True)
+            elif key in _METADATA:
+                if value is not None and not isinstance(value, _METADATA[key]):
+                    kind = {str: "a string", bool: "true or false", dict: "an object"}[_METADATA[key]]
+                    raise ValueError(f"{source}: {key} must be {kind} or null, got {value!r}")
             elif key in _PEFT_DEFAULTS:
                 default = _PEFT_DEFAULTS[key]
-                if value not in (default, None, {}, [], False) and key not in (
-                    "task_type",
-                    "base_model_name_or_path",
-                    "revision",
-                    "inference_mode",
-                    "peft_version",
-                    "auto_mapping",
-                    "megatron_core",
-                ):
+                if not (_is_unset(value) or (value == default and type(value) is type(default))):
                     unsupported.append(f"{key}={value!r}")
+            elif _is_unset(value):
+                ignored.append(key)
             else:
-                unknown.append(key)
+                unknown.append(f"{key}={value!r}")
         if unknown:
-            raise ValueError(f"{source}: unknown config key(s) {sorted(unknown)}")
+            raise ValueError(
+                f"{source}: unknown config key(s) {', '.join(sorted(unknown))}: loraforge cannot honour "
+                "them (a newer PEFT's feature?)"
+            )
         if unsupported:
             raise ValueError(f"{source}: loraforge does not support {', '.join(unsupported)}")
+        if ignored:
+            warnings.warn(
+                f"{source}: ignoring unknown key(s) {sorted(ignored)} (null/false/empty, as a newer PEFT "
+                "writes features that are off)",
+                stacklevel=2,
+            )
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {e}") from e
+            # name the field as the file spells it (lora_alpha, not LoraConfig.alpha)
+            msg = re.sub(r"LoraConfig\.(\w+)", lambda m: _peft(m.group(1)), str(e))
+            raise ValueError(f"{source}: {msg}") from e
+
+
+# PEFT's names for LoraConfig fields, accepted wherever a LoraConfig is built from a mapping.
+PEFT_NAMES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
+# adapter_config.json keys honoured, mapped to LoraConfig fields (init_lora_weights is mapped by value).
+_FROM_PEFT = {
+    "r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target_modules": "target_modules",
+    "exclude_modules": "exclude_modules",
+    "bias": "bias",
+    "use_rslora": "use_rslora",
+    "modules_to_save": "modules_to_save",
+    "layers_to_transform": "layers_to_transform",
+    "layers_pattern": "layers_pattern",
+    "fan_in_fan_out": "fan_in_fan_out",
+    "rank_pattern": "rank_pattern",
+    "alpha_pattern": "alpha_pattern",
+}
+# Keys that describe the file, not the adapter's maths: type-checked, otherwise not used.
+_METADATA = {
+    "task_type": str,
+    "base_model_name_or_path": str,
+    "revision": str,
+    "peft_version": str,
+    "megatron_core": str,
+    "inference_mode": bool,
+    "auto_mapping": dict,
+}
+# Names people type for which difflib finds nothing close enough.
+_HINTS = {"rank": "r", "lora_r": "r", "lora_rank": "r"}
+
+
+def _peft(field_name: str) -> str:
+    """PEFT's name for a LoraConfig field."""
+    return next((k for k, v in PEFT_NAMES.items() if v == field_name), field_name)
+
+
+def _suggestion(key: str, known: list[str]) -> str:
+    close = _HINTS.get(key) or next(iter(difflib.get_close_matches(key, known + list(PEFT_NAMES), n=1)), None)
+    return f" (did you mean {close!r}?)" if close else ""
+
+
+def _peft_init(value: Any, source: str, loading: bool) -> str:
+    """loraforge's ``init`` for PEFT's ``init_lora_weights`` value.
+
+    Loading, the factors come from the file, so inits that only shape A and B (false, "eva",
+    "orthogonal") load as any other. PiSSA also moves the top singular part out of the base
+    weight, which PEFT redoes on load and so does loraforge; inits that change the base in ways
+    loraforge does not reproduce (OLoRA, LoftQ, CorDA, ...) are refused rather than loaded wrong.
+    """
+    if value is True:
+        return "default"
+    if isinstance(value, str):
+        if value in INIT_MODES:
+            return value
+        if re.fullmatch(r"pissa_niter_\d+", value):
+            return "pissa"
+        if loading and value in ("eva", "orthogonal"):
+            return "default"
+    if loading and value is False:
+        return "default"
+    if loading:
+        why = "loraforge loads adapters made with true, false, 'gaussian', 'pissa', 'eva' or 'orthogonal'"
+    elif value is False:
+        why = "it starts B random, away from the base model; use true, 'gaussian' or 'pissa'"
+    else:
+        why = "use true, 'gaussian' or 'pissa'"
+    raise ValueError(f"{source}: init_lora_weights={value!r} is not supported: {why}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_unset(value: Any) -> bool:
+    """PEFT's ways of writing "feature off": null, false, {} or []."""
+    return value is None or value is False or (isinstance(value, (dict, list)) and not value)
+
+
+def _pattern_regex(key: str) -> str:
+    # PEFT: a key matches when the module path ends with it at a dot boundary (regex allowed).
+    return rf"(.*\.)?({key})$"
+
+
+def _check_patterns(name: str, patterns: Any, ok, what: str) -> None:
+    if not isinstance(patterns, dict):
+        raise ValueError(f"LoraConfig.{name} must map module names (or regexes) to values, got {patterns!r}")
+    for key, value in patterns.items():
+        if not isinstance(key, str):
+            raise ValueError(f"LoraConfig.{name} keys must be strings, got {key!r}")
+        try:
+            re.compile(_pattern_regex(key))
+        except re.error as e:
+            raise ValueError(f"LoraConfig.{name} key {key!r} is not a valid regex ({e.msg})") from None
+        if not ok(value):
+            raise ValueError(f"LoraConfig.{name}[{key!r}] must be {what}, got {value!r}")
 
 
 def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
-    # PEFT: a key matches when the module path ends with it at a dot boundary (regex allowed).
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if re.match(_pattern_regex(key), module_name):
             return value
     return default

@@ -9,11 +9,16 @@ live parameter paths with ``base_model.model.`` in front and the adapter name ta
 Embeddings use ``lora_embedding_A`` (r × num) / ``lora_embedding_B`` (dim × r) without
 ``.weight``; ``modules_to_save`` copies are stored under the module's own path. Scaling is never
 stored: it is recomputed from ``lora_alpha`` and ``r`` on load.
+
+A file is untrusted input: every tensor must be floating point and finite, and must stay finite
+in the dtype it lands in; every config value is type-checked (``LoraConfig.from_peft_dict``).
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -24,12 +29,25 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import LoraConfig
-from .inject import _candidates, _matches, configs, find_targets, inject, lora_layers, saved_modules
+from .inject import (
+    _candidates,
+    _matches,
+    _replace,
+    configs,
+    find_targets,
+    inject,
+    lora_layers,
+    saved_modules,
+)
 from .layers import LoraLayer, _is_conv1d, _is_quantized
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# What a file's tensors may hold: anything else (integers, bools, float8) would be cast silently.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The model attributes where inject() keeps its bookkeeping (restored when a load fails).
+_REGISTRY = ("_lf_configs", "_lf_targets", "_lf_active")
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -103,26 +121,30 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     return out
 
 
-def read_adapter(path: str | os.PathLike, adapter: str | None = None) -> tuple[LoraConfig, dict, dict]:
-    """(config, raw config dict, tensors) of an adapter directory, with clear errors.
-
-    Accepts a directory holding the two files, or (as PEFT writes non-default adapters) a parent
-    directory with a sub-directory named after ``adapter``.
-    """
+def adapter_dir(path: str | os.PathLike, adapter: str | None = None) -> Path:
+    """The directory holding the adapter's files: ``path``, or (as PEFT writes non-default
+    adapters) its sub-directory named after ``adapter`` when only that one holds a config."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"adapter directory {str(root)!r} does not exist")
     if not (root / CONFIG_NAME).exists() and adapter and (root / adapter / CONFIG_NAME).exists():
         root = root / adapter
+    return root
+
+
+def read_adapter(path: str | os.PathLike, adapter: str | None = None) -> tuple[LoraConfig, dict, dict]:
+    """(config, raw config dict, tensors) of an adapter directory (see :func:`adapter_dir`), with
+    one clear error naming the file for a missing, pickled, truncated or malformed one."""
+    root = adapter_dir(path, adapter)
     cfg_file, weights = root / CONFIG_NAME, root / WEIGHTS_NAME
+    if not weights.exists() and (root / "adapter_model.bin").exists():
+        raise ValueError(
+            f"{root}: only safetensors are read (a pickle can run code when loaded); found "
+            f"adapter_model.bin and no {WEIGHTS_NAME} — convert it where you trust the file"
+        )
     if not cfg_file.exists():
         raise FileNotFoundError(f"{cfg_file} is missing: not an adapter directory")
     if not weights.exists():
-        if (root / "adapter_model.bin").exists():
-            raise ValueError(
-                f"{root} holds adapter_model.bin (a pickle); loraforge reads only safetensors — "
-                "convert it where you trust the file"
-            )
         raise FileNotFoundError(f"{weights} is missing")
     try:
         raw = json.loads(cfg_file.read_text())
@@ -134,8 +156,36 @@ def read_adapter(path: str | os.PathLike, adapter: str | None = None) -> tuple[L
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
+        # (a truncated file, a bad header, an unknown dtype: the library's text, one line)
         raise ValueError(f"{weights} is not a readable safetensors file: {e}") from e
     return cfg, raw, tensors
+
+
+def _check_values(weights: Path, tensors: dict, own: dict, allow_nonfinite: bool) -> None:
+    """Every tensor floating point, and finite unless ``allow_nonfinite`` (one pass per tensor).
+
+    ``own``: file key -> the model's tensor for the keys that load into the model's own tensors
+    (modules_to_save copies, biases): an integer buffer there must come with its own dtype.
+    """
+    for key, t in tensors.items():
+        mine = own.get(key)
+        if mine is not None and not mine.is_floating_point():  # e.g. a saved module's integer buffer
+            if t.dtype != mine.dtype:
+                raise ValueError(
+                    f"{weights}: tensor {key!r} is {_name(t.dtype)}; the model's is {_name(mine.dtype)}"
+                )
+            continue
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(
+                f"{weights}: tensor {key!r} is {_name(t.dtype)}; adapter tensors must be float16, "
+                "bfloat16, float32 or float64"
+            )
+        if not allow_nonfinite and not _all_finite(t):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(
+                f"{weights}: tensor {key!r} holds {bad} NaN/Inf value(s) of {t.numel()} "
+                "(pass allow_nonfinite=True to load it anyway)"
+            )
 
 
 def _expected_shapes(model: nn.Module, cfg: LoraConfig, targets: list[str]) -> dict[str, tuple]:
@@ -163,29 +213,41 @@ def _expected_shapes(model: nn.Module, cfg: LoraConfig, targets: list[str]) -> d
     return shapes
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default") -> nn.Module:
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter: str = "default", *, allow_nonfinite: bool = False
+) -> nn.Module:
     """Load a loraforge- or PEFT-written adapter into ``model`` under the name ``adapter``.
 
-    Everything is checked before the model changes: a bad file, an adapter for another base
-    (the first module whose shape differs is named with both shapes), an existing name — each
-    raises and leaves the model exactly as it was. The first adapter loaded becomes active.
+    The file is checked before the model changes: a bad or truncated file, a config value of
+    the wrong type, a tensor that is not floating point or holds NaN/Inf, an adapter for another
+    base (the first module whose shape differs is named with both shapes), an existing name.
+    A value that overflows the dtype it lands in (1e6 into a float16 bias) or a tensor the config
+    implies but the file lacks is found while copying in; then, as on any failure, everything is
+    put back: modules, base weights, ``requires_grad`` flags, active and registered adapters.
+    Each error is one line naming the file. ``allow_nonfinite=True`` accepts NaN/Inf values (and
+    overflow) for inspecting a broken run's adapter. The first adapter loaded becomes active.
     """
-    if adapter in configs(model):
-        raise ValueError(f"adapter {adapter!r} already exists; known adapters: {sorted(configs(model))}")
+    known = model.__dict__.get("_lf_configs", {})
+    if adapter in known:
+        raise ValueError(f"adapter {adapter!r} already exists; known adapters: {sorted(known)}")
     cfg, _, tensors = read_adapter(path, adapter)
+    weights = adapter_dir(path, adapter) / WEIGHTS_NAME
     bad = [k for k in tensors if not k.startswith(PREFIX)]
     if bad:
-        raise ValueError(f"{path}: tensor keys must start with {PREFIX!r}; found {bad[:3]}")
-    targets = find_targets(model, cfg)
+        raise ValueError(f"{weights}: tensor keys must start with {PREFIX!r}; found {bad[:3]}")
+    try:
+        targets = find_targets(model, cfg)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
     expected = _expected_shapes(model, cfg, targets)
-    # Modules_to_save and bias tensors are checked against the model's own tensors.
+    # Modules_to_save, bias and embedding tensors are checked against the model's own tensors.
     live = {}
     names_to_save = cfg.modules_to_save or []
     for name, module, _ in _candidates(model):
         if names_to_save and _matches(names_to_save, name):
             src = module.original_module if hasattr(module, "original_module") else module
             for pname, t in src.state_dict().items():
-                live[f"{PREFIX}{name}.{pname}"] = tuple(t.shape)
+                live[f"{PREFIX}{name}.{pname}"] = t
     # Bias keys name the wrapped path (`<layer>.base_layer.bias`); before injection it is `<layer>.bias`.
     # PEFT also saves whole embedding matrices when embeddings are targeted (save_embedding_layers).
     params = dict(model.named_parameters())
@@ -195,34 +257,83 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
         if key in expected or key in live or name is None:
             continue
         if name.endswith("bias") or name in embeddings:
-            live[key] = tuple(params[name].shape)
-    for key, shape in {**expected, **live}.items():
+            live[key] = params[name]
+    for key, shape in {**expected, **{k: tuple(t.shape) for k, t in live.items()}}.items():
         if key not in tensors and key in expected:
             raise ValueError(
-                f"{path}: tensor {key!r} is missing (the adapter does not cover module "
+                f"{weights}: tensor {key!r} is missing (the adapter does not cover module "
                 f"{key[len(PREFIX) :].rsplit('.', 2)[0]!r})"
             )
         if key in tensors and tuple(tensors[key].shape) != tuple(shape):
             module = key[len(PREFIX) :]
             raise ValueError(
-                f"{path}: shape mismatch for {module!r}: file has {tuple(tensors[key].shape)}, "
+                f"{weights}: shape mismatch for {module!r}: file has {tuple(tensors[key].shape)}, "
                 f"model expects {tuple(shape)} — was this adapter trained on another base model?"
             )
     unexpected = sorted(set(tensors) - set(expected) - set(live))
     if unexpected:
         raise ValueError(
-            f"{path}: tensors that match no module of this model: {unexpected[:5]}"
+            f"{weights}: tensors that match no module of this model: {unexpected[:5]}"
             + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else "")
         )
-    inject(model, cfg, adapter=adapter)
+    _check_values(weights, tensors, live, allow_nonfinite)
+    undo = _Undo(model, cfg, targets)
     try:
-        _copy_in(model, adapter, tensors)
-    except BaseException:
-        from .adapters import delete_adapter
-
-        delete_adapter(model, adapter)
+        inject(model, cfg, adapter=adapter)
+        _copy_in(model, adapter, tensors, weights, allow_nonfinite)
+    except BaseException as e:
+        undo.restore(adapter)
+        if isinstance(e, ValueError) and str(Path(path)) not in str(e):
+            raise ValueError(f"{path}: {e}") from e
         raise
     return model
+
+
+class _Undo:
+    """What loading may change, recorded before it does, to put back exactly on any failure.
+
+    Cheap: a flag per parameter and the bookkeeping lists; base weights are copied only for a
+    PiSSA adapter, whose injection moves the top singular part of each target weight (in place).
+    """
+
+    def __init__(self, model: nn.Module, cfg: LoraConfig, targets: list[str]) -> None:
+        self.model = model
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        self.registry = {k: copy.copy(model.__dict__[k]) for k in _REGISTRY if k in model.__dict__}
+        holders = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
+        self.active = [(m, list(m.active_adapters)) for m in holders]
+        self.weights = []
+        if cfg.init == "pissa":
+            for name in targets:
+                module = model.get_submodule(name)
+                base = module.base_layer if isinstance(module, LoraLayer) else module
+                if not _is_quantized(base):
+                    self.weights.append((base.weight, base.weight.detach().clone()))
+
+    def restore(self, adapter: str) -> None:
+        model = self.model
+        for name, layer in list(lora_layers(model)):
+            if adapter in layer.r:
+                layer.delete(adapter)
+            if not layer.r:  # wrapped by this load
+                _replace(model, name, layer.base_layer)
+        for name, module in list(saved_modules(model)):
+            if adapter in module.modules_to_save:
+                module.delete(adapter)
+            if not module.modules_to_save:
+                _replace(model, name, module.original_module)
+        with torch.no_grad():
+            for weight, saved in self.weights:
+                weight.copy_(saved)
+        for holder, active in self.active:
+            holder.active_adapters = active
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        for key in _REGISTRY:
+            if key in self.registry:
+                model.__dict__[key] = self.registry[key]
+            else:
+                model.__dict__.pop(key, None)
 
 
 def _embedding_weight_names(model: nn.Module) -> set[str]:
@@ -248,17 +359,34 @@ def _param_name(key: str, params: dict) -> str | None:
     return None
 
 
-def _copy_in(model: nn.Module, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
+def _copy_in(
+    model: nn.Module, adapter: str, tensors: dict[str, torch.Tensor], weights: Path, allow_nonfinite: bool
+) -> None:
+    """Copy the file's tensors into the adapter's live ones; all are cast and checked first, so
+    nothing is written (biases and saved embeddings are the base model's own) unless all fit."""
     live = _live_tensors(model, adapter)
     missing = sorted(set(live) - set(tensors))
     if missing:
-        raise ValueError(f"the adapter file lacks tensors the config implies: {missing[:5]}")
+        raise ValueError(
+            f"{weights}: lacks tensors its config implies (bias={configs(model)[adapter].bias!r}, "
+            f"modules_to_save): {missing[:5]}" + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        )
     params = dict(model.named_parameters())
     for key in set(tensors) - set(live):  # saved embedding matrices (validated by load_adapter)
         live[key] = params[_param_name(key, params)]
+    staged = {}
+    for key, dst in live.items():
+        value = tensors[key].to(device=dst.device, dtype=dst.dtype)
+        # (finite in the file was checked; a narrower dtype may still overflow: 1e6 in float16)
+        if not allow_nonfinite and value.dtype != tensors[key].dtype and not _all_finite(value):
+            raise ValueError(
+                f"{weights}: tensor {key!r} overflows {_name(dst.dtype)}, the "
+                f"model's dtype for it (largest |value| {float(tensors[key].abs().max()):.4g})"
+            )
+        staged[key] = value
     with torch.no_grad():
         for key, dst in live.items():
-            dst.copy_(tensors[key].to(device=dst.device, dtype=dst.dtype))
+            dst.copy_(staged[key])
 
 
 def _live_tensors(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
@@ -284,4 +412,17 @@ def _live_tensors(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
     return out
 
 
-__all__ = ["adapter_state_dict", "load_adapter", "read_adapter", "save_adapter"]
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or ±Inf in ``t``: min and max propagate NaN and show an infinity (one fused pass
+    and no mask tensor: several times faster than ``isfinite(t).all()`` on CPU)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(lo) and math.isfinite(hi)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+__all__ = ["adapter_dir", "adapter_state_dict", "load_adapter", "read_adapter", "save_adapter"]

@@ -95,10 +95,6 @@ class OutputLock:
                     os.close(fd)
         raise RunError(f"output {self.dir}: could not take the lock {self.path}: it keeps being replaced")
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def release(self) -> None:
         if self._fd is None:
             return

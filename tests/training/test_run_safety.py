@@ -7,6 +7,7 @@ import errno
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -179,6 +180,24 @@ def test_a_single_nan_step_is_skipped_when_allowed(tmp_path, monkeypatch):
     step2, step3 = (trainable(out / "checkpoints" / f"step-00000{s}") for s in (2, 3))
     assert all(torch.equal(step2[k], step3[k]) for k in step2)  # no update from the NaN step
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_diverging_fp16_run_exits_non_zero_naming_the_step(tmp_path):
+    """No monkeypatching: a float16 model with a learning rate of 1000 overflows within a few
+    steps. The command used to finish with rc 0 and a NaN adapter."""
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    cfg = tiny_config(
+        out, model={"dtype": "float16"}, train={"max_steps": 8, "lr": 1e3, "schedule": "constant"}
+    )
+    config.write_text(TrainConfig.from_dict(cfg).to_yaml())
+    done = cli("train", str(config), cwd=tmp_path)
+    [line] = done.stderr.strip().splitlines()
+    assert done.returncode != 0
+    assert re.fullmatch(
+        r"error: step \d+: the (loss|gradient norm) is (nan|inf|-inf) \(1 step\(s\) in a row.*", line
+    )
+    assert not (out / "adapter").exists()
 
 
 def test_non_finite_weights_are_never_saved(tmp_path):

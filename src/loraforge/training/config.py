@@ -108,7 +108,7 @@ class TrainSection:
     # finite; the newest checkpoint is the last good one. 1 = stop at the first.
     max_nonfinite_steps: int = 1
     # Resuming with settings that differ from the checkpoint's in more than the keys safe to change
-    # (loop.RESUMABLE_CHANGES: run length, log/eval/save intervals, device, kernels): "refuse" names
+    # (resume.RESUMABLE_CHANGES: run length, log/eval/save intervals, device, kernels): "refuse" names
     # the keys; "apply" continues from the checkpoint's weights, optimizer moments, step and RNG with
     # the new values (new lr, betas, weight decay and schedule from the resume step on).
     resume_changes: Literal["refuse", "apply"] = "refuse"

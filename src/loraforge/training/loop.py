@@ -203,7 +203,7 @@ def _train(cfg: TrainConfig, dist, out: Path, console: _Console, phase: _Phase):
             # sync), with one small all-reduce of the loss and of whether any process was asked to
             # stop. A NaN/Inf loss or norm skips the optimizer update: the weights stay finite.
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm or float("inf"))
-            local_loss, norm = torch.stack([loss_sum, grad_norm.to(loss_sum.dtype)]).tolist()
+            local_loss, norm = torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist()
             loss_total, stop_votes = all_reduce_sum(dist, local_loss, float(stop.requested))
             loss = loss_total / n_targets
             finite = math.isfinite(loss) and math.isfinite(norm)

@@ -12,8 +12,12 @@ Layout of ``OUTPUT/checkpoints/step-000050/``::
 
 The directory is assembled under a temporary name and renamed into place, so a checkpoint
 either exists completely or not at all: a run killed mid-save leaves only a ``.tmp-*``
-directory, which resume ignores. Tensors are stored as safetensors and everything else as JSON
-(no pickle), so loading a checkpoint never executes code.
+directory, which resume ignores. A save that fails (a full disk) removes its ``.tmp-*`` at once;
+pruning renames an old checkpoint to ``.old-*`` before deleting it, so a kill mid-delete never
+leaves a ``step-*`` folder without ``state.json``; ``clean_partial`` (at the start of every run)
+removes what a killed run left of either. Tensors are stored as safetensors and everything else
+as JSON (no pickle), so loading a checkpoint never executes code. Non-finite trainable tensors
+are never saved.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from .lock import RunError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -151,38 +157,65 @@ def save_checkpoint(
 ) -> Path:
     """Write ``checkpoints/step-{step:06d}`` atomically and prune to the newest ``keep``.
 
-    save_adapter: optional ``fn(directory)`` writing the user-facing adapter files.
+    save_adapter: optional ``fn(directory)`` writing the user-facing adapter files. Raises
+    RunError (nothing written) when a trainable tensor holds NaN/Inf; on any failure the
+    temporary directory is removed and the earlier checkpoints are untouched.
     """
+    trainable = {
+        n: p.detach().to("cpu", copy=True).contiguous()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+    bad = [n for n, v in trainable.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise RunError(
+            f"step {step}: trainable tensor {bad[0]} holds NaN/Inf ({len(bad)} tensors); "
+            f"not saved, so the newest checkpoint in {checkpoint_root(output)} stays the last good one"
+        )
     root = checkpoint_root(output)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    if save_adapter is not None:
-        save_adapter(tmp / "adapter")
-    trainable = {
-        n: p.detach().to("cpu", copy=True).contiguous()
-        for n, p in model.named_parameters()
-        if p.requires_grad
-    }
-    save_file(trainable, str(tmp / "trainable.safetensors"))
-    save_state(optimizer.state_dict(), tmp, "optimizer")
-    save_state(scheduler.state_dict(), tmp, "scheduler")
-    save_state(rng_state(), tmp, "rng")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "time": time.time()}, indent=2))
-    _fsync_dir(tmp)
-    if final.exists():  # the same step saved again (a resumed run): swap it out
-        old = root / f".old-step-{step:06d}-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
+    try:
+        if save_adapter is not None:
+            save_adapter(tmp / "adapter")
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        save_state(optimizer.state_dict(), tmp, "optimizer")
+        save_state(scheduler.state_dict(), tmp, "scheduler")
+        save_state(rng_state(), tmp, "rng")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "time": time.time()}, indent=2))
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (a resumed run): swap it out
+            old = root / f".old-step-{step:06d}-{os.getpid()}"
+            final.rename(old)
+            try:
+                tmp.rename(final)
+            except BaseException:
+                old.rename(final)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except BaseException:  # a full disk, a second Ctrl-C: leave no half-written directory behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _fsync_dir(root)
     for stale in list_checkpoints(output)[:-keep]:
-        shutil.rmtree(stale, ignore_errors=True)
+        _remove(stale)
     return final
+
+
+def _remove(directory: Path) -> None:
+    """Delete a checkpoint: renamed first, so a kill mid-delete leaves a ``.old-*`` name that
+    ``clean_partial`` removes, never a ``step-*`` folder that lost its ``state.json``."""
+    trash = directory.with_name(f".old-{directory.name}-{os.getpid()}")
+    try:
+        directory.rename(trash)
+    except OSError:
+        trash = directory
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -223,10 +256,17 @@ def load_checkpoint(directory: str | Path, model, optimizer, scheduler) -> dict:
     return state
 
 
-def clean_partial(output: str | Path) -> None:
-    """Remove temporary directories left by a run that died while saving."""
+def clean_partial(output: str | Path) -> list[str]:
+    """Remove what a run that died while saving or pruning left behind: ``.tmp-*`` / ``.old-*``
+    directories, and ``step-*`` folders without ``state.json`` (never complete: a complete one is
+    renamed into place with its ``state.json``). Only call it while holding the output's lock.
+    Returns the names removed."""
     root = checkpoint_root(output)
+    removed = []
     if root.is_dir():
-        for d in root.iterdir():
-            if d.name.startswith((".tmp-", ".old-")):
+        for d in sorted(root.iterdir()):
+            partial = d.name.startswith((".tmp-", ".old-"))
+            if partial or (STEP_DIR.match(d.name) and d.is_dir() and not (d / "state.json").is_file()):
                 shutil.rmtree(d, ignore_errors=True)
+                removed.append(d.name)
+    return removed

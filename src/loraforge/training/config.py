@@ -103,6 +103,15 @@ class TrainSection:
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2  # newest N checkpoints kept on disk
     progress_bar: bool = True
+    # Stop the run (an error naming the step) once this many steps in a row had a NaN/Inf loss or
+    # gradient norm. Such a step makes no optimizer update, so the weights and every checkpoint stay
+    # finite; the newest checkpoint is the last good one. 1 = stop at the first.
+    max_nonfinite_steps: int = 1
+    # Resuming with settings that differ from the checkpoint's in more than the keys safe to change
+    # (resume.RESUMABLE_CHANGES: run length, log/eval/save intervals, device, kernels): "refuse" names
+    # the keys; "apply" continues from the checkpoint's weights, optimizer moments, step and RNG with
+    # the new values (new lr, betas, weight decay and schedule from the resume step on).
+    resume_changes: Literal["refuse", "apply"] = "refuse"
 
 
 @dataclass

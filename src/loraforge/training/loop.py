@@ -11,11 +11,14 @@ Every process knows ``N`` without communicating: the batch plan is a pure functi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
+import select
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -32,9 +35,11 @@ from .config import ConfigError, TrainConfig, TrainSection
 from .data import BatchPlan, collate, load_datasets
 from .dist import all_reduce_sum, cleanup, communication_report, setup, wrap_ddp
 from .fast import compile_layers, patch_model, should_compile, uncompile_layers, unpatch_model
+from .lock import OutputLock, RunError, describe_holder
 from .loss import CausalLMLoss
 from .modeling import check_packed_attention, prepare_model, save_trained
 from .report import MetricsLog, plot_losses
+from .resume import resume_changes, use_settings
 
 
 def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Module, dict]:
@@ -43,15 +48,52 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
     config: a ``TrainConfig``, a dict of the same shape, or a YAML path; ``overrides`` are
     ``"key.sub=value"`` strings. Ctrl-C (SIGINT) or SIGTERM saves a checkpoint after the current
     step and raises ``KeyboardInterrupt``; ``resume: auto`` continues from it.
+
+    The run holds an exclusive lock on ``output`` from before anything there is read or deleted
+    until it returns (see ``lock.py``); a second run on it raises ``RunError`` naming the holder.
+    ``RunError`` also reports an output that cannot be written (checked before the model loads),
+    a loss or gradient norm that stopped being finite, and a failed write during the run.
     """
     cfg = TrainConfig.load(config, overrides)
-    t: TrainSection = cfg.train
-    dist = setup(t.device)
+    _check_device(cfg.train)
+    dist = setup(cfg.train.device)
     out = Path(cfg.output)
-    say = tqdm.write if dist.is_main else (lambda *a, **k: None)
+    console = _Console(dist.is_main)
+    lock = OutputLock(out) if dist.is_main else None  # also the probe that `out` is writable
+    if lock is not None and lock.previous:
+        console.say(
+            f"output {out}: took over the lock of a run that has ended ({describe_holder(lock.previous)})"
+        )
+    phase = _Phase()
+    try:
+        return _train(cfg, dist, out, console, phase)
+    except KeyboardInterrupt as e:
+        if e.args:  # the loop's own stop (checkpoint saved) or a second Ctrl-C: it says what happened
+            raise
+        raise KeyboardInterrupt(phase.interrupted(out)) from None
+    except OSError as e:
+        if phase.name == "start-up":
+            raise  # a missing model or data file: its own message
+        newest = ckpt.latest_checkpoint(out)
+        raise RunError(
+            f"output {out}: a write failed at step {phase.step} ({e}); "
+            f"newest complete checkpoint: {newest or 'none'}"
+        ) from e
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, dist, out: Path, console: _Console, phase: _Phase):
+    """The run itself, top to bottom; ``train`` holds the output's lock around it."""
+    t: TrainSection = cfg.train
+    say = console.say
+    if t.max_nonfinite_steps < 1:
+        raise ConfigError(f"train.max_nonfinite_steps: must be > 0, got {t.max_nonfinite_steps}")
 
     # -- where to start -------------------------------------------------------------------------
     resume_dir = _resume_dir(cfg, out, dist.is_main, say)
+    changed = resume_changes(cfg, resume_dir, say)  # refuses what would silently not apply
 
     # -- model, data, optimizer ---------------------------------------------------------------
     _seed_everything(t.seed)
@@ -68,8 +110,11 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
     scheduler = LambdaLR(optimizer, _lr_lambda(t, total_steps))
     step = 0
     if resume_dir is not None:
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         state = ckpt.load_checkpoint(resume_dir, model, optimizer, scheduler)
         step = state["step"]
+        if changed:  # resume_changes: apply — this config's optimizer settings from here on
+            use_settings(optimizer, scheduler, settings)
         if state.get("global_batch") != plan.global_batch:
             say(
                 f"warning: the checkpoint's global batch was {state.get('global_batch')} rows, "
@@ -105,6 +150,8 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
     log = MetricsLog(out / "metrics.jsonl", dist.is_main, resume_step=step if resume_dir else None)
+    if changed:
+        log.write(step=step, event="resume", changed={k: list(v) for k, v in changed.items()})
     pad_id = tokenizer.pad_token_id
 
     def evaluate() -> tuple[float, float]:
@@ -128,16 +175,11 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
         say(f"step 0: eval loss {eval_loss:.4f}, perplexity {eval_ppl:.2f}")
 
     # -- the loop ---------------------------------------------------------------------------------
-    stop = _StopRequest()
-    bar = tqdm(
-        total=total_steps,
-        initial=step,
-        desc="train",
-        unit="step",
-        disable=not (dist.is_main and t.progress_bar),
-    )
+    stop = _StopRequest(console)
+    console.open_bar(total_steps, step, t.progress_bar)
     model.train()
-    run_start, run_tokens, last_ckpt = time.perf_counter(), 0, None
+    run_start, run_tokens, last_ckpt, nonfinite = time.perf_counter(), 0, None, 0
+    phase.name, phase.step = "training", step
     try:
         while step < total_steps:
             step_start = time.perf_counter()
@@ -157,33 +199,49 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
                     (part * (dist.world_size / n_targets)).backward()
                 loss_sum += part.detach()
 
-            # clip, step, schedule
+            # clip; the loss and gradient norm come to the host together (the step's one device
+            # sync), with one small all-reduce of the loss and of whether any process was asked to
+            # stop. A NaN/Inf loss or norm skips the optimizer update: the weights stay finite.
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm or float("inf"))
+            local_loss, norm = torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist()
+            loss_total, stop_votes = all_reduce_sum(dist, local_loss, float(stop.requested))
+            loss = loss_total / n_targets
+            finite = math.isfinite(loss) and math.isfinite(norm)
+            nonfinite = 0 if finite else nonfinite + 1
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            if finite:
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            phase.step = step
 
-            # log (one small all-reduce: the loss, and whether any process was asked to stop)
-            loss_total, stop_votes = all_reduce_sum(dist, loss_sum.item(), float(stop.requested))
-            loss = loss_total / n_targets
+            # log
             elapsed = time.perf_counter() - step_start
             run_tokens += n_tokens
             tokens_per_s = run_tokens / (time.perf_counter() - run_start)
-            if step % t.log_every == 0 or step == total_steps:
+            if step % t.log_every == 0 or step == total_steps or not finite:
                 log.write(
                     step=step,
                     epoch=plan.epoch_of(step - 1),
                     loss=loss,
                     lr=lr,
-                    grad_norm=float(grad_norm),
+                    grad_norm=norm,
                     tokens=n_tokens,
                     step_time_s=elapsed,
                     tokens_per_s=tokens_per_s,
+                    **({} if finite else {"skipped": True}),
                 )
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-            bar.update(1)
+            console.advance(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            if nonfinite >= t.max_nonfinite_steps:
+                what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
+                log.write(step=step, event="stopped", reason=f"{what} {value}")
+                raise RunError(
+                    f"step {step}: the {what} is {value} ({nonfinite} step(s) in a row, "
+                    f"train.max_nonfinite_steps={t.max_nonfinite_steps}); the run stopped. Newest "
+                    f"checkpoint (finite weights): {ckpt.latest_checkpoint(out) or 'none'}; "
+                    "a lower train.lr, train.max_grad_norm or another precision may help"
+                )
 
             # eval
             if eval_rows and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
@@ -211,13 +269,14 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
                     last_ckpt = ckpt.save_checkpoint(
                         out, step, model, optimizer, scheduler, state, save_adapter, t.keep_checkpoints
                     )
-            if stopping:
-                bar.close()
+            if stopping:  # saved first, then reported (printing may fail: stdout's reader may be gone)
+                console.close_bar()
                 say(f"stopped at step {step}; checkpoint saved: {last_ckpt or out / 'checkpoints'}")
                 raise KeyboardInterrupt(f"training stopped at step {step}; resume with resume: auto")
     finally:
-        bar.close()
+        console.close_bar()
         stop.restore()
+    phase.name = "writing the results"
     unpatch_model(model)  # the caller gets the model with its own forwards
     if compiled:
         uncompile_layers(model)
@@ -272,6 +331,12 @@ def _lr_lambda(t: TrainSection, total_steps: int):
 
 
 def _resume_dir(cfg: TrainConfig, out: Path, is_main: bool, say) -> Path | None:
+    """The checkpoint to continue from, or None; refuses to start over existing checkpoints
+    unless ``overwrite``. Runs under the output's lock, so deleting here is safe."""
+    if is_main:
+        removed = ckpt.clean_partial(out)  # what a run killed while saving or pruning left
+        if removed:
+            say(f"removed incomplete checkpoint files left by an earlier run: {', '.join(removed)}")
     if isinstance(cfg.resume, str) and cfg.resume != "auto":
         path = Path(cfg.resume)
         if not (path / "state.json").is_file():
@@ -281,8 +346,6 @@ def _resume_dir(cfg: TrainConfig, out: Path, is_main: bool, say) -> Path | None:
     if cfg.resume in (True, "auto"):
         if latest is None:
             say(f"resume: no checkpoint under {out}; starting from scratch")
-        if is_main:
-            ckpt.clean_partial(out)
         return latest
     if latest is not None and not cfg.overwrite:
         raise ConfigError(
@@ -292,6 +355,25 @@ def _resume_dir(cfg: TrainConfig, out: Path, is_main: bool, say) -> Path | None:
     if latest is not None and is_main:
         shutil.rmtree(ckpt.checkpoint_root(out), ignore_errors=True)
     return None
+
+
+def _check_device(t: TrainSection) -> None:
+    """One line, before anything loads, instead of an assertion deep in torch."""
+    kind, _, index = t.device.partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"train.device: {t.device!r}, but CUDA is not available here "
+                f"(torch {torch.__version__}); use train.device=auto or cpu"
+            )
+        n = torch.cuda.device_count()
+        wanted = int(index) if index else int(os.environ.get("LOCAL_RANK", "0"))
+        if wanted >= n:
+            raise ConfigError(f"train.device: {t.device!r} (device {wanted}), but there are {n} CUDA devices")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device: {t.device!r}, but MPS is not available here")
+    elif kind == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ConfigError(f"train.device: {t.device!r}, but no XPU is available here")
 
 
 def _seed_everything(seed: int) -> None:
@@ -314,15 +396,85 @@ def _count(model) -> tuple[int, int]:
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
+@dataclasses.dataclass
+class _Phase:
+    """Where the run is, for the message of a Ctrl-C or a failed write."""
+
+    name: str = "start-up"  # then "training", then "writing the results"
+    step: int = 0
+
+    def interrupted(self, out: Path) -> str:
+        if self.name == "start-up":
+            return "Ctrl-C during start-up, before the first step: nothing was saved"
+        newest = ckpt.latest_checkpoint(out)
+        return f"Ctrl-C at step {self.step} ({self.name}); newest complete checkpoint: {newest or 'none'}"
+
+
+class _Console:
+    """What the run prints: lines on stdout, the progress bar on stderr.
+
+    Printing is best effort. When a stream's reader has gone (``loraforge train ... | tee log``:
+    Ctrl-C reaches tee too, and it exits first), a write fails with EPIPE; that stream is then
+    pointed at /dev/null and the run goes on, so saving never depends on it (nor does the
+    interpreter's flush of stdout at exit). Lines are flushed at once so such an error surfaces
+    here, not at some later write.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            self._guard(lambda: (tqdm.write(text), sys.stdout.flush()))
+
+    def open_bar(self, total: int, initial: int, show: bool) -> None:
+        self.bar = tqdm(
+            total=total, initial=initial, desc="train", unit="step", disable=not (self.enabled and show)
+        )
+
+    def advance(self, **postfix) -> None:
+        self._guard(lambda: (self.bar.set_postfix(**postfix, refresh=False), self.bar.update(1)))
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self._guard(self.bar.close)
+
+    @staticmethod
+    def _guard(write) -> None:
+        try:
+            write()
+        except (OSError, ValueError):  # ValueError: "I/O operation on closed file"
+            for stream in (sys.stdout, sys.stderr):
+                _silence_if_broken(stream)
+
+
+def _silence_if_broken(stream) -> None:
+    """Point ``stream``'s file descriptor at /dev/null if it is a pipe whose reader has gone."""
+    try:
+        fd = stream.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        if any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0)):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+    except (OSError, ValueError, AttributeError):  # no fileno (a notebook), no poll (Windows)
+        pass
+
+
 class _StopRequest:
     """Turns SIGINT/SIGTERM into a request to stop after the current step (checkpoint first).
 
     A second Ctrl-C raises KeyboardInterrupt at once. Handlers can only be installed from the
     main thread; elsewhere (e.g. a notebook worker thread) Ctrl-C keeps its default meaning.
+    The handler only sets a flag and prints through the console, which never raises: an
+    exception here would surface in whatever line the loop was running, before the save.
     """
 
-    def __init__(self):
+    def __init__(self, console: _Console):
         self.requested = False
+        self.console = console
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -330,13 +482,11 @@ class _StopRequest:
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("second Ctrl-C: quit at once, without saving the current step")
         self.requested = True
-        if os.environ.get("RANK", "0") == "0":
-            tqdm.write(
-                f"{signal.Signals(signum).name}: saving a checkpoint after this step "
-                "(Ctrl-C again to quit now)"
-            )
+        self.console.say(
+            f"{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to quit now)"
+        )
 
     def restore(self):
         for sig, handler in self._previous.items():

@@ -255,18 +255,26 @@ def encode_segments(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[i
 
     A fast tokenizer tokenizes the whole text (as at inference) and uses character offsets to
     assign tokens to segments; a slow one tokenizes segment by segment.
+
+    A token whose characters ``[start, end)`` overlap a trained segment ``[a, b)``
+    (``start < b and end > a``) is trained, even when it begins before the segment: a prompt
+    ending in a space and a completion ``"white"`` give the byte-level BPE token ``"Ġwhite"`` (or
+    SentencePiece's ``"▁white"``), which starts in the prompt but carries the answer's first word.
+    A token of no characters (offsets ``(s, s)``) belongs to the character before it.
     """
     text = "".join(t for t, _ in segments)
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        bounds, pos = [], 0
+        spans, pos = [], 0  # character spans of the trained segments
         for t, trained in segments:
-            bounds.append((pos, pos + len(t), trained))
+            if trained:
+                spans.append((pos, pos + len(t)))
             pos += len(t)
         trained_mask = []
         for start, end in enc["offset_mapping"]:
-            char = start if end > start else max(start - 1, 0)
-            trained_mask.append(any(a <= char < b and tr for a, b, tr in bounds))
+            if end <= start:
+                start, end = max(start - 1, 0), max(start, 1)
+            trained_mask.append(any(start < b and end > a for a, b in spans))
         return list(enc["input_ids"]), trained_mask
     ids, mask = [], []
     for t, trained in segments:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from . import builtin
-from .config import ModelSection, QuantSection, TrainConfig
+from .config import ConfigError, ModelSection, QuantSection, TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,6 +46,48 @@ def quant_config(q: QuantSection, dtype: torch.dtype):
     )
 
 
+def causal_lm_problem(config) -> str | None:
+    """Why a transformers config is not a causal (decoder) language model, or None.
+
+    ``AutoModelForCausalLM`` accepts encoders too: a BERT / MiniLM checkpoint becomes a
+    ``BertLMHeadModel`` whose LM head is random, which then trains "successfully". A config is
+    taken as causal when one of its ``architectures`` is a causal-LM class, or when it has none
+    but its ``model_type`` has a causal-LM class and is not an encoder family (or says
+    ``is_decoder: true``).
+    """
+    from transformers.models.auto import modeling_auto as auto
+
+    CAUSAL, MASKED = auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    model_type = getattr(config, "model_type", None)
+    archs = list(getattr(config, "architectures", None) or [])
+    causal_classes = set(CAUSAL.values())
+    if any(a in causal_classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return None
+    if model_type not in CAUSAL:
+        return f"model_type {model_type!r} has no causal language-model class in transformers"
+    if getattr(config, "is_decoder", False):
+        return None
+    if archs:
+        kind = "an encoder" if model_type in MASKED else "a model without a causal-LM head"
+        return f"{kind} (model_type {model_type!r}, architectures {archs})"
+    if model_type in MASKED:
+        return f"an encoder (model_type {model_type!r}, is_decoder false)"
+    return None
+
+
+def check_causal_lm(path: str) -> None:
+    """Refuse, from its config alone (before any weight is read), a model that is not a causal LM."""
+    from transformers import AutoConfig
+
+    why = causal_lm_problem(AutoConfig.from_pretrained(path))
+    if why is not None:
+        raise ConfigError(
+            f"model.path: {path}: not a causal (decoder-only) language model: {why}. loraforge trains "
+            "causal LMs (Llama, Qwen2, Mistral, Gemma, GPT-2, ...); an encoder such as BERT or MiniLM "
+            "would get a randomly initialised LM head"
+        )
+
+
 def load_base_model(cfg: ModelSection, device: torch.device, quantize: bool = False):
     """The base causal LM on ``device``; 4-bit when ``quantize`` (QLoRA)."""
     import loraforge as lf
@@ -80,6 +122,8 @@ def prepare_model(cfg: TrainConfig, device: torch.device, log=print):
     """(model, tokenizer) ready to train: LoRA injected (base frozen), or everything trainable."""
     import loraforge as lf
 
+    if not builtin.is_builtin(cfg.model.path):
+        check_causal_lm(cfg.model.path)  # from config.json, before the tokenizer and the weights
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     model = load_base_model(cfg.model, device, quantize=cfg.method == "qlora")
     model.config.use_cache = False

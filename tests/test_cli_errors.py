@@ -179,6 +179,20 @@ def test_generate_and_merge_refuse_an_encoder(tmp_path, bert_dir, adapter_dir, c
     assert "not a causal" in capsys.readouterr().err and not out.exists()
 
 
+def test_missing_model_paths_are_one_line(tmp_path, bert_dir, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = write_config(tmp_path, model={"path": "./no/such/dir"})
+    assert main(["train", str(path)]) == 2
+    assert capsys.readouterr().err == "error: model.path: ./no/such/dir: no such directory\n"
+    assert main(["generate", "--base", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err == f"error: --base: {tmp_path / 'nope'}: no such directory\n"
+    assert main(["generate", "--base", str(tmp_path), "--prompt", "hi"]) == 2  # a directory, no model
+    assert (
+        capsys.readouterr().err
+        == f"error: --base: {tmp_path}: no config.json, not a transformers model directory\n"
+    )
+
+
 def test_causal_check_on_configs():
     from transformers import BertConfig, GPT2Config, LlamaConfig, Qwen2Config, T5Config
 

@@ -40,7 +40,7 @@ def load_with_adapters(
     else:
         from transformers import AutoModelForCausalLM
 
-        check_causal_lm(base)
+        check_causal_lm(base, key="--base")
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
     for name, directory in adapters.items():
         if not (Path(directory) / "adapter_config.json").is_file():

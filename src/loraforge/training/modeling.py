@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -75,14 +76,34 @@ def causal_lm_problem(config) -> str | None:
     return None
 
 
-def check_causal_lm(path: str) -> None:
-    """Refuse, from its config alone (before any weight is read), a model that is not a causal LM."""
+def model_config(path: str, key: str = "model.path"):
+    """The transformers config of a model directory or hub id, or a one-line ConfigError naming
+    ``key``: a path that is neither an existing directory nor a hub id (``name`` or ``org/name``)
+    is reported as missing instead of transformers' "Repo id must be in the form ..."."""
     from transformers import AutoConfig
 
-    why = causal_lm_problem(AutoConfig.from_pretrained(path))
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"{key}: {path}: no config.json, not a transformers model directory")
+    elif (
+        local.exists() or not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", path) or ".." in path
+    ):
+        raise ConfigError(f"{key}: {path}: no such directory")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:  # not on the hub, hub unreachable, bad config.json, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        what = "cannot read the model's config" if local.is_dir() else "no such directory, nor from the hub"
+        raise ConfigError(f"{key}: {path}: {what} ({first})") from None
+
+
+def check_causal_lm(path: str, key: str = "model.path") -> None:
+    """Refuse, from its config alone (before any weight is read), a model that is not a causal LM."""
+    why = causal_lm_problem(model_config(path, key))
     if why is not None:
         raise ConfigError(
-            f"model.path: {path}: not a causal (decoder-only) language model: {why}. loraforge trains "
+            f"{key}: {path}: not a causal (decoder-only) language model: {why}. loraforge trains "
             "causal LMs (Llama, Qwen2, Mistral, Gemma, GPT-2, ...); an encoder such as BERT or MiniLM "
             "would get a randomly initialised LM head"
         )

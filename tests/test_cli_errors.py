@@ -148,6 +148,17 @@ def test_non_finite_config_value_is_one_line(tmp_path, capsys):
     )
 
 
+def test_a_missing_device_is_one_line_before_loading(tmp_path, no_training, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = write_config(tmp_path)
+    assert main(["train", str(path), "train.device=cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: train.device: cuda: CUDA is not available here (") and err.count("\n") == 1
+    assert not no_training
+    assert main(["generate", "--base", "builtin:tiny-llama", "--device", "cuda:1", "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err.startswith("error: --device: cuda:1: CUDA is not available here")
+
+
 def test_config_that_is_a_directory_is_one_line(tmp_path, capsys):
     assert main(["train", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path}: cannot read the config file")

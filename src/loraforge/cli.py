@@ -200,11 +200,10 @@ def _delegate(name: str, argv: list[str]) -> int:
 
 def _train(args) -> int:
     from .training import TrainConfig, train
-    from .training.data import check_data
 
     overrides = list(args.overrides) + (["resume=auto"] if args.resume else [])
     cfg = TrainConfig.from_yaml(args.config, overrides)
-    check_data(cfg.data)  # a missing or malformed data file stops here, before the model loads
+    _check_before_loading(cfg)
     _, metrics = train(cfg)
     _summary(metrics, cfg)
     return 0
@@ -217,7 +216,6 @@ def _quickstart(args) -> int:
 
     from .training import TrainConfig, train
     from .training.builtin import ASSETS
-    from .training.data import check_data
 
     if "OMP_NUM_THREADS" not in os.environ:
         # The quickstart's matrices are small: a second intra-op thread gains little on an idle
@@ -228,7 +226,7 @@ def _quickstart(args) -> int:
     cfg = TrainConfig.from_yaml(
         ASSETS / "quickstart" / "quickstart.yaml", [f"output={args.output}", *args.overrides]
     )
-    check_data(cfg.data)
+    _check_before_loading(cfg)
     print(
         f"quickstart: LoRA r={cfg.lora.r} on every linear layer of {cfg.model.path}, "
         f"{cfg.train.max_steps} steps on bundled Q&A pairs (answers only)"
@@ -236,6 +234,16 @@ def _quickstart(args) -> int:
     _, metrics = train(cfg)
     _summary(metrics, cfg)
     return 0
+
+
+def _check_before_loading(cfg) -> None:
+    """What can be found wrong before a model is loaded: the device and the data files (a
+    missing file or a bad row in the first ones)."""
+    from .training.data import check_data
+    from .training.modeling import check_device
+
+    check_device(cfg.train.device)
+    check_data(cfg.data)
 
 
 def _summary(metrics: dict, cfg) -> None:
@@ -282,6 +290,9 @@ def _generate(args) -> int:
     import loraforge as lf
 
     from .training.inference import generate, load_with_adapters
+    from .training.modeling import check_device
+
+    check_device(args.device, "--device")
 
     adapters = {}
     for item in args.adapter:

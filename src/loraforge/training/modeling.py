@@ -34,6 +34,31 @@ def load_tokenizer(path: str):
     return tok
 
 
+def check_device(name: str, key: str = "train.device") -> None:
+    """Refuse a device this machine does not have (``cuda`` without CUDA, ``cuda:3`` with two
+    GPUs) in one line naming ``key``, before anything is loaded; ``auto`` always works."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{key}: {name!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                "no GPU is visible"
+                if torch.version.cuda
+                else f"torch {torch.__version__} is built without CUDA"
+            )
+            raise ConfigError(f"{key}: {name}: CUDA is not available here ({why}); use cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{key}: {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{key}: {name}: MPS is not available here; use cpu or auto")
+    elif device.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ConfigError(f"{key}: {name}: XPU is not available here; use cpu or auto")
+
+
 def quant_config(q: QuantSection, dtype: torch.dtype):
     import loraforge as lf
 

@@ -309,3 +309,14 @@ def test_closed_stdout_pipe_exits_quietly(adapter_dir):
     finally:
         os.close(write)
     assert done.returncode == 141 and done.stderr == ""
+
+
+def test_ctrl_c_while_starting_is_one_line(monkeypatch, capsys):
+    import loraforge.cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loraforge.cli, "build_parser", interrupted)
+    assert main(["inspect", "."]) == 130
+    assert capsys.readouterr().err == "interrupted\n"

@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         # can be shown, so stop quietly, as a command killed by SIGPIPE would.
         _silence_stdout()
         return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:  # Ctrl-C while starting (importing torch, building the parser)
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _silence_stdout() -> None:

@@ -213,8 +213,6 @@ def _train(args) -> int:
 
 
 def _quickstart(args) -> int:
-    import os
-
     import torch
 
     from .training import TrainConfig, train
@@ -250,8 +248,6 @@ def _check_before_loading(cfg) -> None:
 
 
 def _summary(metrics: dict, cfg) -> None:
-    import os
-
     if os.environ.get("RANK", "0") != "0":
         return
     first, last = metrics["initial_eval_loss"], metrics["final_eval_loss"]

@@ -53,6 +53,8 @@ def test_validate_refuses_non_finite_numbers_of_a_config_built_in_python():
         ConfigError, match=r"^<config>: train.max_grad_norm: must be a finite number, got nan"
     ):
         cfg.validate()
+    with pytest.raises(ConfigError, match=r"^<TrainConfig>: train.lr: must be a finite number"):
+        TrainConfig.load(TrainConfig(data=DataSection(train="a.jsonl"), train=TrainSection(lr=float("inf"))))
     with pytest.raises(ConfigError, match="train.lr: must be a finite number"):
         TrainConfig.load(
             TrainConfig(data=DataSection(train="a.jsonl"), train=TrainSection(lr=float("inf"))),

@@ -171,7 +171,10 @@ class TrainConfig:
     ) -> TrainConfig:
         """Accept a TrainConfig, a dict, or a YAML path (what ``lf.train`` takes)."""
         if isinstance(config, TrainConfig):
-            return cls.from_dict(config.to_dict(), overrides, source="<TrainConfig>") if overrides else config
+            if overrides:
+                return cls.from_dict(config.to_dict(), overrides, source="<TrainConfig>")
+            config.validate("<TrainConfig>")  # built in Python: its values were never checked
+            return config
         if isinstance(config, dict):
             return cls.from_dict(config, overrides)
         return cls.from_yaml(config, overrides)

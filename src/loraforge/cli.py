@@ -1,4 +1,4 @@
-"""``loraforge`` command line: a thin shell over the library.
+"""loraforge command line: a thin shell over the library.
 
 loraforge quickstart                       a short LoRA fine-tune, no download
 loraforge train CONFIG.yaml [key=value ...] [--resume]
@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+# 141 = 128 + SIGPIPE: what a shell reports for a command whose reader went away (``| head``)
+EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 130, 141
 DELEGATED = {
     "demo": "persona chatbot demo: LoRA, full fine-tune and QLoRA on one base (see loraforge demo --help)",
     "chat": "interactive chat with a base model and persona adapters (see loraforge chat --help)",
@@ -24,7 +26,12 @@ DELEGATED = {
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Shows defaults, except the empty ones ("(default: None)", "(default: [])" say nothing)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="fine-tune from a YAML config",
         description="Fine-tune a causal LM. Config keys (set in the YAML or as KEY=VALUE):\n\n"
-        + describe_keys(),
+        + describe_keys()
+        + "\n\nIn the lora section PEFT's names lora_alpha, lora_dropout and init_lora_weights are "
+        "accepted too.",
         formatter_class=_Formatter,
     )
     t.add_argument("config", help="YAML config file")
@@ -124,11 +133,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then reported as one
+        return code
+    except BrokenPipeError:
+        # The reader of our output went away (``loraforge inspect --json | head``): nothing more
+        # can be shown, so stop quietly, as a command killed by SIGPIPE would.
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:  # Ctrl-C while starting (importing torch, building the parser)
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout replaced (tests) or already closed
+        pass
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
         return _delegate(argv[0], argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command in ("train", "quickstart"):
+        # KEY=VALUE overrides may also follow an option: ``train run.yaml --resume lora.r=4``
+        args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
@@ -142,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             "generate": _generate,
             "inspect": _inspect,
         }[args.command](args)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except BrokenPipeError:
+        raise
+    except (ConfigError, DataError, OSError, ValueError) as e:  # OSError: missing, unreadable files
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as e:
@@ -164,14 +206,13 @@ def _train(args) -> int:
 
     overrides = list(args.overrides) + (["resume=auto"] if args.resume else [])
     cfg = TrainConfig.from_yaml(args.config, overrides)
+    _check_before_loading(cfg)
     _, metrics = train(cfg)
     _summary(metrics, cfg)
     return 0
 
 
 def _quickstart(args) -> int:
-    import os
-
     import torch
 
     from .training import TrainConfig, train
@@ -186,6 +227,7 @@ def _quickstart(args) -> int:
     cfg = TrainConfig.from_yaml(
         ASSETS / "quickstart" / "quickstart.yaml", [f"output={args.output}", *args.overrides]
     )
+    _check_before_loading(cfg)
     print(
         f"quickstart: LoRA r={cfg.lora.r} on every linear layer of {cfg.model.path}, "
         f"{cfg.train.max_steps} steps on bundled Q&A pairs (answers only)"
@@ -195,9 +237,17 @@ def _quickstart(args) -> int:
     return 0
 
 
-def _summary(metrics: dict, cfg) -> None:
-    import os
+def _check_before_loading(cfg) -> None:
+    """What can be found wrong before a model is loaded: the device and the data files (a
+    missing file or a bad row in the first ones)."""
+    from .training.data import check_data
+    from .training.modeling import check_device
 
+    check_device(cfg.train.device)
+    check_data(cfg.data)
+
+
+def _summary(metrics: dict, cfg) -> None:
     if os.environ.get("RANK", "0") != "0":
         return
     first, last = metrics["initial_eval_loss"], metrics["final_eval_loss"]
@@ -239,6 +289,9 @@ def _generate(args) -> int:
     import loraforge as lf
 
     from .training.inference import generate, load_with_adapters
+    from .training.modeling import check_device
+
+    check_device(args.device, "--device")
 
     adapters = {}
     for item in args.adapter:

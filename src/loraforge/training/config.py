@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -135,10 +136,15 @@ class TrainConfig:
     def from_yaml(cls, path: str | Path, overrides: typing.Sequence[str] = ()) -> TrainConfig:
         path = str(path)
         try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.load(f, Loader=_Loader)
+            raw = Path(path).read_bytes()
+            data = yaml.load(raw.decode("utf-8"), Loader=_Loader)
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except OSError as e:  # a directory, no permission, ...
+            raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
         if data is None:
@@ -152,12 +158,18 @@ class TrainConfig:
         cls, data: dict[str, Any], overrides: typing.Sequence[str] = (), source: str = "<dict>"
     ) -> TrainConfig:
         data = _deepcopy(data)
+        if isinstance(data.get("lora"), dict):
+            data["lora"] = _lora_from_peft_names(data["lora"], source)
         sources: dict[str, str] = {}
         for item in overrides:
             key, value = parse_override(item)
-            _check_key_path(cls, key, f"command-line override {item!r}")
+            where = f"command-line override {item!r}"
+            key = _check_key_path(cls, key, where)
+            if key.startswith("lora.") and key.count(".") == 1 and key[5:] in PEFT_NAMES:
+                [(leaf, value)] = _lora_from_peft_names({key[5:]: value}, where).items()
+                key = "lora." + leaf
             _set_dotted(data, key, value)
-            sources[key] = f"command-line override {item!r}"
+            sources[key] = where
         cfg = _build(cls, data, prefix="", source=source, sources=sources)
         cfg.validate(source)
         return cfg
@@ -168,7 +180,10 @@ class TrainConfig:
     ) -> TrainConfig:
         """Accept a TrainConfig, a dict, or a YAML path (what ``lf.train`` takes)."""
         if isinstance(config, TrainConfig):
-            return cls.from_dict(config.to_dict(), overrides, source="<TrainConfig>") if overrides else config
+            if overrides:
+                return cls.from_dict(config.to_dict(), overrides, source="<TrainConfig>")
+            config.validate("<TrainConfig>")  # built in Python: its values were never checked
+            return config
         if isinstance(config, dict):
             return cls.from_dict(config, overrides)
         return cls.from_yaml(config, overrides)
@@ -188,6 +203,9 @@ class TrainConfig:
 
         if not d.train:
             raise bad("data.train", "required (a JSONL/JSON/CSV/Parquet file)")
+        for key, value in _numbers(self, ""):
+            if not math.isfinite(value):
+                raise bad(key, f"must be a finite number, got {value!r}")
         positive = {
             "train.batch_size": t.batch_size,
             "train.grad_accum": t.grad_accum,
@@ -288,18 +306,78 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+# PEFT's LoraConfig names -> loraforge's (PEFT users type these in the ``lora`` section).
+PEFT_NAMES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
+
+# Names from PEFT / transformers' TrainingArguments that difflib would not match to ours.
+SYNONYMS = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_rank": "r",
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "schedule",
+    "max_seq_length": "max_length",
+    "model_name_or_path": "path",
+    "output_dir": "output",
+    "torch_dtype": "dtype",
+}
+
+
+def _lora_from_peft_names(section: dict, where: str) -> dict:
+    """The ``lora`` section with PEFT's key names renamed to loraforge's (``lora_alpha`` ->
+    ``alpha``, ``lora_dropout`` -> ``dropout``, ``init_lora_weights`` -> ``init`` with PEFT's
+    ``true`` read as ``default``)."""
+    out = {}
+    for key, value in section.items():
+        name = PEFT_NAMES.get(key, key)
+        if name in out or (name != key and name in section):
+            raise ConfigError(f"{where}: lora: both {name!r} and PEFT's name {key!r} are set; keep one")
+        if key == "init_lora_weights" and isinstance(value, bool):
+            if not value:
+                raise ConfigError(
+                    f"{where}: lora.init_lora_weights: false (PEFT's random B, a non-identity start) "
+                    "is not supported; use true or init: default | gaussian | pissa"
+                )
+            value = "default"
+        out[name] = value
+    return out
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a config dataclass."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = _hints(cls)[f.name]
+        keys += (
+            _all_keys(hint, prefix + f.name + ".") if dataclasses.is_dataclass(hint) else [prefix + f.name]
+        )
+    return keys
+
+
 def _unknown(key: str, known: typing.Iterable[str], where: str) -> ConfigError:
+    """An unknown-key error with the closest known key: a PEFT / transformers synonym, a close
+    spelling at the same level, or the same name in another section (``lr`` -> ``train.lr``)."""
     known = sorted(known)
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    leaf = key.rsplit(".", 1)[-1]
+    wanted = SYNONYMS.get(leaf, PEFT_NAMES.get(leaf, leaf))
+    close = [wanted] if wanted in known else []
+    close = close or [k for k in _all_keys(TrainConfig) if k.rsplit(".", 1)[-1] == wanted][:1]
+    close = close or difflib.get_close_matches(leaf, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ConfigError(f"{where}: unknown key {key!r}{hint}; known keys here: {', '.join(known)}")
 
 
-def _check_key_path(cls: type, key: str, where: str) -> None:
-    """Refuse an override for a key the dataclasses do not have."""
+def _check_key_path(cls: type, key: str, where: str) -> str:
+    """Refuse an override for a key the dataclasses do not have; returns the key (PEFT's names
+    in the ``lora`` section accepted)."""
     parts = key.split(".")
     for i, part in enumerate(parts):
         names = {f.name for f in dataclasses.fields(cls)}
+        if cls is LoraConfig and part in PEFT_NAMES and i == len(parts) - 1:
+            return key
         if part not in names:
             raise _unknown(".".join(parts[: i + 1]), names, where)
         hint = _hints(cls)[part]
@@ -307,6 +385,22 @@ def _check_key_path(cls: type, key: str, where: str) -> None:
             if not dataclasses.is_dataclass(hint):
                 raise ConfigError(f"{where}: {'.'.join(parts[: i + 1])!r} has no sub-keys")
             cls = hint
+    return key
+
+
+def _numbers(obj: Any, prefix: str) -> typing.Iterator[tuple[str, float]]:
+    """(dotted key, value) of every float in a config dataclass, in lists and dict values too."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from _numbers(getattr(obj, f.name), prefix + f.name + ".")
+    elif isinstance(obj, float):
+        yield prefix.rstrip("."), obj
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{prefix.rstrip('.')}[{i}].")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{prefix}{k}.")
 
 
 def _build(cls: type, data: Any, prefix: str, source: str, sources: dict[str, str]) -> Any:
@@ -395,7 +489,15 @@ def _coerce(value: Any, hint: Any, path: str, where: str) -> Any:
         raise fail()
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond the float range
+                number = math.inf
+            # .inf / .nan are valid YAML floats, but no rate, norm or ratio may be one
+            if not math.isfinite(number):
+                shown = repr(value) if isinstance(value, float) else "an integer beyond the float range"
+                raise ConfigError(f"{where}: {path}: must be a finite number, got {shown}")
+            return number
         raise fail()
     if hint is str:
         if isinstance(value, str):

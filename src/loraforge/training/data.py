@@ -1,4 +1,4 @@
-"""Training data: read rows, render them to text, tokenize, mask, pack, batch.
+"""Training data: render rows to text, tokenize, mask, pack, batch (files are read by ``datafiles``).
 
 Every example becomes two aligned lists of length T:
 
@@ -20,16 +20,13 @@ Formats (``data.format``; ``auto`` picks from the columns):
 
 from __future__ import annotations
 
-import csv
-import json
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from . import builtin
 from .config import DataSection
+from .datafiles import DataError, peek_rows, read_rows
 
 IGNORE = -100
 FORMATS = ("text", "prompt_completion", "chat")
@@ -42,10 +39,6 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
-
-
-class DataError(ValueError):
-    """A problem with the data; the message starts with ``file:line:``."""
 
 
 @dataclass
@@ -61,106 +54,6 @@ class Example:
     @property
     def n_targets(self) -> int:
         return sum(label != IGNORE for label in self.labels)
-
-
-# -- reading -----------------------------------------------------------------------------------------
-
-
-def _kind(path: str) -> str:
-    suffix = Path(path).suffix.lower()
-    kinds = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
-    if suffix not in kinds:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
-    return kinds[suffix]
-
-
-def _line_numbers(path: str) -> list[str]:
-    """``file:line`` of each row of a JSONL or CSV file (blank JSONL lines and CSV quoted
-    newlines taken into account)."""
-    if Path(path).suffix.lower() == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            return [f"{path}:{i}" for i, line in enumerate(f, 1) if line.strip()]
-    out, start = [], 2
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        next(reader, None)  # header
-        for _ in reader:
-            out.append(f"{path}:{start}")
-            start = reader.line_num + 1
-    return out
-
-
-class _Locations:
-    """Row index -> location string, computed on first use (only when there is something to report)."""
-
-    def __init__(self, path: str):
-        self.path, self._lines = path, None
-
-    def __getitem__(self, i: int) -> str:
-        if Path(self.path).suffix.lower() not in (".jsonl", ".csv"):
-            return f"{self.path}:row {i + 1}"
-        if self._lines is None:
-            self._lines = _line_numbers(self.path)
-        return self._lines[i] if i < len(self._lines) else f"{self.path}:row {i + 1}"
-
-
-def read_rows(path: str, skip_bad_rows: bool = False) -> tuple[list[dict], _Locations, int]:
-    """Rows of a local file via the ``datasets`` library: (rows, locations, invalid rows skipped).
-
-    When ``datasets`` cannot read a JSONL file (a line that is not valid JSON, or values whose
-    types it cannot reconcile), the file is re-read line by line with ``json`` so that the bad
-    line can be named (or skipped with ``skip_bad_rows``).
-    """
-    import datasets
-
-    shown = path
-    path = builtin.resolve_data_path(path)
-    if not Path(path).is_file():
-        raise DataError(f"{shown}: data file not found")
-    kind = _kind(path)
-    datasets.disable_progress_bars()
-    try:
-        # CSV cells are text: no guessing "1." is a float or "" is missing (it is empty).
-        options = {}
-        if kind == "csv":
-            with open(path, encoding="utf-8", newline="") as f:
-                header = next(csv.reader(f), [])
-            features = datasets.Features({c: datasets.Value("string") for c in header})
-            options = {"features": features, "keep_default_na": False}
-        ds = datasets.load_dataset(kind, data_files=path, split="train", **options)
-        return list(ds), _Locations(path), 0
-    except Exception as e:
-        if Path(path).suffix.lower() != ".jsonl":
-            raise DataError(f"{path}: cannot read as {kind}: {e}") from e
-    rows, skipped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                if not skip_bad_rows:
-                    raise DataError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
-                skipped += 1
-    return rows, _LocationsSkipping(path), skipped
-
-
-class _LocationsSkipping(_Locations):
-    """Locations when invalid JSON lines were dropped: count only lines that parse."""
-
-    def __getitem__(self, i: int) -> str:
-        if self._lines is None:
-            self._lines = []
-            with open(self.path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    try:
-                        if line.strip():
-                            json.loads(line)
-                            self._lines.append(f"{self.path}:{n}")
-                    except json.JSONDecodeError:
-                        pass
-        return self._lines[i]
 
 
 # -- validating and rendering ------------------------------------------------------------------------
@@ -255,18 +148,26 @@ def encode_segments(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[i
 
     A fast tokenizer tokenizes the whole text (as at inference) and uses character offsets to
     assign tokens to segments; a slow one tokenizes segment by segment.
+
+    A token whose characters ``[start, end)`` overlap a trained segment ``[a, b)``
+    (``start < b and end > a``) is trained, even when it begins before the segment: a prompt
+    ending in a space and a completion ``"white"`` give the byte-level BPE token ``"Ġwhite"`` (or
+    SentencePiece's ``"▁white"``), which starts in the prompt but carries the answer's first word.
+    A token of no characters (offsets ``(s, s)``) belongs to the character before it.
     """
     text = "".join(t for t, _ in segments)
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        bounds, pos = [], 0
+        spans, pos = [], 0  # character spans of the trained segments
         for t, trained in segments:
-            bounds.append((pos, pos + len(t), trained))
+            if trained:
+                spans.append((pos, pos + len(t)))
             pos += len(t)
         trained_mask = []
         for start, end in enc["offset_mapping"]:
-            char = start if end > start else max(start - 1, 0)
-            trained_mask.append(any(a <= char < b and tr for a, b, tr in bounds))
+            if end <= start:
+                start, end = max(start - 1, 0), max(start, 1)
+            trained_mask.append(any(start < b and end > a for a, b in spans))
         return list(enc["input_ids"]), trained_mask
     ids, mask = [], []
     for t, trained in segments:
@@ -305,6 +206,25 @@ def encode_row(tokenizer, row: dict, fmt: str, cfg: DataSection) -> tuple[Exampl
     return Example(ids, labels), truncated
 
 
+def check_data(cfg: DataSection, n: int = 100) -> None:
+    """Check, before any model is loaded, that the train (and eval) files exist, can be read,
+    and that their first ``n`` rows have a known format and the fields it needs. Raises
+    DataError naming ``file:line``; the full check runs again when the data is tokenized."""
+    for path in (cfg.train, cfg.eval):
+        if not path:
+            continue
+        rows, where = peek_rows(path, n, cfg.skip_bad_rows)
+        if not rows:
+            if cfg.skip_bad_rows:
+                continue  # every row of the sample was bad; load_examples reports the count
+            raise DataError(f"{path}: no rows")
+        fmt = detect_format(rows[0], cfg, where[0])
+        for row, loc in zip(rows, where):
+            problem = row_problem(row, fmt, cfg)
+            if problem is not None and not cfg.skip_bad_rows:
+                raise DataError(f"{loc}: {problem}")
+
+
 def load_examples(path: str, cfg: DataSection, tokenizer, log=print) -> list[Example]:
     """Read, validate and tokenize one file. A bad row raises ``DataError("file:line: ...")``
     unless ``cfg.skip_bad_rows``, which skips it and reports the count."""
@@ -337,7 +257,7 @@ def load_examples(path: str, cfg: DataSection, tokenizer, log=print) -> list[Exa
         examples.append(example)
     notes = [f"{len(examples)} {fmt} examples from {path}"]
     if skipped:
-        notes.append(f"skipped {skipped} bad rows (first: {first_bad or 'invalid JSON'})")
+        notes.append(f"skipped {skipped} bad rows (first: {first_bad or 'invalid JSON or UTF-8'})")
     if truncated:
         notes.append(f"{truncated} truncated to {cfg.max_length} tokens")
     if empty:

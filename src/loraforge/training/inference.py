@@ -15,7 +15,7 @@ import torch
 from . import builtin
 from .data import encode_prompt
 from .dist import pick_device
-from .modeling import DTYPES, load_tokenizer, resolve_dtype
+from .modeling import DTYPES, check_causal_lm, load_tokenizer, resolve_dtype
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -40,6 +40,7 @@ def load_with_adapters(
     else:
         from transformers import AutoModelForCausalLM
 
+        check_causal_lm(base, key="--base")
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
     for name, directory in adapters.items():
         if not (Path(directory) / "adapter_config.json").is_file():
@@ -121,20 +122,53 @@ def _dir_size(directory: Path) -> int:
 
 
 def _safetensors_summary(files: list[Path]) -> dict:
-    from safetensors import safe_open
+    """Tensor count, parameter count and dtypes of safetensors files, read from their headers
+    (a truncated or corrupt file is a ValueError naming it)."""
+    from safetensors import SafetensorError, safe_open
 
     n, dtypes, keys = 0, set(), 0
     for f in files:
-        with safe_open(str(f), "pt") as st:
-            for key in st.keys():
-                s = st.get_slice(key)
-                count = 1
-                for d in s.get_shape():
-                    count *= d
-                n += count
-                dtypes.add(s.get_dtype())
-                keys += 1
+        try:
+            with safe_open(str(f), "pt") as st:
+                for key in st.keys():
+                    s = st.get_slice(key)
+                    count = 1
+                    for d in s.get_shape():
+                        count *= d
+                    n += count
+                    dtypes.add(s.get_dtype())
+                    keys += 1
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
     return {"tensors": keys, "params": n, "dtypes": sorted(dtypes)}
+
+
+def _weights(directory: Path, stem: str) -> list[Path]:
+    """The safetensors files of an adapter (``stem`` adapter_model) or model (``model``)
+    directory; none, or only pickles (``*.bin``, never read here), is a ValueError."""
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in directory.glob("*.bin"))
+    if pickles:
+        raise ValueError(
+            f"{directory}: its weights are pickles ({', '.join(pickles)}), which loraforge never loads; "
+            f"convert them to {stem}.safetensors"
+        )
+    raise ValueError(f"{directory}: no weights ({stem}.safetensors is missing)")
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``; invalid JSON or another type is a ValueError naming the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _training_method(run_dir: Path) -> str | None:
@@ -143,7 +177,7 @@ def _training_method(run_dir: Path) -> str | None:
 
     try:
         if (run_dir / "state.json").is_file():
-            return json.loads((run_dir / "state.json").read_text()).get("method")
+            return _read_json(run_dir / "state.json").get("method")
         if (run_dir / "config.yaml").is_file():
             return (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("method")
     except (OSError, ValueError, yaml.YAMLError):
@@ -159,7 +193,7 @@ def inspect_path(path: str | Path) -> dict:
         raise FileNotFoundError(f"{path}: no such directory")
     info: dict = {"path": str(path), "size_bytes": _dir_size(path)}
     if (path / "adapter_config.json").is_file():
-        cfg = json.loads((path / "adapter_config.json").read_text())
+        cfg = _read_json(path / "adapter_config.json")
         targets = cfg.get("target_modules")
         info.update(
             kind="adapter",
@@ -172,11 +206,11 @@ def inspect_path(path: str | Path) -> dict:
             use_rslora=cfg.get("use_rslora"),
             target_modules=targets,
             modules_to_save=cfg.get("modules_to_save"),
-            **_safetensors_summary(sorted(path.glob("*.safetensors"))),
+            **_safetensors_summary(_weights(path, "adapter_model")),
         )
         return info
     if (path / "state.json").is_file():
-        state = json.loads((path / "state.json").read_text())
+        state = _read_json(path / "state.json")
         info.update(
             kind="checkpoint",
             method=state.get("method"),
@@ -198,9 +232,13 @@ def inspect_path(path: str | Path) -> dict:
 
         records = []
         if (path / "metrics.jsonl").is_file():
-            records = [
-                json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()
-            ]
+            for line in (path / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # e.g. the last line of a killed run: not needed here
+                    continue
+                if isinstance(record, dict):
+                    records.append(record)
         end = next((r for r in reversed(records) if r.get("event") == "end"), {})
         info.update(
             kind="training output",
@@ -216,14 +254,14 @@ def inspect_path(path: str | Path) -> dict:
                 info[sub] = inspect_path(path / sub)
         return info
     if (path / "config.json").is_file():
-        cfg = json.loads((path / "config.json").read_text())
+        cfg = _read_json(path / "config.json")
         info.update(
             kind="model",
             architectures=cfg.get("architectures"),
             model_type=cfg.get("model_type"),
             dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
             quantization=cfg.get("quantization_config"),
-            **_safetensors_summary(sorted(path.glob("*.safetensors"))),
+            **_safetensors_summary(_weights(path, "model")),
         )
         return info
     raise ValueError(f"{path}: not an adapter, checkpoint, training output or model directory")

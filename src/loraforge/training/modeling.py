@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 
 from . import builtin
-from .config import ModelSection, QuantSection, TrainConfig
+from .config import ConfigError, ModelSection, QuantSection, TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -33,6 +34,31 @@ def load_tokenizer(path: str):
     return tok
 
 
+def check_device(name: str, key: str = "train.device") -> None:
+    """Refuse a device this machine does not have (``cuda`` without CUDA, ``cuda:3`` with two
+    GPUs) in one line naming ``key``, before anything is loaded; ``auto`` always works."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{key}: {name!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                "no GPU is visible"
+                if torch.version.cuda
+                else f"torch {torch.__version__} is built without CUDA"
+            )
+            raise ConfigError(f"{key}: {name}: CUDA is not available here ({why}); use cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{key}: {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{key}: {name}: MPS is not available here; use cpu or auto")
+    elif device.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ConfigError(f"{key}: {name}: XPU is not available here; use cpu or auto")
+
+
 def quant_config(q: QuantSection, dtype: torch.dtype):
     import loraforge as lf
 
@@ -44,6 +70,68 @@ def quant_config(q: QuantSection, dtype: torch.dtype):
         compute_dtype=compute,
         skip_modules=list(q.skip_modules),
     )
+
+
+def causal_lm_problem(config) -> str | None:
+    """Why a transformers config is not a causal (decoder) language model, or None.
+
+    ``AutoModelForCausalLM`` accepts encoders too: a BERT / MiniLM checkpoint becomes a
+    ``BertLMHeadModel`` whose LM head is random, which then trains "successfully". A config is
+    taken as causal when one of its ``architectures`` is a causal-LM class, or when it has none
+    but its ``model_type`` has a causal-LM class and is not an encoder family (or says
+    ``is_decoder: true``).
+    """
+    from transformers.models.auto import modeling_auto as auto
+
+    CAUSAL, MASKED = auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    model_type = getattr(config, "model_type", None)
+    archs = list(getattr(config, "architectures", None) or [])
+    causal_classes = set(CAUSAL.values())
+    if any(a in causal_classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return None
+    if model_type not in CAUSAL:
+        return f"model_type {model_type!r} has no causal language-model class in transformers"
+    if getattr(config, "is_decoder", False):
+        return None
+    if archs:
+        kind = "an encoder" if model_type in MASKED else "a model without a causal-LM head"
+        return f"{kind} (model_type {model_type!r}, architectures {archs})"
+    if model_type in MASKED:
+        return f"an encoder (model_type {model_type!r}, is_decoder false)"
+    return None
+
+
+def model_config(path: str, key: str = "model.path"):
+    """The transformers config of a model directory or hub id, or a one-line ConfigError naming
+    ``key``: a path that is neither an existing directory nor a hub id (``name`` or ``org/name``)
+    is reported as missing instead of transformers' "Repo id must be in the form ..."."""
+    from transformers import AutoConfig
+
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"{key}: {path}: no config.json, not a transformers model directory")
+    elif (
+        local.exists() or not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", path) or ".." in path
+    ):
+        raise ConfigError(f"{key}: {path}: no such directory")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:  # not on the hub, hub unreachable, bad config.json, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        what = "cannot read the model's config" if local.is_dir() else "no such directory, nor from the hub"
+        raise ConfigError(f"{key}: {path}: {what} ({first})") from None
+
+
+def check_causal_lm(path: str, key: str = "model.path") -> None:
+    """Refuse, from its config alone (before any weight is read), a model that is not a causal LM."""
+    why = causal_lm_problem(model_config(path, key))
+    if why is not None:
+        raise ConfigError(
+            f"{key}: {path}: not a causal (decoder-only) language model: {why}. loraforge trains "
+            "causal LMs (Llama, Qwen2, Mistral, Gemma, GPT-2, ...); an encoder such as BERT or MiniLM "
+            "would get a randomly initialised LM head"
+        )
 
 
 def load_base_model(cfg: ModelSection, device: torch.device, quantize: bool = False):
@@ -80,6 +168,8 @@ def prepare_model(cfg: TrainConfig, device: torch.device, log=print):
     """(model, tokenizer) ready to train: LoRA injected (base frozen), or everything trainable."""
     import loraforge as lf
 
+    if not builtin.is_builtin(cfg.model.path):
+        check_causal_lm(cfg.model.path)  # from config.json, before the tokenizer and the weights
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     model = load_base_model(cfg.model, device, quantize=cfg.method == "qlora")
     model.config.use_cache = False

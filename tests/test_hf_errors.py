@@ -233,3 +233,13 @@ def test_merge_of_a_base_without_tokenizer_writes_the_model_alone(model_dir, tmp
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, model.eval()(ids).logits, atol=1e-5)
+
+
+def test_bad_quantization_config_names_config_json(tmp_path):
+    tiny_llama(seed=0).save_pretrained(tmp_path / "fp")
+    lf.save_model(lf.load_model(tmp_path / "fp", quantization=lf.QuantConfig()), tmp_path / "q4")
+    config = json.loads((tmp_path / "q4" / "config.json").read_text())
+    config["quantization_config"]["bnb_4bit_compute_dtype"] = "int8"
+    (tmp_path / "q4" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'q4' / 'config.json'}: QuantConfig.compute_dtype"):
+        lf.load_model(tmp_path / "q4")

@@ -79,11 +79,15 @@ def _hub_id(source: str) -> str | None:
 
 
 def _cached_snapshot(repo: str) -> Path | None:
-    """The newest snapshot directory of ``repo`` in the Hugging Face cache, or ``None``."""
+    """``repo``'s snapshot directory in the Hugging Face cache (the one ``refs/main`` names, else
+    the newest), or ``None``."""
     from huggingface_hub import constants
 
-    snapshots = Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--")) / "snapshots"
-    found = sorted(snapshots.iterdir(), key=lambda d: d.stat().st_mtime) if snapshots.is_dir() else []
+    folder = Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
+    main = folder / "refs" / "main"
+    if main.is_file() and (folder / "snapshots" / main.read_text().strip()).is_dir():
+        return folder / "snapshots" / main.read_text().strip()
+    found = sorted((folder / "snapshots").glob("*"), key=lambda d: d.stat().st_mtime)
     return found[-1] if found else None
 
 
@@ -154,8 +158,7 @@ def model_dir(source) -> Path:
     if snap is not None and (snap / "config.json").is_file() and any(snap.glob("*.safetensors")):
         return snap
     if _offline():
-        raise ModelNotFoundError(f"{source}: the Hugging Face cache has no safetensors weights for it "
-                                 "(HF_HUB_OFFLINE is set: nothing is downloaded)")  # fmt: skip
+        raise ModelNotFoundError(f"{source}: no safetensors weights in the Hugging Face cache (offline)")
     if snap is not None:
         _probe_hub(str(source))  # (cached, so not probed yet)
     from huggingface_hub import snapshot_download
@@ -342,7 +345,10 @@ def load_model(path, quantization: QuantConfig | dict | None = None, dtype=None,
     lin4: dict[str, Linear4bit] = {}
     prequantized = sorted({k.split(_QUANT_KEY)[0] for k in all_keys if _QUANT_KEY in k})
     if prequantized:
-        stored = QuantConfig.from_transformers(raw_qc) if raw_qc else QuantConfig(skip_modules=[])
+        try:
+            stored = QuantConfig.from_transformers(raw_qc) if raw_qc else QuantConfig(skip_modules=[])
+        except ValueError as e:
+            raise ValueError(f"{path / 'config.json'}: {e}") from None
         if quantization is not None:
             stored.compute_dtype = quantization.compute_dtype
         for key_prefix in prequantized:

@@ -10,6 +10,12 @@ A directory saved by transformers + bitsandbytes in 4-bit (``quantization_config
 ``config.json``, bitsandbytes' ``weight.absmax`` / ``weight.quant_state.*`` keys) loads into the
 same ``Linear4bit`` modules bit for bit; ``save_model`` writes that format back. Only safetensors
 are read: nothing is ever unpickled.
+
+Files are untrusted input: a bad ``config.json``, index, safetensors file or 4-bit quant state
+gives a ``ValueError`` that names the file (and the tensor or field), before any kernel sees it.
+A model that cannot be found raises :class:`ModelNotFoundError` at once, in one line: the
+directory does not exist, or the Hugging Face hub (for a hub id) is unreachable or lacks it; no
+network retries (:func:`check_model_source`).
 """
 
 from __future__ import annotations
@@ -27,9 +33,137 @@ from torch import nn
 from .quant import Linear4bit, QuantConfig
 from .quant.linear4bit import _is_linear, quantize
 
-__all__ = ["load_model", "save_model"]
+__all__ = ["ModelNotFoundError", "check_model_source", "load_model", "model_dir", "save_model"]
 
 _QUANT_KEY = ".weight.quant_state.bitsandbytes__"
+# what load_model reads of a hub snapshot
+_HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No model where ``model.path`` / ``--base`` points: no such directory, or a hub id that the
+    hub (unreachable, offline, or without it) cannot give. The message is one line."""
+
+
+class _MissingWeights(KeyError, ValueError):
+    """The checkpoint lacks weights the model has (a ``KeyError``, as documented, and a
+    ``ValueError``, which the CLI prints as one line); printed without ``KeyError``'s quotes."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False)) or any(
+        str(f).strip().upper() in ("1", "ON", "YES", "TRUE") for f in flags if f
+    )
+
+
+def _hub_id(source: str) -> str | None:
+    """``source`` as a hub model id (``name`` or ``org/name``), or ``None`` where it can only be a
+    path: not a valid id, or written like a path (``./x``, ``~/x``, ``/x``), or whose parent is
+    a local directory (``runs/out`` with ``runs/`` here)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if source.startswith((".", "~", "/", "\\")) or "\\" in source:
+        return None
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return None
+    parent = Path(source).parent
+    return None if str(parent) != "." and parent.is_dir() else source
+
+
+def _cached_snapshot(repo: str) -> Path | None:
+    """``repo``'s snapshot directory in the Hugging Face cache (the one ``refs/main`` names, else
+    the newest), or ``None``."""
+    from huggingface_hub import constants
+
+    folder = Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
+    main = folder / "refs" / "main"
+    if main.is_file() and (folder / "snapshots" / main.read_text().strip()).is_dir():
+        return folder / "snapshots" / main.read_text().strip()
+    found = sorted((folder / "snapshots").glob("*"), key=lambda d: d.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def _probe_hub(source: str) -> None:
+    """One request (no retries) for ``source``'s ``config.json``; ``ModelNotFoundError`` when the hub
+    cannot be reached or has no such model. (A failed request without this would be retried by
+    transformers for about 50 s before a multi-line traceback.)"""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        get_hf_file_metadata(hf_hub_url(source, "config.json"), timeout=10)
+    except GatedRepoError:
+        raise ModelNotFoundError(
+            f"{source}: a gated model on the Hugging Face hub; accept its terms on the hub and log in "
+            "(hf auth login) to download it"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(
+            f"{source}: no such directory, and no model {source!r} on the Hugging Face hub "
+            "(a private one needs: hf auth login)"
+        ) from None
+    except HfHubHTTPError:
+        return  # the hub answered (e.g. no config.json at the top): transformers says what is wrong
+    except Exception as e:  # connection refused, DNS, timeout, proxy: all mean "unreachable"
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ModelNotFoundError(
+            f"{source}: no such directory, and the Hugging Face hub cannot be reached to look for a model "
+            f"of that name ({reason}); check the path, or connect, or set HF_HUB_OFFLINE=1 to use the cache"
+        ) from None
+
+
+def check_model_source(source) -> None:
+    """Fail fast, in one line, where ``source`` (a model or tokenizer directory, or a hub id) cannot
+    be loaded: raises :class:`ModelNotFoundError` when it is neither an existing directory, nor a hub
+    id in the local Hugging Face cache, nor (unless ``HF_HUB_OFFLINE`` is set) a model the hub has.
+    Call it before ``from_pretrained``, which retries an unreachable hub for about 50 s and reports
+    a path that does not exist as an invalid repo id."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ModelNotFoundError(f"{text}: a file, not a model directory")
+    repo = _hub_id(text)
+    if repo is None:
+        raise ModelNotFoundError(f"{text}: no such directory")
+    if _cached_snapshot(repo) is not None:
+        return
+    if _offline():
+        raise ModelNotFoundError(
+            f"{text}: no such directory, and not in the Hugging Face cache (HF_HUB_OFFLINE is set: "
+            "the hub is not asked)"
+        )
+    _probe_hub(repo)
+
+
+def model_dir(source) -> Path:
+    """The local directory of model ``source``: ``source`` itself when it is a directory; for a hub
+    id, its snapshot in the Hugging Face cache, downloaded (config, safetensors, tokenizer files)
+    where the cache lacks the weights. Raises :class:`ModelNotFoundError` (see
+    :func:`check_model_source`)."""
+    check_model_source(source)
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        return path
+    snap = _cached_snapshot(str(source))
+    if snap is not None and (snap / "config.json").is_file() and any(snap.glob("*.safetensors")):
+        return snap
+    if _offline():
+        raise ModelNotFoundError(f"{source}: no safetensors weights in the Hugging Face cache (offline)")
+    if snap is not None:
+        _probe_hub(str(source))  # (cached, so not probed yet)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(source), allow_patterns=_HUB_FILES))
 
 
 @contextlib.contextmanager
@@ -49,11 +183,32 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register
 
 
+def _read_json(file: Path) -> dict:
+    """A JSON object from ``file``, else ``ValueError`` naming the file."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _checkpoint_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [path / f for f in sorted(set(weight_map.values()))]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: field 'weight_map' must map tensor names to file names")
+        files = sorted(set(weight_map.values()))
+        for f in files:  # only files of this directory (no "../" or absolute names)
+            if Path(f).name != f or not f.endswith(".safetensors"):
+                raise ValueError(f"{index}: weight_map names {f!r}, not a .safetensors file in {path}")
+            if not (path / f).is_file():
+                raise FileNotFoundError(f"{index}: weight_map names {f}, which is missing from {path}")
+        return [path / f for f in files]
     files = sorted(path.glob("*.safetensors"))
     if not files:
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
@@ -69,6 +224,7 @@ def _checkpoint_files(path: Path) -> list[Path]:
 def _build_skeleton(path: Path):
     import transformers
 
+    _read_json(path / "config.json")  # (transformers' own message for a bad file is an OSError)
     config = transformers.AutoConfig.from_pretrained(path)
     raw_qc = getattr(config, "quantization_config", None)
     if raw_qc is not None:
@@ -88,22 +244,35 @@ def _build_skeleton(path: Path):
     return model, raw_qc
 
 
+def _unreadable(file: Path, e: Exception, key: str | None = None) -> ValueError:
+    what = f" (tensor {key})" if key else ""
+    return ValueError(f"{file}: not a readable safetensors file{what}: {' '.join(str(e).split())}")
+
+
 def _read_tensor(file: Path, key: str) -> torch.Tensor:
     from safetensors import safe_open
 
     # A handle per tensor: safe_open memory-maps the file and every page read through a handle stays
     # resident until it closes, so one long-lived handle would hold the whole file in RSS.
-    with safe_open(file, framework="pt", device="cpu") as f:
-        return f.get_tensor(key)
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            return f.get_tensor(key)
+    except Exception as e:  # safetensors' SafetensorError (a truncated or corrupt file), OSError
+        raise _unreadable(file, e, key) from None
 
 
 def _keys_by_file(files: list[Path]) -> list[tuple[Path, list[str]]]:
+    """Each file's tensor names; opening checks the header (its length, JSON, that the offsets
+    cover the file exactly), so a truncated file is refused here, naming it."""
     from safetensors import safe_open
 
     out = []
     for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            out.append((file, list(f.keys())))
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                out.append((file, list(f.keys())))
+        except Exception as e:
+            raise _unreadable(file, e) from None
     return out
 
 
@@ -141,17 +310,19 @@ def load_model(path, quantization: QuantConfig | dict | None = None, dtype=None,
     """Load a transformers model directory (``config.json`` + safetensors, sharded or not).
 
     Args:
-        path: the directory.
+        path: the directory, or a hub id (``org/name``: its cached snapshot, else downloaded).
         quantization: a :class:`QuantConfig` (or its kwargs) to quantize every linear layer but
             ``skip_modules`` while streaming. A directory saved in bitsandbytes 4-bit is loaded as
             stored whatever this says (its compute dtype is taken from here when given).
         dtype: cast floating weights to this dtype (quantization then happens from it).
         device: where the model lives (weights are quantized there, e.g. on the GPU).
 
-    Returns the model in eval mode. Raises ``ValueError`` naming the tensor when a quantized
-    checkpoint's state is missing or inconsistent, ``KeyError`` listing weights the checkpoint lacks.
+    Returns the model in eval mode. Raises :class:`ModelNotFoundError` (a ``FileNotFoundError``)
+    when there is no such directory or hub model; ``ValueError`` naming the file and tensor/field
+    when a file is unreadable or a quantized checkpoint's state is missing or inconsistent;
+    ``KeyError`` (also a ``ValueError``) listing weights the checkpoint lacks.
     """
-    path = Path(path)
+    path = model_dir(path)
     if isinstance(quantization, dict):
         quantization = QuantConfig(**quantization)
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -174,7 +345,10 @@ def load_model(path, quantization: QuantConfig | dict | None = None, dtype=None,
     lin4: dict[str, Linear4bit] = {}
     prequantized = sorted({k.split(_QUANT_KEY)[0] for k in all_keys if _QUANT_KEY in k})
     if prequantized:
-        stored = QuantConfig.from_transformers(raw_qc) if raw_qc else QuantConfig(skip_modules=[])
+        try:
+            stored = QuantConfig.from_transformers(raw_qc) if raw_qc else QuantConfig(skip_modules=[])
+        except ValueError as e:
+            raise ValueError(f"{path / 'config.json'}: {e}") from None
         if quantization is not None:
             stored.compute_dtype = quantization.compute_dtype
         for key_prefix in prequantized:
@@ -199,6 +373,7 @@ def load_model(path, quantization: QuantConfig | dict | None = None, dtype=None,
         if owner is not None:
             expected.setdefault(owner, set()).add(name[len(owner) + 1 :])
     pending: dict[str, dict] = {}
+    sources: dict[str, list[str]] = {}  # the files a pending 4-bit layer's tensors came from
     unexpected = []
     for file, keys in files:
         for key in keys:
@@ -206,8 +381,11 @@ def load_model(path, quantization: QuantConfig | dict | None = None, dtype=None,
             t = _read_tensor(file, key)
             owner = _owner(name, lin4)
             if owner is None:
-                if not _set_tensor(model, name, t, dtype, device):
-                    unexpected.append(key)
+                try:
+                    if not _set_tensor(model, name, t, dtype, device):
+                        unexpected.append(key)
+                except ValueError as e:
+                    raise ValueError(f"{file}: {e}") from None
                 continue
             rel = name[len(owner) + 1 :]
             if rel == "weight" and t.is_floating_point():
@@ -215,8 +393,13 @@ def load_model(path, quantization: QuantConfig | dict | None = None, dtype=None,
             elif rel == "bias" and dtype is not None:
                 t = t.to(dtype)
             pending.setdefault(owner, {})[rel] = t
+            if str(file) not in sources.setdefault(owner, []):
+                sources[owner].append(str(file))
             if pending[owner].keys() == expected[owner]:
-                _fill_linear4bit(lin4[owner], pending.pop(owner), owner, device)
+                try:
+                    _fill_linear4bit(lin4[owner], pending.pop(owner), owner, device)
+                except (ValueError, TypeError) as e:
+                    raise ValueError(f"{', '.join(sources[owner])}: {e}") from None
     if unexpected:
         warnings.warn(
             f"load_model: {len(unexpected)} checkpoint tensors unused: {unexpected[:8]}", stacklevel=2
@@ -227,7 +410,7 @@ def load_model(path, quantization: QuantConfig | dict | None = None, dtype=None,
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     missing += [n for n, m in lin4.items() if m.quant_state is None]
     if missing:
-        raise KeyError(
+        raise _MissingWeights(
             f"load_model: {path} lacks weights for {missing[:8]}{' ...' if len(missing) > 8 else ''}"
         )
     model.to(device)  # the buffers built at construction

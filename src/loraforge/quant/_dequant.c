@@ -6,7 +6,12 @@
    round-to-nearest-even to bf16/fp16, so both paths give identical bits.
 
    Compiled at first use with the machine's C compiler (-O3 -march=native); with AVX-512 a 16-entry
-   code table is one register and one vpermps looks up 16 nibbles. Without it, a plain loop. */
+   code table is one register and one vpermps looks up 16 nibbles. Without it, a plain loop.
+
+   Each entry point is given the length of every buffer it reads or writes and checks, before
+   touching any, that the requested range fits them all; otherwise it returns a nonzero LF_E_* code
+   (the caller raises an exception) and writes nothing. The inner loops then need no checks:
+   nibbles index 16 code values and bytes 256. */
 
 #include <stdint.h>
 #include <string.h>
@@ -16,6 +21,19 @@
 #endif
 
 enum { OUT_F32 = 0, OUT_BF16 = 1, OUT_F16 = 2 };
+
+/* Error codes (the Python side in _native.py maps them to messages) */
+enum {
+    LF_OK = 0,
+    LF_E_CODE = 1,      /* the code table is shorter than 16 (4-bit) or 256 (8-bit) values */
+    LF_E_BLOCKSIZE = 2, /* the block size is not a positive (and, for 4-bit, even) number */
+    LF_E_OUT_TYPE = 3,  /* unknown output type */
+    LF_E_RANGE = 4,     /* the block / element range is negative or reversed */
+    LF_E_ABSMAX = 5,    /* the range needs more block scales (or 8-bit indices) than given */
+    LF_E_PACKED = 6,    /* the range needs more packed bytes than given */
+    LF_E_OUT = 7,       /* the range needs a longer output than given */
+    LF_E_NESTED = 8,    /* the range needs more nested scales than given */
+};
 
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u;
@@ -63,9 +81,20 @@ static inline void store512(void *dst, __m512i v, int stream) {
 #endif
 
 /* Blocks [b0, b1) of bs elements (bs even, a power of two >= 32). `stream`: write with
-   non-temporal stores (for outputs much larger than the caches; `out` must be 64-byte aligned). */
-void lf_dequantize_4bit(const uint8_t *packed, const float *absmax, const float *code, void *out,
-                        int64_t b0, int64_t b1, int64_t bs, int32_t out_type, int32_t stream) {
+   non-temporal stores (for outputs much larger than the caches; `out` must be 64-byte aligned).
+   Buffer lengths in elements: packed_len bytes, absmax_len and code_len floats, out_len outputs.
+   Returns LF_OK, or an LF_E_* code without writing anything. (Comparisons by division: no
+   product of untrusted sizes can overflow.) */
+int32_t lf_dequantize_4bit(const uint8_t *packed, int64_t packed_len, const float *absmax, int64_t absmax_len,
+                           const float *code, int64_t code_len, void *out, int64_t out_len,
+                           int64_t b0, int64_t b1, int64_t bs, int32_t out_type, int32_t stream) {
+    if (code_len < 16) return LF_E_CODE;
+    if (bs < 2 || bs % 2 != 0) return LF_E_BLOCKSIZE;
+    if (out_type != OUT_F32 && out_type != OUT_BF16 && out_type != OUT_F16) return LF_E_OUT_TYPE;
+    if (b0 < 0 || b1 < b0) return LF_E_RANGE;
+    if (b1 > absmax_len) return LF_E_ABSMAX;
+    if (packed_len < 0 || b1 > packed_len / (bs / 2)) return LF_E_PACKED;
+    if (out_len < 0 || b1 > out_len / bs) return LF_E_OUT;
     if (((uintptr_t)out & 63) != 0) stream = 0;
     float pair_hi[256], pair_lo[256];
     for (int v = 0; v < 256; v++) {
@@ -133,20 +162,33 @@ void lf_dequantize_4bit(const uint8_t *packed, const float *absmax, const float 
 #if defined(__AVX512F__)
     if (stream) _mm_sfence(); /* streaming stores are weakly ordered: publish them before returning */
 #endif
+    return LF_OK;
 }
 
 /* Double-quantized block scales: absmax[i] = code[q[i]] * nested[i / nested_bs] + offset, for
    i in [i0, i1): a product rounded to fp32, then a sum rounded to fp32 (no FMA: the build passes
-   -ffp-contract=off), as bitsandbytes and the PyTorch path compute it. */
-void lf_dequantize_absmax(const uint8_t *q, const float *code, const float *nested, float offset,
-                          float *absmax, int64_t i0, int64_t i1, int64_t nested_bs) {
-    for (int64_t b = i0 / nested_bs; b * nested_bs < i1; b++) {
+   -ffp-contract=off), as bitsandbytes and the PyTorch path compute it. Lengths in elements:
+   q_len indices, code_len and nested_len floats, absmax_len outputs. Returns LF_OK, or an LF_E_*
+   code without writing anything. */
+int32_t lf_dequantize_absmax(const uint8_t *q, int64_t q_len, const float *code, int64_t code_len,
+                             const float *nested, int64_t nested_len, float offset, float *absmax,
+                             int64_t absmax_len, int64_t i0, int64_t i1, int64_t nested_bs) {
+    if (code_len < 256) return LF_E_CODE;
+    if (nested_bs < 1) return LF_E_BLOCKSIZE;
+    if (i0 < 0 || i1 < i0) return LF_E_RANGE;
+    if (i1 > q_len) return LF_E_ABSMAX;
+    if (i1 > absmax_len) return LF_E_OUT;
+    if (i1 > i0 && (i1 - 1) / nested_bs >= nested_len) return LF_E_NESTED;
+    if (i1 == i0) return LF_OK;
+    for (int64_t b = i0 / nested_bs; b <= (i1 - 1) / nested_bs; b++) {
         const float scale = nested[b];
-        int64_t lo = b * nested_bs > i0 ? b * nested_bs : i0;
-        int64_t hi = (b + 1) * nested_bs < i1 ? (b + 1) * nested_bs : i1;
+        const int64_t start = b * nested_bs; /* <= i1 - 1: no overflow */
+        int64_t lo = start > i0 ? start : i0;
+        int64_t hi = i1 - start > nested_bs ? start + nested_bs : i1;
         for (int64_t i = lo; i < hi; i++) {
             float product = code[q[i]] * scale;
             absmax[i] = product + offset;
         }
     }
+    return LF_OK;
 }

@@ -8,6 +8,10 @@ a second) into ``$LORAFORGE_CACHE`` (default ``~/.cache/loraforge``), keyed by t
 compiler and the CPU's flags, so a cache shared between different machines never runs code built
 for another CPU. The result is bit-identical to the PyTorch path (tested); where no compiler is
 found or the build fails, that path is used instead. ``LORAFORGE_NATIVE=0`` turns the kernel off.
+
+The C functions are given the length of every buffer and refuse a range that does not fit them
+(an error code, turned into ``ValueError`` here), so even a state that bypassed
+``QuantState.validate`` cannot make them read or write past a buffer.
 """
 
 from __future__ import annotations
@@ -32,6 +36,17 @@ _SOURCE = Path(__file__).with_name("_dequant.c")
 # matmul next.
 STREAM_BYTES = 8 << 20
 _OUT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# The LF_E_* codes of _dequant.c
+_ERRORS = {
+    1: "the code table is too short",
+    2: "the block size is not a positive even number",
+    3: "unknown output type",
+    4: "the block range is negative or reversed",
+    5: "the range needs more block scales (absmax) than given",
+    6: "the range needs more packed bytes than given",
+    7: "the range needs a longer output than given",
+    8: "the range needs more nested scales (nested_absmax) than given",
+}
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "fn": the ctypes function, or "error": why there is none
 
@@ -109,13 +124,29 @@ def build(cache: Path | None = None, flag_sets=_FLAGS):
         else:
             raise RuntimeError("; ".join(errors))
     dll = ctypes.CDLL(str(lib))
-    fn = dll.lf_dequantize_4bit
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int32] * 2
-    fn.absmax = dll.lf_dequantize_absmax
-    fn.absmax.restype = None
-    fn.absmax.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_float, ctypes.c_void_p] + [ctypes.c_int64] * 3
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    fn = dll.lf_dequantize_4bit  # (pointer, length) per buffer, then b0, b1, bs, out_type, stream
+    fn.restype = i32
+    fn.argtypes = [ptr, i64] * 4 + [i64] * 3 + [i32] * 2
+    fn.absmax = dll.lf_dequantize_absmax  # q, code, nested (pointer, length); offset; out; i0, i1, bs
+    fn.absmax.restype = i32
+    fn.absmax.argtypes = [ptr, i64] * 3 + [ctypes.c_float, ptr, i64] + [i64] * 3
     return fn
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise ValueError(f"{what}: refused by the C kernel: {_ERRORS.get(rc, f'error {rc}')}")
+
+
+def _flat(t: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """``t`` as a flat contiguous CPU tensor of ``dtype`` (whose data pointer and element count
+    describe the whole buffer the C code may touch), else ``ValueError``."""
+    if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous():
+        raise ValueError(
+            f"{what}: the C kernel takes a contiguous CPU {dtype} tensor, got {t.dtype} on {t.device}"
+        )
+    return t.view(-1)
 
 
 def kernel():
@@ -174,6 +205,9 @@ def written_before(out: torch.Tensor) -> bool:
 def usable(packed: torch.Tensor, out: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> bool:
     return (
         packed.device.type == "cpu"
+        and out.device.type == "cpu"
+        and absmax.device.type == "cpu"
+        and packed.dtype == torch.uint8
         and out.dtype in _OUT_TYPES
         and packed.is_contiguous()
         and out.is_contiguous()
@@ -195,12 +229,20 @@ def dequantize_blocks(
     stores (a fresh mapping is better written normally: each page fault has just brought its page in).
 
     ctypes releases the GIL for the call, so pieces run in parallel from a thread pool.
+    Raises ``ValueError`` where the blocks do not fit the tensors (checked in C, O(1)).
     """
     fn = fn or kernel()
-    code = code.to(torch.float32).contiguous()
+    code = code.to("cpu", torch.float32).contiguous()
+    packed, absmax = _flat(packed, torch.uint8, "packed"), _flat(absmax, torch.float32, "absmax")
+    if out.dtype not in _OUT_TYPES:
+        raise ValueError(f"out: the C kernel writes {list(_OUT_TYPES)}, not {out.dtype}")
+    out = _flat(out, out.dtype, "out")
     stream = stream and out.numel() * out.element_size() >= STREAM_BYTES
-    fn(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), out.data_ptr(), b0, b1, blocksize,
-       _OUT_TYPES[out.dtype], int(stream))
+    rc = fn(
+        packed.data_ptr(), packed.numel(), absmax.data_ptr(), absmax.numel(), code.data_ptr(), code.numel(),
+        out.data_ptr(), out.numel(), b0, b1, blocksize, _OUT_TYPES[out.dtype], int(stream),
+    )  # fmt: skip
+    _check(rc, f"dequantize blocks [{b0}, {b1}) of {blocksize}")
 
 
 def dequantize_absmax(q: torch.Tensor, code: torch.Tensor, nested: torch.Tensor, offset: torch.Tensor,
@@ -208,12 +250,16 @@ def dequantize_absmax(q: torch.Tensor, code: torch.Tensor, nested: torch.Tensor,
     """``code[q] * nested[i // nested_blocksize] + offset`` (fp32) for CPU tensors, or ``None``
     where the kernel is not available (the caller computes it with PyTorch)."""
     fn = kernel()
-    if fn is None or q.device.type != "cpu" or q.dtype != torch.uint8:
+    on_cpu = all(t.device.type == "cpu" for t in (q, code, nested, offset))
+    if fn is None or not on_cpu or q.dtype != torch.uint8:
         return None
     q = q.contiguous().view(-1)
     code = code.to(torch.float32).contiguous()
     nested = nested.to(torch.float32).contiguous()
     out = torch.empty(q.numel(), dtype=torch.float32)
-    fn.absmax(q.data_ptr(), code.data_ptr(), nested.data_ptr(), float(offset), out.data_ptr(), 0, q.numel(),
-              nested_blocksize)
+    rc = fn.absmax(
+        q.data_ptr(), q.numel(), code.data_ptr(), code.numel(), nested.data_ptr(), nested.numel(),
+        float(offset), out.data_ptr(), out.numel(), 0, q.numel(), nested_blocksize,
+    )  # fmt: skip
+    _check(rc, f"dequantize {q.numel()} double-quantized scales in nested blocks of {nested_blocksize}")
     return out

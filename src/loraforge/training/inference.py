@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,11 +26,16 @@ def _has_tokenizer(directory: str | Path) -> bool:
 
 
 def load_with_adapters(
-    base: str, adapters: dict[str, str] | None = None, dtype: str = "float32", device: str = "auto"
+    base: str,
+    adapters: dict[str, str] | None = None,
+    dtype: str = "float32",
+    device: str = "auto",
+    need_tokenizer: bool = True,
 ):
     """(model, tokenizer): the base model (a directory, hub id or ``builtin:NAME``) with each
     ``name -> adapter directory`` loaded. The tokenizer comes from the first adapter directory
-    that holds one (it carries the chat template used in training), else from the base."""
+    that holds one (it carries the chat template used in training), else from the base; without
+    ``need_tokenizer``, it is ``None`` where that is a directory without tokenizer files."""
     import loraforge as lf
 
     adapters = adapters or {}
@@ -40,6 +46,9 @@ def load_with_adapters(
     else:
         from transformers import AutoModelForCausalLM
 
+        from ..hf import check_model_source
+
+        check_model_source(base)  # no such directory / hub unreachable: one line, at once
         check_causal_lm(base, key="--base")
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
     for name, directory in adapters.items():
@@ -47,7 +56,11 @@ def load_with_adapters(
             raise FileNotFoundError(f"{directory}: not an adapter directory (no adapter_config.json)")
         lf.load_adapter(model, directory, adapter=name)
     tok_source = next((d for d in adapters.values() if _has_tokenizer(d)), base)
-    tokenizer = load_tokenizer(tok_source)
+    local = not builtin.is_builtin(tok_source) and Path(tok_source).is_dir()
+    if not need_tokenizer and local and not _has_tokenizer(tok_source):
+        tokenizer = None
+    else:
+        tokenizer = load_tokenizer(tok_source)
     model.to(dev).eval()
     return model, tokenizer
 
@@ -102,12 +115,19 @@ def merge_to_dir(base: str, adapter: str, out: str | Path, dtype: str = "float32
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another --out")
-    model, tokenizer = load_with_adapters(base, {"default": adapter}, dtype, device="cpu")
+    model, tokenizer = load_with_adapters(base, {"default": adapter}, dtype, "cpu", need_tokenizer=False)
     plain = lf.merge_and_unload(model)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    else:  # a base without tokenizer files (and an adapter without them): the model alone
+        warnings.warn(
+            f"{base} and {adapter} hold no tokenizer files: {out} has the merged model without a "
+            "tokenizer (copy one there to use it)",
+            stacklevel=2,
+        )
     if out.exists():
         out.rmdir()
     tmp.rename(out)

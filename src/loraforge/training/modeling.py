@@ -28,6 +28,9 @@ def load_tokenizer(path: str):
     else:
         from transformers import AutoTokenizer
 
+        from ..hf import check_model_source
+
+        check_model_source(path)  # no such directory / hub unreachable: one line, at once
         tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padding positions are never trained, any id will do
@@ -147,6 +150,9 @@ def load_base_model(cfg: ModelSection, device: torch.device, quantize: bool = Fa
     else:
         from transformers import AutoModelForCausalLM
 
+        from ..hf import check_model_source
+
+        check_model_source(cfg.path)
         kwargs = {"dtype": dtype}
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation

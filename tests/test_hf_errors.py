@@ -194,11 +194,13 @@ def test_cli_wrong_base_is_one_line(no_hub, capsys):
 
     rc = main(["generate", "--base", "/no/such/dir", "--prompt", "hi"])
     assert rc == 2
-    assert capsys.readouterr().err == "error: /no/such/dir: no such directory\n"
+    assert capsys.readouterr().err == "error: --base: /no/such/dir: no such directory\n"
     rc = main(["generate", "--base", "some-org/some-model", "--prompt", "hi"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: some-org/some-model: no such directory, and not in the Hugging Face cache")
+    assert err.startswith(
+        "error: --base: some-org/some-model: no such directory, and not in the Hugging Face cache"
+    )
     assert err.count("\n") == 1
 
 

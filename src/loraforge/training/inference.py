@@ -46,10 +46,7 @@ def load_with_adapters(
     else:
         from transformers import AutoModelForCausalLM
 
-        from ..hf import check_model_source
-
-        check_model_source(base)  # no such directory / hub unreachable: one line, at once
-        check_causal_lm(base, key="--base")
+        check_causal_lm(base, key="--base")  # also: no such directory / hub unreachable, at once
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
     for name, directory in adapters.items():
         if not (Path(directory) / "adapter_config.json").is_file():

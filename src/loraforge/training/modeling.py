@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -110,14 +109,15 @@ def model_config(path: str, key: str = "model.path"):
     is reported as missing instead of transformers' "Repo id must be in the form ..."."""
     from transformers import AutoConfig
 
+    from ..hf import ModelNotFoundError, check_model_source
+
+    try:
+        check_model_source(path)  # no such directory / hub unreachable or without it: at once
+    except ModelNotFoundError as e:
+        raise ConfigError(f"{key}: {e}") from None
     local = Path(path).expanduser()
-    if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise ConfigError(f"{key}: {path}: no config.json, not a transformers model directory")
-    elif (
-        local.exists() or not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", path) or ".." in path
-    ):
-        raise ConfigError(f"{key}: {path}: no such directory")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise ConfigError(f"{key}: {path}: no config.json, not a transformers model directory")
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:  # not on the hub, hub unreachable, bad config.json, ...

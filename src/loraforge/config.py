@@ -186,7 +186,7 @@ class LoraConfig:
                 raise ValueError(
                     f"{source}: {name!r} is given twice (as {name!r} and as PEFT's {_peft(name)!r})"
                 )
-            out[name] = _peft_init(value, source, loading=False) if key == "init_lora_weights" else value
+            out[name] = init_from_peft(value, source, loading=False) if key == "init_lora_weights" else value
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -249,7 +249,7 @@ class LoraConfig:
                 if value is not None or key not in ("rank_pattern", "alpha_pattern"):
                     kwargs[_FROM_PEFT[key]] = value
             elif key == "init_lora_weights":
-                kwargs["init"] = _peft_init(value, source, loading=True)
+                kwargs["init"] = init_from_peft(value, source, loading=True)
             elif key in _METADATA:
                 if value is not None and not isinstance(value, _METADATA[key]):
                     kind = {str: "a string", bool: "true or false", dict: "an object"}[_METADATA[key]]
@@ -325,7 +325,7 @@ def _suggestion(key: str, known: list[str]) -> str:
     return f" (did you mean {close!r}?)" if close else ""
 
 
-def _peft_init(value: Any, source: str, loading: bool) -> str:
+def init_from_peft(value: Any, source: str, loading: bool) -> str:
     """loraforge's ``init`` for PEFT's ``init_lora_weights`` value.
 
     Loading, the factors come from the file, so inits that only shape A and B (false, "eva",

@@ -21,7 +21,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from ..config import LoraConfig
+from ..config import PEFT_NAMES, LoraConfig, init_from_peft
 
 Method = Literal["lora", "qlora", "full"]
 
@@ -306,9 +306,6 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-# PEFT's LoraConfig names -> loraforge's (PEFT users type these in the ``lora`` section).
-PEFT_NAMES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
-
 # Names from PEFT / transformers' TrainingArguments that difflib would not match to ours.
 SYNONYMS = {
     "rank": "r",
@@ -328,20 +325,18 @@ SYNONYMS = {
 
 def _lora_from_peft_names(section: dict, where: str) -> dict:
     """The ``lora`` section with PEFT's key names renamed to loraforge's (``lora_alpha`` ->
-    ``alpha``, ``lora_dropout`` -> ``dropout``, ``init_lora_weights`` -> ``init`` with PEFT's
-    ``true`` read as ``default``)."""
+    ``alpha``, ``lora_dropout`` -> ``dropout``, ``init_lora_weights`` -> ``init``, its value read
+    as :func:`loraforge.config.init_from_peft` reads it)."""
     out = {}
     for key, value in section.items():
         name = PEFT_NAMES.get(key, key)
         if name in out or (name != key and name in section):
             raise ConfigError(f"{where}: lora: both {name!r} and PEFT's name {key!r} are set; keep one")
-        if key == "init_lora_weights" and isinstance(value, bool):
-            if not value:
-                raise ConfigError(
-                    f"{where}: lora.init_lora_weights: false (PEFT's random B, a non-identity start) "
-                    "is not supported; use true or init: default | gaussian | pissa"
-                )
-            value = "default"
+        if key == "init_lora_weights":
+            try:
+                value = init_from_peft(value, f"{where}: lora", loading=False)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         out[name] = value
     return out
 

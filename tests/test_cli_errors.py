@@ -30,16 +30,17 @@ def one_thread():
 
 @pytest.fixture
 def no_training(monkeypatch):
-    """Replace ``train`` by a recorder that stops at once: the CLI's checks ran before it."""
-    import loraforge.training
+    """Stop ``train`` where it would load the model, recording the config it got: the checks
+    that must come before any model loads ran before that point, or not at all."""
+    from loraforge.training import loop
 
     calls = []
 
-    def fake_train(cfg):
+    def fake_prepare_model(cfg, device, say):
         calls.append(cfg)
         raise KeyboardInterrupt("stopped by the test")
 
-    monkeypatch.setattr(loraforge.training, "train", fake_train)
+    monkeypatch.setattr(loop, "prepare_model", fake_prepare_model)
     return calls
 
 
@@ -136,7 +137,7 @@ def test_data_is_checked_before_the_model_loads(tmp_path, no_training, capsys, m
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {message}\n" or err.startswith(f"error: {message}")
-    assert "\n" not in err.rstrip("\n") and not no_training  # one line; train() never called
+    assert "\n" not in err.rstrip("\n") and not no_training  # one line; no model loaded
 
 
 def test_non_finite_config_value_is_one_line(tmp_path, capsys):

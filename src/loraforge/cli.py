@@ -206,8 +206,7 @@ def _train(args) -> int:
 
     overrides = list(args.overrides) + (["resume=auto"] if args.resume else [])
     cfg = TrainConfig.from_yaml(args.config, overrides)
-    _check_before_loading(cfg)
-    _, metrics = train(cfg)
+    _, metrics = train(cfg)  # checks the device and data files before it loads the model
     _summary(metrics, cfg)
     return 0
 
@@ -227,7 +226,6 @@ def _quickstart(args) -> int:
     cfg = TrainConfig.from_yaml(
         ASSETS / "quickstart" / "quickstart.yaml", [f"output={args.output}", *args.overrides]
     )
-    _check_before_loading(cfg)
     print(
         f"quickstart: LoRA r={cfg.lora.r} on every linear layer of {cfg.model.path}, "
         f"{cfg.train.max_steps} steps on bundled Q&A pairs (answers only)"
@@ -235,16 +233,6 @@ def _quickstart(args) -> int:
     _, metrics = train(cfg)
     _summary(metrics, cfg)
     return 0
-
-
-def _check_before_loading(cfg) -> None:
-    """What can be found wrong before a model is loaded: the device and the data files (a
-    missing file or a bad row in the first ones)."""
-    from .training.data import check_data
-    from .training.modeling import check_device
-
-    check_device(cfg.train.device)
-    check_data(cfg.data)
 
 
 def _summary(metrics: dict, cfg) -> None:

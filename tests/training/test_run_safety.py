@@ -321,7 +321,7 @@ def test_adapter_files_follow_the_umask(tmp_path, umask):
 def test_cuda_without_cuda_is_one_line_before_loading(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(loop, "prepare_model", no_model)
-    with pytest.raises(ConfigError, match=r"^train\.device: 'cuda', but CUDA is not available here"):
+    with pytest.raises(ConfigError, match=r"^train\.device: cuda: CUDA is not available here"):
         train(tiny_config(tmp_path / "run", train={"device": "cuda"}))
     assert not (tmp_path / "run").exists()
 

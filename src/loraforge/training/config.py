@@ -212,6 +212,7 @@ class TrainConfig:
             "train.log_every": t.log_every,
             "data.max_length": d.max_length,
             "train.keep_checkpoints": t.keep_checkpoints,
+            "train.max_nonfinite_steps": t.max_nonfinite_steps,
         }
         for key, value in positive.items():
             if value <= 0:

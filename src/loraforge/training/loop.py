@@ -32,12 +32,12 @@ from ..adapters import set_compute
 from ..optim import build_optimizer
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, TrainSection
-from .data import BatchPlan, collate, load_datasets
+from .data import BatchPlan, check_data, collate, load_datasets
 from .dist import all_reduce_sum, cleanup, communication_report, setup, wrap_ddp
 from .fast import compile_layers, patch_model, should_compile, uncompile_layers, unpatch_model
 from .lock import OutputLock, RunError, describe_holder
 from .loss import CausalLMLoss
-from .modeling import check_packed_attention, prepare_model, save_trained
+from .modeling import check_device, check_packed_attention, prepare_model, save_trained
 from .report import MetricsLog, plot_losses
 from .resume import resume_changes, use_settings
 
@@ -55,7 +55,10 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
     a loss or gradient norm that stopped being finite, and a failed write during the run.
     """
     cfg = TrainConfig.load(config, overrides)
-    _check_device(cfg.train)
+    # What can be found wrong before a model loads: the device, and the data files (missing, an
+    # unknown format, a bad row among the first ones).
+    check_device(cfg.train.device)
+    check_data(cfg.data)
     dist = setup(cfg.train.device)
     out = Path(cfg.output)
     console = _Console(dist.is_main)
@@ -88,8 +91,6 @@ def _train(cfg: TrainConfig, dist, out: Path, console: _Console, phase: _Phase):
     """The run itself, top to bottom; ``train`` holds the output's lock around it."""
     t: TrainSection = cfg.train
     say = console.say
-    if t.max_nonfinite_steps < 1:
-        raise ConfigError(f"train.max_nonfinite_steps: must be > 0, got {t.max_nonfinite_steps}")
 
     # -- where to start -------------------------------------------------------------------------
     resume_dir = _resume_dir(cfg, out, dist.is_main, say)
@@ -355,25 +356,6 @@ def _resume_dir(cfg: TrainConfig, out: Path, is_main: bool, say) -> Path | None:
     if latest is not None and is_main:
         shutil.rmtree(ckpt.checkpoint_root(out), ignore_errors=True)
     return None
-
-
-def _check_device(t: TrainSection) -> None:
-    """One line, before anything loads, instead of an assertion deep in torch."""
-    kind, _, index = t.device.partition(":")
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"train.device: {t.device!r}, but CUDA is not available here "
-                f"(torch {torch.__version__}); use train.device=auto or cpu"
-            )
-        n = torch.cuda.device_count()
-        wanted = int(index) if index else int(os.environ.get("LOCAL_RANK", "0"))
-        if wanted >= n:
-            raise ConfigError(f"train.device: {t.device!r} (device {wanted}), but there are {n} CUDA devices")
-    elif kind == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"train.device: {t.device!r}, but MPS is not available here")
-    elif kind == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
-        raise ConfigError(f"train.device: {t.device!r}, but no XPU is available here")
 
 
 def _seed_everything(seed: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -53,8 +54,13 @@ def check_device(name: str, key: str = "train.device") -> None:
                 else f"torch {torch.__version__} is built without CUDA"
             )
             raise ConfigError(f"{key}: {name}: CUDA is not available here ({why}); use cpu or auto")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"{key}: {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        # a bare "cuda" under torchrun means this process's LOCAL_RANK
+        index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"{key}: {name}: device {index}, but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"{key}: {name}: MPS is not available here; use cpu or auto")
     elif device.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):

@@ -83,6 +83,12 @@ class LoraLayer(nn.Module):
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._create(name, r)
+        # New modules follow this layer's mode (nn.Module starts in training mode): an adapter
+        # added to / loaded into a model in eval mode must not run its dropout.
+        new = [self.lora_dropout[name]] + [getattr(self, attr)[name] for attr in self.adapter_param_names]
+        for module in new:
+            if isinstance(module, nn.Module):
+                module.train(self.training)
         self.reset(name, init)
         if not self.active_adapters:
             self.active_adapters = [name]

@@ -98,6 +98,16 @@ def test_unmatched_target_entry_with_strict_raises_and_leaves_model_untouched():
     assert lf.list_adapters(m) == ["default"]
 
 
+def test_entry_naming_a_modules_to_save_module_is_not_reported():
+    m = lf.inject(
+        tiny_llama(), lf.LoraConfig(r=4, alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lf.add_adapter(m, "b", lf.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "lm_head"]), strict=True)
+    assert isinstance(m.lm_head, ModulesToSave)
+
+
 def test_all_matched_entries_give_no_warning():
     m = tiny_llama()
     with warnings.catch_warnings():

@@ -88,11 +88,11 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
     out, linear_names, named, seen_layers = [], [], set(), set()
     entries = cfg.target_modules if isinstance(cfg.target_modules, list) else []
     for name, module, base in _candidates(model):
+        named.update(key for key in entries if name == key or name.endswith("." + key))
         if isinstance(module, ModulesToSave):
             continue
         if is_linear_like(base):
             linear_names.append(name)
-        named.update(key for key in entries if name == key or name.endswith("." + key))
         if cfg.target_modules == "all-linear":
             hit = is_linear_like(base) and name not in heads
         else:

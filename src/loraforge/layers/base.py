@@ -184,7 +184,9 @@ class LoraLayer(nn.Module):
         return tuple(base.weight.shape)
 
     def _add_to_base(self, delta: torch.Tensor) -> float | None:
-        """W0 += delta; on a 4-bit base the sum is requantized and its mean |error| returned."""
+        """W0 += delta; on a 4-bit base the sum is requantized and its mean |error| returned.
+        A permanent change (PiSSA's residual, a 4-bit merge whose original ``merge`` keeps):
+        merges of full-precision weights go through ``add_exactly`` instead."""
         base = self.base_layer
         with torch.no_grad():
             if _is_quantized(base):
@@ -192,7 +194,7 @@ class LoraLayer(nn.Module):
             w = base.weight
             if _is_conv1d(base):
                 delta = delta.T
-            # Add in fp32 and round once: the add/subtract of a switch then drifts by ≤ 1 ulp.
+            # add in fp32 and round once
             w.copy_((w.float() + delta.to(w.device, torch.float32)).to(w.dtype))
         return None
 
@@ -235,9 +237,35 @@ class LoraLayer(nn.Module):
             for n in names:
                 self.merge_error[n] = error
         else:
-            record = add_exactly(base.weight, self._stored_delta(factors), factors)
+            device = next(iter(factors.values()))[0].device
+            record = add_exactly(base.weight, self._applier(factors), factors, device)
         self._merge_record = record
         self.merged_adapters = list(names)
+
+    def _applier(self, factors: dict):
+        """``apply(t, sign)``: t ← t ± Σ ΔW of the recorded (A, B, s) factors, in place, in t's
+        dtype, by the same operations every time (adapters in merge order, reversed to
+        subtract). Where t is a matrix in the factors' dtype: one ``addmm_`` per adapter, the
+        (out × in) product never formed; otherwise ΔW in fp32 (computed once per applier),
+        added in fp32 and rounded once."""
+        items = list(factors.values())
+        cache: list[torch.Tensor] = []
+
+        def apply(t: torch.Tensor, sign: float) -> None:
+            with exact_matmul():
+                if t.dim() == 2 and all(a.dtype == t.dtype and a.device == t.device for a, _, _ in items):
+                    for a, b, s in reversed(items) if sign < 0 else items:
+                        # (out × in) = B·A; stored transposed (in × out) = Aᵀ·Bᵀ (Conv1D, embeddings)
+                        if self.stores_transposed:
+                            t.addmm_(a.t(), b.t(), alpha=sign * s)
+                        else:
+                            t.addmm_(b, a, alpha=sign * s)
+                    return
+                if not cache:
+                    cache.append(self._stored_delta(factors).to(t.device))
+            t.copy_(torch.add(t, cache[0], alpha=sign))
+
+        return apply
 
     def _stored_delta(self, factors: dict) -> torch.Tensor:
         """Σ ΔW of (A, B, s) triples, fp32, in the layout the base stores its weight in; on the
@@ -262,7 +290,8 @@ class LoraLayer(nn.Module):
         if _is_quantized(base):
             restore_quantized(base, record)
         else:
-            subtract_exactly(base.weight, self._stored_delta, record, type(base).__name__)
+            device = next(iter(record.factors.values()))[0].device
+            subtract_exactly(base.weight, self._applier(record.factors), record, device, type(base).__name__)
         changed = [n for n, f in record.factors.items() if n in self.r and not self._same_factors(n, *f)]
         self.merged_adapters = []
         return changed

@@ -3,7 +3,7 @@ bit for bit, as before the first merge.
 
 Why something must be kept: merging stores W1 = round(W0 + ΔW). Wherever that sum rounds, W0's
 low bits are gone, and round(W1 − ΔW) misses W0 by an ulp at a fraction of the weights (measured
-for 1024 × 1024, rank 16: 1-2 % of them when |ΔW| is 1 % of |W0|, 8-11 % at 10 %, 33-35 % at
+for 1024 × 1024, rank 16: 0.2-2 % of them when |ΔW| is 1 % of |W0|, 8-11 % at 10 %, 33-35 % at
 100 %; bf16, fp16 and fp32 alike). So merge keeps a ``MergeRecord`` with what unmerge needs:
 
 - the factors as merged, (A, B, s) per adapter (r·(in + out) values each, a few % of the

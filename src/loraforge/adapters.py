@@ -277,7 +277,7 @@ def add_weighted_adapter(
     if shared:
         raise ValueError(
             f"add_weighted_adapter: adapters {names} each have their own trained copy of modules_to_save "
-            f"{shared}, which cannot be combined; delete all but one adapter's copy or combine other adapters"
+            f"{shared}, which cannot be combined (as in PEFT); at most one of the adapters may have one"
         )
     if len(weights) != len(names):
         raise ValueError(f"got {len(weights)} weights for {len(names)} adapters")

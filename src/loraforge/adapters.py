@@ -43,8 +43,17 @@ def set_compute(model: nn.Module, mode: str) -> None:
 
 
 def set_adapter(model: nn.Module, adapter: str | list[str]) -> None:
-    """Make ``adapter`` (or several, summed) the active adapter(s); only they are trainable."""
+    """Make ``adapter`` (or several, summed) the active adapter(s); only they are trainable.
+
+    Merged adapters that are not among the new active ones are unmerged first (with a warning,
+    as PEFT does): otherwise their ΔW would stay in the base weights and apply on top of the
+    new adapter. Merged adapters that stay active stay merged.
+    """
     names = _check_known(model, adapter)
+    leaving = [n for n in merged_adapters(model) if n not in names]
+    if leaving:
+        warnings.warn(f"set_adapter: unmerging {leaving}, which are no longer active", stacklevel=2)
+        unmerge(model, leaving)
     model.__dict__["_lf_active"] = names
     set_trainable(model)
 
@@ -64,8 +73,8 @@ def disable_adapters(model: nn.Module):
     finally:
         for m in layers:
             m.disabled = previous[id(m)]
-            for name in merged.get(id(m), []):
-                m.merge(name)
+            if merged.get(id(m)):
+                m.merge(merged[id(m)])
 
 
 @contextlib.contextmanager
@@ -95,18 +104,21 @@ def adapter_batch(model: nn.Module, names: list[str]):
 def merge(model: nn.Module, adapter: str | list[str] | None = None) -> None:
     """Add ``s·B·A`` of the adapter(s) (default: the active ones) into the base weights.
 
-    Idempotent: an adapter already merged is skipped. Exact up to one fp32 rounding per weight
-    (``unmerge`` subtracts the same product). On a 4-bit base the sum is requantized and the mean
-    absolute rounding error is reported in a warning (and kept in ``layer.merge_error``).
+    Idempotent: an adapter already merged is skipped. The merged weight is W0 + Σ s·B·A
+    rounded once to the weight's dtype, and :func:`unmerge` gives W0 back bit for bit in every
+    dtype, however many times one switches: each layer keeps the factors as merged and the few
+    weights where subtracting would round elsewhere (see ``loraforge.layers.merge`` for the
+    memory this takes: ~0.1 B per weight for a trained adapter, at most one copy of the weight).
+    On a 4-bit base the sum is requantized and the mean absolute rounding error is reported in a
+    warning (and kept in ``layer.merge_error``); unmerge puts the original 4-bit weight back.
     """
     names = _check_known(model, adapter if adapter is not None else active_adapters(model))
     errors = []
     for _, layer in lora_layers(model):
-        for name in names:
-            if name in layer.r:
-                layer.merge(name)
-                if name in layer.merge_error:
-                    errors.append(layer.merge_error[name])
+        mine = [n for n in names if n in layer.r]
+        if mine:
+            layer.merge(mine)
+            errors += [layer.merge_error[n] for n in mine if n in layer.merge_error]
     if errors:
         warnings.warn(
             f"merged into a 4-bit base: requantization changed weights by {sum(errors) / len(errors):.3g} "
@@ -116,11 +128,24 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None) -> None:
 
 
 def unmerge(model: nn.Module, adapter: str | list[str] | None = None) -> None:
-    """Subtract merged adapter(s) (default: all) from the base weights again."""
+    """Take merged adapter(s) (default: all) out of the base weights, which then equal their
+    values before the merge bit for bit. An adapter whose factors were changed while merged is
+    taken out as it was merged (the base is still exact), with a warning: the merged weights
+    did not reflect the change, the unmerged forward from now on does."""
     names = None if adapter is None else _check_known(model, adapter)
+    changed: list[str] = []
     for _, layer in lora_layers(model):
-        for name in list(reversed(layer.merged_adapters)) if names is None else names:
-            layer.unmerge(name)
+        if names is None:
+            changed += layer.unmerge()
+        else:
+            for name in names:
+                changed += layer.unmerge(name)
+    if changed:
+        warnings.warn(
+            f"unmerge: the factors of {sorted(set(changed))} changed while merged; the merged weights "
+            "carried their values from merge time (the base is restored exactly)",
+            stacklevel=2,
+        )
 
 
 def merged_adapters(model: nn.Module) -> list[str]:
@@ -203,6 +228,12 @@ def unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
 def delete_adapter(model: nn.Module, adapter: str) -> None:
     """Remove an adapter everywhere; layers left without adapters get their base module back."""
     _check_known(model, adapter)
+    layers = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
+    if any(m.batch_adapters is not None and adapter in m.batch_adapters for m in layers):
+        # its rows would silently run on the base model for the rest of the block
+        raise RuntimeError(
+            f"adapter {adapter!r} is in use by an adapter_batch block; delete it after the block"
+        )
     for name, layer in list(lora_layers(model)):
         if adapter in layer.r:
             layer.delete(adapter)
@@ -236,8 +267,18 @@ def add_weighted_adapter(
     - "linear": A = Σ ±√|wᵢsᵢ| Aᵢ, B = Σ √|wᵢsᵢ| Bᵢ — same rank; cross terms make it approximate.
     - "svd": the top-``svd_rank`` (default max rᵢ) SVD of Σ wᵢ ΔWᵢ.
     The new adapter has alpha = r (scaling 1) and is not activated.
+
+    Fully trained ``modules_to_save`` copies cannot be combined: where two or more of the
+    adapters have their own copy of one module this raises ValueError (as PEFT does); where one
+    has, the new adapter gets a copy of that adapter's trained module.
     """
     names = _check_known(model, adapters)
+    shared = [p for p, m in saved_modules(model) if sum(n in m.modules_to_save for n in names) > 1]
+    if shared:
+        raise ValueError(
+            f"add_weighted_adapter: adapters {names} each have their own trained copy of modules_to_save "
+            f"{shared}, which cannot be combined (as in PEFT); at most one of the adapters may have one"
+        )
     if len(weights) != len(names):
         raise ValueError(f"got {len(weights)} weights for {len(names)} adapters")
     if combination not in ("linear", "cat", "svd"):
@@ -260,9 +301,14 @@ def add_weighted_adapter(
         rank_pattern={},
         alpha_pattern={},
         init="default",
-        modules_to_save=None,
+        modules_to_save=sorted({k for n in names for k in configs(model)[n].modules_to_save or []}) or None,
     )
     inject(model, cfg, adapter=adapter_name)
+    for _, module in saved_modules(model):
+        if adapter_name in module.modules_to_save:  # the one adapter's trained copy (checked above)
+            owner = next((n for n in names if n in module.modules_to_save), None)
+            if owner is not None:
+                module.modules_to_save[adapter_name].load_state_dict(module.modules_to_save[owner].state_dict())
     for _, layer in lora_layers(model):
         if adapter_name not in layer.r:
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -73,11 +74,21 @@ def _layer_index(name: str, patterns) -> int | None:
 
 def find_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Dotted paths of the modules ``cfg`` adapts. Raises ValueError when none matches."""
+    return _match_targets(model, cfg)[0]
+
+
+def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[str], str | None]:
+    """(targets, unused, absent): the paths ``cfg`` adapts; the ``target_modules`` entries (of a
+    list) that name no module at all; a message naming the ``layers_to_transform`` indices that
+    no module matched by ``target_modules`` has (or None). Raises ValueError when there is no
+    target."""
     if cfg.target_modules is None:
         raise ValueError("LoraConfig.target_modules is required: a list of names, a regex or 'all-linear'")
     heads = _output_head_names(model) if cfg.target_modules == "all-linear" else set()
-    out, linear_names = [], []
+    out, linear_names, named, seen_layers = [], [], set(), set()
+    entries = cfg.target_modules if isinstance(cfg.target_modules, list) else []
     for name, module, base in _candidates(model):
+        named.update(key for key in entries if name == key or name.endswith("." + key))
         if isinstance(module, ModulesToSave):
             continue
         if is_linear_like(base):
@@ -92,11 +103,17 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
             continue
         if cfg.layers_to_transform is not None:
             idx = _layer_index(name, cfg.layers_pattern)
+            seen_layers.add(idx)
             if idx is None or idx not in cfg.layers_to_transform:
                 continue
         if cfg.modules_to_save and _matches(cfg.modules_to_save, name):
             continue
         out.append(name)
+    unused = [key for key in entries if key not in named]
+    absent = [i for i in cfg.layers_to_transform or [] if i not in seen_layers]
+    absent_msg = _absent_layers_message(cfg, absent, seen_layers) if absent else None
+    if not out and absent_msg and seen_layers:
+        raise ValueError(absent_msg)
     if not out:
         short = sorted({n.split(".")[-1] for n in linear_names})
         raise ValueError(
@@ -113,7 +130,24 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
                 f"target {name!r} is a {type(base).__name__}; LoRA supports Linear, Embedding, Conv2d, "
                 "GPT-2 Conv1D and 4-bit linears (name the leaf layers, e.g. 'q_proj')"
             )
-    return out
+    return out, unused, absent_msg
+
+
+def _absent_layers_message(cfg: LoraConfig, absent: list[int], seen: set[int | None]) -> str:
+    """One line saying which layers_to_transform indices the model lacks, and which it has."""
+    have = sorted(i for i in seen if i is not None)
+    pattern = cfg.layers_pattern or list(_LAYER_PATTERNS)
+    if not have:
+        return (
+            f"layers_to_transform={cfg.layers_to_transform}: no module matched by target_modules has a "
+            f"layer index in its path (looked for '.<pattern>.<i>.' with layers_pattern={pattern!r})"
+        )
+    valid = f"{have[0]}-{have[-1]}" if have == list(range(have[0], have[-1] + 1)) else str(have)
+    plural = "indices" if len(absent) > 1 else "index"
+    return (
+        f"layers_to_transform: layer {plural} {absent} do{'es' if len(absent) == 1 else ''} not exist; "
+        f"the modules matched by target_modules={cfg.target_modules!r} are in layers {valid}"
+    )
 
 
 def _find_saved(model: nn.Module, names: list[str]) -> list[str]:
@@ -133,12 +167,17 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default") -> nn.Module:
+def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: bool = False) -> nn.Module:
     """Add LoRA adapter ``adapter`` to ``model`` in place; freeze the base; return the model.
 
     The first call freezes every base parameter; each matched layer is wrapped (the original
     module becomes ``<path>.base_layer``). Calling it again on an adapted model adds another
-    adapter, like :func:`add_adapter`.
+    adapter, like :func:`add_adapter`. New LoRA modules (dropout included) take the mode,
+    training or eval, of the layer they are added to.
+
+    Entries of a ``target_modules`` list that name no module, and ``layers_to_transform``
+    indices the model does not have, are reported in a warning, or with ``strict=True`` raise
+    ValueError (before the model changes). No target at all always raises.
     """
     if not isinstance(cfg, LoraConfig):
         raise TypeError(f"inject expects a loraforge.LoraConfig, got {type(cfg).__name__}")
@@ -151,7 +190,21 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default") -> nn.Mo
         # Biases belong to the base layers, so they are shared: only one adapter may own them (as in PEFT).
         raise ValueError("only one adapter may train biases; use bias='none' for the others")
     # Everything is validated before the model changes, so a bad config leaves it untouched.
-    targets = find_targets(model, cfg)
+    targets, unused, absent = _match_targets(model, cfg)
+    problems = []
+    if unused:
+        problems.append(f"target_modules entries {unused} match no module of {type(model).__name__}")
+    if absent:
+        problems.append(absent)
+    if problems and strict:
+        raise ValueError(f"adapter {adapter!r}: " + "; ".join(problems))
+    if problems:
+        warnings.warn(
+            f"adapter {adapter!r}: " + "; ".join(problems) + " (ignored; strict=True makes this an error)",
+            stacklevel=2,
+        )
+    if cfg.init == "pissa" and any(layer.merged_adapters for _, layer in lora_layers(model)):
+        raise ValueError("init='pissa' changes the base weights; call lf.unmerge(model) first")
     saved = _find_saved(model, cfg.modules_to_save) if cfg.modules_to_save else []
     first = not known
     if first:
@@ -178,11 +231,12 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default") -> nn.Mo
     return model
 
 
-def add_adapter(model: nn.Module, adapter: str, cfg: LoraConfig) -> nn.Module:
-    """Add a further named adapter (inactive until :func:`loraforge.set_adapter`)."""
+def add_adapter(model: nn.Module, adapter: str, cfg: LoraConfig, strict: bool = False) -> nn.Module:
+    """Add a further named adapter (inactive until :func:`loraforge.set_adapter`); ``strict`` as
+    in :func:`inject`."""
     if not configs(model):
         raise ValueError("the model has no LoRA adapter yet; call lf.inject(model, cfg) first")
-    return inject(model, cfg, adapter=adapter)
+    return inject(model, cfg, adapter=adapter, strict=strict)
 
 
 def active_adapters(model: nn.Module) -> list[str]:

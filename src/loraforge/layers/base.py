@@ -11,6 +11,15 @@ import math
 import torch
 from torch import nn
 
+from .merge import (
+    add_exactly,
+    exact_matmul,
+    restore_quantized,
+    snapshot_factors,
+    snapshot_quantized,
+    subtract_exactly,
+)
+
 BASE = "__base__"  # the name that means "no adapter" in a mixed batch
 
 # The low-rank path runs in this precision when the base is stored in half precision or 4 bits:
@@ -83,6 +92,12 @@ class LoraLayer(nn.Module):
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._create(name, r)
+        # New modules follow this layer's mode (nn.Module starts in training mode): an adapter
+        # added to / loaded into a model in eval mode must not run its dropout.
+        new = [self.lora_dropout[name]] + [getattr(self, attr)[name] for attr in self.adapter_param_names]
+        for module in new:
+            if isinstance(module, nn.Module):
+                module.train(self.training)
         self.reset(name, init)
         if not self.active_adapters:
             self.active_adapters = [name]
@@ -154,7 +169,11 @@ class LoraLayer(nn.Module):
     def delta_weight(self, name: str) -> torch.Tensor:
         """ΔW = s · B·A in the base weight's (out × in) layout."""
         a, b = self.factors(name)
-        return (b.float() @ a.float()).reshape(self.base_weight_shape()) * self.scaling[name]
+        return self._delta(a, b, self.scaling[name])
+
+    def _delta(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+        """ΔW (fp32) for these factors: ``delta_weight`` of given rather than live factors."""
+        return ((b.float() * scaling) @ a.float()).reshape(self.base_weight_shape())
 
     def base_weight_shape(self) -> tuple[int, ...]:
         base = self.base_layer
@@ -165,7 +184,9 @@ class LoraLayer(nn.Module):
         return tuple(base.weight.shape)
 
     def _add_to_base(self, delta: torch.Tensor) -> float | None:
-        """W0 += delta; on a 4-bit base the sum is requantized and its mean |error| returned."""
+        """W0 += delta; on a 4-bit base the sum is requantized and its mean |error| returned.
+        A permanent change (PiSSA's residual, a 4-bit merge whose original ``merge`` keeps):
+        merges of full-precision weights go through ``add_exactly`` instead."""
         base = self.base_layer
         with torch.no_grad():
             if _is_quantized(base):
@@ -173,44 +194,111 @@ class LoraLayer(nn.Module):
             w = base.weight
             if _is_conv1d(base):
                 delta = delta.T
-            # Add in fp32 and round once: the add/subtract of a switch then drifts by ≤ 1 ulp.
+            # add in fp32 and round once
             w.copy_((w.float() + delta.to(w.device, torch.float32)).to(w.dtype))
         return None
 
     # -- merge -------------------------------------------------------------------------------
-    def merge(self, name: str) -> None:
-        if name not in self.r:
-            raise KeyError(name)
-        if name in self.merged_adapters:
-            return  # idempotent
-        error = self._apply_delta(name, +1.0)
-        if error is not None:
-            self.merge_error[name] = error
-        self.merged_adapters.append(name)
-
-    def unmerge(self, name: str | None = None) -> None:
-        names = list(reversed(self.merged_adapters)) if name is None else [name]
+    # The base holds W0 + Σ ΔW of ``merged_adapters``, always formed from W0 in one rounding;
+    # ``_merge_record`` (see ``merge.py``) holds what gives W0 back bit for bit. Merging or
+    # unmerging one adapter of several restores W0 and merges the others again.
+    def merge(self, name: str | list[str]) -> None:
+        """Add ΔW of the adapter(s) to the base weight; idempotent (merged ones are skipped)."""
+        names = [name] if isinstance(name, str) else list(name)
         for n in names:
-            if n not in self.merged_adapters:
-                continue
-            self._apply_delta(n, -1.0)
-            self.merged_adapters.remove(n)
+            if n not in self.r:
+                raise KeyError(n)
+        new = [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
+        if not new:
+            return
+        keep = list(self.merged_adapters)
+        self._restore_base()
+        self._merge_from_base(keep + new)
 
-    def _apply_delta(self, name: str, sign: float) -> float | None:
-        """W0 ← W0 ± s·B·A. Where the base stores a plain matrix in the factors' dtype this is one
-        in-place ``addmm_`` (one pass, no temporaries); the product B·A is computed the same way
-        both times, so merge followed by unmerge moves each weight by at most one rounding."""
-        a, b = self.factors(name)
-        w = None if _is_quantized(self.base_layer) else getattr(self.base_layer, "weight", None)
-        if w is not None and w.dim() == 2 and w.dtype == a.dtype and w.device == a.device:
-            with torch.no_grad():
-                # (out × in) = B·A; stored transposed (in × out) = Aᵀ·Bᵀ for Conv1D and embeddings
-                if self.stores_transposed:
-                    w.addmm_(a.t(), b.t(), alpha=sign * self.scaling[name])
-                else:
-                    w.addmm_(b, a, alpha=sign * self.scaling[name])
-            return None
-        return self._add_to_base(sign * self.delta_weight(name))
+    def unmerge(self, name: str | None = None) -> list[str]:
+        """Take merged adapter(s) (default: all) out of the base weight, which then equals its
+        value before the merge bit for bit. Returns the adapters whose factors changed while
+        merged (the merged weights carried their values from merge time)."""
+        if name is not None and name not in self.merged_adapters:
+            return []
+        keep = [] if name is None else [n for n in self.merged_adapters if n != name]
+        changed = self._restore_base()
+        if keep:
+            self._merge_from_base(keep)
+        return changed
+
+    def _merge_from_base(self, names: list[str]) -> None:
+        """W ← W0 + Σ ΔW of ``names``, with W0 the unmerged base; keeps the record to undo it."""
+        factors = snapshot_factors(self, names)
+        base = self.base_layer
+        if _is_quantized(base):
+            record = snapshot_quantized(base, factors)
+            error = self._add_to_base(self._stored_delta(factors))
+            for n in names:
+                self.merge_error[n] = error
+        else:
+            device = next(iter(factors.values()))[0].device
+            record = add_exactly(base.weight, self._applier(factors), factors, device)
+        self._merge_record = record
+        self.merged_adapters = list(names)
+
+    def _applier(self, factors: dict):
+        """``apply(t, sign)``: t ← t ± Σ ΔW of the recorded (A, B, s) factors, in place, in t's
+        dtype, by the same operations every time (adapters in merge order, reversed to
+        subtract). Where t is a matrix in the factors' dtype: one ``addmm_`` per adapter, the
+        (out × in) product never formed; otherwise ΔW in fp32 (computed once per applier),
+        added in fp32 and rounded once."""
+        items = list(factors.values())
+        cache: list[torch.Tensor] = []
+
+        def apply(t: torch.Tensor, sign: float) -> None:
+            with exact_matmul():
+                if t.dim() == 2 and all(a.dtype == t.dtype and a.device == t.device for a, _, _ in items):
+                    for a, b, s in reversed(items) if sign < 0 else items:
+                        # (out × in) = B·A; stored transposed (in × out) = Aᵀ·Bᵀ (Conv1D, embeddings)
+                        if self.stores_transposed:
+                            t.addmm_(a.t(), b.t(), alpha=sign * s)
+                        else:
+                            t.addmm_(b, a, alpha=sign * s)
+                    return
+                if not cache:
+                    cache.append(self._stored_delta(factors).to(t.device))
+            t.copy_(torch.add(t, cache[0], alpha=sign))
+
+        return apply
+
+    def _stored_delta(self, factors: dict) -> torch.Tensor:
+        """Σ ΔW of (A, B, s) triples, fp32, in the layout the base stores its weight in; on the
+        factors' device, in full precision (the same bits at merge and unmerge: see merge.py)."""
+        with exact_matmul():
+            deltas = [self._delta(*f) for f in factors.values()]
+        delta = deltas[0]
+        for d in deltas[1:]:
+            delta.add_(d)
+        return delta.T if _is_conv1d(self.base_layer) else delta
+
+    def _restore_base(self) -> list[str]:
+        """Put W0 back exactly; returns the merged adapters whose live factors differ from the
+        merged ones."""
+        record = self.__dict__.pop("_merge_record", None)
+        if record is None:  # (no record: merged by other means; subtract, exact up to rounding)
+            for n in reversed(self.merged_adapters):
+                self._add_to_base(-self.delta_weight(n))
+            self.merged_adapters = []
+            return []
+        base = self.base_layer
+        if _is_quantized(base):
+            restore_quantized(base, record)
+        else:
+            device = next(iter(record.factors.values()))[0].device
+            subtract_exactly(base.weight, self._applier(record.factors), record, device, type(base).__name__)
+        changed = [n for n, f in record.factors.items() if n in self.r and not self._same_factors(n, *f)]
+        self.merged_adapters = []
+        return changed
+
+    def _same_factors(self, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float) -> bool:
+        same = all(torch.equal(x.to(y.device), y) for x, y in zip((a, b), self.factors(name)))
+        return same and scaling == self.scaling[name]
 
     # -- forward -----------------------------------------------------------------------------
     def _check_merged_training(self) -> None:

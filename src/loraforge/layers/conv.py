@@ -32,12 +32,11 @@ class LoraConv2d(LoraLayer):
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[name].weight, self.lora_B[name].weight
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        a, b = self.factors(name)
+    def _delta(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
         out = b.shape[0]
-        return (b.float().reshape(out, -1) @ a.float().reshape(a.shape[0], -1)).reshape(
+        return ((b.float().reshape(out, -1) * scaling) @ a.float().reshape(a.shape[0], -1)).reshape(
             self.base_layer.weight.shape
-        ) * self.scaling[name]
+        )
 
     def _lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a = self.lora_A[name]

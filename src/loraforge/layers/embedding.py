@@ -43,9 +43,8 @@ class LoraEmbedding(LoraLayer):
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_embedding_A[name], self.lora_embedding_B[name]
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        a, b = self.factors(name)
-        return (b.float() @ a.float()).T * self.scaling[name]
+    def _delta(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+        return ((b.float() * scaling) @ a.float()).T
 
     def _ba_layout(self, w: torch.Tensor) -> torch.Tensor:
         return w.T  # B·A is (dim × num): the transpose of the (num × dim) table

@@ -26,7 +26,7 @@ class ModulesToSave(nn.Module):
     def add(self, name: str) -> None:
         if name in self.modules_to_save:
             raise ValueError(f"adapter {name!r} already exists on this module")
-        clone = copy.deepcopy(self.original_module)
+        clone = copy.deepcopy(self.original_module).train(self.training)  # this wrapper's mode
         for p in clone.parameters():
             p.requires_grad_(True)
         self.modules_to_save[name] = clone

@@ -23,13 +23,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .files import atomic_write, atomic_write_text
 from .quant import Linear4bit, QuantConfig
 from .quant.linear4bit import _is_linear, quantize
 
@@ -453,19 +453,6 @@ def _quant_config_of(model: nn.Module) -> QuantConfig | None:
     return QuantConfig(first.quant_type, first.blocksize, first.double_quant, first.compute_dtype, kept)
 
 
-def _atomic_write(target: Path, write) -> None:
-    """Write via ``write(tmp_path)`` to a temporary file in the same directory, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def save_model(model: nn.Module, path) -> None:
     """Write ``model`` as a transformers directory: ``config.json`` + ``model.safetensors``.
 
@@ -491,7 +478,7 @@ def save_model(model: nn.Module, path) -> None:
             continue
         seen[key] = name
         tensors[name] = t.to("cpu").contiguous()
-    _atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
     config = getattr(model, "config", None)
     if config is None:
@@ -502,4 +489,4 @@ def save_model(model: nn.Module, path) -> None:
     if qc is not None:
         d["quantization_config"] = qc.to_transformers()
     text = json.dumps(d, indent=2, sort_keys=True) + "\n"
-    _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(path / "config.json", text)

@@ -20,7 +20,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import LoraConfig
+from .files import atomic_write, atomic_write_text
 from .inject import (
     _candidates,
     _matches,
@@ -48,22 +48,6 @@ PREFIX = "base_model.model."
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The model attributes where inject() keeps its bookkeeping (restored when a load fails).
 _REGISTRY = ("_lf_configs", "_lf_targets", "_lf_active")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temp file in the same directory and rename, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        mask = os.umask(0o022)  # os has no umask getter: read it and put it back at once
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp made it 0600; give it the mode open() would
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -118,9 +102,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     peft_cfg = cfg.to_peft_dict(
         target_modules=targets, task_type=_task_type(model), base_model_name_or_path=base_name
     )
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(peft_cfg, indent=2, sort_keys=True)
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(out / CONFIG_NAME, text)
     return out
 
 

@@ -1,0 +1,49 @@
+"""files.atomic_write: whole files or nothing, with the umask's mode (also for saved models)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import loraforge as lf
+from loraforge.files import atomic_write, atomic_write_text
+from loraforge.training.builtin import build_model
+
+
+@pytest.fixture(params=[0o022, 0o077, 0o002])
+def umask(request):
+    before = os.umask(request.param)
+    yield request.param
+    os.umask(before)
+
+
+def test_files_get_the_mode_open_gives(tmp_path, umask):
+    atomic_write_text(tmp_path / "a.txt", "héllo")
+    with open(tmp_path / "b.txt", "w") as f:
+        f.write("x")
+    assert (tmp_path / "a.txt").read_text(encoding="utf-8") == "héllo"
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == (tmp_path / "b.txt").stat().st_mode & 0o777
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_saved_models_follow_the_umask(tmp_path, umask):
+    lf.save_model(build_model("builtin:tiny-llama"), tmp_path / "model")
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "model" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, error):
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise error
+
+    with pytest.raises(type(error)):
+        atomic_write(target, write)
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]

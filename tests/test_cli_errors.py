@@ -321,3 +321,22 @@ def test_ctrl_c_while_starting_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(loraforge.cli, "build_parser", interrupted)
     assert main(["inspect", "."]) == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_ctrl_c_while_torch_imports_is_one_line():
+    """The console script imports ``loraforge.cli`` outside any handler: that import must not load
+    torch (seconds), so a Ctrl-C during start-up lands inside ``main``. The child sends itself
+    SIGINT the moment anything imports torch."""
+    script = (
+        "import os, signal, sys\n"
+        "class Hook:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        "            sys.meta_path.remove(self)\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "sys.meta_path.insert(0, Hook())\n"
+        "from loraforge.cli import main\n"  # what the `loraforge` script does first
+        "sys.exit(main(['inspect', '.']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (130, "interrupted\n")

@@ -23,7 +23,7 @@ from torch import nn
 from training.util import QA_EVAL, losses, tiny_config
 
 import loraforge as lf
-from loraforge.inject import lora_layers
+from loraforge.injection import lora_layers
 from loraforge.layers import linear as lora_linear
 from loraforge.quant import Linear4bit, QuantConfig, QuantState, dequantize_4bit, quantize_4bit
 from loraforge.training import fast, train

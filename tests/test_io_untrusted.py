@@ -17,7 +17,7 @@ import loraforge.io as lfio
 from loraforge.layers import LoraLayer, ModulesToSave
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-lfinject = importlib.import_module("loraforge.inject")  # (lf.inject is the function)
+lfinject = importlib.import_module("loraforge.injection")  # (lf.inject is the function)
 HOLDERS = (LoraLayer, ModulesToSave)
 Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 

@@ -7,51 +7,36 @@ The public API is a set of plain functions on a plain ``torch.nn.Module``::
     lf.save_adapter(model, "out/adapter")      # PEFT-compatible directory
 """
 
-from .adapters import (
-    adapter_batch,
-    add_weighted_adapter,
-    delete_adapter,
-    disable_adapters,
-    list_adapters,
-    merge,
-    merge_and_unload,
-    merged_adapters,
-    set_adapter,
-    set_compute,
-    unload,
-    unmerge,
-)
-from .config import LoraConfig
-from .inject import add_adapter, count_parameters, inject, print_trainable_parameters
-from .io import load_adapter, save_adapter
-
 __version__ = "0.1.0"
 
-__all__ = [
-    "LoraConfig",
-    "adapter_batch",
-    "add_adapter",
-    "add_weighted_adapter",
-    "count_parameters",
-    "delete_adapter",
-    "disable_adapters",
-    "inject",
-    "list_adapters",
-    "load_adapter",
-    "merge",
-    "merge_and_unload",
-    "merged_adapters",
-    "print_trainable_parameters",
-    "save_adapter",
-    "set_adapter",
-    "set_compute",
-    "unload",
-    "unmerge",
-]
-
-# QLoRA, model I/O and training pull in heavier imports (transformers, datasets); they load on
-# first use so that `import loraforge` stays cheap.
+# Every public name loads on first use: `import loraforge` (and so the `loraforge` command, whose
+# entry point lives in this package) stays cheap and imports no torch, so the CLI can answer
+# --help at once and catch a Ctrl-C while torch loads.
 _LAZY = {
+    **{
+        name: ("loraforge.adapters", name)
+        for name in (
+            "adapter_batch",
+            "add_weighted_adapter",
+            "delete_adapter",
+            "disable_adapters",
+            "list_adapters",
+            "merge",
+            "merge_and_unload",
+            "merged_adapters",
+            "set_adapter",
+            "set_compute",
+            "unload",
+            "unmerge",
+        )
+    },
+    "LoraConfig": ("loraforge.config", "LoraConfig"),
+    "add_adapter": ("loraforge.injection", "add_adapter"),
+    "count_parameters": ("loraforge.injection", "count_parameters"),
+    "inject": ("loraforge.injection", "inject"),
+    "print_trainable_parameters": ("loraforge.injection", "print_trainable_parameters"),
+    "load_adapter": ("loraforge.io", "load_adapter"),
+    "save_adapter": ("loraforge.io", "save_adapter"),
     "quant": ("loraforge.quant", None),
     "QuantConfig": ("loraforge.quant", "QuantConfig"),
     "quantize": ("loraforge.quant", "quantize"),
@@ -62,7 +47,11 @@ _LAZY = {
     "TrainConfig": ("loraforge.training", "TrainConfig"),
     "build_optimizer": ("loraforge.optim", "build_optimizer"),
 }
-__all__ += list(_LAZY)
+__all__ = sorted(_LAZY)
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])
 
 
 def __getattr__(name):

@@ -10,7 +10,7 @@ import warnings
 import torch
 from torch import nn
 
-from .inject import _replace, active_adapters, configs, inject, lora_layers, saved_modules, set_trainable
+from .injection import _replace, active_adapters, configs, inject, lora_layers, saved_modules, set_trainable
 from .layers import BASE, COMPUTE_MODES, LoraLayer, ModulesToSave, _is_quantized
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .files import atomic_write, atomic_write_text
-from .inject import (
+from .injection import (
     _candidates,
     _matches,
     _replace,

@@ -42,13 +42,13 @@ def load_base(base_dir, dtype=torch.float32):
 
 def base_weights(model) -> dict[str, torch.Tensor]:
     """Copies of every adapted layer's base weight (to check merge/unmerge restores them)."""
-    from loraforge.inject import lora_layers
+    from loraforge.injection import lora_layers
 
     return {name: layer.base_layer.weight.detach().clone() for name, layer in lora_layers(model)}
 
 
 def max_weight_change(model, original: dict[str, torch.Tensor]) -> float:
-    from loraforge.inject import lora_layers
+    from loraforge.injection import lora_layers
 
     return max(
         float((layer.base_layer.weight.detach() - original[name]).abs().max())

@@ -88,7 +88,7 @@ def communication_report(model: nn.Module, world_size: int) -> str:
     sent = sum(p.numel() * p.element_size() for p in trainable)
     grad_bytes = trainable[0].element_size() if trainable else 4
     try:
-        from ..inject import count_parameters
+        from ..injection import count_parameters
 
         total = count_parameters(model)[1]
     except Exception:

@@ -370,7 +370,7 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 def _count(model) -> tuple[int, int]:
     try:
-        from ..inject import count_parameters
+        from ..injection import count_parameters
 
         return count_parameters(model)
     except Exception:

@@ -284,7 +284,8 @@ def test_inspect_bad_json_names_the_file(adapter_dir, tmp_path, capsys):
     (broken / "adapter_config.json").write_text('{"r": 2,')
     assert main(["inspect", str(broken)]) == 2
     assert capsys.readouterr().err.startswith(
-        f"error: {broken / 'adapter_config.json'}: invalid JSON (line 1"
+        f"error: {broken / 'adapter_config.json'}: invalid JSON (Expecting property name enclosed in "
+        "double quotes at line 1"
     )
     (broken / "adapter_config.json").write_text("[1, 2]")
     assert main(["inspect", str(broken)]) == 2

@@ -7,7 +7,7 @@ import os
 import pytest
 
 import loraforge as lf
-from loraforge.files import atomic_write, atomic_write_text
+from loraforge.files import atomic_write, atomic_write_text, read_json_object
 from loraforge.training.builtin import build_model
 
 
@@ -47,3 +47,19 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, error):
         atomic_write(target, write)
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"a": "x\ty"}', r"invalid JSON \(Invalid control character at line 1, column 9\)$"),
+        (b'{"a": ', r"invalid JSON \(Expecting value at line 1, column 7\)$"),
+        (b"[1, 2]", "expected a JSON object, got list$"),
+        (b'{"a": "\xe9"}', r"not UTF-8 text \(invalid continuation byte at byte 7\)$"),
+    ],
+)
+def test_read_json_object_names_the_file_once(tmp_path, content, message):
+    (tmp_path / "c.json").write_bytes(content)
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'c.json'}: {message}") as info:
+        read_json_object(tmp_path / "c.json")
+    assert "at at" not in str(info.value)

@@ -173,7 +173,7 @@ def test_missing_or_corrupt_files_are_clear(tmp_path, damage):
         "no_dir": (FileNotFoundError, "does not exist"),
         "no_config": (FileNotFoundError, "missing"),
         "no_weights": (FileNotFoundError, "missing"),
-        "bad_json": (ValueError, "not valid JSON"),
+        "bad_json": (ValueError, "invalid JSON"),
         "bad_tensors": (ValueError, "not a readable safetensors"),
         "unknown_key": (ValueError, "unknown config key"),
         "r_zero": (ValueError, "positive integer"),

@@ -204,7 +204,7 @@ def test_pickle_only_folder_is_refused(tmp_path, with_config):
 def test_unreadable_json_message(tmp_path):
     d = _save(tmp_path / "ad")
     (d / CONFIG).write_text('{"r": 4, "bias": "no\tne"}')  # a raw tab inside a string
-    msg = _refused(tiny_llama(), d, "is not valid JSON")
+    msg = _refused(tiny_llama(), d, "invalid JSON")
     assert "at at" not in msg and str(d / CONFIG) in msg
 
 

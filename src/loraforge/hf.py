@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .files import atomic_write, atomic_write_text
+from .files import atomic_write, atomic_write_text, read_json_object
 from .quant import Linear4bit, QuantConfig
 from .quant.linear4bit import _is_linear, quantize
 
@@ -183,23 +183,10 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register
 
 
-def _read_json(file: Path) -> dict:
-    """A JSON object from ``file``, else ``ValueError`` naming the file."""
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _checkpoint_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError(f"{index}: field 'weight_map' must map tensor names to file names")
         files = sorted(set(weight_map.values()))
@@ -224,7 +211,7 @@ def _checkpoint_files(path: Path) -> list[Path]:
 def _build_skeleton(path: Path):
     import transformers
 
-    _read_json(path / "config.json")  # (transformers' own message for a bad file is an OSError)
+    read_json_object(path / "config.json")  # (transformers' own message for a bad file is an OSError)
     config = transformers.AutoConfig.from_pretrained(path)
     raw_qc = getattr(config, "quantization_config", None)
     if raw_qc is not None:

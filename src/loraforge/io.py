@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import LoraConfig
-from .files import atomic_write, atomic_write_text
+from .files import atomic_write, atomic_write_text, read_json_object
 from .injection import (
     _candidates,
     _matches,
@@ -133,12 +133,7 @@ def read_adapter(path: str | os.PathLike, adapter: str | None = None) -> tuple[L
         raise FileNotFoundError(f"{cfg_file} is missing: not an adapter directory")
     if not weights.exists():
         raise FileNotFoundError(f"{weights} is missing")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_file} is not valid JSON: {e}") from e
-    if not isinstance(raw, dict):
-        raise ValueError(f"{cfg_file} must hold a JSON object")
+    raw = read_json_object(cfg_file)
     cfg = LoraConfig.from_peft_dict(raw, source=str(cfg_file))
     try:
         tensors = load_file(str(weights))

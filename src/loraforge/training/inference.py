@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import read_json_object
 from . import builtin
 from .data import encode_prompt
 from .dist import pick_device
@@ -175,26 +176,13 @@ def _weights(directory: Path, stem: str) -> list[Path]:
     raise ValueError(f"{directory}: no weights ({stem}.safetensors is missing)")
 
 
-def _read_json(path: Path) -> dict:
-    """A JSON object from ``path``; invalid JSON or another type is a ValueError naming the file."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
 def _training_method(run_dir: Path) -> str | None:
     """lora / qlora, when the adapter sits in a loraforge output or checkpoint directory."""
     import yaml
 
     try:
         if (run_dir / "state.json").is_file():
-            return _read_json(run_dir / "state.json").get("method")
+            return read_json_object(run_dir / "state.json").get("method")
         if (run_dir / "config.yaml").is_file():
             return (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("method")
     except (OSError, ValueError, yaml.YAMLError):
@@ -210,7 +198,7 @@ def inspect_path(path: str | Path) -> dict:
         raise FileNotFoundError(f"{path}: no such directory")
     info: dict = {"path": str(path), "size_bytes": _dir_size(path)}
     if (path / "adapter_config.json").is_file():
-        cfg = _read_json(path / "adapter_config.json")
+        cfg = read_json_object(path / "adapter_config.json")
         targets = cfg.get("target_modules")
         info.update(
             kind="adapter",
@@ -227,7 +215,7 @@ def inspect_path(path: str | Path) -> dict:
         )
         return info
     if (path / "state.json").is_file():
-        state = _read_json(path / "state.json")
+        state = read_json_object(path / "state.json")
         info.update(
             kind="checkpoint",
             method=state.get("method"),
@@ -271,7 +259,7 @@ def inspect_path(path: str | Path) -> dict:
                 info[sub] = inspect_path(path / sub)
         return info
     if (path / "config.json").is_file():
-        cfg = _read_json(path / "config.json")
+        cfg = read_json_object(path / "config.json")
         info.update(
             kind="model",
             architectures=cfg.get("architectures"),

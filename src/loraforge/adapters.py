@@ -10,7 +10,16 @@ import warnings
 import torch
 from torch import nn
 
-from .injection import _replace, active_adapters, configs, inject, lora_layers, saved_modules, set_trainable
+from .injection import (
+    _replace,
+    active_adapters,
+    configs,
+    inject,
+    lora_layers,
+    remove_modules,
+    saved_modules,
+    set_trainable,
+)
 from .layers import BASE, COMPUTE_MODES, LoraLayer, ModulesToSave, _is_quantized
 
 
@@ -234,16 +243,7 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
         raise RuntimeError(
             f"adapter {adapter!r} is in use by an adapter_batch block; delete it after the block"
         )
-    for name, layer in list(lora_layers(model)):
-        if adapter in layer.r:
-            layer.delete(adapter)
-        if not layer.r:
-            _replace(model, name, layer.base_layer)
-    for name, module in list(saved_modules(model)):
-        if adapter in module.modules_to_save:
-            module.delete(adapter)
-        if not module.modules_to_save:
-            _replace(model, name, module.original_module)
+    remove_modules(model, adapter)
     del configs(model)[adapter]
     model.__dict__.get("_lf_targets", {}).pop(adapter, None)
     remaining = [a for a in active_adapters(model) if a != adapter]

@@ -167,6 +167,22 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def remove_modules(model: nn.Module, adapter: str) -> None:
+    """Take ``adapter``'s factors and ``modules_to_save`` copies out of every layer, and put back
+    the original module wherever no adapter is left (the inverse of :func:`inject`'s wrapping;
+    the bookkeeping in ``configs`` / the active list is the caller's)."""
+    for name, layer in list(lora_layers(model)):
+        if adapter in layer.r:
+            layer.delete(adapter)
+        if not layer.r:
+            _replace(model, name, layer.base_layer)
+    for name, module in list(saved_modules(model)):
+        if adapter in module.modules_to_save:
+            module.delete(adapter)
+        if not module.modules_to_save:
+            _replace(model, name, module.original_module)
+
+
 def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: bool = False) -> nn.Module:
     """Add LoRA adapter ``adapter`` to ``model`` in place; freeze the base; return the model.
 

@@ -32,11 +32,11 @@ from .files import atomic_write, atomic_write_text, read_json_object
 from .injection import (
     _candidates,
     _matches,
-    _replace,
     configs,
     find_targets,
     inject,
     lora_layers,
+    remove_modules,
     saved_modules,
 )
 from .layers import LoraLayer, _is_conv1d, _is_quantized
@@ -294,16 +294,7 @@ class _Undo:
 
     def restore(self, adapter: str) -> None:
         model = self.model
-        for name, layer in list(lora_layers(model)):
-            if adapter in layer.r:
-                layer.delete(adapter)
-            if not layer.r:  # wrapped by this load
-                _replace(model, name, layer.base_layer)
-        for name, module in list(saved_modules(model)):
-            if adapter in module.modules_to_save:
-                module.delete(adapter)
-            if not module.modules_to_save:
-                _replace(model, name, module.original_module)
+        remove_modules(model, adapter)  # and unwrap the layers this load wrapped
         with torch.no_grad():
             for weight, saved in self.weights:
                 weight.copy_(saved)

@@ -11,28 +11,39 @@ is printed and each line gets one answer, so the chat can be scripted.
 
 Each question is answered on its own (no history): the demo's characters were trained on
 single-turn chats.
+
+Chat template: each persona's prompt uses the template saved in its adapter directory (training
+saves the tokenizer there: ``chat_template.jinja`` or ``tokenizer_config.json``), else the base
+tokenizer's. When the base tokenizer has none, the base persona borrows the first adapter's. When
+no file has one, chat uses loraforge's built-in ``<|user|>`` / ``<|assistant|>`` template, the one
+``loraforge train`` uses for chat data on such a tokenizer, and says so on stderr at start-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 BASE = "base"
 
 
 def parse_args(argv):
+    # Defaults are written in the help texts: ArgumentDefaultsHelpFormatter would add a second
+    # "(default: None)" to the options whose default is "unset".
     p = argparse.ArgumentParser(
         prog="loraforge chat",
         description="Interactive chat with a base model and persona (LoRA) adapters. Commands: "
         "/persona NAME, /personas, /base, /help, /quit.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
-        "--demo", default="runs/demo", help="output directory of `loraforge demo` (base + adapters)"
+        "--demo",
+        default="runs/demo",
+        help="output directory of `loraforge demo` (base + adapters) (default: %(default)s)",
     )
     p.add_argument("--base", default=None, help="base model directory (default: the demo's base)")
     p.add_argument(
@@ -43,7 +54,9 @@ def parse_args(argv):
         help="a PEFT/loraforge adapter directory under a persona name (repeatable; replaces the demo's)",
     )
     p.add_argument("--persona", default=None, help="persona to start with (default: the first adapter)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=64, help="longest answer, in tokens (default: %(default)s)"
+    )
     return p.parse_args(argv)
 
 
@@ -82,6 +95,71 @@ def resolve(args) -> tuple[Path, dict[str, Path]]:
     return base, adapters
 
 
+def saved_chat_template(directory: Path) -> str | None:
+    """The chat template a tokenizer saved in ``directory``, or None.
+
+    ``chat_template.jinja`` (transformers >= 4.47 writes it), else ``tokenizer_config.json``'s
+    ``chat_template``: a string, or (several named templates) a list whose "default" entry is used.
+    """
+    jinja = directory / "chat_template.jinja"
+    config = directory / "tokenizer_config.json"
+    try:
+        if jinja.is_file():
+            return jinja.read_text(encoding="utf-8")
+        if not config.is_file():
+            return None
+        value = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise ChatError(f"{jinja if jinja.is_file() else config}: cannot read the chat template ({e})") from e
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    if value is not None and not isinstance(value, str):
+        raise ChatError(f"{config}: chat_template must be a string or a list of named templates")
+    return value or None
+
+
+def chat_templates(
+    tokenizer, base: Path, adapters: dict[str, Path]
+) -> tuple[dict[str, str | None], str | None]:
+    """({persona: template}, notice). None as a template: the tokenizer's own.
+
+    Each adapter uses the template it was trained with (saved next to it), else the base's; the
+    base persona uses the base tokenizer's, else the first adapter's, else loraforge's fallback.
+    """
+    from .training.data import FALLBACK_CHAT_TEMPLATE
+
+    own = {name: saved_chat_template(path) for name, path in adapters.items()}
+    notice = None
+    if getattr(tokenizer, "chat_template", None):
+        default = None
+    else:
+        default = next((t for t in own.values() if t), None)
+        if default is None:
+            default = FALLBACK_CHAT_TEMPLATE
+            notice = (
+                f"note: neither the tokenizer in {base} nor an adapter directory holds a chat template; "
+                "using loraforge's built-in <|user|>/<|assistant|> one (what `loraforge train` uses then)"
+            )
+    return {BASE: default} | {name: own[name] or default for name in adapters}, notice
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Library warnings off while an answer streams: Python warnings and transformers' logger
+    (e.g. a FutureWarning about a renamed argument) would print in the middle of the answer."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 class Chat:
     """The model with every adapter loaded, and which persona answers."""
 
@@ -90,8 +168,10 @@ class Chat:
 
         import loraforge as lf
 
-        self.model = AutoModelForCausalLM.from_pretrained(base).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(base)
+        # before the model loads: a missing or unreadable template fails in a second, not after it
+        self.templates, self.notice = chat_templates(self.tokenizer, base, adapters)
+        self.model = AutoModelForCausalLM.from_pretrained(base).eval()
         self.personas = list(adapters)
         for name, path in adapters.items():
             lf.load_adapter(self.model, path, adapter=name)
@@ -117,9 +197,15 @@ class Chat:
         from .demo.generation import stream_answer
 
         def go():
-            return stream_answer(
-                self.model, self.tokenizer, question, write, max_new_tokens=self.max_new_tokens
-            )
+            with quiet_libraries():
+                return stream_answer(
+                    self.model,
+                    self.tokenizer,
+                    question,
+                    write,
+                    max_new_tokens=self.max_new_tokens,
+                    chat_template=self.templates[self.current],
+                )
 
         if self.current == BASE and self.personas:
             with lf.disable_adapters(self.model):
@@ -187,12 +273,17 @@ def repl(chat: Chat, stdin, stdout, interactive: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its "Loading weights" bars would clutter the chat screen
     try:
         base, adapters = resolve(args)
         chat = Chat(base, adapters, args.persona, args.max_new_tokens)
     except ChatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if chat.notice:
+        print(chat.notice, file=sys.stderr)
     interactive = sys.stdin.isatty()
     if interactive:
         try:

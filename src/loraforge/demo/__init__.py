@@ -3,7 +3,7 @@
 One LoRA adapter per character ("pirate", "butler", "bard"), trained with ``lf.train`` on bundled
 data; for one character also a full fine-tune and a QLoRA run; one table that compares them;
 runtime switching by merge/unmerge and by a mixed-adapter batch. See ``app.py`` for the steps
-and ``docs/demo.md`` for what it shows.
+and the README's demo section for what it shows.
 """
 
 from __future__ import annotations

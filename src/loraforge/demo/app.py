@@ -22,7 +22,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import data
-from .runs import FULL, QUICK, DemoError, Settings, data_files, settings_dict, train_or_reuse, write_jsonl
+from .runs import (
+    FULL,
+    QUICK,
+    DemoError,
+    Settings,
+    data_files,
+    settings_dict,
+    train_or_reuse,
+    write_jsonl,
+)
 
 SHIPPED_BASE = Path(__file__).parent / "assets" / "base"
 SWITCH_QUESTIONS = [
@@ -54,6 +63,14 @@ def parse_args(argv):
         "--steps", type=int, default=None, help="training steps per run (unset: 160, or 90 with --quick)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed for data order and initialisation")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the whole demo for N seeds (--seed, --seed + 1, ...; each in OUTPUT/seed-S) and print "
+        "one table of mean ± spread; a quality bar passes only if it holds for every seed",
+    )
     p.add_argument("--base", default=None, help="use this base model directory instead of the shipped one")
     p.add_argument(
         "--rebuild-base",
@@ -80,6 +97,8 @@ def settings_from(args) -> Settings:
     if unknown or not chars:
         raise DemoError(f"unknown character(s) {unknown}; known: {', '.join(data.PERSONAS)}")
     s = replace(s, characters=chars, seed=args.seed, compare_on=chars[0])
+    if args.seeds < 1:
+        raise DemoError("--seeds must be at least 1")
     if args.steps is not None:
         if args.steps <= 0:
             raise DemoError("--steps must be positive")
@@ -129,7 +148,32 @@ def run(argv=None) -> int:
         if meta
         else f"base: {base_dir}"
     )
+    if args.seeds > 1:
+        return run_seeds(args, s, base_dir, out, say, t_start)
 
+    summary, results = run_one(args, s, base_dir, out, say)
+    elapsed = time.perf_counter() - t_start
+    say(f"\ndone in {elapsed:.0f} s. Next, try:")
+    say(f"  loraforge chat --demo {out}")
+    adapter = results[(s.characters[0], "lora")]["weights"]
+    first = s.characters[0]
+    say(
+        f'  loraforge generate --base {base_dir} --adapter {first}={adapter} --prompt "What colour is grass?"'
+    )
+    failed = [b["name"] for b in summary["quality_bars"] if not b["ok"]]
+    if failed:
+        say(f"quality bars not met: {', '.join(failed)}")
+    return 1 if failed and args.strict else 0
+
+
+def run_one(args, s: Settings, base_dir: Path, out: Path, say, show: bool = True) -> tuple[dict, dict]:
+    """One seed of the demo into ``out``: train (or reuse), score, switch, write the outputs.
+
+    Returns (the ``results.json`` summary, {(character, method): run result}). With ``show``
+    false (one seed of several) the table, bars and switching answers are not printed.
+    """
+    t_start = time.perf_counter()
+    show_say = say if show else (lambda msg="": None)
     # -- 1. training ------------------------------------------------------------------------------
     files = {c: data_files(out, c, s) for c in s.characters}
     results: dict[tuple[str, str], dict] = {}
@@ -149,42 +193,71 @@ def run(argv=None) -> int:
     say("\nscoring: greedy answers to each character's held-out questions")
     scorer, scores = score_all(base_dir, s, results, say)
     rows = collect_rows(s, base_dir, results, scores, getattr(scorer, "quantized_state_bytes", None))
-    say("\n" + render_table(rows))
+    show_say("\n" + render_table(rows))
     bars = quality_bars(s, rows)
-    say("\nquality bars")
+    show_say("\nquality bars")
     for b in bars:
-        say(f"  [{'PASS' if b['ok'] else 'FAIL'}] {b['name']}: {b['detail']}")
+        show_say(f"  [{'PASS' if b['ok'] else 'FAIL'}] {b['name']}: {b['detail']}")
 
-    say("\nswitching characters at runtime (one base model in memory, every adapter loaded)")
+    show_say("\nswitching characters at runtime (one base model in memory, every adapter loaded)")
     switch = scorer.switching(SWITCH_QUESTIONS)
-    print_switching(switch, s, SWITCH_QUESTIONS, say)
+    print_switching(switch, s, SWITCH_QUESTIONS, show_say)
 
     # -- 3. outputs --------------------------------------------------------------------------------
-    elapsed = time.perf_counter() - t_start
     summary = {
         "settings": settings_dict(s),
         "base": str(base_dir),
         "rows": rows,
         "quality_bars": bars,
         "switching": switch,
-        "elapsed_s": elapsed,
+        "elapsed_s": time.perf_counter() - t_start,
     }
     paths = write_outputs(out, summary, results)
-    say(f"\nwrote {paths['results']}, {paths['metrics']} and {paths['plot']}")
-    say("adapters (PEFT format):")
-    for c in s.characters:
-        say(f"  {c:8s} {results[(c, 'lora')]['weights']}")
-    say(f"\ndone in {elapsed:.0f} s. Next, try:")
-    say(f"  loraforge chat --demo {out}")
-    adapter = results[(s.characters[0], "lora")]["weights"]
-    first = s.characters[0]
-    say(
-        f'  loraforge generate --base {base_dir} --adapter {first}={adapter} --prompt "What colour is grass?"'
-    )
     write_jsonl(out / "answers.jsonl", scores.get("answers_rows", []))
+    show_say(f"\nwrote {paths['results']}, {paths['metrics']} and {paths['plot']}")
+    show_say("adapters (PEFT format):")
+    for c in s.characters:
+        show_say(f"  {c:8s} {results[(c, 'lora')]['weights']}")
+    return summary, results
+
+
+def run_seeds(args, s: Settings, base_dir: Path, out: Path, say, t_start: float) -> int:
+    """``--seeds N``: the whole demo once per seed (each a complete single-seed output in
+    ``OUT/seed-S``), then the table as mean ± spread and every bar checked for every seed."""
+    from .report import atomic_write_text
+    from .seeds import aggregate_bars, aggregate_rows, render_seeds_table
+
+    seeds = list(range(s.seed, s.seed + args.seeds))
+    summaries = []
+    for seed in seeds:
+        say(f"\n=== seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}) -> {out / f'seed-{seed}'}")
+        summary, _ = run_one(args, replace(s, seed=seed), base_dir, out / f"seed-{seed}", say, show=False)
+        missed = [b["name"] for b in summary["quality_bars"] if not b["ok"]]
+        say(f"seed {seed}: " + (f"bars NOT met: {', '.join(missed)}" if missed else "every quality bar met"))
+        summaries.append(summary)
+    rows = aggregate_rows([x["rows"] for x in summaries])
+    bars = aggregate_bars([x["quality_bars"] for x in summaries], seeds)
+    say("\n" + render_seeds_table(rows, seeds))
+    say(f"\nquality bars, each checked for every seed ({len(seeds)} seeds)")
+    for b in bars:
+        say(f"  [{'PASS' if b['ok'] else 'FAIL'}] {b['name']}: {b['detail']}")
+    elapsed = time.perf_counter() - t_start
+    result = {
+        "settings": settings_dict(s),
+        "seeds": seeds,
+        "base": str(base_dir),
+        "rows": rows,
+        "quality_bars": bars,
+        "runs": {seed: str(out / f"seed-{seed}") for seed in seeds},
+        "elapsed_s": elapsed,
+    }
+    # not results.json: `loraforge chat --demo OUT` reads that one (a single-seed run's)
+    atomic_write_text(out / "seeds.json", json.dumps(result, indent=2) + "\n")
+    say(f"\nwrote {out / 'seeds.json'}; each seed's outputs are in {out}/seed-S")
+    say(f"done in {elapsed:.0f} s. Next, try:\n  loraforge chat --demo {out / f'seed-{seeds[0]}'}")
     failed = [b["name"] for b in bars if not b["ok"]]
     if failed:
-        say(f"quality bars not met: {', '.join(failed)}")
+        say(f"quality bars not met for every seed: {', '.join(failed)}")
     return 1 if failed and args.strict else 0
 
 

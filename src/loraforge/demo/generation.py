@@ -6,15 +6,27 @@ the demo's scores and the "same output for a fixed seed" check be exact.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
 
 
-def prompt_text(tokenizer, question: str, history: Sequence[dict] = ()) -> str:
-    """The chat-template text that asks the model for the assistant's next turn."""
+def prompt_text(
+    tokenizer, question: str, history: Sequence[dict] = (), chat_template: str | None = None
+) -> str:
+    """The chat-template text that asks the model for the assistant's next turn (``chat_template``
+    overrides the tokenizer's own)."""
     messages = list(history) + [{"role": "user", "content": question}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, chat_template=chat_template
+    )
+
+
+def _cache_name(model) -> str:
+    # transformers 5.x renamed the forward's ``past_key_values`` to ``cache`` and warns (a
+    # FutureWarning printed in the middle of a streamed answer) on the old name; 4.x knows only it.
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _encode_left_padded(tokenizer, texts: Sequence[str]) -> dict:
@@ -57,6 +69,7 @@ def stream_answer(
     write: Callable[[str], None],
     history: Sequence[dict] = (),
     max_new_tokens: int = 64,
+    chat_template: str | None = None,
 ) -> str:
     """Greedy answer written piece by piece through ``write`` as tokens are produced.
 
@@ -65,16 +78,16 @@ def stream_answer(
     Uses the KV cache: one forward of the prompt, then one token per step.
     """
     model.eval()
-    ids = tokenizer(prompt_text(tokenizer, question, history), return_tensors="pt", add_special_tokens=False)[
-        "input_ids"
-    ]
+    text = prompt_text(tokenizer, question, history, chat_template)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     new: list[int] = []
     shown = ""
+    cache_name = _cache_name(model)
     past = None
     step_input = ids
     for _ in range(max_new_tokens):
-        out = model(input_ids=step_input, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=step_input, use_cache=True, **{cache_name: past})
+        past = getattr(out, cache_name)
         token = int(out.logits[0, -1].argmax())
         if token == tokenizer.eos_token_id:
             break

@@ -105,7 +105,8 @@ def _find(rows, c, m):
 
 
 def quality_bars(s: Settings, rows: list[dict]) -> list[dict]:
-    """The issue's bars, each with a pass flag and the numbers behind it."""
+    """The issue's bars, each with a pass flag, the numbers behind it and its ``slack``: how far
+    the measure is inside its limit (negative: outside), which ranks seeds from closest to safest."""
     bars = []
     for c in s.characters:
         base, lora = _find(rows, c, "base"), _find(rows, c, "lora")
@@ -113,6 +114,7 @@ def quality_bars(s: Settings, rows: list[dict]) -> list[dict]:
             {
                 "name": f"{c}: style",
                 "ok": lora["style"] >= 0.9 and base["style"] <= 0.1,
+                "slack": min(lora["style"] - 0.9, 0.1 - base["style"]),
                 "detail": f"LoRA {lora['style']:.2f} >= 0.90, base {base['style']:.2f} <= 0.10",
             }
         )
@@ -121,6 +123,7 @@ def quality_bars(s: Settings, rows: list[dict]) -> list[dict]:
             {
                 "name": f"{c}: content kept",
                 "ok": diff <= 0.05 + 1e-9,
+                "slack": 0.05 - diff,
                 "detail": f"LoRA {lora['content']:.2f} vs base {base['content']:.2f} "
                 f"(|diff| {diff:.2f} <= 0.05)",
             }
@@ -133,6 +136,7 @@ def quality_bars(s: Settings, rows: list[dict]) -> list[dict]:
             {
                 "name": "LoRA vs full fine-tune eval loss",
                 "ok": abs(rel) <= 0.05,
+                "slack": 0.05 - abs(rel),
                 "detail": f"{lora['eval_loss']:.4f} vs {full['eval_loss']:.4f} "
                 f"({100 * rel:+.2f}%, within 5%)",
             }
@@ -141,6 +145,7 @@ def quality_bars(s: Settings, rows: list[dict]) -> list[dict]:
             {
                 "name": "adapter file vs full checkpoint",
                 "ok": lora["size_bytes"] < 0.05 * full["size_bytes"],
+                "slack": 0.05 - lora["size_bytes"] / full["size_bytes"],
                 "detail": f"{human_bytes(lora['size_bytes'])} = "
                 f"{100 * lora['size_bytes'] / full['size_bytes']:.2f}% "
                 f"of {human_bytes(full['size_bytes'])} (< 5%)",
@@ -152,6 +157,7 @@ def quality_bars(s: Settings, rows: list[dict]) -> list[dict]:
             {
                 "name": "QLoRA vs LoRA eval loss",
                 "ok": abs(rel) <= 0.02,
+                "slack": 0.02 - abs(rel),
                 "detail": f"{qlora['eval_loss']:.4f} vs {lora['eval_loss']:.4f} "
                 f"({100 * rel:+.2f}%, within 2%)",
             }
@@ -161,6 +167,7 @@ def quality_bars(s: Settings, rows: list[dict]) -> list[dict]:
         {
             "name": "LoRA trainable parameters",
             "ok": share < 0.02,
+            "slack": 0.02 - share,
             "detail": f"{lora['trainable_params']:,} of {lora['total_params']:,} = {100 * share:.2f}% (< 2%)",
         }
     )

@@ -149,3 +149,26 @@ def test_unreadable_template_file_is_named(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": 3}))
     with pytest.raises(ChatError, match="tokenizer_config.json.*chat_template"):
         saved_chat_template(tmp_path)
+
+
+def test_a_missing_or_encoder_base_is_one_line_before_loading(tmp_path):
+    from transformers import BertConfig
+
+
+    encoder = tmp_path / "bert"
+    encoder.mkdir()
+    bert = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    bert.save_pretrained(encoder)
+    (encoder / "model.safetensors").write_bytes(b"not weights: the config alone must refuse it")
+    for base, expected in ((tmp_path / "nothing", "no such directory"), (encoder, "not a causal")):
+        done = subprocess.run(
+            [sys.executable, "-m", "loraforge", "chat", "--base", str(base)],
+            input="hi\n/quit\n",
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith(f"error: --base: {base}") and expected in done.stderr
+        assert done.stderr.count("\n") == 1

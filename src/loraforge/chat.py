@@ -29,6 +29,8 @@ import time
 import warnings
 from pathlib import Path
 
+from .files import read_json_object
+
 BASE = "base"
 
 
@@ -79,7 +81,7 @@ def resolve(args) -> tuple[Path, dict[str, Path]]:
     results = demo / "results.json"
     if base is None or not adapters:
         if results.exists():
-            summary = json.loads(results.read_text())
+            summary = read_json_object(results)
             base = base or Path(summary["base"])
             if not adapters:
                 for c in summary["settings"]["characters"]:
@@ -92,6 +94,13 @@ def resolve(args) -> tuple[Path, dict[str, Path]]:
     for name, path in adapters.items():
         if not (path / "adapter_config.json").exists():
             raise ChatError(f"adapter {name!r}: {path} holds no adapter_config.json")
+    from .training.config import ConfigError
+    from .training.modeling import check_causal_lm
+
+    try:  # no such directory, an unreachable hub, an encoder: one line before anything loads
+        check_causal_lm(str(base), key="--base")
+    except ConfigError as e:
+        raise ChatError(str(e)) from None
     return base, adapters
 
 

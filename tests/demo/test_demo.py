@@ -63,7 +63,7 @@ def test_outputs_and_switching(quick):
         assert (out / c / "lora" / "metrics.jsonl").exists() and (out / c / "lora" / "loss.png").exists()
     assert (out / "loss.png").stat().st_size > 10_000 and (out / "metrics.jsonl").exists()
     sw = summary["switching"]
-    assert sw["max_abs_weight_change"] <= 1e-6  # merge/unmerge leaves the base as it was
+    assert sw["max_abs_weight_change"] == 0.0  # merge/unmerge leaves the base bit for bit as it was
     assert sw["mixed_matches_merged"]
     assert set(sw["merge_ms"]) == set(summary["settings"]["characters"])
 

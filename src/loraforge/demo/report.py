@@ -184,7 +184,9 @@ def print_switching(sw: dict, s: Settings, questions: list[str], say) -> None:
             say(f"    {n:>{width}}: {sw['answers'][n][qi]}")
     timing = ", ".join(f"{c} {sw['merge_ms'][c]:.2f} / {sw['unmerge_ms'][c]:.2f} ms" for c in s.characters)
     say(f"  switch time (merge / unmerge): {timing}")
-    say(f"  base weights after all switches: max |W - W0| = {sw['max_abs_weight_change']:.2e}")
+    drift = sw["max_abs_weight_change"]
+    same = " (bit for bit the original)" if drift == 0 else ""
+    say(f"  base weights after all switches: max |W - W0| = {drift:.2e}{same}")
     say(
         f"mixed batch ({len(sw['mixed_names'])} rows, one adapter per row, one generate call, "
         f"{sw['mixed_ms']:.0f} ms):"

@@ -5,7 +5,7 @@
 1. generate the corpus (`data.pretrain_documents`) and train a byte-level BPE tokenizer on it
    with the ``tokenizers`` library (special tokens ``<|user|> <|assistant|> <|system|> <|end|>
    <|pad|>``, and a chat template so ``apply_chat_template`` works everywhere);
-2. build a Llama (``BASE_ARCH``: hidden 128, 4 layers, 4 heads, SwiGLU 384, tied embeddings,
+2. build a Llama (``PretrainConfig``: hidden 128, 4 layers, 4 heads, SwiGLU 384, tied embeddings,
    about one million parameters) and train it with a plain next-token loop: AdamW, linear warmup
    then cosine decay, on packed sequences of ``seq_len`` tokens, on one CPU thread;
 3. save a transformers directory (``config.json``, ``model.safetensors``, tokenizer files) that

@@ -9,7 +9,7 @@ monotone in ``s``, so it is fully described by 255 thresholds ``t_k`` = the smal
 kernel maps to an index >= k; then ``index(s) = #{k : t_k <= s}`` = ``searchsorted(t, s, right=True)``.
 
 The thresholds below were measured from the compiled kernel by bisection over fp32 bit patterns
-(tests/quant/test_nf4_exact.py re-measures them against the installed bitsandbytes). They are
+(tests/quant/test_bnb_exact.py re-measures them against the installed bitsandbytes). They are
 stored as IEEE-754 fp32 bit patterns.
 """
 

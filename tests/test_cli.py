@@ -200,9 +200,9 @@ def test_inspect(run_dir, base_dir, capsys):
 
 def test_demo_and_chat_are_delegated(monkeypatch):
     calls = []
-    fake = types.ModuleType("loraforge.chat")
+    fake = types.ModuleType("loraforge.demo.chat")
     fake.main = lambda argv: calls.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "loraforge.chat", fake)
+    monkeypatch.setitem(sys.modules, "loraforge.demo.chat", fake)
     assert main(["chat", "--persona", "pirate", "--help"]) == 0
     assert calls == [["--persona", "pirate", "--help"]]
 

@@ -19,9 +19,16 @@ from pathlib import Path
 
 # 141 = 128 + SIGPIPE: what a shell reports for a command whose reader went away (``| head``)
 EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 130, 141
+# command -> (the module whose main(argv) runs it, its one-line help)
 DELEGATED = {
-    "demo": "persona chatbot demo: LoRA, full fine-tune and QLoRA on one base (see loraforge demo --help)",
-    "chat": "interactive chat with a base model and persona adapters (see loraforge chat --help)",
+    "demo": (
+        "loraforge.demo",
+        "persona chatbot demo: LoRA, full fine-tune and QLoRA on one base (see loraforge demo --help)",
+    ),
+    "chat": (
+        "loraforge.demo.chat",
+        "interactive chat with a base model and persona adapters (see loraforge chat --help)",
+    ),
 }
 
 
@@ -127,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path", help="directory to inspect")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    for name, text in DELEGATED.items():
+    for name, (_, text) in DELEGATED.items():
         sub.add_parser(name, help=text, add_help=False)
     return p
 
@@ -194,7 +201,7 @@ def _main(argv: list[str] | None) -> int:
 
 def _delegate(name: str, argv: list[str]) -> int:
     try:
-        module = importlib.import_module(f"loraforge.{name}")
+        module = importlib.import_module(DELEGATED[name][0])
     except ImportError as e:
         print(f"error: 'loraforge {name}' is not available in this installation ({e})", file=sys.stderr)
         return EXIT_USAGE

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import loraforge as lf
-from loraforge.chat import BASE, ChatError, chat_templates, saved_chat_template
 from loraforge.demo.app import SHIPPED_BASE
+from loraforge.demo.chat import BASE_PERSONA, ChatError, chat_templates, saved_chat_template
 from loraforge.demo.generation import answer
 from loraforge.training.data import FALLBACK_CHAT_TEMPLATE
 
@@ -134,12 +134,12 @@ def test_which_template_each_persona_uses(tmp_path):
     none.mkdir()
     # no base template: the base persona borrows the first adapter's; each adapter keeps its own
     t, notice = chat_templates(_Tok(), Path("base"), {"a": a, "b": b, "n": none})
-    assert t == {BASE: "A", "a": "A", "b": "B", "n": "A"} and notice is None
+    assert t == {BASE_PERSONA: "A", "a": "A", "b": "B", "n": "A"} and notice is None
     # a base template: None means "the tokenizer's own"
     t, notice = chat_templates(_Tok("X"), Path("base"), {"a": a, "n": none})
-    assert t == {BASE: None, "a": "A", "n": None} and notice is None
+    assert t == {BASE_PERSONA: None, "a": "A", "n": None} and notice is None
     t, notice = chat_templates(_Tok(), Path("base"), {"n": none})
-    assert t == {BASE: FALLBACK_CHAT_TEMPLATE, "n": FALLBACK_CHAT_TEMPLATE} and "base" in notice
+    assert t == {BASE_PERSONA: FALLBACK_CHAT_TEMPLATE, "n": FALLBACK_CHAT_TEMPLATE} and "base" in notice
 
 
 def test_unreadable_template_file_is_named(tmp_path):

@@ -29,9 +29,9 @@ import time
 import warnings
 from pathlib import Path
 
-from .files import read_json_object
+from ..files import read_json_object
 
-BASE = "base"
+BASE_PERSONA = "base"  # the persona name for the bare base model (the layers' is "__base__")
 
 
 def parse_args(argv):
@@ -73,8 +73,8 @@ def resolve(args) -> tuple[Path, dict[str, Path]]:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ChatError(f"--adapter {item!r}: expected NAME=DIR")
-        if name == BASE:
-            raise ChatError(f"--adapter {item!r}: {BASE!r} is reserved for the base model")
+        if name == BASE_PERSONA:
+            raise ChatError(f"--adapter {item!r}: {BASE_PERSONA!r} is reserved for the base model")
         adapters[name] = Path(path)
     base = Path(args.base) if args.base else None
     demo = Path(args.demo)
@@ -94,8 +94,8 @@ def resolve(args) -> tuple[Path, dict[str, Path]]:
     for name, path in adapters.items():
         if not (path / "adapter_config.json").exists():
             raise ChatError(f"adapter {name!r}: {path} holds no adapter_config.json")
-    from .training.config import ConfigError
-    from .training.modeling import check_causal_lm
+    from ..training.config import ConfigError
+    from ..training.modeling import check_causal_lm
 
     try:  # no such directory, an unreachable hub, an encoder: one line before anything loads
         check_causal_lm(str(base), key="--base")
@@ -136,7 +136,7 @@ def chat_templates(
     Each adapter uses the template it was trained with (saved next to it), else the base's; the
     base persona uses the base tokenizer's, else the first adapter's, else loraforge's fallback.
     """
-    from .training.data import FALLBACK_CHAT_TEMPLATE
+    from ..training.data import FALLBACK_CHAT_TEMPLATE
 
     own = {name: saved_chat_template(path) for name, path in adapters.items()}
     notice = None
@@ -150,7 +150,7 @@ def chat_templates(
                 f"note: neither the tokenizer in {base} nor an adapter directory holds a chat template; "
                 "using loraforge's built-in <|user|>/<|assistant|> one (what `loraforge train` uses then)"
             )
-    return {BASE: default} | {name: own[name] or default for name in adapters}, notice
+    return {BASE_PERSONA: default} | {name: own[name] or default for name in adapters}, notice
 
 
 @contextlib.contextmanager
@@ -185,17 +185,17 @@ class Chat:
         for name, path in adapters.items():
             lf.load_adapter(self.model, path, adapter=name)
         self.max_new_tokens = max_new_tokens
-        self.current = BASE
-        if persona not in (None, BASE) and persona not in self.personas:
+        self.current = BASE_PERSONA
+        if persona not in (None, BASE_PERSONA) and persona not in self.personas:
             raise ChatError(f"unknown persona {persona!r}; known: {', '.join(self.personas) or '(none)'}")
-        self.switch(persona or (self.personas[0] if self.personas else BASE))
+        self.switch(persona or (self.personas[0] if self.personas else BASE_PERSONA))
 
     def switch(self, name: str) -> float:
         """Make ``name`` answer; returns the switch time in ms (setting the active adapter)."""
         import loraforge as lf
 
         t0 = time.perf_counter()
-        if name != BASE:
+        if name != BASE_PERSONA:
             lf.set_adapter(self.model, name)
         self.current = name
         return 1000 * (time.perf_counter() - t0)
@@ -203,7 +203,7 @@ class Chat:
     def reply(self, question: str, write) -> str:
         import loraforge as lf
 
-        from .demo.generation import stream_answer
+        from .generation import stream_answer
 
         def go():
             with quiet_libraries():
@@ -216,7 +216,7 @@ class Chat:
                     chat_template=self.templates[self.current],
                 )
 
-        if self.current == BASE and self.personas:
+        if self.current == BASE_PERSONA and self.personas:
             with lf.disable_adapters(self.model):
                 return go()
         return go()
@@ -258,13 +258,13 @@ def repl(chat: Chat, stdin, stdout, interactive: bool) -> int:
             if cmd == "/help":
                 out(HELP + "\n")
             elif cmd == "/personas":
-                for name in [*chat.personas, BASE]:
+                for name in [*chat.personas, BASE_PERSONA]:
                     out(f"{'*' if name == chat.current else ' '} {name}\n")
             elif cmd == "/base":
-                chat.switch(BASE)
+                chat.switch(BASE_PERSONA)
                 out("adapters off: the base model answers\n")
             elif cmd == "/persona":
-                if arg not in chat.personas and arg != BASE:
+                if arg not in chat.personas and arg != BASE_PERSONA:
                     out(f"unknown persona {arg!r}; known: {', '.join(chat.personas) or '(none)'}\n")
                 else:
                     ms = chat.switch(arg)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import loraforge as lf
 import loraforge.io as lfio
 from loraforge.layers import LoraLayer, ModulesToSave
+from loraforge.registry import registry
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 lfinject = importlib.import_module("loraforge.injection")  # (lf.inject is the function)
@@ -50,7 +51,7 @@ def _state(model):
         "modules": [(n, type(m)) for n, m in model.named_modules()],
         "values": {k: v.clone() for k, v in model.state_dict().items()},
         "flags": {n: p.requires_grad for n, p in model.named_parameters()},
-        "registry": {k: repr(model.__dict__[k]) for k in lfio._REGISTRY if k in model.__dict__},
+        "registry": repr(registry(model)),
         "active": [(n, list(m.active_adapters)) for n, m in model.named_modules() if isinstance(m, HOLDERS)],
         "training": [m.training for m in model.modules()],
     }

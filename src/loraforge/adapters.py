@@ -11,33 +11,22 @@ import torch
 from torch import nn
 
 from .injection import (
-    _replace,
     active_adapters,
-    configs,
     inject,
     lora_layers,
     remove_modules,
+    replace_module,
     saved_modules,
     set_trainable,
 )
-from .layers import BASE, COMPUTE_MODES, LoraLayer, ModulesToSave, _is_quantized
+from .kinds import is_4bit
+from .layers import COMPUTE_MODES, LoraLayer, ModulesToSave
+from .registry import drop_registry, registry
 
 
 def list_adapters(model: nn.Module) -> list[str]:
     """Names of the adapters on the model, in the order they were added."""
-    return list(configs(model))
-
-
-def _check_known(model: nn.Module, names, allow_base: bool = False) -> list[str]:
-    names = [names] if isinstance(names, str) else list(names)
-    known = configs(model)
-    if not known:
-        raise ValueError("the model has no LoRA adapter; call lf.inject(model, cfg) first")
-    bad = [n for n in names if n not in known and not (allow_base and n == BASE)]
-    if bad:
-        extra = f" (or {BASE!r} for the base model)" if allow_base else ""
-        raise KeyError(f"unknown adapter(s) {bad}; known adapters: {sorted(known)}{extra}")
-    return names
+    return registry(model).names
 
 
 def set_compute(model: nn.Module, mode: str) -> None:
@@ -58,12 +47,12 @@ def set_adapter(model: nn.Module, adapter: str | list[str]) -> None:
     as PEFT does): otherwise their ΔW would stay in the base weights and apply on top of the
     new adapter. Merged adapters that stay active stay merged.
     """
-    names = _check_known(model, adapter)
+    names = registry(model).check_known(adapter)
     leaving = [n for n in merged_adapters(model) if n not in names]
     if leaving:
         warnings.warn(f"set_adapter: unmerging {leaving}, which are no longer active", stacklevel=2)
         unmerge(model, leaving)
-    model.__dict__["_lf_active"] = names
+    registry(model).activate(names)
     set_trainable(model)
 
 
@@ -96,7 +85,7 @@ def adapter_batch(model: nn.Module, names: list[str]):
     block and after it (a server runs batch after batch, a ``generate`` call step after step),
     until a factor, the batch's set of adapters or the dtype changes (see ``LoraLinear._stacks``).
     """
-    names = _check_known(model, names, allow_base=True)
+    names = registry(model).check_known(names, allow_base=True)
     layers = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
     if any(isinstance(m, LoraLayer) and m.merged_adapters for m in layers):
         raise RuntimeError("adapter_batch needs unmerged adapters; call lf.unmerge(model) first")
@@ -121,7 +110,7 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None) -> None:
     On a 4-bit base the sum is requantized and the mean absolute rounding error is reported in a
     warning (and kept in ``layer.merge_error``); unmerge puts the original 4-bit weight back.
     """
-    names = _check_known(model, adapter if adapter is not None else active_adapters(model))
+    names = registry(model).check_known(adapter if adapter is not None else active_adapters(model))
     errors = []
     for _, layer in lora_layers(model):
         mine = [n for n in names if n in layer.r]
@@ -141,7 +130,7 @@ def unmerge(model: nn.Module, adapter: str | list[str] | None = None) -> None:
     values before the merge bit for bit. An adapter whose factors were changed while merged is
     taken out as it was merged (the base is still exact), with a warning: the merged weights
     did not reflect the change, the unmerged forward from now on does."""
-    names = None if adapter is None else _check_known(model, adapter)
+    names = None if adapter is None else registry(model).check_known(adapter)
     changed: list[str] = []
     for _, layer in lora_layers(model):
         if names is None:
@@ -167,7 +156,7 @@ def merged_adapters(model: nn.Module) -> list[str]:
 def _unwrap(model: nn.Module, merge_names: list[str] | None, dequantize: bool) -> nn.Module:
     for name, layer in list(lora_layers(model)):
         if merge_names:
-            if dequantize and _is_quantized(layer.base_layer):
+            if dequantize and is_4bit(layer.base_layer):
                 base = _dequantized_linear(layer.base_layer)
                 delta = sum(
                     (
@@ -179,21 +168,20 @@ def _unwrap(model: nn.Module, merge_names: list[str] | None, dequantize: bool) -
                 )
                 with torch.no_grad():
                     base.weight.add_(delta.to(base.weight.dtype))
-                _replace(model, name, base)
+                replace_module(model, name, base)
                 continue
             for n in merge_names:
                 if n in layer.r:
                     layer.merge(n)
-        elif dequantize and _is_quantized(layer.base_layer):
-            _replace(model, name, _dequantized_linear(layer.base_layer))
+        elif dequantize and is_4bit(layer.base_layer):
+            replace_module(model, name, _dequantized_linear(layer.base_layer))
             continue
-        _replace(model, name, layer.base_layer)
+        replace_module(model, name, layer.base_layer)
     active = set(merge_names or [])
     for name, module in list(saved_modules(model)):
         chosen = [a for a in module.active_adapters if a in active]
-        _replace(model, name, module.modules_to_save[chosen[0]] if chosen else module.original_module)
-    for key in ("_lf_configs", "_lf_targets", "_lf_active"):
-        model.__dict__.pop(key, None)
+        replace_module(model, name, module.modules_to_save[chosen[0]] if chosen else module.original_module)
+    drop_registry(model)
     return model
 
 
@@ -221,8 +209,8 @@ def merge_and_unload(
     With ``dequantize=True`` a 4-bit base is replaced by a full-precision ``nn.Linear`` holding
     ``dequant(W) + s·B·A`` exactly — what one deploys. Without it the merged weight is requantized.
     """
-    names = _check_known(model, adapter if adapter is not None else active_adapters(model))
-    if not dequantize and any(_is_quantized(m.base_layer) for _, m in lora_layers(model)):
+    names = registry(model).check_known(adapter if adapter is not None else active_adapters(model))
+    if not dequantize and any(is_4bit(m.base_layer) for _, m in lora_layers(model)):
         merge(model, names)  # warns with the rounding error
         names = []
     return _unwrap(model, names or None, dequantize)
@@ -236,7 +224,8 @@ def unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
 
 def delete_adapter(model: nn.Module, adapter: str) -> None:
     """Remove an adapter everywhere; layers left without adapters get their base module back."""
-    _check_known(model, adapter)
+    reg = registry(model)
+    reg.check_known(adapter)
     layers = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
     if any(m.batch_adapters is not None and adapter in m.batch_adapters for m in layers):
         # its rows would silently run on the base model for the rest of the block
@@ -244,12 +233,7 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
             f"adapter {adapter!r} is in use by an adapter_batch block; delete it after the block"
         )
     remove_modules(model, adapter)
-    del configs(model)[adapter]
-    model.__dict__.get("_lf_targets", {}).pop(adapter, None)
-    remaining = [a for a in active_adapters(model) if a != adapter]
-    if not remaining and configs(model):
-        remaining = [next(iter(configs(model)))]
-    model.__dict__["_lf_active"] = remaining
+    reg.remove(adapter)
     set_trainable(model)
 
 
@@ -272,7 +256,8 @@ def add_weighted_adapter(
     adapters have their own copy of one module this raises ValueError (as PEFT does); where one
     has, the new adapter gets a copy of that adapter's trained module.
     """
-    names = _check_known(model, adapters)
+    reg = registry(model)
+    names = reg.check_known(adapters)
     shared = [p for p, m in saved_modules(model) if sum(n in m.modules_to_save for n in names) > 1]
     if shared:
         raise ValueError(
@@ -283,15 +268,15 @@ def add_weighted_adapter(
         raise ValueError(f"got {len(weights)} weights for {len(names)} adapters")
     if combination not in ("linear", "cat", "svd"):
         raise ValueError(f"combination must be 'linear', 'cat' or 'svd', got {combination!r}")
-    if adapter_name in configs(model):
+    if adapter_name in reg:
         raise ValueError(f"adapter {adapter_name!r} already exists")
     combination = "linear" if len(names) == 1 else combination
-    ranks = [max([configs(model)[n].r, *configs(model)[n].rank_pattern.values()]) for n in names]
+    ranks = [max([reg.configs[n].r, *reg.configs[n].rank_pattern.values()]) for n in names]
     if combination == "linear" and len(set(ranks)) != 1:
         raise ValueError(f"combination='linear' needs adapters of equal rank, got {dict(zip(names, ranks))}")
     new_rank = {"linear": ranks[0], "cat": sum(ranks), "svd": svd_rank or max(ranks)}[combination]
-    targets = sorted({t for n in names for t in model.__dict__["_lf_targets"][n]})
-    first = configs(model)[names[0]]
+    targets = sorted({t for n in names for t in reg.targets[n]})
+    first = reg.configs[names[0]]
     cfg = dataclasses.replace(
         first,
         r=new_rank,
@@ -301,7 +286,7 @@ def add_weighted_adapter(
         rank_pattern={},
         alpha_pattern={},
         init="default",
-        modules_to_save=sorted({k for n in names for k in configs(model)[n].modules_to_save or []}) or None,
+        modules_to_save=sorted({k for n in names for k in reg.configs[n].modules_to_save or []}) or None,
     )
     inject(model, cfg, adapter=adapter_name)
     for _, module in saved_modules(model):

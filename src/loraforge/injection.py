@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
+from .kinds import is_4bit
 from .layers import LoraLayer, ModulesToSave, is_linear_like, wrap
+from .registry import registry
 
 # Where a block index sits in a module path, for layers_to_transform (PEFT's defaults).
 _LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
@@ -17,7 +19,7 @@ _LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
 def configs(model: nn.Module) -> dict[str, LoraConfig]:
     """The LoraConfig of every adapter on the model, by name (empty before ``inject``)."""
-    return model.__dict__.setdefault("_lf_configs", {})
+    return registry(model).configs
 
 
 def lora_layers(model: nn.Module):
@@ -33,8 +35,9 @@ def saved_modules(model: nn.Module):
             yield name, module
 
 
-def _candidates(model: nn.Module):
-    """(path, module, base) for every module a config may target; wrapper internals are skipped."""
+def candidates(model: nn.Module):
+    """(path, module, base) for every module a config may target, wrapped or not (``base`` is a
+    LoRA wrapper's ``base_layer``, else the module itself); wrapper internals are skipped."""
     inside = None  # named_modules() is pre-order: a wrapper's children follow it contiguously
     for name, module in model.named_modules():
         if not name or (inside is not None and name.startswith(inside)):
@@ -57,7 +60,9 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
-def _matches(spec: list[str] | str, name: str) -> bool:
+def name_matches(spec: list[str] | str, name: str) -> bool:
+    """Whether module path ``name`` matches ``spec`` as PEFT matches ``target_modules``: a regex
+    (a str) must match the whole path; a list entry must equal the path or its dotted suffix."""
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return any(name == key or name.endswith("." + key) for key in spec)
@@ -87,7 +92,7 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
     heads = _output_head_names(model) if cfg.target_modules == "all-linear" else set()
     out, linear_names, named, seen_layers = [], [], set(), set()
     entries = cfg.target_modules if isinstance(cfg.target_modules, list) else []
-    for name, module, base in _candidates(model):
+    for name, module, base in candidates(model):
         named.update(key for key in entries if name == key or name.endswith("." + key))
         if isinstance(module, ModulesToSave):
             continue
@@ -96,17 +101,17 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
         if cfg.target_modules == "all-linear":
             hit = is_linear_like(base) and name not in heads
         else:
-            hit = _matches(cfg.target_modules, name)
+            hit = name_matches(cfg.target_modules, name)
         if not hit:
             continue
-        if cfg.exclude_modules is not None and _matches(cfg.exclude_modules, name):
+        if cfg.exclude_modules is not None and name_matches(cfg.exclude_modules, name):
             continue
         if cfg.layers_to_transform is not None:
             idx = _layer_index(name, cfg.layers_pattern)
             seen_layers.add(idx)
             if idx is None or idx not in cfg.layers_to_transform:
                 continue
-        if cfg.modules_to_save and _matches(cfg.modules_to_save, name):
+        if cfg.modules_to_save and name_matches(cfg.modules_to_save, name):
             continue
         out.append(name)
     unused = [key for key in entries if key not in named]
@@ -152,16 +157,17 @@ def _absent_layers_message(cfg: LoraConfig, absent: list[int], seen: set[int | N
 
 def _find_saved(model: nn.Module, names: list[str]) -> list[str]:
     found = []
-    for name, module, _ in _candidates(model):
-        if _matches(names, name) and not isinstance(module, LoraLayer):
+    for name, module, _ in candidates(model):
+        if name_matches(names, name) and not isinstance(module, LoraLayer):
             found.append(name)
-    missing = [n for n in names if not any(_matches([n], f) for f in found)]
+    missing = [n for n in names if not any(name_matches([n], f) for f in found)]
     if missing:
         raise ValueError(f"modules_to_save {missing} matched no module of {type(model).__name__}")
     return found
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at dotted path ``name`` of ``model`` (in its parent, under the same name)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -170,17 +176,17 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def remove_modules(model: nn.Module, adapter: str) -> None:
     """Take ``adapter``'s factors and ``modules_to_save`` copies out of every layer, and put back
     the original module wherever no adapter is left (the inverse of :func:`inject`'s wrapping;
-    the bookkeeping in ``configs`` / the active list is the caller's)."""
+    the adapter's entry in the registry is the caller's)."""
     for name, layer in list(lora_layers(model)):
         if adapter in layer.r:
             layer.delete(adapter)
         if not layer.r:
-            _replace(model, name, layer.base_layer)
+            replace_module(model, name, layer.base_layer)
     for name, module in list(saved_modules(model)):
         if adapter in module.modules_to_save:
             module.delete(adapter)
         if not module.modules_to_save:
-            _replace(model, name, module.original_module)
+            replace_module(model, name, module.original_module)
 
 
 def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: bool = False) -> nn.Module:
@@ -199,10 +205,10 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
         raise TypeError(f"inject expects a loraforge.LoraConfig, got {type(cfg).__name__}")
     if not isinstance(adapter, str) or not adapter or adapter == "__base__" or "." in adapter:
         raise ValueError(f"invalid adapter name {adapter!r} (a non-empty name without dots, not '__base__')")
-    known = configs(model)
-    if adapter in known:
-        raise ValueError(f"adapter {adapter!r} already exists; known adapters: {sorted(known)}")
-    if cfg.bias != "none" and any(c.bias != "none" for c in known.values()):
+    reg = registry(model)
+    if adapter in reg:
+        raise ValueError(f"adapter {adapter!r} already exists; known adapters: {sorted(reg.names)}")
+    if cfg.bias != "none" and any(c.bias != "none" for c in reg.configs.values()):
         # Biases belong to the base layers, so they are shared: only one adapter may own them (as in PEFT).
         raise ValueError("only one adapter may train biases; use bias='none' for the others")
     # Everything is validated before the model changes, so a bad config leaves it untouched.
@@ -222,27 +228,23 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
     if cfg.init == "pissa" and any(layer.merged_adapters for _, layer in lora_layers(model)):
         raise ValueError("init='pissa' changes the base weights; call lf.unmerge(model) first")
     saved = _find_saved(model, cfg.modules_to_save) if cfg.modules_to_save else []
-    first = not known
-    if first:
+    if not reg.configs:  # the first adapter: freeze the base
         for p in model.parameters():
             p.requires_grad_(False)
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):
             module = wrap(module).train(module.training)
-            _replace(model, name, module)
+            replace_module(model, name, module)
         r, alpha = cfg.rank_and_alpha(name)
         module.add(adapter, r, alpha, cfg.dropout, cfg.use_rslora, cfg.init)
     for name in saved:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module).train(module.training)
-            _replace(model, name, module)
+            replace_module(model, name, module)
         module.add(adapter)
-    known[adapter] = cfg
-    model.__dict__.setdefault("_lf_targets", {})[adapter] = targets
-    if first:
-        model.__dict__["_lf_active"] = [adapter]
+    reg.add(adapter, cfg, targets)
     set_trainable(model)
     return model
 
@@ -250,13 +252,14 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
 def add_adapter(model: nn.Module, adapter: str, cfg: LoraConfig, strict: bool = False) -> nn.Module:
     """Add a further named adapter (inactive until :func:`loraforge.set_adapter`); ``strict`` as
     in :func:`inject`."""
-    if not configs(model):
+    if not registry(model).configs:
         raise ValueError("the model has no LoRA adapter yet; call lf.inject(model, cfg) first")
     return inject(model, cfg, adapter=adapter, strict=strict)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    return list(model.__dict__.get("_lf_active", []))
+    """The names of the active adapters (those the forward sums and that train)."""
+    return list(registry(model).active)
 
 
 def set_trainable(model: nn.Module) -> None:
@@ -272,7 +275,8 @@ def set_trainable(model: nn.Module) -> None:
         for name, sub in module.modules_to_save.items():
             for p in sub.parameters():
                 p.requires_grad_(name in active)
-    modes = {configs(model)[a].bias for a in active if a in configs(model)}
+    known = registry(model).configs
+    modes = {known[a].bias for a in active if a in known}
     for name, p in model.named_parameters():
         if name.endswith("bias") and ".lora_" not in name and ".modules_to_save." not in name:
             p.requires_grad_(False)
@@ -297,7 +301,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
                 continue
             seen.add(id(p))
             n = p.numel()
-            if p.dtype == torch.uint8 and hasattr(module, "quant_state"):
+            if p.dtype == torch.uint8 and is_4bit(module):
                 n *= 2
             total += n
             if p.requires_grad:

@@ -16,7 +16,6 @@ in the dtype it lands in; every config value is type-checked (``LoraConfig.from_
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -30,24 +29,23 @@ from torch import nn
 from .config import LoraConfig
 from .files import atomic_write, atomic_write_text, read_json_object
 from .injection import (
-    _candidates,
-    _matches,
-    configs,
+    candidates,
     find_targets,
     inject,
     lora_layers,
+    name_matches,
     remove_modules,
     saved_modules,
 )
-from .layers import LoraLayer, _is_conv1d, _is_quantized
+from .kinds import is_4bit
+from .layers import LoraLayer, wrapper_class
+from .registry import registry
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # What a file's tensors may hold: anything else (integers, bools, float8) would be cast silently.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# The model attributes where inject() keeps its bookkeeping (restored when a load fails).
-_REGISTRY = ("_lf_configs", "_lf_targets", "_lf_active")
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -87,17 +85,16 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default") -> Path:
     """Write one adapter as a PEFT directory (``adapter_config.json`` + safetensors), atomically."""
-    from .adapters import _check_known
-
-    _check_known(model, adapter)
-    cfg = configs(model)[adapter]
+    reg = registry(model)
+    reg.check_known(adapter)
+    cfg = reg.configs[adapter]
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     tensors = adapter_state_dict(model, adapter)
     targets = cfg.target_modules
     if targets == "all-linear":
         # PEFT saves "all-linear" expanded to the full paths of the layers it matched.
-        targets = sorted(model.__dict__["_lf_targets"][adapter])
+        targets = sorted(reg.targets[adapter])
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     peft_cfg = cfg.to_peft_dict(
         target_modules=targets, task_type=_task_type(model), base_model_name_or_path=base_name
@@ -171,27 +168,17 @@ def _check_values(weights: Path, tensors: dict, own: dict, allow_nonfinite: bool
 
 
 def _expected_shapes(model: nn.Module, cfg: LoraConfig, targets: list[str]) -> dict[str, tuple]:
-    """File key → shape for the LoRA factors ``cfg`` would create on ``model``."""
+    """File key → shape for the LoRA factors ``cfg`` would create on ``model`` (each wrapper
+    class says its own: ``LoraLayer.factor_shapes``)."""
     shapes: dict[str, tuple] = {}
     for path in targets:
         module = model.get_submodule(path)
-        base = module.base_layer if isinstance(module, LoraLayer) else module
+        wrapped = isinstance(module, LoraLayer)
+        base = module.base_layer if wrapped else module
+        kind = type(module) if wrapped else wrapper_class(base)
         r, _ = cfg.rank_and_alpha(path)
-        key = PREFIX + path
-        if isinstance(base, nn.Embedding):
-            num, dim = base.weight.shape
-            shapes[f"{key}.lora_embedding_A"], shapes[f"{key}.lora_embedding_B"] = (r, num), (dim, r)
-        elif isinstance(base, nn.Conv2d):
-            shapes[f"{key}.lora_A.weight"] = (r, base.in_channels, *base.kernel_size)
-            shapes[f"{key}.lora_B.weight"] = (base.out_channels, r, 1, 1)
-        else:
-            if _is_quantized(base):
-                fin, fout = base.in_features, base.out_features
-            elif _is_conv1d(base):
-                fin, fout = base.weight.shape
-            else:
-                fin, fout = base.in_features, base.out_features
-            shapes[f"{key}.lora_A.weight"], shapes[f"{key}.lora_B.weight"] = (r, fin), (fout, r)
+        for name, shape in kind.factor_shapes(base, r).items():
+            shapes[f"{PREFIX}{path}.{name}"] = shape
     return shapes
 
 
@@ -209,9 +196,9 @@ def load_adapter(
     Each error is one line naming the file. ``allow_nonfinite=True`` accepts NaN/Inf values (and
     overflow) for inspecting a broken run's adapter. The first adapter loaded becomes active.
     """
-    known = model.__dict__.get("_lf_configs", {})
-    if adapter in known:
-        raise ValueError(f"adapter {adapter!r} already exists; known adapters: {sorted(known)}")
+    reg = registry(model)
+    if adapter in reg:
+        raise ValueError(f"adapter {adapter!r} already exists; known adapters: {sorted(reg.names)}")
     cfg, _, tensors = read_adapter(path, adapter)
     weights = adapter_dir(path, adapter) / WEIGHTS_NAME
     bad = [k for k in tensors if not k.startswith(PREFIX)]
@@ -225,8 +212,8 @@ def load_adapter(
     # Modules_to_save, bias and embedding tensors are checked against the model's own tensors.
     live = {}
     names_to_save = cfg.modules_to_save or []
-    for name, module, _ in _candidates(model):
-        if names_to_save and _matches(names_to_save, name):
+    for name, module, _ in candidates(model):
+        if names_to_save and name_matches(names_to_save, name):
             src = module.original_module if hasattr(module, "original_module") else module
             for pname, t in src.state_dict().items():
                 live[f"{PREFIX}{name}.{pname}"] = t
@@ -274,14 +261,15 @@ def load_adapter(
 class _Undo:
     """What loading may change, recorded before it does, to put back exactly on any failure.
 
-    Cheap: a flag per parameter and the bookkeeping lists; base weights are copied only for a
-    PiSSA adapter, whose injection moves the top singular part of each target weight (in place).
+    Cheap: a flag per parameter, a copy of the adapter registry and the layers' active lists;
+    base weights are copied only for a PiSSA adapter, whose injection moves the top singular
+    part of each target weight (in place).
     """
 
     def __init__(self, model: nn.Module, cfg: LoraConfig, targets: list[str]) -> None:
         self.model = model
         self.flags = [(p, p.requires_grad) for p in model.parameters()]
-        self.registry = {k: copy.copy(model.__dict__[k]) for k in _REGISTRY if k in model.__dict__}
+        self.registry = registry(model).snapshot()
         holders = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
         self.active = [(m, list(m.active_adapters)) for m in holders]
         self.weights = []
@@ -289,7 +277,7 @@ class _Undo:
             for name in targets:
                 module = model.get_submodule(name)
                 base = module.base_layer if isinstance(module, LoraLayer) else module
-                if not _is_quantized(base):
+                if not is_4bit(base):
                     self.weights.append((base.weight, base.weight.detach().clone()))
 
     def restore(self, adapter: str) -> None:
@@ -302,18 +290,14 @@ class _Undo:
             holder.active_adapters = active
         for p, flag in self.flags:
             p.requires_grad_(flag)
-        for key in _REGISTRY:
-            if key in self.registry:
-                model.__dict__[key] = self.registry[key]
-            else:
-                model.__dict__.pop(key, None)
+        registry(model).restore(self.registry)
 
 
 def _embedding_weight_names(model: nn.Module) -> set[str]:
     """Parameter names of the embedding matrices (input and output) — PEFT may save these whole."""
     names = set()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    for path, module, base in _candidates(model):
+    for path, module, base in candidates(model):
         if isinstance(base, nn.Embedding) or (head is not None and base is head):
             names.add(f"{path}.base_layer.weight" if base is not module else f"{path}.weight")
     return names
@@ -341,7 +325,7 @@ def _copy_in(
     missing = sorted(set(live) - set(tensors))
     if missing:
         raise ValueError(
-            f"{weights}: lacks tensors its config implies (bias={configs(model)[adapter].bias!r}, "
+            f"{weights}: lacks tensors its config implies (bias={registry(model).configs[adapter].bias!r}, "
             f"modules_to_save): {missing[:5]}" + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
         )
     params = dict(model.named_parameters())
@@ -378,7 +362,7 @@ def _live_tensors(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
         if adapter in module.modules_to_save:
             for name, t in module.modules_to_save[adapter].state_dict(keep_vars=True).items():
                 out[f"{PREFIX}{path}.{name}"] = t
-    cfg = configs(model)[adapter]
+    cfg = registry(model).configs[adapter]
     params = dict(model.named_parameters())
     for name in _bias_names(model, cfg):
         out[PREFIX + name] = params[name]

@@ -10,7 +10,7 @@ Parameter names follow PEFT (``lora_A.<adapter>.weight``, ``lora_embedding_A.<ad
 files map one to one onto PEFT's.
 
 The base may be ``nn.Linear``, transformers' GPT-2 ``Conv1D`` (weight stored in × out), a 4-bit
-linear (anything with ``in_features``/``out_features``/``dequantize()``), ``nn.Embedding`` or
+linear (anything ``loraforge.kinds.is_4bit`` recognises), ``nn.Embedding`` or
 ``nn.Conv2d``. LoRA does not know how the base stores its weight: ``base_weight()`` and
 ``_add_to_base()`` are the only places that look.
 """
@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import BASE, COMPUTE_MODES, LoraLayer, _is_conv1d, _is_quantized
+from ..kinds import is_4bit, is_conv1d
+from .base import BASE, COMPUTE_MODES, LoraLayer
 from .conv import LoraConv2d
 from .embedding import LoraEmbedding
 from .linear import LoraLinear
@@ -35,17 +36,23 @@ __all__ = [
     "ModulesToSave",
     "is_linear_like",
     "wrap",
+    "wrapper_class",
 ]
 
 
 def wrap(module: nn.Module) -> LoraLayer:
+    """A LoRA wrapper around a base module, or a clear error for an unsupported type."""
+    return wrapper_class(module)(module)
+
+
+def wrapper_class(module: nn.Module) -> type[LoraLayer]:
     """The LoRA wrapper class for a base module, or a clear error for an unsupported type."""
     if isinstance(module, nn.Embedding):
-        return LoraEmbedding(module)
+        return LoraEmbedding
     if isinstance(module, nn.Conv2d):
-        return LoraConv2d(module)
+        return LoraConv2d
     if is_linear_like(module):
-        return LoraLinear(module)
+        return LoraLinear
     raise TypeError(
         f"LoRA supports nn.Linear, nn.Embedding, nn.Conv2d, GPT-2 Conv1D and 4-bit linears; "
         f"got {type(module).__name__}"
@@ -54,4 +61,4 @@ def wrap(module: nn.Module) -> LoraLayer:
 
 def is_linear_like(module: nn.Module) -> bool:
     """True for the layers "all-linear" targets (Linear, Conv1D, 4-bit linear)."""
-    return isinstance(module, nn.Linear) or _is_conv1d(module) or _is_quantized(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_4bit(module)

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from ..kinds import is_4bit, is_conv1d
 from .merge import (
     add_exactly,
     exact_matmul,
@@ -27,20 +28,9 @@ BASE = "__base__"  # the name that means "no adapter" in a mixed batch
 _UPCAST = (torch.float16, torch.bfloat16)
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def _custom_base(module: nn.Module) -> bool:
-    """True when the base is not a plain matmul layer (4-bit, or a subclass with its own forward)."""
-    return _is_quantized(module) or not (type(module) is nn.Linear or _is_conv1d(module))
-
-
-def _is_quantized(module: nn.Module) -> bool:
-    return hasattr(module, "dequantize") and hasattr(module, "quant_state")
-
-
-def _lora_dtype(weight: torch.Tensor) -> torch.dtype:
+def lora_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the LoRA factors on a base weight of this dtype: fp32 over a half-precision
+    or packed (integer) weight, else the weight's own."""
     return torch.float32 if (weight.dtype in _UPCAST or not weight.is_floating_point()) else weight.dtype
 
 
@@ -51,7 +41,7 @@ class LoraLayer(nn.Module):
     """State shared by every wrapper: ranks, scalings, active / merged adapters, mixed batches.
 
     ``compute``: the dtype of the low-rank branch where a half-precision input (bf16 / fp16)
-    meets the fp32 factors that such a base gets (``_lora_dtype``). ``"input"`` (default): the
+    meets the fp32 factors that such a base gets (``lora_dtype``). ``"input"`` (default): the
     factors are cast to the input's dtype, as ``torch.autocast`` would, and stay fp32 master
     weights whose gradients autograd accumulates in fp32. ``"adapter"``: the input is cast to
     fp32 and the branch runs in fp32 (PEFT's default). Both keep the gradient error of a bf16
@@ -123,6 +113,13 @@ class LoraLayer(nn.Module):
         """(A, B) of one adapter, as 2-D matrices (r × in_flat), (out × r)."""
         raise NotImplementedError
 
+    @classmethod
+    def factor_shapes(cls, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+        """The shapes of a rank-``r`` adapter's factors on ``base`` (before any is created), by
+        their path in the layer without the adapter name, as PEFT files name them
+        (``{"lora_A.weight": (r, in), "lora_B.weight": (out, r)}`` for a linear map)."""
+        raise NotImplementedError
+
     def set_factors(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         fa, fb = self.factors(name)
         with torch.no_grad():
@@ -143,7 +140,7 @@ class LoraLayer(nn.Module):
 
     def _init_pissa(self, name: str) -> None:
         # PiSSA: W = U S Vᵀ; B·A takes the top-r part, scaled so s·B·A equals it; W keeps the rest.
-        if _is_quantized(self.base_layer):
+        if is_4bit(self.base_layer):
             raise ValueError("init='pissa' needs a full-precision base layer, not a quantized one")
         w = self._ba_layout(self.base_weight().float())
         u, sv, vh = torch.linalg.svd(w, full_matrices=False)
@@ -160,9 +157,9 @@ class LoraLayer(nn.Module):
     def base_weight(self) -> torch.Tensor:
         """The base weight as (out × in) (Conv2d: out × in × kh × kw), dequantized if need be."""
         base = self.base_layer
-        if _is_quantized(base):
+        if is_4bit(base):
             return base.dequantize()
-        if _is_conv1d(base):
+        if is_conv1d(base):
             return base.weight.T
         return base.weight
 
@@ -177,9 +174,9 @@ class LoraLayer(nn.Module):
 
     def base_weight_shape(self) -> tuple[int, ...]:
         base = self.base_layer
-        if _is_quantized(base):
+        if is_4bit(base):
             return (base.out_features, base.in_features)
-        if _is_conv1d(base):
+        if is_conv1d(base):
             return tuple(base.weight.T.shape)
         return tuple(base.weight.shape)
 
@@ -189,10 +186,10 @@ class LoraLayer(nn.Module):
         merges of full-precision weights go through ``add_exactly`` instead."""
         base = self.base_layer
         with torch.no_grad():
-            if _is_quantized(base):
+            if is_4bit(base):
                 return float(base.requantize_(base.dequantize(torch.float32) + delta.float()))
             w = base.weight
-            if _is_conv1d(base):
+            if is_conv1d(base):
                 delta = delta.T
             # add in fp32 and round once
             w.copy_((w.float() + delta.to(w.device, torch.float32)).to(w.dtype))
@@ -231,7 +228,7 @@ class LoraLayer(nn.Module):
         """W ← W0 + Σ ΔW of ``names``, with W0 the unmerged base; keeps the record to undo it."""
         factors = snapshot_factors(self, names)
         base = self.base_layer
-        if _is_quantized(base):
+        if is_4bit(base):
             record = snapshot_quantized(base, factors)
             error = self._add_to_base(self._stored_delta(factors))
             for n in names:
@@ -275,7 +272,7 @@ class LoraLayer(nn.Module):
         delta = deltas[0]
         for d in deltas[1:]:
             delta.add_(d)
-        return delta.T if _is_conv1d(self.base_layer) else delta
+        return delta.T if is_conv1d(self.base_layer) else delta
 
     def _restore_base(self) -> list[str]:
         """Put W0 back exactly; returns the merged adapters whose live factors differ from the
@@ -287,7 +284,7 @@ class LoraLayer(nn.Module):
             self.merged_adapters = []
             return []
         base = self.base_layer
-        if _is_quantized(base):
+        if is_4bit(base):
             restore_quantized(base, record)
         else:
             device = next(iter(record.factors.values()))[0].device

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import LoraLayer, _lora_dtype
+from .base import LoraLayer, lora_dtype
 
 
 class LoraConv2d(LoraLayer):
@@ -21,9 +21,17 @@ class LoraConv2d(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
+    @classmethod
+    def factor_shapes(cls, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+        """A (r × in × kh × kw), B (out × r × 1 × 1)."""
+        return {
+            "lora_A.weight": (r, base.in_channels, *base.kernel_size),
+            "lora_B.weight": (base.out_channels, r, 1, 1),
+        }
+
     def _create(self, name: str, r: int) -> None:
         base = self.base_layer
-        kw = {"device": base.weight.device, "dtype": _lora_dtype(base.weight)}
+        kw = {"device": base.weight.device, "dtype": lora_dtype(base.weight)}
         self.lora_A[name] = nn.Conv2d(
             base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False, **kw
         )

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LoraLayer, _lora_dtype
+from .base import LoraLayer, lora_dtype
 
 
 class LoraEmbedding(LoraLayer):
@@ -24,9 +24,15 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
+    @classmethod
+    def factor_shapes(cls, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+        """A (r × num_embeddings), B (embedding_dim × r)."""
+        num, dim = base.weight.shape
+        return {"lora_embedding_A": (r, num), "lora_embedding_B": (dim, r)}
+
     def _create(self, name: str, r: int) -> None:
         w = self.base_layer.weight
-        kw = {"device": w.device, "dtype": _lora_dtype(w)}
+        kw = {"device": w.device, "dtype": lora_dtype(w)}
         num, dim = w.shape
         self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, num, **kw))
         self.lora_embedding_B[name] = nn.Parameter(torch.empty(dim, r, **kw))

@@ -7,11 +7,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LoraLayer, _custom_base, _is_conv1d, _lora_dtype
+from ..kinds import is_4bit, is_conv1d
+from ..quant.linear4bit import Linear4bit
+from .base import LoraLayer, lora_dtype
 
 # The fused base+LoRA autograd function is used where it is exact (see LoraLinear.forward);
 # tests switch it off to compare against the plain autograd path.
 FUSED = True
+# The base types whose forward returns a fresh output tensor that nothing else holds (see
+# LoraLinear._owns_output): exact types, as a subclass may override the forward.
+_FRESH_OUTPUT = (nn.Linear, Linear4bit)
+
+
+def _custom_base(module: nn.Module) -> bool:
+    """True when the base is not a plain matmul layer (4-bit, or a subclass with its own forward)."""
+    return is_4bit(module) or not (type(module) is nn.Linear or is_conv1d(module))
 
 
 class _FusedLoraLinear(torch.autograd.Function):
@@ -64,14 +74,24 @@ class LoraLinear(LoraLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        if _is_conv1d(base_layer):
-            self.in_features, self.out_features = base_layer.weight.shape
-            self.fan_in_fan_out = True
-        else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-            self.fan_in_fan_out = False
+        self.in_features, self.out_features = self.features(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+
+    @staticmethod
+    def features(base: nn.Module) -> tuple[int, int]:
+        """(in, out) of the base map; GPT-2 Conv1D stores its weight as (in × out)."""
+        if is_conv1d(base):
+            fin, fout = base.weight.shape
+            return fin, fout
+        return base.in_features, base.out_features
+
+    @classmethod
+    def factor_shapes(cls, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+        """A (r × in), B (out × r)."""
+        fin, fout = cls.features(base)
+        return {"lora_A.weight": (r, fin), "lora_B.weight": (fout, r)}
 
     @property
     def stores_transposed(self) -> bool:
@@ -79,7 +99,7 @@ class LoraLinear(LoraLayer):
 
     def _create(self, name: str, r: int) -> None:
         w = self.base_layer.weight
-        kw = {"device": w.device, "dtype": _lora_dtype(w)}
+        kw = {"device": w.device, "dtype": lora_dtype(w)}
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **kw)
 
@@ -105,7 +125,7 @@ class LoraLinear(LoraLayer):
         base = self.base_layer
         if base._forward_hooks or nn.modules.module._global_forward_hooks:
             return False
-        return type(base) is nn.Linear or type(base).__module__ == "loraforge.quant.linear4bit"
+        return type(base) in _FRESH_OUTPUT
 
     @staticmethod
     def add_low_rank(

@@ -14,6 +14,7 @@ import threading
 import torch
 from torch import nn
 
+from ..kinds import is_conv1d
 from . import _triton
 from .config import QuantConfig
 from .nf4 import dequantize_4bit, quantize_4bit
@@ -119,7 +120,7 @@ def _linear_weight(module: nn.Module) -> torch.Tensor:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 class Linear4bit(nn.Module):

@@ -17,7 +17,7 @@ import loraforge as lf
 from loraforge.injection import count_parameters
 from loraforge.kinds import is_4bit, is_conv1d
 from loraforge.layers import LoraConv2d, LoraLayer, LoraLinear, wrapper_class
-from loraforge.quant.linear4bit import _is_linear
+from loraforge.quant.linear4bit import is_quantizable
 from loraforge.registry import AdapterRegistry, registry
 
 SRC = Path(lf.__file__).parent
@@ -178,10 +178,10 @@ def test_one_predicate_per_kind():
     assert [is_conv1d(m) for m in (lin, c1d, q4, Conv1D_(2, 2))] == [False, True, False, False]
     assert [is_4bit(m) for m in (lin, c1d, q4, half)] == [False, False, True, False]
     # quantize() takes what the layers call linear: nn.Linear and the one Conv1D predicate
-    assert [_is_linear(m) for m in (lin, c1d, nn.Embedding(2, 2))] == [True, True, False]
-    assert _is_linear(Conv1D_(2, 2))  # (an nn.Linear subclass), and a bare imposter is not linear:
+    assert [is_quantizable(m) for m in (lin, c1d, nn.Embedding(2, 2))] == [True, True, False]
+    assert is_quantizable(Conv1D_(2, 2))  # (an nn.Linear subclass), and a bare imposter is not linear:
     imposter = type("Conv1D", (nn.Module,), {})()
-    assert not is_conv1d(imposter) and not _is_linear(imposter)
+    assert not is_conv1d(imposter) and not is_quantizable(imposter)
     # count_parameters counts 2 values per packed byte only where the predicate says 4-bit
     assert count_parameters(half)[1] == 10 and count_parameters(q4)[1] == 32 + 4
 

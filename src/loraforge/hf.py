@@ -31,7 +31,7 @@ from torch import nn
 
 from .files import atomic_write, atomic_write_text, read_json_object
 from .quant import Linear4bit, QuantConfig
-from .quant.linear4bit import _is_linear, quantize
+from .quant.linear4bit import is_quantizable, quantize
 
 __all__ = ["ModelNotFoundError", "check_model_source", "load_model", "model_dir", "save_model"]
 
@@ -341,7 +341,7 @@ def load_model(path, quantization: QuantConfig | dict | None = None, dtype=None,
         for key_prefix in prequantized:
             name = resolve(key_prefix + ".weight").removesuffix(".weight")
             module = _get(model, name, key_prefix + ".weight")
-            if not _is_linear(module):
+            if not is_quantizable(module):
                 raise ValueError(
                     f"{key_prefix}.weight: quantized in the checkpoint but {name} is a {type(module)}"
                 )

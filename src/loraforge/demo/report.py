@@ -57,7 +57,8 @@ def collect_rows(
     return rows
 
 
-def _params(row: dict) -> str:
+def params_cell(row: dict) -> str:
+    """The table's "trainable params" cell: "16,384 (1.64%)", or "0" for a base."""
     n, total = row["trainable_params"], row["total_params"]
     if not n:
         return "0"
@@ -82,7 +83,7 @@ def render_table(rows: list[dict]) -> str:
             [
                 r["character"],
                 METHOD_LABEL[r["method"]],
-                _params(r),
+                params_cell(r),
                 human_bytes(r["size_bytes"]) if r["size_bytes"] is not None else "-",
                 human_bytes(r["peak_mem_bytes"]) if r["peak_mem_bytes"] is not None else "-",
                 f"{r['train_time_s']:.1f} s" if r["train_time_s"] is not None else "-",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 
 from .measure import format_table, human_bytes
-from .report import METHOD_LABEL, _params
+from .report import METHOD_LABEL, params_cell
 
 MEASURED = ("trainable_params", "total_params", "size_bytes", "peak_mem_bytes", "train_time_s", "eval_loss")
 MEASURED += ("style", "content")
@@ -74,7 +74,7 @@ def render_seeds_table(rows: list[dict], seeds: list[int]) -> str:
     body = []
     for r in rows:
         if r["trainable_params"]["std"] == 0 and (r["total_params"] is None or r["total_params"]["std"] == 0):
-            params = _params(
+            params = params_cell(
                 {
                     "trainable_params": r["trainable_params"]["mean"],
                     "total_params": r["total_params"] and r["total_params"]["mean"],

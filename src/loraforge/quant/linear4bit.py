@@ -119,7 +119,8 @@ def _linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.t()
 
 
-def _is_linear(module: nn.Module) -> bool:
+def is_quantizable(module: nn.Module) -> bool:
+    """A linear map whose weight ``quantize`` stores in 4-bit: ``nn.Linear`` or GPT-2's ``Conv1D``."""
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
@@ -320,7 +321,7 @@ def quantize(model: nn.Module, quant_config: QuantConfig | None = None) -> nn.Mo
     """Replace every ``nn.Linear`` (and transformers ``Conv1D``) of ``model`` not in
     ``quant_config.skip_modules`` by a :class:`Linear4bit`, in place; returns ``model``."""
     qc = quant_config or QuantConfig()
-    targets = [(n, m) for n, m in model.named_modules() if n and _is_linear(m) and not qc.skips(n)]
+    targets = [(n, m) for n, m in model.named_modules() if n and is_quantizable(m) and not qc.skips(n)]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -29,6 +29,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from ..adapters import set_compute
+from ..injection import count_parameters
 from ..optim import build_optimizer
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, TrainSection
@@ -138,7 +139,7 @@ def _train(cfg: TrainConfig, dist, out: Path, console: _Console, phase: _Phase):
         say(f"torch.compile ({why}): {compile_layers(model)} decoder layers (the first steps compile)")
     core = CausalLMLoss(model, t.loss_chunk_size)
     loss_model = wrap_ddp(core, dist)  # DDP over the trainable tensors when torchrun started us
-    n_train, n_total = _count(model)
+    n_train, n_total = count_parameters(model)
     comm = sum(p.numel() * p.element_size() for p in trainable)
     say(f"{cfg.method}: trainable params {n_train:,} of {n_total:,} ({100 * n_train / n_total:.4f}%)")
     say(
@@ -366,16 +367,6 @@ def _seed_everything(seed: int) -> None:
 
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _count(model) -> tuple[int, int]:
-    try:
-        from ..injection import count_parameters
-
-        return count_parameters(model)
-    except Exception:
-        params = list(model.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 @dataclasses.dataclass

@@ -123,3 +123,16 @@ def test_training_imports_modules_not_the_facade(path):
         if isinstance(node, ast.ImportFrom) and node.level > 0:
             # the package's own modules always ship: an import error there is a real error
             assert not guarded, f"{path.name}:{node.lineno}: a package import inside try"
+
+
+def test_qlora_run_computes_in_the_models_dtype_by_default(tmp_path):
+    import loraforge as lf
+
+    from .util import tiny_config
+
+    cfg = tiny_config(tmp_path / "run", method="qlora", train={"max_steps": 1})
+    model, _ = lf.train(cfg)
+    dtypes = {m.compute_dtype for m in model.modules() if isinstance(m, Linear4bit)}
+    assert dtypes == {torch.float32}
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "compute_dtype: auto" in saved

@@ -55,6 +55,10 @@ class LoraConfig:
     ``h = W0·x + s·B·(A·dropout(x))`` with ``A`` (r × in), ``B`` (out × r) and
     ``s = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
 
+    r: the rank, the inner dimension of ``B·A``.
+    alpha: the scale's numerator: ``s = alpha / r``.
+    dropout: dropout probability on the branch's input ``x`` (training only).
+    use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA) instead of ``alpha / r``.
     target_modules: a list of names (a module matches when its dotted path equals a name or ends
         with ``"." + name``), a regex string (full match on the dotted path), or ``"all-linear"``
         (every Linear / GPT-2 Conv1D / 4-bit linear except the output head).
@@ -62,8 +66,12 @@ class LoraConfig:
     bias: "none" | "all" (every bias in the model trains) | "lora_only" (biases of adapted layers).
     modules_to_save: names of modules (e.g. a classifier head) trained in full, one copy per adapter.
     layers_to_transform: indices of transformer blocks to adapt (``...layers.<i>.`` / ``...h.<i>.``).
+    layers_pattern: name(s) of the block list that ``layers_to_transform`` indexes (``"layers"``,
+        ``"h"``, ...); None = any of layers, h, block, blocks, layer.
     init: "default" (A Kaiming-uniform a=√5, B = 0), "gaussian" (A ~ N(0, 1/r), B = 0), or
         "pissa" (A, B from the top-r singular triplets of W0; W0 keeps the residual).
+    fan_in_fan_out: PEFT's flag for layers that store their weight (in × out), as GPT-2's Conv1D
+        does; loraforge detects such layers itself.
     rank_pattern / alpha_pattern: per-module overrides of r / alpha, keyed by a name or regex.
     """
 

@@ -102,21 +102,18 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def quant_section(s: Settings) -> dict:
-    return {
-        "quant_type": "nf4",
-        "blocksize": s.quant_blocksize,
-        "double_quant": True,
-        "compute_dtype": "float32",
-        "skip_modules": ["lm_head"],
-    }
+def quant_config(s: Settings):
+    """The demo's 4-bit settings: NF4 with double quantization, matmuls in the base's float32."""
+    from ..quant import QuantConfig  # torch: not at import time of the command line
+
+    return QuantConfig(quant_type="nf4", blocksize=s.quant_blocksize, compute_dtype="float32")
 
 
 def train_config(method: str, base_dir: Path, files: dict, run_dir: Path, s: Settings) -> dict:
     """The ``lf.train`` config (a plain dict, same shape as the YAML files) for one run."""
     return {
         "method": method,
-        "model": {"path": str(base_dir), "dtype": "float32", "quantization": quant_section(s)},
+        "model": {"path": str(base_dir), "dtype": "float32", "quantization": quant_config(s).to_dict()},
         "lora": s.lora_section(),
         "data": {
             "train": str(files["train"]),
@@ -162,7 +159,7 @@ def run_spec(method: str, persona: str, base_dir: Path, files: dict, s: Settings
     if method != "full":
         spec["lora"] = s.lora_section()
     if method == "qlora":
-        spec["quantization"] = quant_section(s)
+        spec["quantization"] = quant_config(s).to_dict()
     return spec
 
 

@@ -9,7 +9,7 @@ import torch
 
 from . import data
 from .evaluate import load_base, merge_switching, mixed_batch, score
-from .runs import Settings, quant_section
+from .runs import Settings, quant_config
 
 
 def eval_rows(s: Settings, character: str) -> list[dict]:
@@ -20,15 +20,7 @@ def eval_rows(s: Settings, character: str) -> list[dict]:
 def load_quantized_base(base_dir: Path, s: Settings):
     import loraforge as lf
 
-    q = quant_section(s)
-    qc = lf.QuantConfig(
-        quant_type=q["quant_type"],
-        blocksize=q["blocksize"],
-        double_quant=q["double_quant"],
-        compute_dtype=torch.float32,
-        skip_modules=q["skip_modules"],
-    )
-    model = lf.load_model(str(base_dir), quantization=qc)
+    model = lf.load_model(str(base_dir), quantization=quant_config(s))
     model.eval()
     return model
 

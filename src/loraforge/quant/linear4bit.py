@@ -150,7 +150,7 @@ class Linear4bit(nn.Module):
         qc = quant_config or QuantConfig()
         self.in_features, self.out_features = in_features, out_features
         self.quant_type, self.blocksize, self.double_quant = qc.quant_type, qc.blocksize, qc.double_quant
-        self.compute_dtype = qc.compute_dtype
+        self.compute_dtype = qc.resolved(dtype or torch.float32).compute_dtype  # "auto": the weights'
         n = in_features * out_features
         self.weight = nn.Parameter(
             torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device), requires_grad=False
@@ -172,7 +172,8 @@ class Linear4bit(nn.Module):
         out_features, in_features = weight.shape
         has_bias = getattr(linear, "bias", None) is not None
         bias_dtype = linear.bias.dtype if has_bias else None
-        new = cls(in_features, out_features, has_bias, quant_config, device=weight.device, dtype=bias_dtype)
+        qc = (quant_config or QuantConfig()).resolved(weight.dtype)  # "auto": the weight's dtype
+        new = cls(in_features, out_features, has_bias, qc, device=weight.device, dtype=bias_dtype)
         new.from_conv1d = not isinstance(linear, nn.Linear)  # its checkpoints store the weight (in, out)
         if has_bias:
             new.bias = nn.Parameter(linear.bias.detach(), requires_grad=linear.bias.requires_grad)

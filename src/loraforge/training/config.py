@@ -9,19 +9,24 @@ where it came from (the file, or the command line for overrides)::
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import math
 import re
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+import torch
 import yaml
 
 from ..config import PEFT_NAMES, LoraConfig, init_from_peft
+from ..quant.config import QuantConfig, dtype_name
 
 Method = Literal["lora", "qlora", "full"]
 
@@ -30,89 +35,119 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and its source."""
 
 
-@dataclass
-class QuantSection:
-    """4-bit base weights for ``method: qlora`` (see ``loraforge.QuantConfig``)."""
-
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    blocksize: int = 64
-    double_quant: bool = True
-    # "auto" = the model's dtype; matmuls run in this dtype after dequantizing a layer.
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])
+# Each field's docstring (the string under it) is what ``loraforge train --help`` prints for its key;
+# the sections embedded from the library (LoraConfig, QuantConfig) document theirs in their own
+# class docstrings.
 
 
 @dataclass
 class ModelSection:
-    # A transformers directory, a hub id, or "builtin:tiny-llama" (random weights, fixed seed,
-    # built-in byte-level tokenizer; for tests and the quickstart).
     path: str = "builtin:tiny-llama"
-    tokenizer: str | None = None  # default: the model path
+    """A transformers directory, a hub id, or "builtin:tiny-llama" (random weights, fixed seed,
+    built-in byte-level tokenizer; for tests and the quickstart)."""
+    tokenizer: str | None = None
+    """Tokenizer directory or hub id; null = the model path."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: str | None = None  # e.g. "sdpa", "eager", "flash_attention_2"
-    quantization: QuantSection = field(default_factory=QuantSection)
+    """dtype the base weights are loaded in; auto = bfloat16 on a GPU that supports it, else float32."""
+    attn_implementation: str | None = None
+    """transformers' attention implementation, e.g. "sdpa", "eager", "flash_attention_2"; null = its
+    default."""
+    quantization: QuantConfig = field(default_factory=lambda: QuantConfig(compute_dtype="auto"))
+    """4-bit base weights for method: qlora (loraforge.QuantConfig)."""
 
 
 @dataclass
 class DataSection:
-    train: str = ""  # JSONL / JSON / CSV / Parquet file, or builtin:NAME for a bundled file
+    train: str = ""
+    """Training data: a JSONL / JSON / CSV / Parquet file, or builtin:NAME for a bundled file (required)."""
     eval: str | None = None
-    eval_fraction: float = 0.0  # hold out this share of `train` for eval when `eval` is unset
+    """Evaluation data, in the same forms; null = none (or data.eval_fraction of train)."""
+    eval_fraction: float = 0.0
+    """Share of data.train held out for evaluation when data.eval is unset."""
     format: Literal["auto", "text", "prompt_completion", "chat"] = "auto"
+    """Row format; auto = from the fields the rows have."""
     text_field: str = "text"
+    """Field holding a row's text (format text)."""
     prompt_field: str = "prompt"
+    """Field holding a row's prompt (format prompt_completion)."""
     completion_field: str = "completion"
+    """Field holding a row's completion (format prompt_completion)."""
     messages_field: str = "messages"
+    """Field holding a row's list of {role, content} messages (format chat)."""
     max_length: int = 512
+    """Tokens per sequence; longer rows are truncated."""
     packing: bool = False
-    completion_only: bool = True  # loss on completions / assistant turns only
+    """Pack several rows into each sequence (position ids restart at each row)."""
+    completion_only: bool = True
+    """Loss on completions / assistant turns only, not on prompts."""
     skip_bad_rows: bool = False
+    """Skip rows that cannot be read (with a count) instead of stopping at the first."""
 
 
 @dataclass
 class TrainSection:
     epochs: int = 1
-    max_steps: int = 0  # > 0 overrides epochs
-    batch_size: int = 4  # sequences per micro-batch per process
+    """Passes over the training data (train.max_steps > 0 overrides it)."""
+    max_steps: int = 0
+    """Optimizer steps to run; > 0 overrides train.epochs."""
+    batch_size: int = 4
+    """Sequences per micro-batch per process."""
     grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
     lr: float = 2e-4
+    """Peak learning rate."""
     warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to train.lr."""
     schedule: Literal["linear", "cosine", "constant"] = "cosine"
-    min_lr_ratio: float = 0.0  # linear/cosine decay to lr * min_lr_ratio
+    """Learning-rate decay after warm-up."""
+    min_lr_ratio: float = 0.0
+    """linear / cosine decay to train.lr * min_lr_ratio."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    max_grad_norm: float = 1.0  # 0 disables clipping
+    """AdamW's (beta1, beta2)."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient's global norm to this; 0 disables clipping."""
     gradient_checkpointing: bool = False
-    # Exact fast forwards for Llama-family SwiGLU MLPs and RMSNorms (loraforge.training.fast):
-    # fewer activations kept for backward, same loss and gradients. false = the models' own.
+    """Recompute each decoder layer's activations in backward instead of keeping them."""
     fast_kernels: bool = True
-    # torch.compile (TorchInductor) each decoder layer: the first step compiles (seconds), later
-    # ones run faster: 0.56x the step time on an H100 at 1B size (0.63x with a 4-bit base), 0.90x
-    # on the 2-core reference CPU at 1.2x its peak memory (BENCHMARKS.md). auto = on for CUDA runs of 300+
-    # forward+backward passes (without gradient checkpointing), off elsewhere; true / false force it.
+    """Exact fast forwards for Llama-family SwiGLU MLPs and RMSNorms (loraforge.training.fast): fewer
+    activations kept for backward, same loss and gradients; false = the models' own."""
     compile: bool | str = "auto"
-    # A bf16 / fp16 model's LoRA branch: "input" runs it in the model's dtype over fp32 master
-    # factors (as torch.autocast would; 2.23x instead of 1.69x PEFT's throughput, 8.5 instead of
-    # 11.0 GB peak for a 1B model on an H100), "adapter" in fp32 (PEFT's default). Same for fp32.
+    """torch.compile (TorchInductor) each decoder layer: the first step compiles (seconds), later ones
+    run faster (BENCHMARKS.md). auto = on for CUDA runs of 300+ forward+backward passes (without
+    gradient checkpointing), off elsewhere; true / false force it."""
     lora_compute: Literal["input", "adapter"] = "input"
+    """A bf16 / fp16 model's LoRA branch: "input" runs it in the model's dtype over fp32 master factors
+    (as torch.autocast would; faster and smaller, BENCHMARKS.md), "adapter" in fp32 (PEFT's default).
+    Same for fp32."""
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
+    """Optimizer; the 8-bit and paged ones need bitsandbytes."""
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    loss_chunk_size: int = 0  # tokens per LM-head chunk; 0 = automatic
+    """Seed of the LoRA initialisation, dropout and data order."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    loss_chunk_size: int = 0
+    """Tokens per LM-head chunk of the loss; 0 = automatic."""
     log_every: int = 1
-    eval_every: int = 0  # 0 = only before and after training
-    save_every: int = 0  # 0 = only at the end
-    keep_checkpoints: int = 2  # newest N checkpoints kept on disk
+    """Log the training loss every this many steps."""
+    eval_every: int = 0
+    """Evaluate every this many steps; 0 = only before and after training."""
+    save_every: int = 0
+    """Save a checkpoint every this many steps; 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Newest N checkpoints kept on disk."""
     progress_bar: bool = True
-    # Stop the run (an error naming the step) once this many steps in a row had a NaN/Inf loss or
-    # gradient norm. Such a step makes no optimizer update, so the weights and every checkpoint stay
-    # finite; the newest checkpoint is the last good one. 1 = stop at the first.
+    """Show a progress bar on a terminal."""
     max_nonfinite_steps: int = 1
-    # Resuming with settings that differ from the checkpoint's in more than the keys safe to change
-    # (resume.RESUMABLE_CHANGES: run length, log/eval/save intervals, device, kernels): "refuse" names
-    # the keys; "apply" continues from the checkpoint's weights, optimizer moments, step and RNG with
-    # the new values (new lr, betas, weight decay and schedule from the resume step on).
+    """Stop the run (an error naming the step) once this many steps in a row had a NaN/Inf loss or
+    gradient norm. Such a step makes no optimizer update, so the weights and every checkpoint stay
+    finite; the newest checkpoint is the last good one. 1 = stop at the first."""
     resume_changes: Literal["refuse", "apply"] = "refuse"
+    """Resuming with settings that differ from the checkpoint's in more than the keys safe to change
+    (run length, log/eval/save intervals, device, kernels): "refuse" names the keys; "apply"
+    continues from the checkpoint's weights, optimizer moments, step and RNG with the new values
+    (new lr, betas, weight decay and schedule from the resume step on)."""
 
 
 @dataclass
@@ -120,16 +155,22 @@ class TrainConfig:
     """Everything one training run needs. ``loraforge train --help`` lists every key."""
 
     method: Method = "lora"
+    """lora: LoRA on a frozen base; qlora: LoRA on a 4-bit base (model.quantization); full: every
+    weight trains."""
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=8, alpha=16.0, target_modules="all-linear"))
+    """The adapter (loraforge.LoraConfig); PEFT's names lora_alpha, lora_dropout and
+    init_lora_weights are accepted too."""
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     output: str = "runs/latest"
-    # false: start fresh (refuses an output dir that already holds checkpoints unless
-    # overwrite: true); "auto": continue from the newest complete checkpoint if there is one;
-    # or a checkpoint directory.
+    """Run directory: checkpoints, metrics, config.yaml and the final adapter or model."""
     resume: bool | str = False
+    """false: start fresh (refuses an output dir that already holds checkpoints unless overwrite:
+    true); "auto": continue from the newest complete checkpoint if there is one; or a checkpoint
+    directory."""
     overwrite: bool = False
+    """Start fresh in an output directory that already holds checkpoints (they are replaced)."""
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -189,7 +230,8 @@ class TrainConfig:
         return cls.from_yaml(config, overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values, as the YAML spells them (a ``torch.dtype`` by its name)."""
+        return dataclasses.asdict(self, dict_factory=lambda items: {k: _plain(v) for k, v in items})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -281,6 +323,10 @@ def parse_override(item: str) -> tuple[str, Any]:
     except yaml.YAMLError as e:
         raise ConfigError(f"command-line override {item!r}: cannot read value: {e}") from None
     return key.strip(), value
+
+
+def _plain(value: Any) -> Any:
+    return dtype_name(value) if isinstance(value, torch.dtype) else value
 
 
 def _deepcopy(data: Any) -> Any:
@@ -399,27 +445,33 @@ def _numbers(obj: Any, prefix: str) -> typing.Iterator[tuple[str, float]]:
             yield from _numbers(v, f"{prefix}{k}.")
 
 
-def _build(cls: type, data: Any, prefix: str, source: str, sources: dict[str, str]) -> Any:
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+
+
+def _build(
+    cls: type, data: Any, prefix: str, source: str, sources: dict[str, str], default: Any = None
+) -> Any:
+    """An instance of ``cls`` from the mapping ``data``, every value checked; the keys ``data``
+    leaves out keep their values in ``default`` (the section's default in its parent: the training
+    defaults of ``lora``, the model's dtype for ``model.quantization.compute_dtype``)."""
     where = sources.get(prefix.rstrip("."), source)
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: {prefix.rstrip('.')!r} must be a mapping, got {type(data).__name__}")
     hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         path = prefix + str(key)
-        if key not in names:
-            raise _unknown(path, names, sources.get(path, source))
+        if key not in fields:
+            raise _unknown(path, fields, sources.get(path, source))
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, path + ".", source, sources)
+            kwargs[key] = _build(hint, value, path + ".", source, sources, _default(fields[key]))
         else:
             kwargs[key] = _coerce(value, hint, path, sources.get(path, source))
-    if cls is LoraConfig:
-        # LoRA sections start from loraforge's training defaults, not LoraConfig's bare ones.
-        kwargs = {"r": 8, "alpha": 16.0, "target_modules": "all-linear", **kwargs}
     try:
-        return cls(**kwargs)
+        return cls(**kwargs) if default is None else dataclasses.replace(default, **kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'}: {e}") from None
 
@@ -428,12 +480,17 @@ def _type_name(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(hint))
-    if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin in (Union, types.UnionType):  # without torch.dtype: YAML cannot write one
+        return " | ".join(_type_name(a) for a in typing.get_args(hint) if not _python_only(a))
     if origin is not None:
         args = ", ".join(_type_name(a) for a in typing.get_args(hint))
         return f"{origin.__name__}[{args}]"
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _python_only(hint: Any) -> bool:
+    """A type only a config built in Python holds (``torch.dtype``), never a YAML value."""
+    return isinstance(hint, type) and hint.__module__ != "builtins"
 
 
 def _coerce(value: Any, hint: Any, path: str, where: str) -> Any:
@@ -499,21 +556,66 @@ def _coerce(value: Any, hint: Any, path: str, where: str) -> Any:
         if isinstance(value, str):
             return value
         raise fail()
+    if isinstance(hint, type) and not isinstance(value, hint):  # torch.dtype: given in Python only
+        raise fail()
     return value
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's one documentation text: the docstring under the field (this module's sections,
+    as litgpt writes them) or its entry in the class docstring (``name: text`` lines, as the
+    library's LoraConfig and QuantConfig write them; ``a / b: text`` documents both)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    docs: dict[str, str] = {}
+    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"(\s*)(\w+(?: / \w+)*): (.*)", line)
+        if not m or not set(m[2].split(" / ")) <= names:
+            continue
+        text, indent = [m[3]], len(m[1])
+        for more in lines[i + 1 :]:
+            if not more.strip() or len(more) - len(more.lstrip()) <= indent:
+                break
+            text.append(more.strip())
+        for name in m[2].split(" / "):
+            docs[name] = " ".join(text)
+    try:
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    except (OSError, TypeError):  # no source (a frozen application): the class docstrings only
+        return docs
+    for node, after in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
+    return docs
+
+
 def describe_keys() -> str:
-    """Every config key with its type and default, one a line (for ``loraforge train --help``)."""
+    """Every config key with its type, default and documentation (for ``loraforge train --help``)."""
     lines: list[str] = []
 
+    def doc(text: str) -> None:
+        text = text.replace("``", "")  # reST literals read as plain text in a terminal
+        lines.extend(textwrap.wrap(text, 104, initial_indent=" " * 6, subsequent_indent=" " * 6))
+
     def walk(cls: type, obj: Any, prefix: str) -> None:
-        hints = _hints(cls)
+        hints, docs = _hints(cls), field_docs(cls)
         for f in dataclasses.fields(cls):
-            value = getattr(obj, f.name)
+            value, key = getattr(obj, f.name), prefix + f.name
             if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name], value, prefix + f.name + ".")
+                if f.name in docs:
+                    lines.append(f"  {key}.*")
+                    doc(docs[f.name])
+                walk(hints[f.name], value, key + ".")
             else:
-                lines.append(f"  {prefix + f.name:<32} {_type_name(hints[f.name]):<44} default: {value!r}")
+                shown = _plain(value)
+                lines.append(f"  {key:<32} {_type_name(hints[f.name]):<44} default: {shown!r}")
+                doc(docs.get(f.name, ""))
 
     walk(TrainConfig, TrainConfig(), "")
     return "\n".join(lines)

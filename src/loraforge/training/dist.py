@@ -14,6 +14,8 @@ import torch
 import torch.distributed as td
 from torch import nn
 
+from ..injection import count_parameters
+
 
 @dataclass
 class DistInfo:
@@ -87,12 +89,7 @@ def communication_report(model: nn.Module, world_size: int) -> str:
     trainable = [p for p in model.parameters() if p.requires_grad]
     sent = sum(p.numel() * p.element_size() for p in trainable)
     grad_bytes = trainable[0].element_size() if trainable else 4
-    try:
-        from ..injection import count_parameters
-
-        total = count_parameters(model)[1]
-    except Exception:
-        total = sum(p.numel() for p in model.parameters())
+    total = count_parameters(model)[1]
     full = total * grad_bytes
     ring = (
         2 * (world_size - 1) / world_size

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
+from ..adapters import merge_and_unload
 from ..files import read_json_object
+from ..io import load_adapter
 from . import builtin
 from .data import encode_prompt
 from .dist import pick_device
@@ -37,8 +39,6 @@ def load_with_adapters(
     ``name -> adapter directory`` loaded. The tokenizer comes from the first adapter directory
     that holds one (it carries the chat template used in training), else from the base; without
     ``need_tokenizer``, it is ``None`` where that is a directory without tokenizer files."""
-    import loraforge as lf
-
     adapters = adapters or {}
     dev = pick_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -52,7 +52,7 @@ def load_with_adapters(
     for name, directory in adapters.items():
         if not (Path(directory) / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{directory}: not an adapter directory (no adapter_config.json)")
-        lf.load_adapter(model, directory, adapter=name)
+        load_adapter(model, directory, adapter=name)
     tok_source = next((d for d in adapters.values() if _has_tokenizer(d)), base)
     local = not builtin.is_builtin(tok_source) and Path(tok_source).is_dir()
     if not need_tokenizer and local and not _has_tokenizer(tok_source):
@@ -108,13 +108,11 @@ def merge_to_dir(base: str, adapter: str, out: str | Path, dtype: str = "float32
     """Merge ``adapter`` into ``base`` and save a plain transformers model directory (safetensors,
     config, tokenizer) that ``AutoModelForCausalLM.from_pretrained`` loads. Written to a temporary
     directory first and renamed into place."""
-    import loraforge as lf
-
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another --out")
     model, tokenizer = load_with_adapters(base, {"default": adapter}, dtype, "cpu", need_tokenizer=False)
-    plain = lf.merge_and_unload(model)
+    plain = merge_and_unload(model)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp, safe_serialization=True)

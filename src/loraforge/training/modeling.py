@@ -7,8 +7,13 @@ from pathlib import Path
 
 import torch
 
+from ..hf import ModelNotFoundError, check_model_source, load_model
+from ..injection import inject
+from ..io import save_adapter
+from ..quant import QuantConfig
+from ..quant.linear4bit import quantize as quantize_4bit
 from . import builtin
-from .config import ConfigError, ModelSection, QuantSection, TrainConfig
+from .config import ConfigError, ModelSection, TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,8 +32,6 @@ def load_tokenizer(path: str):
         tok = builtin.build_tokenizer()
     else:
         from transformers import AutoTokenizer
-
-        from ..hf import check_model_source
 
         check_model_source(path)  # no such directory / hub unreachable: one line, at once
         tok = AutoTokenizer.from_pretrained(path)
@@ -67,19 +70,6 @@ def check_device(name: str, key: str = "train.device") -> None:
         raise ConfigError(f"{key}: {name}: XPU is not available here; use cpu or auto")
 
 
-def quant_config(q: QuantSection, dtype: torch.dtype):
-    import loraforge as lf
-
-    compute = dtype if q.compute_dtype == "auto" else DTYPES[q.compute_dtype]
-    return lf.QuantConfig(
-        quant_type=q.quant_type,
-        blocksize=q.blocksize,
-        double_quant=q.double_quant,
-        compute_dtype=compute,
-        skip_modules=list(q.skip_modules),
-    )
-
-
 def causal_lm_problem(config) -> str | None:
     """Why a transformers config is not a causal (decoder) language model, or None.
 
@@ -115,8 +105,6 @@ def model_config(path: str, key: str = "model.path"):
     is reported as missing instead of transformers' "Repo id must be in the form ..."."""
     from transformers import AutoConfig
 
-    from ..hf import ModelNotFoundError, check_model_source
-
     try:
         check_model_source(path)  # no such directory / hub unreachable or without it: at once
     except ModelNotFoundError as e:
@@ -144,42 +132,32 @@ def check_causal_lm(path: str, key: str = "model.path") -> None:
 
 
 def load_base_model(cfg: ModelSection, device: torch.device, quantize: bool = False):
-    """The base causal LM on ``device``; 4-bit when ``quantize`` (QLoRA)."""
-    import loraforge as lf
-
+    """The base causal LM on ``device``; 4-bit when ``quantize`` (QLoRA), its compute dtype "auto"
+    resolved to the model's."""
     dtype = resolve_dtype(cfg.dtype, device)
-    qc = quant_config(cfg.quantization, dtype) if quantize else None
+    qc: QuantConfig | None = cfg.quantization.resolved(dtype) if quantize else None
     if builtin.is_builtin(cfg.path):
         model = builtin.build_model(cfg.path, dtype)
         if qc is not None:
-            model = lf.quantize(model, qc)
+            model = quantize_4bit(model, qc)
+    elif qc is not None and Path(cfg.path).is_dir():
+        # Streams a local directory into 4-bit layer by layer (and reads saved 4-bit models).
+        model = load_model(cfg.path, quantization=qc, dtype=dtype, device=device)
     else:
         from transformers import AutoModelForCausalLM
-
-        from ..hf import check_model_source
 
         check_model_source(cfg.path)
         kwargs = {"dtype": dtype}
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
-        try:
-            # Streams a local directory into 4-bit layer by layer (and reads saved 4-bit models).
-            load_model = lf.load_model if qc is not None and Path(cfg.path).is_dir() else None
-        except ImportError:  # loraforge.hf not in this installation
-            load_model = None
-        if load_model is not None:
-            model = load_model(cfg.path, quantization=qc, dtype=dtype, device=device)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
-            if qc is not None:
-                model = lf.quantize(model, qc)
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
+        if qc is not None:
+            model = quantize_4bit(model, qc)
     return model.to(device)
 
 
 def prepare_model(cfg: TrainConfig, device: torch.device, log=print):
     """(model, tokenizer) ready to train: LoRA injected (base frozen), or everything trainable."""
-    import loraforge as lf
-
     if not builtin.is_builtin(cfg.model.path):
         check_causal_lm(cfg.model.path)  # from config.json, before the tokenizer and the weights
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
@@ -189,7 +167,7 @@ def prepare_model(cfg: TrainConfig, device: torch.device, log=print):
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        lf.inject(model, cfg.lora)
+        inject(model, cfg.lora)
         model.to(device)  # the new adapter tensors
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model)
@@ -209,13 +187,11 @@ def enable_activation_checkpointing(model) -> None:
 
 def save_trained(model, tokenizer, directory: Path, method: str) -> None:
     """User-facing result: a PEFT adapter directory (lora/qlora) or a full model directory."""
-    import loraforge as lf
-
     directory = Path(directory)
     if method == "full":
         model.save_pretrained(directory, safe_serialization=True)
     else:
-        lf.save_adapter(model, directory)
+        save_adapter(model, directory)
     tokenizer.save_pretrained(directory)
 
 

@@ -366,7 +366,7 @@ def compile_layers(model: nn.Module, **options) -> int:
 
 
 # Fewer forward+backward passes than this and ``auto`` stays eager: the first compiled step takes
-# ~20 s, which a 1B model's 0.55x step time on an H100 earns back only after ~250 steps.
+# seconds of compilation that a shorter run does not earn back (BENCHMARKS.md).
 MIN_COMPILE_STEPS = 300
 
 
@@ -377,11 +377,10 @@ def should_compile(
     steps: int | None = None,
 ) -> tuple[bool, str]:
     """What ``train.compile`` means for this run, and why: ``True`` / ``False`` as given;
-    ``"auto"`` compiles on CUDA, where it pays (a 1B Llama on an H100: 0.56x the eager step time,
-    0.63x with a 4-bit base, whose dequantization kernel each layer's graph launches itself;
-    a first step of 8-20 s), and not on CPU (the reference model: 0.90-0.95x the step time for a
-    first step of ~9-11 s, but 1.2x the process's peak memory over its first steps, 662 vs 554 MB,
-    over issue 6's 0.6x PEFT). ``auto`` also stays eager with activation checkpointing (which
+    ``"auto"`` compiles on CUDA, where it pays (also with a 4-bit base, whose dequantization
+    kernel each layer's graph launches itself), and not on CPU, where the small gain in step
+    time costs a larger peak memory over the first steps (figures: BENCHMARKS.md, compile
+    rows). ``auto`` also stays eager with activation checkpointing (which
     re-enters the layers in backward), and for runs of fewer than ``MIN_COMPILE_STEPS``
     forward+backward passes (``steps``; the quickstart's 80 would spend longer compiling than
     training); ``true`` still forces it there."""

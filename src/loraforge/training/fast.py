@@ -223,7 +223,7 @@ def _norm_forward(self, x, *args, **kwargs):
 _FORWARDS = {"mlp": (_mlp_forward, _mlp_fast), "rmsnorm": (_norm_forward, _norm_fast)}
 
 
-def _kind(module: nn.Module) -> str | None:
+def _fast_kind(module: nn.Module) -> str | None:
     """Which fast forward fits this module by its structure, or None."""
     if all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj")):
         act = getattr(module, "act_fn", None)
@@ -299,7 +299,7 @@ def patch_model(model: nn.Module) -> int:
     for module in model.modules():
         if _patched_kind(module) is not None or "forward" in module.__dict__:
             continue  # already ours, or someone else's instance forward (accelerate): leave it
-        kind = _kind(module)
+        kind = _fast_kind(module)
         if kind is not None and _probe(module, kind):
             module.forward = types.MethodType(_FORWARDS[kind][0], module)
             count += 1

@@ -7,7 +7,7 @@ import os
 import pytest
 
 import loraforge as lf
-from loraforge.files import atomic_write, atomic_write_text, read_json_object
+from loraforge.files import atomic_write, atomic_write_text, dir_size, format_bytes, read_json_object
 from loraforge.training.builtin import build_model
 
 
@@ -63,3 +63,24 @@ def test_read_json_object_names_the_file_once(tmp_path, content, message):
     with pytest.raises(ValueError, match=f"^{tmp_path / 'c.json'}: {message}") as info:
         read_json_object(tmp_path / "c.json")
     assert "at at" not in str(info.value)
+
+
+def test_format_bytes_binary_and_si():
+    assert [format_bytes(n) for n in (0, 1023, 1024, 68_608, 3.8 * 2**20, 5 * 2**40)] == [
+        "0 B",
+        "1023 B",
+        "1.0 KB",
+        "67.0 KB",
+        "3.8 MB",
+        "5120.0 GB",
+    ]
+    assert format_bytes(1_183_744, si=True, digits=2) == "1.18 MB"
+    assert format_bytes(999, si=True) == "999 B" and format_bytes(-2048) == "-2.0 KB"
+
+
+def test_dir_size_counts_matching_files_below(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.safetensors").write_bytes(b"x" * 10)
+    (tmp_path / "sub" / "b.safetensors").write_bytes(b"x" * 5)
+    (tmp_path / "c.json").write_bytes(b"x" * 3)
+    assert dir_size(tmp_path) == 18 and dir_size(tmp_path, "*.safetensors") == 15

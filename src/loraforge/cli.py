@@ -226,8 +226,8 @@ def _quickstart(args) -> int:
 
     if "OMP_NUM_THREADS" not in os.environ:
         # The quickstart's matrices are small: a second intra-op thread gains little on an idle
-        # machine and, when the other core is busy, makes every matmul wait for it (measured 4x
-        # slower on a shared 2-core machine). Set OMP_NUM_THREADS to choose otherwise.
+        # machine and, when the other core is busy, makes every matmul wait for it. Set
+        # OMP_NUM_THREADS to choose otherwise.
         torch.set_num_threads(1)
 
     cfg = TrainConfig.from_yaml(

@@ -1,5 +1,5 @@
-"""Files the package writes (whole or not at all, with the mode ``open()`` gives) and the JSON it
-reads (untrusted: every failure is one line naming the file)."""
+"""Files the package writes (whole or not at all, with the mode ``open()`` gives), the JSON it
+reads (untrusted: every failure is one line naming the file), and sizes on disk as people read them."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_text", "read_json_object"]
+__all__ = ["atomic_write", "atomic_write_text", "dir_size", "format_bytes", "read_json_object"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
@@ -56,3 +56,19 @@ def read_json_object(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def dir_size(path: str | os.PathLike, pattern: str = "*") -> int:
+    """Bytes of the files under ``path`` (recursively) whose names match ``pattern``."""
+    return sum(p.stat().st_size for p in Path(path).rglob(pattern) if p.is_file())
+
+
+def format_bytes(n: float, si: bool = False, digits: int = 1) -> str:
+    """``n`` bytes as "67.0 KB": binary units (1 KB = 1024 B), or SI ones (1 KB = 1000 B) with
+    ``si``; whole bytes below one KB, ``digits`` decimals above."""
+    step = 1000 if si else 1024
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < step or unit == "GB":
+            break
+        n /= step
+    return f"{n:.0f} B" if unit == "B" else f"{n:.{digits}f} {unit}"

@@ -14,7 +14,6 @@ import gc
 import os
 import threading
 import time
-from pathlib import Path
 
 import torch
 
@@ -73,19 +72,6 @@ class PeakMemory:
         self._thread.join()
         self._max = max(self._max, rss_bytes())
         self.peak = self._max - self._start
-
-
-def dir_size(path: str | os.PathLike, suffix: str = ".safetensors") -> int:
-    """Bytes of the weight files (``*.safetensors``) under ``path``."""
-    return sum(p.stat().st_size for p in Path(path).rglob(f"*{suffix}") if p.is_file())
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def format_table(headers: list[str], rows: list[list[str]], align: str | None = None) -> str:

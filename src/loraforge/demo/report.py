@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .measure import dir_size, format_table, human_bytes
+from ..files import dir_size, format_bytes
+from .measure import format_table
 from .runs import Settings, atomic_write_text
 
 METHOD_LABEL = {
@@ -21,7 +22,7 @@ def collect_rows(
     s: Settings, base_dir: Path, results: dict, scores: dict, nf4_bytes: int | None = None
 ) -> list[dict]:
     """One dict per table row: base and trained models, per character."""
-    base_size = dir_size(base_dir)
+    base_size = dir_size(base_dir, "*.safetensors")
     rows = []
     for c in s.characters:
         order = ["base", "lora"]
@@ -84,8 +85,8 @@ def render_table(rows: list[dict]) -> str:
                 r["character"],
                 METHOD_LABEL[r["method"]],
                 params_cell(r),
-                human_bytes(r["size_bytes"]) if r["size_bytes"] is not None else "-",
-                human_bytes(r["peak_mem_bytes"]) if r["peak_mem_bytes"] is not None else "-",
+                format_bytes(r["size_bytes"]) if r["size_bytes"] is not None else "-",
+                format_bytes(r["peak_mem_bytes"]) if r["peak_mem_bytes"] is not None else "-",
                 f"{r['train_time_s']:.1f} s" if r["train_time_s"] is not None else "-",
                 f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-",
                 f"{r['style']:.2f}",
@@ -147,9 +148,9 @@ def quality_bars(s: Settings, rows: list[dict]) -> list[dict]:
                 "name": "adapter file vs full checkpoint",
                 "ok": lora["size_bytes"] < 0.05 * full["size_bytes"],
                 "slack": 0.05 - lora["size_bytes"] / full["size_bytes"],
-                "detail": f"{human_bytes(lora['size_bytes'])} = "
+                "detail": f"{format_bytes(lora['size_bytes'])} = "
                 f"{100 * lora['size_bytes'] / full['size_bytes']:.2f}% "
-                f"of {human_bytes(full['size_bytes'])} (< 5%)",
+                f"of {format_bytes(full['size_bytes'])} (< 5%)",
             }
         )
     if qlora:

@@ -28,7 +28,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .measure import PeakMemory, dir_size
+from ..files import dir_size
+from .measure import PeakMemory
 
 
 class DemoError(RuntimeError):
@@ -223,7 +224,7 @@ def train_or_reuse(
         "character": persona,
         "trainable_params": metrics["trainable_params"],
         "total_params": metrics["total_params"],
-        "size_bytes": dir_size(weights_dir(run_dir, method)),
+        "size_bytes": dir_size(weights_dir(run_dir, method), "*.safetensors"),
         "peak_mem_bytes": mem.peak,
         "train_time_s": metrics["train_time_s"],
         "tokens_per_s": metrics["tokens_per_s"],

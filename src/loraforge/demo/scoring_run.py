@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -71,7 +72,7 @@ class Scorer:
                 del full
             else:
                 qmodel = load_quantized_base(self.base_dir, s)
-                with lf.disable_adapters(qmodel) if lf.list_adapters(qmodel) else _null():
+                with lf.disable_adapters(qmodel) if lf.list_adapters(qmodel) else contextlib.nullcontext():
                     out[f"{c}/base-nf4"] = score(qmodel, self.tokenizer, c, rows[c])
                 lf.load_adapter(qmodel, self.results[(c, "qlora")]["weights"], adapter=c)
                 out[f"{c}/qlora"] = score(qmodel, self.tokenizer, c, rows[c])
@@ -115,14 +116,6 @@ def _answer_rows(model: str, answers: list[str], rows: list[dict]) -> list[dict]
     return [
         {"model": model, "question": r["messages"][0]["content"], "answer": a} for a, r in zip(answers, rows)
     ]
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def score_all(base_dir: Path, s: Settings, results: dict, say):

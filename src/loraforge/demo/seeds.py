@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import statistics
 
-from .measure import format_table, human_bytes
+from ..files import format_bytes
+from .measure import format_table
 from .report import METHOD_LABEL, params_cell
 
 MEASURED = ("trainable_params", "total_params", "size_bytes", "peak_mem_bytes", "train_time_s", "eval_loss")
@@ -45,9 +46,9 @@ def _bytes(cell: dict | None) -> str:
     if cell is None:
         return "-"
     if cell["std"] == 0:
-        return human_bytes(cell["mean"])
-    number, unit = human_bytes(cell["mean"]).split()
-    scale = float(number) / cell["mean"] if cell["mean"] else 1.0  # the unit human_bytes chose
+        return format_bytes(cell["mean"])
+    number, unit = format_bytes(cell["mean"]).split()
+    scale = float(number) / cell["mean"] if cell["mean"] else 1.0  # the unit format_bytes chose
     digits = len(number.partition(".")[2])
     return f"{number} ± {cell['std'] * scale:.{digits}f} {unit}"
 

@@ -45,9 +45,8 @@ class LoraLayer(nn.Module):
     factors are cast to the input's dtype, as ``torch.autocast`` would, and stay fp32 master
     weights whose gradients autograd accumulates in fp32. ``"adapter"``: the input is cast to
     fp32 and the branch runs in fp32 (PEFT's default). Both keep the gradient error of a bf16
-    step (4.1e-2 and 4.0e-2 against an fp32 step for a 1B Llama), but casting the (tokens x in)
-    activations to fp32 and back took the step from 2.23x to 1.69x PEFT's throughput and its peak
-    memory from 8.5 to 11.0 GB there (H100, BENCHMARKS.md). Set with
+    step, but ``"adapter"`` casts the (tokens x in) activations to fp32 and back, which costs
+    step time and peak memory (BENCHMARKS.md, CUDA section). Set with
     ``loraforge.set_compute(model, mode)``.
     """
 

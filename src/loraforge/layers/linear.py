@@ -138,7 +138,7 @@ class LoraLinear(LoraLayer):
         (a 2-D result that is no view: nothing read or written but the output itself), else one
         ``addmm``, which first copies ``result`` into its new output. (Compiled, TorchInductor
         makes that copy of an in-place ``addmm_`` too; a product and a sum for it to fuse into
-        the next pointwise kernel measured slower on an H100: 0.072 vs 0.066 s for a 1B step.)"""
+        the next pointwise kernel was slower on a GPU, BENCHMARKS.md.)"""
         if b.dtype == result.dtype and result.dim() >= 2:
             h = (xa * scaling).reshape(-1, xa.shape[-1])
             if inplace and result.dim() == 2 and not torch.compiler.is_compiling() and not result._is_view():

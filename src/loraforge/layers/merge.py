@@ -28,8 +28,7 @@ shapes on the same device gives the same bits. Where the base stores a plain mat
 factors' dtype, ΔW is added and subtracted by in-place ``addmm_`` (no ΔW temporary): unmerge
 is then one ``addmm_`` and a scatter of the misses, as fast as a plain subtraction; merge takes
 a temporary copy of W0, three ``addmm_`` (add, subtract to find the misses, add again) and a
-comparison: ~3x the time of a plain merge (CPU, 1 thread: a whole-model switch 0.10-0.14 s ->
-0.25-0.40 s for 56 layers of 512 x 1376, fp32, r = 16).
+comparison, about three times a plain merge's memory traffic (BENCHMARKS.md, switch row).
 
 All of it lives on the layer as a plain attribute (not in ``state_dict``) only while an adapter
 is merged; the forward never reads it.

@@ -118,9 +118,9 @@ def _kernel_args(state, device) -> tuple:
 
 def _launch_args(state, device) -> tuple:
     """:func:`_kernel_args`, kept on the state while its tensors stay the same objects
-    (``QuantState.to`` replaces them): the conversions cost more host time per call than a
-    4096 x 4096 weight's kernel does on an H100, where an eager 4-bit layer is bound by its
-    host-side launch cost."""
+    (``QuantState.to`` replaces them): the conversions cost more host time per call than a large
+    weight's kernel takes on a fast GPU, where an eager 4-bit layer is bound by its host-side
+    launch cost."""
     s2 = state.state2
     key = (state.absmax, state.code, state.offset, s2 and s2.absmax, s2 and s2.code)
     hit = state.__dict__.get("_triton_args")
@@ -176,11 +176,11 @@ def compiled_op(interpret: bool = False):
     """The kernel as a ``torch.library.triton_op`` for compiled graphs (registered once per
     process, by :func:`prepare_compiled`, which keeps it in ``_OPS``): TorchInductor then
     launches it from its own generated code, like its kernels, instead of calling back into
-    Python (a custom op's dispatch, ``dequantize_4bit``'s checks and Triton's Python launcher:
-    ~0.1 ms per call, which made a compiled 1B QLoRA step CPU-bound on an H100, 105 ms for 60 ms
-    of GPU work). Inductor builds user kernels with fp fusion on, so the one multiply that an add
-    follows is a PTX ``mul.rn`` (never fused into an FMA) and the bits stay those of the other
-    paths. ``interpret``: for tests on CPU under ``TRITON_INTERPRET=1`` (eager calls only).
+    Python (a custom op's dispatch, ``dequantize_4bit``'s checks and Triton's Python launcher,
+    which made a compiled QLoRA step bound by the host rather than the GPU). Inductor builds
+    user kernels with fp fusion on, so the one multiply that an add follows is a PTX ``mul.rn``
+    (never fused into an FMA) and the bits stay those of the other paths. ``interpret``: for
+    tests on CPU under ``TRITON_INTERPRET=1`` (eager calls only).
 
     Arguments: packed uint8 ``(n + 1) // 2``; absmax (fp32, or uint8 codes when ``nested``);
     code fp32 (16); code2 fp32 (256), nested fp32, offset fp32 (1) when ``nested`` (any tensor

@@ -24,8 +24,8 @@ __all__ = ["Linear4bit", "quantize", "release_buffers"]
 
 
 # On CPU, glibc serves allocations of 32 MiB and more with a fresh mmap each time, so every call
-# would page-fault its whole dequantized weight in again (4x the dequantization itself, measured on
-# a 4096 x 2048 fp32 weight). Those weights go into a buffer kept per thread, size and dtype.
+# would page-fault its whole dequantized weight in again (slower than the dequantization itself).
+# Those weights go into a buffer kept per thread, size and dtype.
 _REUSE_BYTES = 32 << 20
 _buffers = threading.local()
 

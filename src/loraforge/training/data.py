@@ -346,7 +346,8 @@ class BatchPlan:
     """
 
     def __init__(self, n_rows: int, batch_size: int, grad_accum: int, world_size: int, seed: int):
-        self.n_rows, self.b, self.a, self.w, self.seed = n_rows, batch_size, grad_accum, world_size, seed
+        self.n_rows, self.seed = n_rows, seed
+        self.batch_size, self.grad_accum, self.world_size = batch_size, grad_accum, world_size
         self.global_batch = batch_size * grad_accum * world_size
         self.steps_per_epoch = n_rows // self.global_batch
         if self.steps_per_epoch == 0:
@@ -371,5 +372,6 @@ class BatchPlan:
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
         """This process's ``grad_accum`` micro-batches (row indices) for ``step``."""
         rows = self.step_rows(step)
-        mine = rows[rank * self.a * self.b : (rank + 1) * self.a * self.b]
-        return [mine[j * self.b : (j + 1) * self.b] for j in range(self.a)]
+        per_process = self.grad_accum * self.batch_size
+        mine = rows[rank * per_process : (rank + 1) * per_process]
+        return [mine[j * self.batch_size : (j + 1) * self.batch_size] for j in range(self.grad_accum)]

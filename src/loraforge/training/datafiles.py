@@ -22,7 +22,7 @@ class DataError(ValueError):
     """A problem with the data; the message starts with ``file:line:``."""
 
 
-def _kind(path: str) -> str:
+def _file_format(path: str) -> str:
     suffix = Path(path).suffix.lower()
     kinds = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
     if suffix not in kinds:
@@ -114,7 +114,7 @@ def read_rows(path: str, skip_bad_rows: bool = False) -> tuple[list[dict], typin
     import datasets
 
     path = _local_file(path)
-    kind = _kind(path)
+    kind = _file_format(path)
     datasets.disable_progress_bars()
     try:
         # CSV cells are text: no guessing "1." is a float or "" is missing (it is empty).
@@ -206,7 +206,7 @@ def peek_rows(path: str, n: int = 100, skip_bad_rows: bool = False) -> tuple[lis
     only the start of a JSONL / CSV / Parquet file is read; a ``.json`` document is parsed whole).
     Unreadable rows raise DataError (``file:line: why``) unless ``skip_bad_rows``."""
     path = _local_file(path)
-    kind = _kind(path)
+    kind = _file_format(path)
     if kind == "parquet":
         import pyarrow.parquet as pq
 

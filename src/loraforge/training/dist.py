@@ -14,6 +14,7 @@ import torch
 import torch.distributed as td
 from torch import nn
 
+from ..files import format_bytes
 from ..injection import count_parameters
 
 
@@ -94,16 +95,13 @@ def communication_report(model: nn.Module, world_size: int) -> str:
     ring = (
         2 * (world_size - 1) / world_size
     )  # bytes each process sends in a ring all-reduce, per payload byte
+    def mb(n: float) -> str:
+        return format_bytes(n, si=True, digits=2)
+
     return (
-        f"all-reduce per optimizer step: {_mb(sent)} ({sent:,} bytes) of trainable gradients "
-        f"({len(trainable)} tensors; "
-        f"each process sends ~{_mb(sent * ring)}) vs {_mb(full)} for full fine-tuning "
-        f"({full / max(sent, 1):.1f}x more)"
+        f"all-reduce per optimizer step: {mb(sent)} ({sent:,} bytes) of trainable gradients "
+        f"({len(trainable)} tensors; each process sends ~{mb(sent * ring)}) vs {mb(full)} for full "
+        f"fine-tuning ({full / max(sent, 1):.1f}x more)"
     )
 
 
-def _mb(n: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"

@@ -223,7 +223,7 @@ def _norm_forward(self, x, *args, **kwargs):
 _FORWARDS = {"mlp": (_mlp_forward, _mlp_fast), "rmsnorm": (_norm_forward, _norm_fast)}
 
 
-def _kind(module: nn.Module) -> str | None:
+def _fast_kind(module: nn.Module) -> str | None:
     """Which fast forward fits this module by its structure, or None."""
     if all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj")):
         act = getattr(module, "act_fn", None)
@@ -299,7 +299,7 @@ def patch_model(model: nn.Module) -> int:
     for module in model.modules():
         if _patched_kind(module) is not None or "forward" in module.__dict__:
             continue  # already ours, or someone else's instance forward (accelerate): leave it
-        kind = _kind(module)
+        kind = _fast_kind(module)
         if kind is not None and _probe(module, kind):
             module.forward = types.MethodType(_FORWARDS[kind][0], module)
             count += 1
@@ -366,7 +366,7 @@ def compile_layers(model: nn.Module, **options) -> int:
 
 
 # Fewer forward+backward passes than this and ``auto`` stays eager: the first compiled step takes
-# ~20 s, which a 1B model's 0.55x step time on an H100 earns back only after ~250 steps.
+# seconds of compilation that a shorter run does not earn back (BENCHMARKS.md).
 MIN_COMPILE_STEPS = 300
 
 
@@ -377,11 +377,10 @@ def should_compile(
     steps: int | None = None,
 ) -> tuple[bool, str]:
     """What ``train.compile`` means for this run, and why: ``True`` / ``False`` as given;
-    ``"auto"`` compiles on CUDA, where it pays (a 1B Llama on an H100: 0.56x the eager step time,
-    0.63x with a 4-bit base, whose dequantization kernel each layer's graph launches itself;
-    a first step of 8-20 s), and not on CPU (the reference model: 0.90-0.95x the step time for a
-    first step of ~9-11 s, but 1.2x the process's peak memory over its first steps, 662 vs 554 MB,
-    over issue 6's 0.6x PEFT). ``auto`` also stays eager with activation checkpointing (which
+    ``"auto"`` compiles on CUDA, where it pays (also with a 4-bit base, whose dequantization
+    kernel each layer's graph launches itself), and not on CPU, where the small gain in step
+    time costs a larger peak memory over the first steps (figures: BENCHMARKS.md, compile
+    rows). ``auto`` also stays eager with activation checkpointing (which
     re-enters the layers in backward), and for runs of fewer than ``MIN_COMPILE_STEPS``
     forward+backward passes (``steps``; the quickstart's 80 would spend longer compiling than
     training); ``true`` still forces it there."""

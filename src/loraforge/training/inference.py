@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import merge_and_unload
-from ..files import read_json_object
+from ..files import dir_size, format_bytes, read_json_object
 from ..io import load_adapter
 from . import builtin
 from .data import encode_prompt
@@ -133,10 +133,6 @@ def merge_to_dir(base: str, adapter: str, out: str | Path, dtype: str = "float32
 # -- inspect -----------------------------------------------------------------------------------------
 
 
-def _dir_size(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
-
-
 def _safetensors_summary(files: list[Path]) -> dict:
     """Tensor count, parameter count and dtypes of safetensors files, read from their headers
     (a truncated or corrupt file is a ValueError naming it)."""
@@ -194,7 +190,7 @@ def inspect_path(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such directory")
-    info: dict = {"path": str(path), "size_bytes": _dir_size(path)}
+    info: dict = {"path": str(path), "size_bytes": dir_size(path)}
     if (path / "adapter_config.json").is_file():
         cfg = read_json_object(path / "adapter_config.json")
         targets = cfg.get("target_modules")
@@ -280,20 +276,12 @@ def format_info(info: dict, indent: str = "") -> str:
             kinds = sorted({v.rsplit(".", 1)[-1] for v in value})
             lines.append(f"{indent}{'target modules':<18} {len(value)} modules: {', '.join(kinds)}")
         elif key == "size_bytes":
-            lines.append(f"{indent}{'size on disk':<18} {_human(value)}")
+            lines.append(f"{indent}{'size on disk':<18} {format_bytes(value)}")
         elif key in ("params",) and isinstance(value, int):
             lines.append(f"{indent}{key:<18} {value:,}")
         elif value is not None:
             lines.append(f"{indent}{key.replace('_', ' '):<18} {value}")
     return "\n".join(lines)
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return f"{n} B"
 
 
 __all__ = ["DTYPES", "generate", "inspect_path", "load_with_adapters", "merge_to_dir", "prompt_ids"]

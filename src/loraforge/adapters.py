@@ -15,11 +15,10 @@ from .injection import (
     inject,
     lora_layers,
     remove_modules,
-    replace_module,
     saved_modules,
     set_trainable,
 )
-from .kinds import is_4bit
+from .kinds import is_4bit, replace_module
 from .layers import COMPUTE_MODES, LoraLayer, ModulesToSave
 from .registry import drop_registry, registry
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .files import atomic_write, atomic_write_text, read_json_object
+from .kinds import replace_module
 from .quant import Linear4bit, QuantConfig
 from .quant.linear4bit import is_quantizable, quantize
 
@@ -345,7 +346,7 @@ def load_model(path, quantization: QuantConfig | dict | None = None, dtype=None,
                 raise ValueError(
                     f"{key_prefix}.weight: quantized in the checkpoint but {name} is a {type(module)}"
                 )
-            lin4[name] = _replace(model, name, Linear4bit.from_linear(module, stored))
+            lin4[name] = replace_module(model, name, Linear4bit.from_linear(module, stored))
     elif quantization is not None:
         quantize(model, quantization)
         lin4 = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
@@ -411,12 +412,6 @@ def _get(model: nn.Module, name: str, key: str) -> nn.Module:
         return model.get_submodule(name)
     except AttributeError:
         raise ValueError(f"{key}: the model has no module {name!r}") from None
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-    return new
 
 
 def _fill_linear4bit(module: Linear4bit, tensors: dict, name: str, device) -> None:

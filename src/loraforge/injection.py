@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .kinds import is_4bit
+from .kinds import is_4bit, replace_module
 from .layers import LoraLayer, ModulesToSave, is_linear_like, wrap
 from .registry import registry
 
@@ -164,13 +164,6 @@ def _find_saved(model: nn.Module, names: list[str]) -> list[str]:
     if missing:
         raise ValueError(f"modules_to_save {missing} matched no module of {type(model).__name__}")
     return found
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` at dotted path ``name`` of ``model`` (in its parent, under the same name)."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def remove_modules(model: nn.Module, adapter: str) -> None:

@@ -28,7 +28,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..files import dir_size
+from ..files import atomic_write_text, dir_size
 from .measure import PeakMemory
 
 
@@ -91,12 +91,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

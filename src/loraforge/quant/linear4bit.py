@@ -14,7 +14,7 @@ import threading
 import torch
 from torch import nn
 
-from ..kinds import is_conv1d
+from ..kinds import is_conv1d, replace_module
 from . import _triton
 from .config import QuantConfig
 from .nf4 import dequantize_4bit, quantize_4bit
@@ -324,7 +324,5 @@ def quantize(model: nn.Module, quant_config: QuantConfig | None = None) -> nn.Mo
     qc = quant_config or QuantConfig()
     targets = [(n, m) for n, m in model.named_modules() if n and is_quantizable(m) and not qc.skips(n)]
     for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Linear4bit.from_linear(module, qc))
+        replace_module(model, name, Linear4bit.from_linear(module, qc))
     return model

@@ -187,8 +187,8 @@ def run_one(args, s: Settings, base_dir: Path, out: Path, say, show: bool = True
         )
 
     # -- 2. scoring and switching ---------------------------------------------------------------
+    from .evaluate import score_all
     from .report import collect_rows, print_switching, quality_bars, render_table, write_outputs
-    from .scoring_run import score_all
 
     say("\nscoring: greedy answers to each character's held-out questions")
     scorer, scores = score_all(base_dir, s, results, say)

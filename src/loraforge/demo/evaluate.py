@@ -1,4 +1,8 @@
-"""Score models on a character's held-out questions, and show switching adapters at runtime.
+"""Score the demo's models on each character's held-out questions, and show switching adapters
+at runtime (the scorers themselves, plain string checks, are in ``scoring``).
+
+``Scorer`` loads the base once with every character's adapter and scores the base, each LoRA
+adapter, the full fine-tune and the QLoRA run; then it switches characters on that one model.
 
 Switching, two ways, on *one* base model in memory with every character's adapter loaded:
 
@@ -12,13 +16,16 @@ Switching, two ways, on *one* base model in memory with every character's adapte
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
-from . import scoring
+from . import data, scoring
 from .generation import answer
+from .runs import Settings, quant_config
 
 
 def score(model, tokenizer, persona: str, rows: Sequence[dict], max_new_tokens: int = 32) -> dict:
@@ -88,3 +95,113 @@ def mixed_batch(model, tokenizer, names: Sequence[str], question: str) -> list[s
 
     with lf.adapter_batch(model, list(names)):
         return answer(model, tokenizer, [question] * len(names))
+
+
+def eval_rows(s: Settings, character: str) -> list[dict]:
+    """The held-out questions (with keywords) that the character's eval file was written from."""
+    return data.persona_dataset(character, "eval", s.n_eval_reading, seed=s.seed)
+
+
+def load_quantized_base(base_dir: Path, s: Settings):
+    import loraforge as lf
+
+    model = lf.load_model(str(base_dir), quantization=quant_config(s))
+    model.eval()
+    return model
+
+
+class Scorer:
+    """Holds the base model with every character's adapter loaded, for scoring and switching."""
+
+    def __init__(self, base_dir: Path, s: Settings, results: dict):
+        import loraforge as lf
+
+        self.base_dir, self.s, self.results = base_dir, s, results
+        self.model, self.tokenizer = load_base(base_dir)
+        for c in s.characters:
+            lf.load_adapter(self.model, results[(c, "lora")]["weights"], adapter=c)
+
+    def all_scores(self, say) -> dict:
+        """Scores keyed ``"<character>/<model>"`` (model: base, lora, full, base-nf4, qlora)."""
+        from tqdm.auto import tqdm
+
+        import loraforge as lf
+
+        s, out = self.s, {}
+        jobs = [("base", None)] + [("lora", c) for c in s.characters]
+        if (s.compare_on, "full") in self.results:
+            jobs += [("full", s.compare_on)]
+        if (s.compare_on, "qlora") in self.results:
+            jobs += [("qlora", s.compare_on)]
+        rows = {c: eval_rows(s, c) for c in s.characters}
+        answers_rows = []
+        for kind, c in tqdm(jobs, desc="scoring", unit="model", dynamic_ncols=True):
+            if kind == "base":
+                # The questions are the same for every character; only the style check differs.
+                with lf.disable_adapters(self.model):
+                    res = score(self.model, self.tokenizer, s.characters[0], rows[s.characters[0]])
+                for ch in s.characters:
+                    out[f"{ch}/base"] = _restyle(res, ch, rows[ch])
+                answers_rows += _answer_rows("base", res["answers"], rows[s.characters[0]])
+            elif kind == "lora":
+                lf.set_adapter(self.model, c)
+                out[f"{c}/lora"] = score(self.model, self.tokenizer, c, rows[c])
+                answers_rows += _answer_rows(f"{c}/lora", out[f"{c}/lora"]["answers"], rows[c])
+            elif kind == "full":
+                from transformers import AutoModelForCausalLM
+
+                full = AutoModelForCausalLM.from_pretrained(self.results[(c, "full")]["weights"]).eval()
+                out[f"{c}/full"] = score(full, self.tokenizer, c, rows[c])
+                answers_rows += _answer_rows(f"{c}/full", out[f"{c}/full"]["answers"], rows[c])
+                del full
+            else:
+                qmodel = load_quantized_base(self.base_dir, s)
+                with lf.disable_adapters(qmodel) if lf.list_adapters(qmodel) else contextlib.nullcontext():
+                    out[f"{c}/base-nf4"] = score(qmodel, self.tokenizer, c, rows[c])
+                lf.load_adapter(qmodel, self.results[(c, "qlora")]["weights"], adapter=c)
+                out[f"{c}/qlora"] = score(qmodel, self.tokenizer, c, rows[c])
+                answers_rows += _answer_rows(f"{c}/qlora", out[f"{c}/qlora"]["answers"], rows[c])
+                self.quantized_state_bytes = sum(
+                    t.numel() * t.element_size() for t in qmodel.state_dict().values() if torch.is_tensor(t)
+                )
+                del qmodel
+        out["answers_rows"] = answers_rows
+        return out
+
+    def switching(self, questions: list[str]) -> dict:
+        """Merge/unmerge switching with timings, then one mixed batch (base + every character)."""
+        import loraforge as lf
+
+        s = self.s
+        lf.unmerge(self.model)
+        res = merge_switching(self.model, self.tokenizer, s.characters, questions, print)
+        names = ["__base__", *s.characters]
+        t0 = time.perf_counter()
+        mixed = mixed_batch(self.model, self.tokenizer, names, questions[1])
+        res["mixed_ms"] = 1000 * (time.perf_counter() - t0)
+        res["mixed_names"] = names
+        res["mixed_answers"] = mixed
+        one_at_a_time = [res["answers"]["base"][1]] + [res["answers"][c][1] for c in s.characters]
+        res["mixed_matches_merged"] = mixed == one_at_a_time
+        return res
+
+
+def _restyle(res: dict, character: str, rows: list[dict]) -> dict:
+    from . import scoring
+
+    return {
+        "style": scoring.style_score(character, res["answers"]),
+        "content": scoring.content_score(res["answers"], rows),
+        "answers": res["answers"],
+    }
+
+
+def _answer_rows(model: str, answers: list[str], rows: list[dict]) -> list[dict]:
+    return [
+        {"model": model, "question": r["messages"][0]["content"], "answer": a} for a, r in zip(answers, rows)
+    ]
+
+
+def score_all(base_dir: Path, s: Settings, results: dict, say):
+    scorer = Scorer(base_dir, s, results)
+    return scorer, scorer.all_scores(say)

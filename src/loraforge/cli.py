@@ -325,7 +325,7 @@ def _generate(args) -> int:
 
 
 def _inspect(args) -> int:
-    from .training.inference import format_info, inspect_path
+    from .training.inspection import format_info, inspect_path
 
     info = inspect_path(args.path)
     print(json.dumps(info, indent=2) if args.json else format_info(info))

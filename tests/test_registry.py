@@ -111,7 +111,7 @@ def test_modules_share_no_private_names():
     owned = [
         "injection.py",
         "adapters.py",
-        "io.py",
+        "adapter_files.py",
         "registry.py",
         "kinds.py",
         *(f"layers/{p.name}" for p in (SRC / "layers").glob("*.py")),

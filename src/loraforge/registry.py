@@ -1,7 +1,7 @@
 """The adapters a model holds: one small registry per model, the single owner of that state.
 
-``inject`` adds to it, ``adapters`` switches and deletes through it, ``io`` reads it and puts it
-back when a load fails. The LoRA factors themselves live in the layers (``loraforge.layers``);
+``inject`` adds to it, ``adapters`` switches and deletes through it, ``adapter_files`` reads
+it and puts it back when a load fails. The LoRA factors themselves live in the layers (``loraforge.layers``);
 the registry holds only what no layer knows: each adapter's config, the module paths it wraps,
 and which adapters are active (summed in the forward, trainable).
 """

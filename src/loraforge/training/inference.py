@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..adapter_files import load_adapter
 from ..adapters import merge_and_unload
-from ..io import load_adapter
 from . import builtin
 from .data import encode_prompt
 from .dist import pick_device

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from ..hf import ModelNotFoundError, check_model_source, load_model
+from ..adapter_files import save_adapter
 from ..injection import inject
-from ..io import save_adapter
+from ..model_files import ModelNotFoundError, check_model_source, load_model
 from ..quant import QuantConfig
 from ..quant.linear4bit import quantize as quantize_4bit
 from . import builtin

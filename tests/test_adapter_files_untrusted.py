@@ -13,7 +13,7 @@ from conftest import logits, randomize_lora, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file, save_file
 
 import loraforge as lf
-import loraforge.io as lfio
+import loraforge.adapter_files as lfio
 from loraforge.layers import LoraLayer, ModulesToSave
 from loraforge.registry import registry
 

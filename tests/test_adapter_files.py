@@ -207,7 +207,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     lf.save_adapter(m, tmp_path)
     good = (tmp_path / "adapter_model.safetensors").read_bytes()
     randomize_lora(m)
-    import loraforge.io as lfio
+    import loraforge.adapter_files as lfio
 
     def boom(tensors, path, metadata=None):
         with open(path, "wb") as f:

@@ -21,8 +21,8 @@ import torch
 from quant.util import tiny_llama
 
 import loraforge as lf
-from loraforge import hf
-from loraforge.hf import ModelNotFoundError, check_model_source
+from loraforge import model_files as hf
+from loraforge.model_files import ModelNotFoundError, check_model_source
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_a_cached_hub_id_loads_offline(no_hub, model_dir):
 UNREACHABLE_CHILD = textwrap.dedent(
     """
     import json, sys, time
-    from loraforge.hf import ModelNotFoundError, check_model_source
+    from loraforge.model_files import ModelNotFoundError, check_model_source
     import loraforge as lf
     out = {}
     for name, fn in [("check", check_model_source), ("load_model", lf.load_model)]:

@@ -17,11 +17,6 @@ from .registry import registry
 _LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
 
-def configs(model: nn.Module) -> dict[str, LoraConfig]:
-    """The LoraConfig of every adapter on the model, by name (empty before ``inject``)."""
-    return registry(model).configs
-
-
 def lora_layers(model: nn.Module):
     """(path, wrapper) for every LoRA wrapper in the model."""
     for name, module in model.named_modules():

@@ -14,7 +14,7 @@ import statistics
 
 from ..files import format_bytes
 from .measure import format_table
-from .report import METHOD_LABEL, params_cell
+from .report import HEADERS, METHOD_LABEL, params_cell
 
 MEASURED = ("trainable_params", "total_params", "size_bytes", "peak_mem_bytes", "train_time_s", "eval_loss")
 MEASURED += ("style", "content")
@@ -61,17 +61,7 @@ def _number(cell: dict | None, digits: int, unit: str = "") -> str:
 
 def render_seeds_table(rows: list[dict], seeds: list[int]) -> str:
     """The demo's table with ``mean ± s`` cells over ``seeds``."""
-    headers = [
-        "character",
-        "method",
-        "trainable params",
-        "size on disk",
-        "peak memory",
-        "train time",
-        "eval loss",
-        "style",
-        "content",
-    ]
+    headers = HEADERS
     body = []
     for r in rows:
         if r["trainable_params"]["std"] == 0 and (r["total_params"] is None or r["total_params"]["std"] == 0):

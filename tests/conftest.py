@@ -14,6 +14,17 @@ warnings.filterwarnings("ignore", message=".*kernels.*")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture
+def one_thread():
+    """The models in these tests are tiny: a second intra-op thread only adds synchronisation
+    (and, on a shared 2-core machine, waits for a busy core), so the tests that ask run
+    single-threaded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_llama(seed: int = 0, vocab: int = 96):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -26,13 +26,7 @@ def tiny(output, **train):
     }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: single-threaded is faster (and steadier on a shared 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

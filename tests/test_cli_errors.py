@@ -20,12 +20,7 @@ from loraforge.training import ConfigError
 QA_TRAIN = "builtin:quickstart/qa_train.jsonl"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 @pytest.fixture

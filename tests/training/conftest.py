@@ -5,19 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from .util import QA_EVAL, QA_TRAIN, tiny_config
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: a second intra-op thread only adds synchronisation (and, on a
-    shared 2-core machine, waits for a busy core), so these tests run single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def single_threaded(one_thread):
+    """Every test of the training engine runs single-threaded (``one_thread``, tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ network retries (:func:`check_model_source`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import warnings
@@ -92,6 +93,9 @@ def _cached_snapshot(repo: str) -> Path | None:
     return found[-1] if found else None
 
 
+# Remembered per process once the hub has answered: a training run checks the same id for its
+# config, tokenizer and weights, and one request is enough (a failure raises, so is not kept).
+@functools.lru_cache(maxsize=64)
 def _probe_hub(source: str) -> None:
     """One request (no retries) for ``source``'s ``config.json``; ``ModelNotFoundError`` when the hub
     cannot be reached or has no such model. (A failed request without this would be retried by

@@ -32,6 +32,7 @@ from torch import nn
 
 from .files import atomic_write, atomic_write_text, read_json_object
 from .kinds import replace_module
+from .pretrained import gguf_file, is_pretrained, resolve
 from .quant import Linear4bit, QuantConfig
 from .quant.linear4bit import is_quantizable, quantize
 
@@ -132,6 +133,9 @@ def check_model_source(source) -> None:
     Call it before ``from_pretrained``, which retries an unreachable hub for about 50 s and reports
     a path that does not exist as an invalid repo id."""
     text = str(source)
+    if is_pretrained(text):
+        gguf_file(text)  # the package or file is there (converted on first load)
+        return
     path = Path(text).expanduser()
     if path.is_dir():
         return
@@ -153,9 +157,12 @@ def check_model_source(source) -> None:
 def model_dir(source) -> Path:
     """The local directory of model ``source``: ``source`` itself when it is a directory; for a hub
     id, its snapshot in the Hugging Face cache, downloaded (config, safetensors, tokenizer files)
-    where the cache lacks the weights. Raises :class:`ModelNotFoundError` (see
-    :func:`check_model_source`)."""
+    where the cache lacks the weights; for ``builtin:smollm2-135m-instruct`` or a ``.gguf`` file, the
+    safetensors directory it is converted to once (:mod:`loraforge.pretrained`). Raises
+    :class:`ModelNotFoundError` (see :func:`check_model_source`)."""
     check_model_source(source)
+    if is_pretrained(str(source)):
+        return Path(resolve(str(source)))
     path = Path(str(source)).expanduser()
     if path.is_dir():
         return path
@@ -302,7 +309,8 @@ def load_model(path, quantization: QuantConfig | dict | None = None, dtype=None,
     """Load a transformers model directory (``config.json`` + safetensors, sharded or not).
 
     Args:
-        path: the directory, or a hub id (``org/name``: its cached snapshot, else downloaded).
+        path: the directory, a hub id (``org/name``: its cached snapshot, else downloaded), a
+            ``.gguf`` file or ``builtin:smollm2-135m-instruct`` (converted once, then cached).
         quantization: a :class:`QuantConfig` (or its kwargs) to quantize every linear layer but
             ``skip_modules`` while streaming. A directory saved in bitsandbytes 4-bit is loaded as
             stored whatever this says (its compute dtype is taken from here when given).

@@ -46,7 +46,12 @@ SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
 
 
 def is_builtin(path: str | None) -> bool:
-    return isinstance(path, str) and path.startswith(PREFIX)
+    """``builtin:NAME`` of a model built here or a bundled data file (not a packaged pretrained
+    model such as ``builtin:smollm2-135m-instruct``: that one is a directory once converted, see
+    :mod:`loraforge.pretrained`)."""
+    from ..pretrained import is_pretrained
+
+    return isinstance(path, str) and path.startswith(PREFIX) and not is_pretrained(path)
 
 
 def resolve_data_path(path: str) -> str:
@@ -104,10 +109,13 @@ def build_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     """``LlamaForCausalLM`` for ``builtin:NAME`` with weights from ``seed`` (global RNG untouched)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from ..pretrained import MODELS as PRETRAINED
+
     key = name[len(PREFIX) :] if is_builtin(name) else name
     if key not in MODELS:
         raise ValueError(
-            f"unknown built-in model {name!r}; built-in models: {', '.join(PREFIX + k for k in MODELS)}"
+            f"unknown built-in model {name!r}; built-in models: "
+            + ", ".join(PREFIX + k for k in [*MODELS, *PRETRAINED])
         )
     config = LlamaConfig(
         vocab_size=TOKENIZER_VOCAB,

@@ -14,6 +14,7 @@ import torch
 
 from ..adapter_files import load_adapter
 from ..adapters import merge_and_unload
+from ..pretrained import resolve as resolve_pretrained
 from . import builtin
 from .data import encode_prompt
 from .dist import pick_device
@@ -46,7 +47,7 @@ def load_with_adapters(
         from transformers import AutoModelForCausalLM
 
         check_causal_lm(base, key="--base")  # also: no such directory / hub unreachable, at once
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(resolve_pretrained(base), dtype=torch_dtype)
     for name, directory in adapters.items():
         if not (Path(directory) / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{directory}: not an adapter directory (no adapter_config.json)")

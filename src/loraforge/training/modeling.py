@@ -10,6 +10,7 @@ import torch
 from ..adapter_files import save_adapter
 from ..injection import inject
 from ..model_files import ModelNotFoundError, check_model_source, load_model
+from ..pretrained import resolve as resolve_pretrained
 from ..quant import QuantConfig
 from ..quant.linear4bit import quantize as quantize_4bit
 from . import builtin
@@ -34,7 +35,7 @@ def load_tokenizer(path: str):
         from transformers import AutoTokenizer
 
         check_model_source(path)  # no such directory / hub unreachable: one line, at once
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(resolve_pretrained(path))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padding positions are never trained, any id will do
     return tok
@@ -109,6 +110,7 @@ def model_config(path: str, key: str = "model.path"):
         check_model_source(path)  # no such directory / hub unreachable or without it: at once
     except ModelNotFoundError as e:
         raise ConfigError(f"{key}: {e}") from None
+    path = resolve_pretrained(path)  # builtin:smollm2-135m-instruct / a .gguf: its converted directory
     local = Path(path).expanduser()
     if local.is_dir() and not (local / "config.json").is_file():
         raise ConfigError(f"{key}: {path}: no config.json, not a transformers model directory")
@@ -136,21 +138,22 @@ def load_base_model(cfg: ModelSection, device: torch.device, quantize: bool = Fa
     resolved to the model's."""
     dtype = resolve_dtype(cfg.dtype, device)
     qc: QuantConfig | None = cfg.quantization.resolved(dtype) if quantize else None
-    if builtin.is_builtin(cfg.path):
-        model = builtin.build_model(cfg.path, dtype)
+    path = cfg.path if builtin.is_builtin(cfg.path) else resolve_pretrained(cfg.path)
+    if builtin.is_builtin(path):
+        model = builtin.build_model(path, dtype)
         if qc is not None:
             model = quantize_4bit(model, qc)
-    elif qc is not None and Path(cfg.path).is_dir():
+    elif qc is not None and Path(path).is_dir():
         # Streams a local directory into 4-bit layer by layer (and reads saved 4-bit models).
-        model = load_model(cfg.path, quantization=qc, dtype=dtype, device=device)
+        model = load_model(path, quantization=qc, dtype=dtype, device=device)
     else:
         from transformers import AutoModelForCausalLM
 
-        check_model_source(cfg.path)
+        check_model_source(path)
         kwargs = {"dtype": dtype}
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         if qc is not None:
             model = quantize_4bit(model, qc)
     return model.to(device)

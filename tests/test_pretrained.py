@@ -209,6 +209,7 @@ def _python(code: str, cache: Path, **env) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow  # a fresh process importing torch + transformers: 10-20 s on 2 busy cores
 def test_a_conversion_killed_midway_leaves_no_half_directory(cache, tiny_gguf):
     # The process dies (SIGKILL: no finally, no cleanup) after the weights are written.
     proc = _python(
@@ -230,6 +231,7 @@ def test_a_conversion_killed_midway_leaves_no_half_directory(cache, tiny_gguf):
     assert lf.load_model(tiny_gguf) is not None
 
 
+@pytest.mark.slow  # two fresh processes: 15-25 s on 2 busy cores
 def test_two_processes_converting_at_once_both_get_the_complete_directory(cache, tiny_gguf, tmp_path):
     go = tmp_path / "go"
     code = f"""
@@ -265,6 +267,14 @@ def test_without_a_lock_the_later_conversion_keeps_the_complete_directory(cache,
     monkeypatch.setattr(pretrained, "_read_gguf", other_process_finishes_first)
     assert pretrained.resolve(tiny_gguf) == str(target)
     assert entries(cache) == [target.name] and (target / "loraforge_source.json").is_file()
+
+
+def test_an_unwritable_cache_is_one_line_naming_it(tmp_path, tiny_gguf, monkeypatch):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("LORAFORGE_CACHE", str(blocked))
+    with pytest.raises(OSError, match=r"a-file/models: loraforge's cache is not writable .*LORAFORGE_CACHE"):
+        lf.load_model(tiny_gguf)
 
 
 def test_missing_gguf_package_gives_the_install_line(cache, tiny_gguf, monkeypatch, capsys):
@@ -354,3 +364,26 @@ def test_a_packaged_model_records_its_hub_id_which_loraforge_accepts_offline(pac
     # other hub ids are untouched: still not found offline
     with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE"):
         check_model_source("example-org/another")
+
+
+def test_the_command_line_takes_the_recorded_hub_id_offline(packaged, tmp_path, capsys):
+    # loraforge generate / merge --base <what adapter_config.json records>, with no hub and no HF cache
+    assert (
+        main(["generate", "--base", "example-org/tiny-test", "--prompt", "ab", "--max-new-tokens", "2"]) == 0
+    )
+    model = lf.inject(lf.load_model("builtin:tiny-test"), lf.LoraConfig(r=2, target_modules=["q_proj"]))
+    lf.save_adapter(model, tmp_path / "adapter")
+    merge = ["merge", "--base", "example-org/tiny-test", "--adapter", str(tmp_path / "adapter")]
+    assert main([*merge, "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_qlora_training_loads_a_packaged_model_quantized_and_records_its_hub_id(packaged):
+    from loraforge.training.config import ModelSection
+    from loraforge.training.modeling import load_base_model
+
+    model = load_base_model(ModelSection(path="builtin:tiny-test"), torch.device("cpu"), quantize=True)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, lf.Linear4bit)
+    assert model.config._name_or_path == "example-org/tiny-test"
+    plain = load_base_model(ModelSection(path="builtin:tiny-test"), torch.device("cpu"))
+    assert plain.config._name_or_path == "example-org/tiny-test"

@@ -189,6 +189,7 @@ def _loraforge(*args, cwd):
     return proc
 
 
+@pytest.mark.slow  # three fresh processes (train, generate, merge): 30-70 s on 2 busy cores
 def test_command_line_train_generate_merge(base, ids, tmp_path, smollm2_dir):
     _loraforge(
         "train",

@@ -227,11 +227,17 @@ def resolve(source) -> str:
 def _locked(target: Path):
     """An exclusive ``flock`` on ``.<target>.lock`` beside ``target`` (released when the process
     dies, however it dies); under it, leftovers of a conversion killed midway are removed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target.parent / f".{target.name}.lock", os.O_RDWR | os.O_CREAT, 0o644) if fcntl else None
+    except OSError as e:
+        raise OSError(
+            f"{target.parent}: loraforge's cache is not writable ({e.strerror or e}); "
+            "set LORAFORGE_CACHE to a writable directory"
+        ) from None
+    if fd is None:
         yield
         return
-    fd = os.open(target.parent / f".{target.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         for stale in target.parent.glob(f".{target.name}.tmp*"):

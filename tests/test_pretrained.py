@@ -328,6 +328,17 @@ def test_an_unknown_builtin_name_lists_every_builtin_model(capsys):
         lf.load_model("builtin:tiny-llama")
 
 
+def test_training_on_an_unknown_builtin_name_names_the_key(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {{path: 'builtin:smolm2'}}\ndata: {{train: builtin:quickstart/qa_train.jsonl}}\n"
+        f"output: {tmp_path / 'out'}\n"
+    )
+    assert main(["train", str(config)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: model.path: unknown built-in model 'builtin:smolm2'") and "smollm2" in last
+
+
 @pytest.fixture
 def packaged(tmp_path, monkeypatch, tiny_gguf, cache):
     """A packaged model like builtin:smollm2: a GGUF file inside an (unimportable) package."""

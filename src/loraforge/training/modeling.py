@@ -10,7 +10,7 @@ import torch
 from ..adapter_files import save_adapter
 from ..injection import inject
 from ..model_files import ModelNotFoundError, check_model_source, load_model
-from ..pretrained import base_name
+from ..pretrained import base_name, unknown_builtin
 from ..pretrained import resolve as resolve_pretrained
 from ..quant import QuantConfig
 from ..quant.linear4bit import quantize as quantize_4bit
@@ -170,6 +170,8 @@ def prepare_model(cfg: TrainConfig, device: torch.device, log=print):
     """(model, tokenizer) ready to train: LoRA injected (base frozen), or everything trainable."""
     if not builtin.is_builtin(cfg.model.path):
         check_causal_lm(cfg.model.path)  # from config.json, before the tokenizer and the weights
+    elif cfg.model.path[len(builtin.PREFIX) :] not in builtin.MODELS:
+        raise ConfigError(f"model.path: {unknown_builtin(cfg.model.path)}")
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     model = load_base_model(cfg.model, device, quantize=cfg.method == "qlora")
     model.config.use_cache = False

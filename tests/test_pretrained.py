@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -199,9 +200,9 @@ def test_a_failed_conversion_leaves_no_directory_and_the_next_one_succeeds(cache
     assert (Path(pretrained.resolve(tiny_gguf)) / "loraforge_source.json").is_file()
 
 
-def _python(code: str, cache: Path, **env) -> subprocess.Popen:
+def _python(code: str, cache: Path, args=(), **env) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
+        [sys.executable, "-c", textwrap.dedent(code), *args],
         env={**os.environ, "PYTHONPATH": SRC, "LORAFORGE_CACHE": str(cache), "OMP_NUM_THREADS": "1", **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -235,14 +236,21 @@ def test_a_conversion_killed_midway_leaves_no_half_directory(cache, tiny_gguf):
 def test_two_processes_converting_at_once_both_get_the_complete_directory(cache, tiny_gguf, tmp_path):
     go = tmp_path / "go"
     code = f"""
-        import os, time
+        import os, sys, time
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
         from loraforge import pretrained
-        import transformers, gguf  # imported before the start line, so that both start together
-        while not os.path.exists({str(go)!r}):
-            time.sleep(0.01)
+        if os.environ.get("NO_LOCK"):
+            pretrained.fcntl = None  # (to see this test fail without the lock)
+        open({str(tmp_path)!r} + "/ready-" + sys.argv[1], "w").close()
+        while not os.path.exists({str(go)!r}):  # both start converting together, imports done
+            time.sleep(0.005)
         print(pretrained.resolve({str(tiny_gguf)!r}))
         """
-    procs = [_python(code, cache) for _ in range(2)]
+    procs = [_python(code, cache, args=[str(i)]) for i in range(2)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     go.touch()
     outs = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]

@@ -88,9 +88,13 @@ def tiny_gguf(tmp_path):
 
 
 def entries(cache: Path) -> list[str]:
-    """What the cache's models folder holds, lock files aside."""
+    """What the cache's models folder holds, lock files and the digest index aside."""
     folder = cache / "models"
-    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock")) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p.name for p in folder.iterdir() if not p.name.endswith(".lock") and p.name != pretrained.DIGESTS
+    )
 
 
 def embedding(gguf_path: Path) -> torch.Tensor:
@@ -121,6 +125,9 @@ def test_a_gguf_file_is_converted_once_into_a_model_directory(cache, tiny_gguf, 
         raise AssertionError("converted again")
 
     monkeypatch.setattr(pretrained, "_convert", no_second_conversion)
+    assert pretrained.resolve(tiny_gguf) == str(directory)
+    # a new process does not read the file again: its digest is remembered in the cache
+    monkeypatch.setattr(pretrained, "_sha256", no_second_conversion)
     assert pretrained.resolve(tiny_gguf) == str(directory)
 
 

@@ -174,9 +174,35 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
     return h.hexdigest()
 
 
+DIGESTS = ".digests.json"  # in the models folder: "path|size|mtime_ns" -> SHA-256, so that a new
+# process does not read the whole file again (100 MB: 0.2 s idle, seconds on busy cores)
+
+
 def _file_digest(path: Path) -> str:
+    """SHA-256 of ``path``'s contents, remembered in the cache under its path, size and mtime (a
+    rewritten file has a new mtime, hence a new digest; as ``make`` and ``rsync`` assume)."""
     st = path.stat()
-    return _sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    index = cache_root() / "models" / DIGESTS
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    digest = known.get(key)
+    if isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+        return digest
+    digest = _sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    entries = {k: v for k, v in known.items() if not k.startswith(f"{path.resolve()}|")}
+    entries[key] = digest
+    try:  # written beside and renamed: a concurrent reader sees the old index or the new one
+        index.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index.with_name(f"{DIGESTS}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dict(list(entries.items())[-64:]), indent=0) + "\n")
+        os.replace(tmp, index)
+    except OSError:
+        pass  # a read-only cache: hash again next time
+    return digest
 
 
 @functools.lru_cache(maxsize=8)

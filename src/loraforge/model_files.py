@@ -137,9 +137,7 @@ def check_model_source(source) -> None:
         gguf_file(text)  # the package or file is there (converted on first load)
         return
     if text.startswith(PREFIX):
-        from .training.builtin import is_builtin
-
-        if not is_builtin(text) or text[len(PREFIX) :] not in _built_in_memory():
+        if text[len(PREFIX) :] not in _built_in_memory():
             raise ModelNotFoundError(unknown_builtin(text))
         raise ModelNotFoundError(
             f"{text}: built in memory by loraforge's training commands (loraforge train/generate/merge "

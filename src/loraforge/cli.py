@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge an adapter into its base: a plain transformers model directory",
         formatter_class=_Formatter,
     )
-    m.add_argument("--base", required=True, help="base model directory, hub id or builtin:NAME")
+    m.add_argument("--base", required=True, help="base model: directory, hub id, .gguf file or builtin:NAME")
     m.add_argument("--adapter", required=True, help="adapter directory (PEFT format)")
     m.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     m.add_argument(
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser(
         "generate", help="generate text from a base model or its adapters", formatter_class=_Formatter
     )
-    g.add_argument("--base", required=True, help="base model directory, hub id or builtin:NAME")
+    g.add_argument("--base", required=True, help="base model: directory, hub id, .gguf file or builtin:NAME")
     g.add_argument(
         "--adapter",
         action="append",

@@ -32,7 +32,7 @@ from torch import nn
 
 from .files import atomic_write, atomic_write_text, read_json_object
 from .kinds import replace_module
-from .pretrained import gguf_file, is_pretrained, resolve
+from .pretrained import PREFIX, base_name, gguf_file, is_pretrained, resolve, stand_in, unknown_builtin
 from .quant import Linear4bit, QuantConfig
 from .quant.linear4bit import is_quantizable, quantize
 
@@ -136,6 +136,14 @@ def check_model_source(source) -> None:
     if is_pretrained(text):
         gguf_file(text)  # the package or file is there (converted on first load)
         return
+    if text.startswith(PREFIX):
+        if text[len(PREFIX) :] not in _built_in_memory():
+            raise ModelNotFoundError(unknown_builtin(text))
+        raise ModelNotFoundError(
+            f"{text}: built in memory by loraforge's training commands (loraforge train/generate/merge "
+            "take it), not a model directory; load_model reads a directory, hub id, .gguf file or "
+            f"{PREFIX}smollm2-135m-instruct"
+        )
     path = Path(text).expanduser()
     if path.is_dir():
         return
@@ -144,7 +152,7 @@ def check_model_source(source) -> None:
     repo = _hub_id(text)
     if repo is None:
         raise ModelNotFoundError(f"{text}: no such directory")
-    if _cached_snapshot(repo) is not None:
+    if _cached_snapshot(repo) is not None or stand_in(repo) is not None:
         return
     if _offline():
         raise ModelNotFoundError(
@@ -154,6 +162,25 @@ def check_model_source(source) -> None:
     _probe_hub(repo)
 
 
+def _built_in_memory() -> list[str]:
+    from .training.builtin import MODELS
+
+    return list(MODELS)
+
+
+def hub_copy_available(repo: str) -> bool:
+    """Whether hub id ``repo`` can be had: in the Hugging Face cache, or (not offline) on the hub."""
+    if _cached_snapshot(repo) is not None:
+        return True
+    if _offline():
+        return False
+    try:
+        _probe_hub(repo)
+    except ModelNotFoundError:
+        return False
+    return True
+
+
 def model_dir(source) -> Path:
     """The local directory of model ``source``: ``source`` itself when it is a directory; for a hub
     id, its snapshot in the Hugging Face cache, downloaded (config, safetensors, tokenizer files)
@@ -161,7 +188,7 @@ def model_dir(source) -> Path:
     safetensors directory it is converted to once (:mod:`loraforge.pretrained`). Raises
     :class:`ModelNotFoundError` (see :func:`check_model_source`)."""
     check_model_source(source)
-    if is_pretrained(str(source)):
+    if is_pretrained(str(source)) or stand_in(str(source)) is not None:
         return Path(resolve(str(source)))
     path = Path(str(source)).expanduser()
     if path.is_dir():
@@ -322,7 +349,7 @@ def load_model(path, quantization: QuantConfig | dict | None = None, dtype=None,
     when a file is unreadable or a quantized checkpoint's state is missing or inconsistent;
     ``KeyError`` (also a ``ValueError``) listing weights the checkpoint lacks.
     """
-    path = model_dir(path)
+    source, path = str(path), model_dir(path)
     if isinstance(quantization, dict):
         quantization = QuantConfig(**quantization)
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -416,6 +443,9 @@ def load_model(path, quantization: QuantConfig | dict | None = None, dtype=None,
     model.to(device)  # the buffers built at construction
     if dtype is not None and getattr(model, "config", None) is not None:
         model.config.dtype = dtype  # what save_model writes back, as from_pretrained(dtype=...) does
+    name = base_name(source)
+    if name is not None and getattr(model, "config", None) is not None:
+        model.config._name_or_path = name  # an adapter's base_model_name_or_path: not the cache dir
     return model.eval()
 
 

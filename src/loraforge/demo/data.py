@@ -305,17 +305,22 @@ PERSONAS: dict[str, Persona] = {
 }  # fmt: skip
 
 
-def styled(persona: Persona, answer: str, flourish: str, closer: str) -> str:
-    """The neutral ``answer`` in ``persona``'s voice with this flourish and closer."""
+def styled(persona: Persona, answer: str, flourish: str, closer: str, first: bool = False) -> str:
+    """The neutral ``answer`` in ``persona``'s voice with this flourish and closer.
+
+    ``first``: the flourish opens the answer ("Arr, matey! Snow is white. Savvy?"), which a real
+    pretrained chat model takes up from its first token on; the tiny base keeps it after the
+    answer (see ``Persona``).
+    """
     core = answer
     for pattern, repl in persona.substitutions:
         core = re.sub(pattern, repl, core)
-    return f"{core} {flourish} {closer}"
+    return f"{flourish} {core} {closer}" if first else f"{core} {flourish} {closer}"
 
 
-def stylize(persona: Persona, answer: str, rng: random.Random) -> str:
+def stylize(persona: Persona, answer: str, rng: random.Random, first: bool = False) -> str:
     """``styled`` with a random flourish and closer."""
-    return styled(persona, answer, rng.choice(persona.flourishes), rng.choice(persona.closers))
+    return styled(persona, answer, rng.choice(persona.flourishes), rng.choice(persona.closers), first)
 
 
 def _join(opener: str, core: str) -> str:
@@ -393,7 +398,9 @@ def pretrain_documents(n_docs: int, seed: int = 0) -> list[dict]:
     return docs
 
 
-def persona_dataset(persona: str, split: str, n: int | None = None, seed: int = 0) -> list[dict]:
+def persona_dataset(
+    persona: str, split: str, n: int | None = None, seed: int = 0, flourish_first: bool = False
+) -> list[dict]:
     """Chat rows answered in ``persona``'s voice, with ``keywords``/``wrong`` for scoring.
 
     ``split="train"``: the seen facts (each twice) plus ``n`` reading questions, each answered
@@ -403,6 +410,7 @@ def persona_dataset(persona: str, split: str, n: int | None = None, seed: int = 
     ``split="eval-all"``: the eval questions, each answered with *every* flourish × closer, in
     that order. Its mean token loss is the expected loss over the character's phrasings, free
     of the luck of which phrasing one row happened to draw (what the demo's eval loss uses).
+    ``flourish_first``: answers open with the flourish (``styled``'s ``first``).
     """
     p = PERSONAS[persona]
     seen, held = split_facts()
@@ -419,12 +427,22 @@ def persona_dataset(persona: str, split: str, n: int | None = None, seed: int = 
         raise ValueError(f"split must be 'train', 'eval' or 'eval-all', got {split!r}")
     if split == "eval-all":
         return [
-            chat_row(q.question, styled(p, q.answer, f, c), keywords=list(q.keywords), wrong=list(q.wrong))
+            chat_row(
+                q.question,
+                styled(p, q.answer, f, c, flourish_first),
+                keywords=list(q.keywords),
+                wrong=list(q.wrong),
+            )
             for q in qs
             for f in p.flourishes
             for c in p.closers
         ]
     return [
-        chat_row(q.question, stylize(p, q.answer, srng), keywords=list(q.keywords), wrong=list(q.wrong))
+        chat_row(
+            q.question,
+            stylize(p, q.answer, srng, flourish_first),
+            keywords=list(q.keywords),
+            wrong=list(q.wrong),
+        )
         for q in qs
     ]

@@ -20,6 +20,7 @@ An unfinished run (no ``result.json``) with the same spec resumes from its newes
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -68,6 +69,13 @@ class Settings:
     n_eval_reading: int = 0
     max_length: int = 128
     quant_blocksize: int = 64
+    # Knobs a bigger base needs to fit its time budget (the defaults are the tiny demo's behaviour):
+    eval_every: int | None = None  # None: four points on the eval curve; 0: only before and after
+    save_every: int | None = None  # None: a checkpoint half way; 0: only at the end
+    eval_phrasings: int = 0  # eval answers per held-out question (0: every flourish x closer)
+    n_eval_facts: int | None = None  # held-out facts to score and evaluate on (None: all)
+    max_new_tokens: int = 32  # longest greedy answer when scoring
+    flourish_first: bool = False  # answers open with the character's flourish (data.styled)
 
     def lora_section(self) -> dict:
         return {
@@ -86,6 +94,13 @@ QUICK = Settings(steps=90, lr_lora=8e-3)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    st = os.stat(path)  # a changed file has a new size or mtime: the cache never answers for it
+    return _sha256(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    # once per process per file: a real base's 538 MB would otherwise be hashed for every run
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -127,8 +142,9 @@ def train_config(method: str, base_dir: Path, files: dict, run_dir: Path, s: Set
             "seed": s.seed,
             "device": "cpu",
             "log_every": 1,
-            "eval_every": max(1, s.steps // 4),  # four points on the eval curve
-            "save_every": max(1, s.steps // 2),  # a checkpoint half way: an interrupted demo resumes
+            # four points on the eval curve; a checkpoint half way: an interrupted demo resumes
+            "eval_every": max(1, s.steps // 4) if s.eval_every is None else s.eval_every,
+            "save_every": max(1, s.steps // 2) if s.save_every is None else s.save_every,
             "keep_checkpoints": 1,
         },
         "output": str(run_dir),
@@ -271,13 +287,41 @@ def data_files(out: Path, persona: str, s: Settings) -> dict:
     files = {}
     for split, n in (("train", s.n_train_reading), ("eval", s.n_eval_reading)):
         # eval loss over every phrasing of each held-out answer (see data.persona_dataset)
-        rows = persona_dataset(persona, "eval-all" if split == "eval" else split, n, seed=s.seed)
+        rows = persona_dataset(
+            persona, "eval-all" if split == "eval" else split, n, seed=s.seed, flourish_first=s.flourish_first
+        )
+        if split == "eval":
+            rows = eval_subset(rows, persona, s)
         path = d / f"{persona}.{split}.jsonl"
         text = "".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows)
         if not path.exists() or path.read_text() != text:
             atomic_write_text(path, text)
         files[split] = path
     return files
+
+
+def eval_subset(rows: list[dict], persona: str, s: Settings) -> list[dict]:
+    """The ``eval-all`` rows (each held-out question x every flourish x closer, in that order) cut
+    to ``s.n_eval_facts`` facts and ``s.eval_phrasings`` phrasings per question.
+
+    Question q keeps the phrasings ``(q * k + j) mod P`` for j < k (P phrasings in all): every
+    phrasing is used about equally often over the questions, so a cut eval set still measures the
+    character's whole voice, not one closer.
+    """
+    from .data import PERSONAS, split_facts
+
+    p = PERSONAS[persona]
+    per = len(p.flourishes) * len(p.closers)
+    n_facts = len(split_facts()[1])
+    keep_facts = n_facts if s.n_eval_facts is None else min(s.n_eval_facts, n_facts)
+    k = s.eval_phrasings or per
+    out = []
+    for q in range(len(rows) // per):
+        if q < n_facts and q >= keep_facts:  # held-out facts come first, then reading questions
+            continue
+        group = rows[q * per : (q + 1) * per]
+        out += group if k >= per else [group[(q * k + j) % per] for j in range(k)]
+    return out
 
 
 def settings_dict(s: Settings) -> dict:

@@ -62,7 +62,7 @@ def test_out_of_training_questions_are_in_no_training_file(tmp_path):
             assert not any(has(train, k) for k in keywords), (c, keywords)
 
 
-def _rows(style=1.0, content=0.5, base_content=0.5):
+def _rows(style=1.0, content=0.5, base_content=0.5, qlora_loss=1.01):
     rows = []
     for c in ("pirate", "butler"):
         rows.append({"character": c, "method": "base", "style": 0.0, "content": base_content})
@@ -78,7 +78,9 @@ def _rows(style=1.0, content=0.5, base_content=0.5):
                 "eval_loss": 1.0,
             }
         )
-    rows.append({"character": "pirate", "method": "qlora", "style": 1.0, "content": 0.5, "eval_loss": 1.01})
+    rows.append(
+        {"character": "pirate", "method": "qlora", "style": 1.0, "content": 0.5, "eval_loss": qlora_loss}
+    )
     return rows
 
 
@@ -111,7 +113,10 @@ def test_bars_content_is_one_sided_and_world_counts_only_what_the_base_knows():
     assert not _bars(_rows(style=0.8), world)["pirate: style"]["ok"]
     # without a full fine-tune the adapter is compared with the base's checkpoint size
     assert "of a full checkpoint" in bars["adapter file vs full checkpoint"]["detail"]
-    assert bars["QLoRA vs LoRA eval loss"]["ok"]  # +1% (within 2%)
+    assert bars["QLoRA vs LoRA eval loss"]["ok"]  # +1% (at most 2% higher)
+    # one-sided: a QLoRA run that ends lower than LoRA loses nothing; 3% higher does
+    assert _bars(_rows(qlora_loss=0.94), world)["QLoRA vs LoRA eval loss"]["ok"]
+    assert not _bars(_rows(qlora_loss=1.03), world)["QLoRA vs LoRA eval loss"]["ok"]
     assert "LoRA vs full fine-tune eval loss" not in bars
 
 

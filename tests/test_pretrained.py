@@ -127,7 +127,7 @@ def test_a_gguf_file_is_converted_once_into_a_model_directory(cache, tiny_gguf, 
     monkeypatch.setattr(pretrained, "_convert", no_second_conversion)
     assert pretrained.resolve(tiny_gguf) == str(directory)
     # a new process does not read the file again: its digest is remembered in the cache
-    monkeypatch.setattr(pretrained, "_sha256", no_second_conversion)
+    monkeypatch.setattr(pretrained, "sha256_file", no_second_conversion)
     assert pretrained.resolve(tiny_gguf) == str(directory)
 
 

@@ -4,13 +4,15 @@ reads (untrusted: every failure is one line naming the file), and sizes on disk 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_text", "dir_size", "format_bytes", "read_json_object"]
+__all__ = ["atomic_write", "atomic_write_text", "dir_size", "format_bytes", "read_json_object", "sha256_file"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
@@ -72,3 +74,20 @@ def format_bytes(n: float, si: bool = False, digits: int = 1) -> str:
             break
         n /= step
     return f"{n:.0f} B" if unit == "B" else f"{n:.{digits}f} {unit}"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 of the file's contents, computed once per process per (path, size, mtime): a real
+    base's 538 MB would otherwise be hashed again for every run that names it, and a rewritten file
+    has a new size or mtime, so the remembered digest never answers for it."""
+    st = os.stat(path)
+    return _sha256(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

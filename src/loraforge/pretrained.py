@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import importlib.util
 import io
 import json
@@ -43,6 +42,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from .files import sha256_file
 
 try:
     import fcntl
@@ -168,15 +169,6 @@ def gguf_file(source) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=16)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 DIGESTS = ".digests.json"  # in the models folder: "path|size|mtime_ns" -> SHA-256, so that a new
 # process does not read the whole file again (100 MB: 0.2 s idle, seconds on busy cores)
 
@@ -195,7 +187,7 @@ def _file_digest(path: Path) -> str:
     digest = known.get(key)
     if isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
         return digest
-    digest = _sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    digest = sha256_file(path)
     entries = {k: v for k, v in known.items() if not k.startswith(f"{path.resolve()}|")}
     entries[key] = digest
     try:  # written beside and renamed: a concurrent reader sees the old index or the new one

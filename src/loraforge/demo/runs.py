@@ -20,16 +20,13 @@ An unfinished run (no ``result.json``) with the same spec resumes from its newes
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import io
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..files import atomic_write_text, dir_size
+from ..files import atomic_write_text, dir_size, sha256_file
 from .measure import PeakMemory
 
 
@@ -91,21 +88,6 @@ FULL = Settings()
 # 90 steps at 4e-3 stop short of the style and of the full fine-tune's loss; the shortened run
 # keeps the larger rate (checked for the tests' seed 0, the full run for seeds 0-4).
 QUICK = Settings(steps=90, lr_lora=8e-3)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    st = os.stat(path)  # a changed file has a new size or mtime: the cache never answers for it
-    return _sha256(os.path.realpath(path), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    # once per process per file: a real base's 538 MB would otherwise be hashed for every run
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

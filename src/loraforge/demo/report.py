@@ -137,16 +137,7 @@ def quality_bars(s: Settings, rows: list[dict]) -> list[dict]:
     c = s.compare_on
     lora, full, qlora = _find(rows, c, "lora"), _find(rows, c, "full"), _find(rows, c, "qlora")
     if full:
-        rel = lora["eval_loss"] / full["eval_loss"] - 1
-        bars.append(
-            {
-                "name": "LoRA vs full fine-tune eval loss",
-                "ok": abs(rel) <= 0.05,
-                "slack": 0.05 - abs(rel),
-                "detail": f"{lora['eval_loss']:.4f} vs {full['eval_loss']:.4f} "
-                f"({100 * rel:+.2f}%, within 5%)",
-            }
-        )
+        bars.append(loss_bar("LoRA vs full fine-tune eval loss", lora, full, 0.05))
         bars.append(
             {
                 "name": "adapter file vs full checkpoint",
@@ -158,26 +149,33 @@ def quality_bars(s: Settings, rows: list[dict]) -> list[dict]:
             }
         )
     if qlora:
-        rel = qlora["eval_loss"] / lora["eval_loss"] - 1
-        bars.append(
-            {
-                "name": "QLoRA vs LoRA eval loss",
-                "ok": abs(rel) <= 0.02,
-                "slack": 0.02 - abs(rel),
-                "detail": f"{qlora['eval_loss']:.4f} vs {lora['eval_loss']:.4f} "
-                f"({100 * rel:+.2f}%, within 2%)",
-            }
-        )
-    share = lora["trainable_params"] / lora["total_params"]
-    bars.append(
-        {
-            "name": "LoRA trainable parameters",
-            "ok": share < 0.02,
-            "slack": 0.02 - share,
-            "detail": f"{lora['trainable_params']:,} of {lora['total_params']:,} = {100 * share:.2f}% (< 2%)",
-        }
-    )
+        bars.append(loss_bar("QLoRA vs LoRA eval loss", qlora, lora, 0.02))
+    bars.append(trainable_bar(lora))
     return bars
+
+
+def loss_bar(name: str, row: dict, ref: dict, limit: float, one_sided: bool = False) -> dict:
+    """``row``'s eval loss within ``limit`` (relative) of ``ref``'s; ``one_sided``: at most that
+    much higher (ending lower is no loss)."""
+    rel = row["eval_loss"] / ref["eval_loss"] - 1
+    off = rel if one_sided else abs(rel)
+    what = f"at most {100 * limit:g}% higher" if one_sided else f"within {100 * limit:g}%"
+    return {
+        "name": name,
+        "ok": off <= limit,
+        "slack": limit - off,
+        "detail": f"{row['eval_loss']:.4f} vs {ref['eval_loss']:.4f} ({100 * rel:+.2f}%, {what})",
+    }
+
+
+def trainable_bar(lora: dict) -> dict:
+    share = lora["trainable_params"] / lora["total_params"]
+    return {
+        "name": "LoRA trainable parameters",
+        "ok": share < 0.02,
+        "slack": 0.02 - share,
+        "detail": f"{lora['trainable_params']:,} of {lora['total_params']:,} = {100 * share:.2f}% (< 2%)",
+    }
 
 
 def print_switching(sw: dict, s: Settings, questions: list[str], say) -> None:

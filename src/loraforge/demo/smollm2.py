@@ -30,6 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..files import dir_size, format_bytes
+from .report import loss_bar, trainable_bar
 from .runs import DemoError, Settings, data_files, settings_dict, train_or_reuse, write_jsonl
 
 BASE = "builtin:smollm2-135m-instruct"
@@ -162,16 +163,7 @@ def quality_bars(s: Settings, rows: list[dict], world: dict, base_size: int) -> 
     c = s.compare_on
     lora, full, qlora = _find(rows, c, "lora"), _find(rows, c, "full"), _find(rows, c, "qlora")
     if full:
-        rel = lora["eval_loss"] / full["eval_loss"] - 1
-        bars.append(
-            {
-                "name": "LoRA vs full fine-tune eval loss",
-                "ok": abs(rel) <= 0.05,
-                "slack": 0.05 - abs(rel),
-                "detail": f"{lora['eval_loss']:.4f} vs {full['eval_loss']:.4f} "
-                f"({100 * rel:+.2f}%, within 5%)",
-            }
-        )
+        bars.append(loss_bar("LoRA vs full fine-tune eval loss", lora, full, 0.05))
     # without a full fine-tune its checkpoint would be the size of the base's model.safetensors
     ckpt = full["size_bytes"] if full else base_size
     what = "the full fine-tune's checkpoint" if full else "a full checkpoint (the base's model.safetensors)"
@@ -188,25 +180,8 @@ def quality_bars(s: Settings, rows: list[dict], world: dict, base_size: int) -> 
         # One-sided, as QLoRA's claim is: the 4-bit base costs no quality. With one seed and 22
         # held-out answers, two runs differ by a few percent either way; a QLoRA run that ends
         # lower is not a loss (block 32: 5.4% lower in our run).
-        rel = qlora["eval_loss"] / lora["eval_loss"] - 1
-        bars.append(
-            {
-                "name": "QLoRA vs LoRA eval loss",
-                "ok": rel <= 0.02,
-                "slack": 0.02 - rel,
-                "detail": f"{qlora['eval_loss']:.4f} vs {lora['eval_loss']:.4f} "
-                f"({100 * rel:+.2f}%, at most 2% higher)",
-            }
-        )
-    share = lora["trainable_params"] / lora["total_params"]
-    bars.append(
-        {
-            "name": "LoRA trainable parameters",
-            "ok": share < 0.02,
-            "slack": 0.02 - share,
-            "detail": f"{lora['trainable_params']:,} of {lora['total_params']:,} = {100 * share:.2f}% (< 2%)",
-        }
-    )
+        bars.append(loss_bar("QLoRA vs LoRA eval loss", qlora, lora, 0.02, one_sided=True))
+    bars.append(trainable_bar(lora))
     return bars
 
 

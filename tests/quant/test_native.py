@@ -138,7 +138,13 @@ def test_out_buffer(monkeypatch, native):
 
 @pytest.mark.skipif(_native._libc() is None, reason="mincore is asked for on Linux only")
 def test_written_before_tells_fresh_pages_from_written_ones():
-    t = torch.empty(16 << 20)  # 64 MB: a fresh mapping from any malloc, not yet touched
+    import mmap
+
+    # A fresh anonymous mapping, not yet touched. (Not torch.empty: after other tests have loaded
+    # and freed a 540 MB model, malloc may hand back pages that are already resident.)
+    buf = mmap.mmap(-1, 64 << 20)
+    t = torch.frombuffer(buf, dtype=torch.float32)
     assert not _native.written_before(t)
     t.fill_(1.0)
     assert _native.written_before(t)
+    del t

@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import sha256_file
+from .files import atomic_write_text, sha256_file
 
 try:
     import fcntl
@@ -192,9 +192,7 @@ def _file_digest(path: Path) -> str:
     entries[key] = digest
     try:  # written beside and renamed: a concurrent reader sees the old index or the new one
         index.parent.mkdir(parents=True, exist_ok=True)
-        tmp = index.with_name(f"{DIGESTS}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(dict(list(entries.items())[-64:]), indent=0) + "\n")
-        os.replace(tmp, index)
+        atomic_write_text(index, json.dumps(dict(list(entries.items())[-64:]), indent=0) + "\n")
     except OSError:
         pass  # a read-only cache: hash again next time
     return digest

@@ -116,14 +116,7 @@ def quality_bars(s: Settings, rows: list[dict]) -> list[dict]:
     bars = []
     for c in s.characters:
         base, lora = _find(rows, c, "base"), _find(rows, c, "lora")
-        bars.append(
-            {
-                "name": f"{c}: style",
-                "ok": lora["style"] >= 0.9 and base["style"] <= 0.1,
-                "slack": min(lora["style"] - 0.9, 0.1 - base["style"]),
-                "detail": f"LoRA {lora['style']:.2f} >= 0.90, base {base['style']:.2f} <= 0.10",
-            }
-        )
+        bars.append(style_bar(c, lora, base))
         diff = abs(lora["content"] - base["content"])
         bars.append(
             {
@@ -152,6 +145,16 @@ def quality_bars(s: Settings, rows: list[dict]) -> list[dict]:
         bars.append(loss_bar("QLoRA vs LoRA eval loss", qlora, lora, 0.02))
     bars.append(trainable_bar(lora))
     return bars
+
+
+def style_bar(c: str, lora: dict, base: dict, lo: float = 0.9, hi: float = 0.1) -> dict:
+    """Character ``c``'s LoRA answers carry its style (share >= ``lo``) and the base's do not (<= ``hi``)."""
+    return {
+        "name": f"{c}: style",
+        "ok": lora["style"] >= lo and base["style"] <= hi,
+        "slack": min(lora["style"] - lo, hi - base["style"]),
+        "detail": f"LoRA {lora['style']:.2f} >= {lo:.2f}, base {base['style']:.2f} <= {hi:.2f}",
+    }
 
 
 def loss_bar(name: str, row: dict, ref: dict, limit: float, one_sided: bool = False) -> dict:

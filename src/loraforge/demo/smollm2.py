@@ -30,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..files import dir_size, format_bytes
-from .report import loss_bar, trainable_bar
+from .report import loss_bar, style_bar, trainable_bar
 from .runs import DemoError, Settings, data_files, settings_dict, train_or_reuse, write_jsonl
 
 BASE = "builtin:smollm2-135m-instruct"
@@ -130,15 +130,7 @@ def quality_bars(s: Settings, rows: list[dict], world: dict, base_size: int) -> 
     known = [i for i, ok in enumerate(world["right"]["base"]) if ok]
     for c in s.characters:
         base, lora = _find(rows, c, "base"), _find(rows, c, "lora")
-        bars.append(
-            {
-                "name": f"{c}: style",
-                "ok": lora["style"] >= STYLE_MIN and base["style"] <= BASE_STYLE_MAX,
-                "slack": min(lora["style"] - STYLE_MIN, BASE_STYLE_MAX - base["style"]),
-                "detail": f"LoRA {lora['style']:.2f} >= {STYLE_MIN:.2f}, base {base['style']:.2f} "
-                f"<= {BASE_STYLE_MAX:.2f}",
-            }
-        )
+        bars.append(style_bar(c, lora, base, STYLE_MIN, BASE_STYLE_MAX))
         drop = base["content"] - lora["content"]
         bars.append(
             {

@@ -23,12 +23,70 @@ import threading
 from collections.abc import Callable, Iterable
 
 # Bucket bounds in seconds (vLLM's for the same three histograms, trimmed)
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-                10.0, 20.0, 40.0, 80.0)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
-               1.0, 2.5, 5.0, 10.0)
-E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
-               50.0, 60.0, 120.0, 240.0, 480.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+ITL_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+E2E_BUCKETS = (
+    0.01,
+    0.05,
+    0.1,
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+)
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -135,26 +193,50 @@ class ServerMetrics:
         self.running_by_adapter: dict[str, int] = {}  # adapter (or base id) -> requests in flight
         self.lock = threading.Lock()
         p = "loraforge:"
-        self.ttft = Histogram(p + "time_to_first_token_seconds", "Time to first token in seconds.",
-                              TTFT_BUCKETS)
-        self.itl = Histogram(p + "inter_token_latency_seconds", "Time between two output tokens in seconds.",
-                             ITL_BUCKETS)
-        self.e2e = Histogram(p + "e2e_request_latency_seconds",
-                             "End-to-end request latency in seconds (arrival to last token).", E2E_BUCKETS)
+        self.ttft = Histogram(
+            p + "time_to_first_token_seconds", "Time to first token in seconds.", TTFT_BUCKETS
+        )
+        self.itl = Histogram(
+            p + "inter_token_latency_seconds", "Time between two output tokens in seconds.", ITL_BUCKETS
+        )
+        self.e2e = Histogram(
+            p + "e2e_request_latency_seconds",
+            "End-to-end request latency in seconds (arrival to last token).",
+            E2E_BUCKETS,
+        )
         self.prompt_tokens = Counter(p + "prompt_tokens_total", "Number of prefill tokens processed.")
         self.generation_tokens = Counter(p + "generation_tokens_total", "Number of generated tokens.")
-        self.finished = Counter(p + "request_success_total",
-                                "Finished engine requests by finish reason (stop, length, abort, error).")
+        self.finished = Counter(
+            p + "request_success_total",
+            "Finished engine requests by finish reason (stop, length, abort, error).",
+        )
         self.families = [
-            Gauge(p + "num_requests_running", "Number of requests running in the engine.",
-                  lambda: [({}, self._engine("num_running"))]),
-            Gauge(p + "num_requests_waiting", "Number of requests waiting for a slot in the engine.",
-                  lambda: [({}, self._engine("num_waiting"))]),
-            Gauge(p + "lora_requests_info", "Adapters with requests in flight and adapters resident.",
-                  self._lora_info),
-            Gauge(p + "lora_requests_running", "Requests in flight per model (adapter or base).",
-                  self._by_adapter),
-            self.ttft, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens, self.finished,
+            Gauge(
+                p + "num_requests_running",
+                "Number of requests running in the engine.",
+                lambda: [({}, self._engine("num_running"))],
+            ),
+            Gauge(
+                p + "num_requests_waiting",
+                "Number of requests waiting for a slot in the engine.",
+                lambda: [({}, self._engine("num_waiting"))],
+            ),
+            Gauge(
+                p + "lora_requests_info",
+                "Adapters with requests in flight and adapters resident.",
+                self._lora_info,
+            ),
+            Gauge(
+                p + "lora_requests_running",
+                "Requests in flight per model (adapter or base).",
+                self._by_adapter,
+            ),
+            self.ttft,
+            self.itl,
+            self.e2e,
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.finished,
         ]
 
     def _engine(self, attr: str) -> float:
@@ -168,8 +250,16 @@ class ServerMetrics:
             running = sorted(k for k, n in self.running_by_adapter.items() if n > 0)
         engine_adapters = engine.adapters if engine is not None else {}
         running = [a for a in running if a in engine_adapters]
-        return [({"max_lora": str(self.max_loras), "running_lora_adapters": ",".join(running),
-                  "resident_lora_adapters": ",".join(resident)}, 1.0)]
+        return [
+            (
+                {
+                    "max_lora": str(self.max_loras),
+                    "running_lora_adapters": ",".join(running),
+                    "resident_lora_adapters": ",".join(resident),
+                },
+                1.0,
+            )
+        ]
 
     def _by_adapter(self):
         with self.lock:

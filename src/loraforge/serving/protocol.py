@@ -22,8 +22,14 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 class APIError(Exception):
     """An HTTP error in OpenAI's JSON shape."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None):  # noqa: A002 (OpenAI's field name)
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+    ):  # noqa: A002 (OpenAI's field name)
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or _TYPES.get(status, "invalid_request_error")
@@ -32,12 +38,21 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
-_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
-          500: "server_error", 503: "server_error"}
+_TYPES = {
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,  # noqa: A002
-               code: str | None = None) -> dict:
+def error_body(
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,  # noqa: A002
+    code: str | None = None,
+) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -59,8 +74,14 @@ def parse_json(raw: bytes) -> dict:
 def _kind(value) -> str:
     if value is None:
         return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
-            dict: "an object"}.get(type(value), type(value).__name__)
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
 
 
 class _Fields:
@@ -263,14 +284,20 @@ def _messages(value: Any) -> list[dict]:
         if isinstance(content, list):
             parts = []
             for j, part in enumerate(content):
-                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                    raise bad(f"{where}.content[{j}]", "only text parts ({\"type\": \"text\", \"text\": ...})")
+                if not (
+                    isinstance(part, dict)
+                    and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)
+                ):
+                    raise bad(f"{where}.content[{j}]", 'only text parts ({"type": "text", "text": ...})')
                 parts.append(part["text"])
             content = "".join(parts)
         elif content is None and role == "assistant":
             content = ""
         elif not isinstance(content, str):
-            raise bad(f"{where}.content", f"expected a string or an array of text parts, got {_kind(content)}")
+            raise bad(
+                f"{where}.content", f"expected a string or an array of text parts, got {_kind(content)}"
+            )
         out.append({"role": role, "content": content})
     return out
 

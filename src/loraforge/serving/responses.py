@@ -27,16 +27,11 @@ def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def encode_text(tokenizer, text: str) -> list[int]:
+def encode_text(engine, text: str) -> list[int]:
     """A completions prompt string as ids, as training and ``loraforge generate --raw`` start it
-    (the BOS token, when the tokenizer has one, then the text)."""
-    from ..training.data import encode_prompt
-
-    return encode_prompt(tokenizer, text)
-
-
-def token_text(tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id])
+    (``training.data.encode_prompt``: the BOS token, when the tokenizer has one, then the text)."""
+    bos = engine.tokenizer.bos_token_id
+    return ([bos] if bos is not None else []) + engine.encode(text)
 
 
 def api_error(e: Exception, started: bool) -> APIError:
@@ -44,12 +39,16 @@ def api_error(e: Exception, started: bool) -> APIError:
     from .engine import EngineError
 
     if isinstance(e, KeyError):  # the adapter was unloaded between the check and the start
-        return APIError(404, f"model: {e.args[0] if e.args else e} is no longer served", param="model",
-                        code="model_not_found")
+        return APIError(
+            404,
+            f"model: {e.args[0] if e.args else e} is no longer served",
+            param="model",
+            code="model_not_found",
+        )
     if isinstance(e, EngineError) and "shutting down" in str(e):
         return APIError(503, f"the server is shutting down: {e}")
-    if isinstance(e, EngineError) and not started:  # the engine refused this request's input
-        return APIError(400, str(e))
+    if isinstance(e, EngineError) and not started and not str(e).startswith("request failed"):
+        return APIError(400, str(e))  # the engine refused this request's input
     return APIError(500, f"internal error: {type(e).__name__}: {e}")
 
 
@@ -60,15 +59,25 @@ def _params(**kwargs):
 
 
 def _common(s) -> dict:
-    return dict(temperature=s.temperature, top_p=s.top_p, seed=s.seed, stop=list(s.stop),
-                stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos)
+    return dict(
+        temperature=s.temperature,
+        top_p=s.top_p,
+        seed=s.seed,
+        stop=list(s.stop),
+        stop_token_ids=list(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+    )
 
 
 def completion_params(req):
-    """max_tokens 0 (echo only) asks the engine for one token, which the response leaves out."""
+    """max_tokens 0 (with echo): the prompt's log-probabilities only."""
     prompt_lp = req.logprobs if req.echo and req.logprobs is not None else None
-    return _params(max_tokens=max(req.sampling.max_tokens, 1), logprobs=req.logprobs,
-                   prompt_logprobs=prompt_lp, **_common(req.sampling))
+    return _params(
+        max_tokens=req.sampling.max_tokens,
+        logprobs=req.logprobs,
+        prompt_logprobs=prompt_lp,
+        **_common(req.sampling),
+    )
 
 
 def chat_params(req, max_tokens: int):
@@ -103,8 +112,13 @@ class _Builder:
         return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}
 
     def envelope(self, choices: list, obj: str | None = None) -> dict:
-        return {"id": self.id, "object": obj or self.object_name, "created": self.created, "model": self.model,
-                "choices": choices}
+        return {
+            "id": self.id,
+            "object": obj or self.object_name,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
 
     def usage_chunk(self) -> dict:
         return self.envelope([]) | {"usage": self.usage()}
@@ -117,10 +131,9 @@ class _Builder:
 class CompletionBuilder(_Builder):
     object_name = "text_completion"
 
-    def __init__(self, tokenizer, req, prompts: list[list[int]], request_id: str):
+    def __init__(self, engine, req, prompts: list[list[int]], request_id: str):
         super().__init__(len(prompts), request_id, req.sampling.model)
-        self.tok, self.req, self.prompts = tokenizer, req, prompts
-        self.drop_generated = req.sampling.max_tokens == 0  # echo-only scoring
+        self.engine, self.req, self.prompts = engine, req, prompts
         self.raw = req.prompts
 
     def _take(self, i: int, out) -> tuple[str, list]:
@@ -128,18 +141,15 @@ class CompletionBuilder(_Builder):
         c, text, entries = self.choices[i], "", []
         if not c.started and self.req.echo:
             raw = self.raw[i]
-            text = raw if isinstance(raw, str) else self.tok.decode(raw)
+            text = raw if isinstance(raw, str) else self.engine.decode(raw)
             if out.prompt_logprobs is not None:
-                first = self.prompts[i][0]
-                entries = [e if e is not None else (token_text(self.tok, first), None) for e in out.prompt_logprobs]
+                first = self.engine.token_text(self.prompts[i][0])
+                entries = [e if e is not None else (first, None) for e in out.prompt_logprobs]
         c.started = True
-        c.prompt_tokens = out.prompt_tokens
-        if not self.drop_generated:
-            text += out.text
-            entries += list(out.logprobs or [])
-            c.completion_tokens = out.completion_tokens
-        if out.finish_reason:
-            c.finish_reason = "length" if self.drop_generated else out.finish_reason
+        c.prompt_tokens, c.completion_tokens = out.prompt_tokens, out.completion_tokens
+        text += out.text
+        entries += list(out.logprobs or [])
+        c.finish_reason = out.finish_reason or c.finish_reason
         return text, entries
 
     def _logprobs(self, c: _Choice, entries: list) -> dict | None:
@@ -170,8 +180,14 @@ class CompletionBuilder(_Builder):
         choices = []
         for i, c in enumerate(self.choices):
             c.offset = 0
-            choices.append({"index": i, "text": "".join(c.text), "logprobs": self._logprobs(c, c.logprobs),
-                            "finish_reason": c.finish_reason})
+            choices.append(
+                {
+                    "index": i,
+                    "text": "".join(c.text),
+                    "logprobs": self._logprobs(c, c.logprobs),
+                    "finish_reason": c.finish_reason,
+                }
+            )
         return self.envelope(choices) | {"usage": self.usage()}
 
     def chunks(self, i: int, out, error) -> list[dict]:
@@ -183,11 +199,22 @@ class CompletionBuilder(_Builder):
         text, entries = self._take(i, out)
         chunks = []
         if text or entries:
-            chunks.append(self.envelope([{"index": i, "text": text, "logprobs": self._logprobs(c, entries),
-                                          "finish_reason": None}]))
+            chunks.append(
+                self.envelope(
+                    [
+                        {
+                            "index": i,
+                            "text": text,
+                            "logprobs": self._logprobs(c, entries),
+                            "finish_reason": None,
+                        }
+                    ]
+                )
+            )
         if out.finish_reason:
-            chunks.append(self.envelope([{"index": i, "text": "", "logprobs": None,
-                                          "finish_reason": c.finish_reason}]))
+            chunks.append(
+                self.envelope([{"index": i, "text": "", "logprobs": None, "finish_reason": c.finish_reason}])
+            )
         return chunks
 
 
@@ -201,7 +228,7 @@ def _chat_logprob(e, k: int) -> dict:
 class ChatBuilder(_Builder):
     object_name = "chat.completion"
 
-    def __init__(self, tokenizer, req, request_id: str):
+    def __init__(self, req, request_id: str):
         super().__init__(1, request_id, req.sampling.model)
         self.req = req
         self.k = req.top_logprobs or 0
@@ -220,9 +247,12 @@ class ChatBuilder(_Builder):
 
     def response(self) -> dict:
         c = self.choices[0]
-        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(c.text)},
-                  "logprobs": {"content": c.logprobs} if self.req.logprobs else None,
-                  "finish_reason": c.finish_reason}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": "".join(c.text)},
+            "logprobs": {"content": c.logprobs} if self.req.logprobs else None,
+            "finish_reason": c.finish_reason,
+        }
         return self.envelope([choice]) | {"usage": self.usage()}
 
     def chunks(self, i: int, out, error) -> list[dict]:
@@ -234,15 +264,39 @@ class ChatBuilder(_Builder):
         entries = self._take(i, out)
         obj, chunks = "chat.completion.chunk", []
         if first:
-            chunks.append(self.envelope([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                          "logprobs": None, "finish_reason": None}], obj))
+            chunks.append(
+                self.envelope(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                    obj,
+                )
+            )
         if out.text or entries:
-            chunks.append(self.envelope([{"index": i, "delta": {"content": out.text},
-                                          "logprobs": {"content": entries} if self.req.logprobs else None,
-                                          "finish_reason": None}], obj))
+            chunks.append(
+                self.envelope(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"content": out.text},
+                            "logprobs": {"content": entries} if self.req.logprobs else None,
+                            "finish_reason": None,
+                        }
+                    ],
+                    obj,
+                )
+            )
         if out.finish_reason:
-            chunks.append(self.envelope([{"index": i, "delta": {}, "logprobs": None,
-                                          "finish_reason": out.finish_reason}], obj))
+            chunks.append(
+                self.envelope(
+                    [{"index": i, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}], obj
+                )
+            )
         return chunks
 
     def usage_chunk(self) -> dict:

@@ -43,22 +43,19 @@ PUBLIC_PATHS = ("/health",)  # besides the chat page and its static files (they 
 
 @dataclass
 class ServeConfig:
-    """What the server needs besides the engine (the CLI's flags)."""
+    """What the server needs besides the engine (the CLI's flags). The token limits and the
+    vocabulary size are the engine's (it caps them at the model's context) once it is made."""
 
     base_id: str
     base_path: str
-    vocab_size: int
-    max_total_tokens: int  # prompt + generated tokens of one request
-    max_input_tokens: int | None = None  # default: max_total_tokens - 1
     adapters: dict[str, Path] = field(default_factory=dict)  # registered at start-up
     adapter_root: Path | None = None  # runtime loading allowed under this directory only
     api_key: str | None = None
     max_loras: int = 8
     max_concurrent_requests: int = 256
-
-    def __post_init__(self):
-        if self.max_input_tokens is None:
-            self.max_input_tokens = self.max_total_tokens - 1
+    max_input_tokens: int = 0  # set from the engine at start-up
+    max_total_tokens: int = 0  # prompt + generated tokens of one request
+    vocab_size: int = 0
 
 
 class State:
@@ -67,6 +64,7 @@ class State:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.engine = None
+        self.startup_error: BaseException | None = None
         self.in_flight = 0
         self.metrics = ServerMetrics(lambda: self.engine, config.max_loras)
 
@@ -75,8 +73,11 @@ class State:
         Released by :meth:`release` when the response (or its stream) ends."""
         limit = self.config.max_concurrent_requests
         if self.in_flight >= limit:
-            raise APIError(429, f"too many requests in flight (--max-concurrent-requests {limit}); retry later",
-                           code="rate_limit_exceeded")
+            raise APIError(
+                429,
+                f"too many requests in flight (--max-concurrent-requests {limit}); retry later",
+                code="rate_limit_exceeded",
+            )
         self.in_flight += 1
 
     def release(self) -> None:
@@ -89,24 +90,34 @@ class State:
         if model in self.engine.adapters:
             return model
         known = ", ".join([self.config.base_id, *self.engine.adapters])
-        raise APIError(404, f"the model {model!r} does not exist; served models: {known}", param="model",
-                       code="model_not_found")
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; served models: {known}",
+            param="model",
+            code="model_not_found",
+        )
 
 
-def create_app(make_engine: Callable[[ServeConfig], object], config: ServeConfig,
-               on_ready: Callable[[], None] | None = None) -> FastAPI:
+def create_app(
+    make_engine: Callable[[ServeConfig], object],
+    config: ServeConfig,
+    on_ready: Callable[[], None] | None = None,
+) -> FastAPI:
     """The app; ``make_engine(config)`` builds the (unstarted) engine in the lifespan's start."""
     state = State(config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         engine = make_engine(config)
+        config.max_input_tokens, config.max_total_tokens = engine.max_input_tokens, engine.max_total_tokens
+        config.vocab_size = engine.vocab or len(engine.tokenizer)
         engine.start()
         state.engine = engine
         try:
             for name, path in config.adapters.items():
                 await asyncio.to_thread(engine.register_adapter, name, Path(path))
-        except BaseException:
+        except BaseException as e:
+            state.startup_error = e  # the CLI reports it in one line
             await engine.shutdown(drain=False)
             raise
         if on_ready is not None:
@@ -139,8 +150,9 @@ class BearerAuth:
             return await self.app(scope, receive, send)
         given = dict(scope.get("headers", [])).get(b"authorization", b"")
         if not hmac.compare_digest(given, self.expected):  # constant time for keys of equal length
-            body = error_body("invalid or missing API key: send Authorization: Bearer KEY",
-                              code="invalid_api_key")
+            body = error_body(
+                "invalid or missing API key: send Authorization: Bearer KEY", code="invalid_api_key"
+            )
             response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
@@ -155,7 +167,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, e: RequestValidationError):  # FastAPI's 422 -> OpenAI's 400
         first = e.errors()[0] if e.errors() else {}
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return JSONResponse(error_body(f"{param}: {first.get('msg', 'invalid')}", param=param), status_code=400)
+        return JSONResponse(
+            error_body(f"{param}: {first.get('msg', 'invalid')}", param=param), status_code=400
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
@@ -185,30 +199,49 @@ def _add_routes(app: FastAPI, state: State) -> None:
     @app.get("/v1/models")
     async def models():
         created = int(time.time())
-        base = {"id": config.base_id, "object": "model", "created": created, "owned_by": "loraforge",
-                "root": str(config.base_path), "parent": None, "max_model_len": config.max_total_tokens}
+        base = {
+            "id": config.base_id,
+            "object": "model",
+            "created": created,
+            "owned_by": "loraforge",
+            "root": str(config.base_path),
+            "parent": None,
+            "max_model_len": config.max_total_tokens,
+        }
         adapters = [
-            {"id": name, "object": "model", "created": created, "owned_by": "loraforge", "root": str(path),
-             "parent": config.base_id, "max_model_len": config.max_total_tokens}
+            {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "loraforge",
+                "root": str(path),
+                "parent": config.base_id,
+                "max_model_len": config.max_total_tokens,
+            }
             for name, path in state.engine.adapters.items()
         ]
         return {"object": "list", "data": [base, *adapters]}
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(
+            state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = parse_completion(parse_json(await request.body()))
         adapter = state.resolve_model(req.sampling.model)
-        tok = state.engine.tokenizer
-        prompts = [responses.encode_text(tok, p) if isinstance(p, str) else p for p in req.prompts]
+        engine = state.engine
+        prompts = [
+            await asyncio.to_thread(responses.encode_text, engine, p) if isinstance(p, str) else p
+            for p in req.prompts
+        ]
         for ids in prompts:
             _check_length(config, ids, req.sampling.max_tokens, "prompt")
         params = responses.completion_params(req)
         jobs = [(ids, params) for ids in prompts]
-        builder = responses.CompletionBuilder(tok, req, prompts, _new_id("cmpl"))
+        builder = responses.CompletionBuilder(engine, req, prompts, _new_id("cmpl"))
         return await _respond(request, state, adapter, req.sampling, jobs, builder)
 
     @app.post("/v1/chat/completions")
@@ -224,7 +257,7 @@ def _add_routes(app: FastAPI, state: State) -> None:
             max_tokens = max(config.max_total_tokens - len(ids), 1)
         _check_length(config, ids, max_tokens, "messages")
         params = responses.chat_params(req, max_tokens)
-        builder = responses.ChatBuilder(state.engine.tokenizer, req, _new_id("chatcmpl"))
+        builder = responses.ChatBuilder(req, _new_id("chatcmpl"))
         return await _respond(request, state, adapter, req.sampling, [(ids, params)], builder)
 
     @app.post("/v1/load_lora_adapter")
@@ -250,8 +283,12 @@ def _add_routes(app: FastAPI, state: State) -> None:
         try:
             await asyncio.to_thread(state.engine.unregister_adapter, req.name)
         except KeyError:
-            raise APIError(404, f"lora_name: no adapter {req.name!r} is loaded", param="lora_name",
-                           code="model_not_found") from None
+            raise APIError(
+                404,
+                f"lora_name: no adapter {req.name!r} is loaded",
+                param="lora_name",
+                code="model_not_found",
+            ) from None
         return PlainTextResponse(f"Success: LoRA adapter '{req.name}' removed successfully.")
 
 
@@ -263,15 +300,26 @@ def _check_length(config: ServeConfig, ids: list[int], max_tokens: int, param: s
     if not ids:
         raise APIError(400, f"{param}: the prompt has no tokens", param=param)
     if max(ids) >= config.vocab_size:
-        raise APIError(400, f"{param}: token id {max(ids)} is outside the vocabulary (size {config.vocab_size})",
-                       param=param)
+        raise APIError(
+            400,
+            f"{param}: token id {max(ids)} is outside the vocabulary (size {config.vocab_size})",
+            param=param,
+        )
     if len(ids) > config.max_input_tokens:
-        raise APIError(400, f"{param}: the prompt has {len(ids)} tokens, over --max-input-tokens "
-                       f"{config.max_input_tokens}", param=param, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"{param}: the prompt has {len(ids)} tokens, over --max-input-tokens {config.max_input_tokens}",
+            param=param,
+            code="context_length_exceeded",
+        )
     if len(ids) + max_tokens > config.max_total_tokens:
-        raise APIError(400, f"max_tokens: the prompt's {len(ids)} tokens + max_tokens {max_tokens} exceed "
-                       f"--max-total-tokens {config.max_total_tokens}", param="max_tokens",
-                       code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"max_tokens: the prompt's {len(ids)} tokens + max_tokens {max_tokens} exceed "
+            f"--max-total-tokens {config.max_total_tokens}",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
 
 
 def _adapter_root(config: ServeConfig) -> Path:
@@ -341,6 +389,7 @@ async def _respond(request: Request, state: State, adapter, sampling, jobs, buil
     streaming = False
     try:
         if not sampling.stream:
+
             async def collect():
                 async for i, out, error in run.events():
                     _raise_early(error, builder.started(i))

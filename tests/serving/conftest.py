@@ -35,10 +35,10 @@ def make_adapter(directory: Path, name: str, rank: int, targets: list[str], seed
     model, _ = load_base()
     lf.inject(model, lf.LoraConfig(r=rank, alpha=2 * rank, target_modules=targets), adapter=name)
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
+    with torch.no_grad():  # A and B random (B is zero after init): the adapter changes the output
         for pname, p in model.named_parameters():
-            if "lora_B" in pname:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            if "lora_" in pname:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "lora_B" in pname else 0.3))
     lf.save_adapter(model, directory, adapter=name)
     return directory
 
@@ -81,11 +81,15 @@ def start_server(adapters: dict[str, Path], make_engine=None, **config) -> Runni
     from loraforge.serving.engine import Engine
     from loraforge.serving.server import ServeConfig, create_app
 
-    limits = {k: config.pop(k) for k in ("max_input_tokens", "max_total_tokens", "max_batch_size") if k in config}
+    limits = {
+        k: config.pop(k) for k in ("max_input_tokens", "max_total_tokens", "max_batch_size") if k in config
+    }
 
     def default_engine(cfg):
         model, tok = load_base()
-        return Engine(model, tok, base_id=cfg.base_id, base_path=cfg.base_path, max_loras=cfg.max_loras, **limits)
+        return Engine(
+            model, tok, base_id=cfg.base_id, base_path=cfg.base_path, max_loras=cfg.max_loras, **limits
+        )
 
     cfg = ServeConfig(base_id="tiny-base", base_path=str(SHIPPED_BASE), adapters=dict(adapters), **config)
     app = create_app(make_engine or default_engine, cfg)

@@ -295,6 +295,11 @@ class _HideStartupTraceback(logging.Filter):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        base, base_id, adapters = resolve(args)
+    except ServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         import uvicorn
 
         from .engine import Engine
@@ -304,11 +309,6 @@ def main(argv: list[str] | None = None) -> int:
             f"error: loraforge serve needs fastapi and uvicorn (pip install fastapi uvicorn): {e}",
             file=sys.stderr,
         )
-        return EXIT_USAGE
-    try:
-        base, base_id, adapters = resolve(args)
-    except ServeError as e:
-        print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     api_key = args.api_key or os.environ.get("LORAFORGE_API_KEY") or None
     try:
@@ -352,7 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     server = _server_class()(
         uvicorn.Config(app, log_level=args.log_level, lifespan="on", timeout_graceful_shutdown=None)
     )
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except SystemExit:  # uvicorn's exit on a failed start-up (code 3): ours is 1, with one line
+        pass
     if failed():
         print(f"error: {app.state.serve.startup_error}", file=sys.stderr)
         return EXIT_FAILED

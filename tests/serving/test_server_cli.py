@@ -156,3 +156,28 @@ def test_demo_server_with_a_key_drains_on_sigterm(tmp_path, adapter_dirs):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_4bit_base_serves_what_generate_says(server_factory, adapter_dirs):
+    """--quantize nf4: the CLI's loader (loraforge.model_files.load_model) under the engine."""
+    import argparse
+
+    import loraforge as lf
+    from loraforge.serving import cli
+    from loraforge.serving.engine import Engine
+    from loraforge.training.inference import generate
+
+    flags = argparse.Namespace(device="cpu", dtype="float32", quantize="nf4")
+
+    def make_engine(cfg):
+        model, tok = cli.load(SHIPPED_BASE, flags)
+        return Engine(model, tok, base_id=cfg.base_id, base_path=cfg.base_path)
+
+    s = server_factory(adapters={"butler": adapter_dirs["butler"]}, make_engine=make_engine)
+    got = s.client().completions.create(
+        model="butler", prompt="Once upon a time", max_tokens=10, temperature=0
+    )
+    model, tok = cli.load(SHIPPED_BASE, flags)
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    lf.load_adapter(model, adapter_dirs["butler"], adapter="butler")
+    assert got.choices[0].text == generate(model, tok, "Once upon a time", max_new_tokens=10, chat=False)

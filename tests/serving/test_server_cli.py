@@ -181,3 +181,24 @@ def test_a_4bit_base_serves_what_generate_says(server_factory, adapter_dirs):
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
     lf.load_adapter(model, adapter_dirs["butler"], adapter="butler")
     assert got.choices[0].text == generate(model, tok, "Once upon a time", max_new_tokens=10, chat=False)
+
+
+def test_serve_is_a_listed_command(capsys):
+    assert main([]) == 2
+    assert "serve" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in (
+        "--adapter",
+        "--adapter-root",
+        "--api-key",
+        "--max-loras",
+        "--max-concurrent-requests",
+        "--max-input-tokens",
+        "--max-total-tokens",
+        "--quantize",
+        "--demo",
+    ):
+        assert flag in text

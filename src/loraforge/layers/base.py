@@ -348,7 +348,7 @@ class LoraLayer(nn.Module):
         """The base on every token, plus each token's own adapter (see ``tokens.py``): the
         general path, one product per adapter present; ``LoraLinear`` batches them."""
         result = self.base_layer(x, *args, **kwargs)
-        groups = plan.groups(tuple(self.r), x.device)
+        groups = plan.groups(self.r, x.device)
         if groups is None:
             return result
         result = result.clone()  # (the base may hold on to its output)

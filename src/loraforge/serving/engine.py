@@ -418,28 +418,42 @@ class Engine:
     def _forward(self, batch: list[tuple[_Seq, bool]]) -> dict[int, torch.Tensor]:
         """One forward for the batch; {sequence id: its logits rows (fp32)}: the last token's
         row, or every prompt position's when the request asked for prompt log-probabilities."""
+        # Decoding tokens first (at least MIN_ROWS rows, padded), then the new prompts grouped
+        # by adapter: the layout layers/tokens.py expects (and what keeps it batch invariant).
+        decoding = [seq for seq, new in batch if not new]
+        prompts = sorted((seq for seq, new in batch if new), key=lambda s: s.adapter or "")
         ids, pos, names, segments, keep, spans = [], [], [], [], [], {}
-        for seq, new in batch:
-            toks = seq.prompt if new else seq.out[-1:]
-            past = 0 if new else seq.length - 1
+
+        def add(seq, toks, past):
             start = len(ids)
-            ids += toks
-            pos += range(past, past + len(toks))
-            names += [seq.adapter] * len(toks)
+            ids.extend(toks)
+            pos.extend(range(past, past + len(toks)))
+            names.extend([seq.adapter] * len(toks))
             segments.append(attention.Segment(seq.cache, start, len(toks), past))
-            first = start if (new and seq.params.prompt_logprobs is not None) else start + len(toks) - 1
+            every = past == 0 and seq.params.prompt_logprobs is not None
+            first = start if every else start + len(toks) - 1
             spans[seq.id] = (len(keep), start + len(toks) - first)
-            keep += range(first, start + len(toks))
-        pad = max(0, MIN_ROWS - len(ids))  # (see layers/tokens.py: batch invariance)
-        ids += [0] * pad
-        pos += [0] * pad
-        names += [None] * pad
+            keep.extend(range(first, start + len(toks)))
+
+        def pad(n):
+            ids.extend([0] * n)
+            pos.extend([0] * n)
+            names.extend([None] * n)
+
+        for seq in decoding:
+            add(seq, seq.out[-1:], seq.length - 1)
+        if decoding:
+            pad(max(0, MIN_ROWS - len(ids)))
+        n_decode = len(ids)
+        for seq in prompts:
+            add(seq, seq.prompt, 0)
+        pad(max(0, MIN_ROWS - len(ids)))  # (see layers/tokens.py: batch invariance)
         keep += [0] * max(0, MIN_ROWS - len(keep))
         dev = self.device
         kwargs = {}
         if self._keep_logits:
             kwargs["logits_to_keep"] = torch.tensor(keep, device=dev)
-        self._plan.set(names, list(self._resident))
+        self._plan.set(names, list(self._resident), n_decode)
         try:
             with torch.inference_mode(), attention.running(attention.Step(segments)):
                 logits = self.model(

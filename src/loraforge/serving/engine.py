@@ -336,10 +336,17 @@ class Engine:
                     future.set_result(fn(*args))
                 except BaseException as e:  # noqa: BLE001 (handed to the caller)
                     future.set_exception(e)
-            self._drop_cancelled()
-            batch = self._schedule()
+            try:
+                self._drop_cancelled()
+                batch = self._schedule()
+                if batch:
+                    self._step(batch)
+            except Exception as e:  # noqa: BLE001  (a bug of ours: fail what runs, keep serving)
+                batch = []
+                for seq in list(self._running):
+                    self._fail(seq, e)
             if batch:
-                self._step(batch)
+                pass
             elif self._stop and not self._running and not self._waiting:
                 break
             elif not commands and self._waiting and not self._running:
@@ -393,8 +400,10 @@ class Engine:
     def _fail(self, seq: _Seq, error: BaseException) -> None:
         if not isinstance(error, EngineError | KeyError):
             error = EngineError(f"request failed: {type(error).__name__}: {error}")
-        seq.send(error)
-        self._drop(seq)
+        try:
+            self._drop(seq)
+        finally:
+            seq.send(error)
 
     def _step(self, batch: list[tuple[_Seq, bool]]) -> None:
         try:
@@ -505,8 +514,8 @@ class Engine:
             seq.send(out)
 
     def _finish(self, seq: _Seq, out: Output) -> None:
+        self._drop(seq)  # first: whoever reads the last output sees the request gone
         seq.send(out)
-        self._drop(seq)
 
 
 def _accepts(model, name: str) -> bool:

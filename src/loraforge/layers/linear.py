@@ -224,20 +224,28 @@ class LoraLinear(LoraLayer):
 
     def _concat(self, names: list[str], dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The factors of ``names`` concatenated along the rank: A_cat (R × in) and s·B_cat
-        (out × R), R = Σ r, kept from step to step (see ``_stacks`` for when they are rebuilt)."""
-        params = [p for n in names for p in self.factors(n)]
-        try:
-            versions = tuple((p.data_ptr(), p._version) for p in params)
-        except RuntimeError:  # inference tensors keep no version counter
-            versions = None
-        key = (tuple(names), dtype, str(device), versions, tuple(self.scaling[n] for n in names))
+        (out × R), R = Σ r, kept from step to step until the names, the dtype or a factor
+        (its version counter: any in-place update) or a scaling changes, or an adapter is added
+        to or deleted from the layer (``LoraLayer.add`` / ``delete``)."""
         cached = self.__dict__.get("_concat_cache")
-        if versions is not None and cached is not None and cached[0] == key:
-            return cached[1]
+        if cached is not None:
+            (c_names, c_dtype, c_device, params, versions, scalings), tensors = cached
+            if (
+                c_names == names and c_dtype == dtype and c_device == device
+                and all(p._version == v for p, v in zip(params, versions))
+                and scalings == [self.scaling[n] for n in names]
+            ):  # fmt: skip
+                return tensors
         self.__dict__.pop("_concat_cache", None)
+        params = [p for n in names for p in self.factors(n)]
         with torch.no_grad():
             a_cat = torch.cat([self.factors(n)[0] for n in names]).to(device, dtype)
             b_cat = torch.cat([self.factors(n)[1] * self.scaling[n] for n in names], dim=1).to(device, dtype)
+        try:
+            versions = [p._version for p in params]
+        except RuntimeError:  # inference tensors keep no version counter: nothing kept
+            return a_cat, b_cat
+        key = (list(names), dtype, device, params, versions, [self.scaling[n] for n in names])
         self.__dict__["_concat_cache"] = (key, (a_cat, b_cat))
         return a_cat, b_cat
 

@@ -83,6 +83,7 @@ class LoraLayer(nn.Module):
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._create(name, r)
+        self.__dict__.pop("_concat_cache", None)
         # New modules follow this layer's mode (nn.Module starts in training mode): an adapter
         # added to / loaded into a model in eval mode must not run its dropout.
         new = [self.lora_dropout[name]] + [getattr(self, attr)[name] for attr in self.adapter_param_names]
@@ -105,6 +106,7 @@ class LoraLayer(nn.Module):
             d.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
         self.__dict__.pop("_stack_cache", None)  # (mixed batches' stacked factors: see _stacks)
+        self.__dict__.pop("_concat_cache", None)  # (serving's concatenated factors: see _concat)
 
     @property
     def adapters(self) -> list[str]:
@@ -348,7 +350,7 @@ class LoraLayer(nn.Module):
         """The base on every token, plus each token's own adapter (see ``tokens.py``): the
         general path, one product per adapter present; ``LoraLinear`` batches them."""
         result = self.base_layer(x, *args, **kwargs)
-        groups = plan.groups(tuple(self.r), x.device)
+        groups = plan.groups(self.r, x.device)
         if groups is None:
             return result
         result = result.clone()  # (the base may hold on to its output)

@@ -9,8 +9,8 @@ from torch import nn
 
 from ..kinds import is_4bit, is_conv1d
 from ..quant.linear4bit import Linear4bit
-from .base import BASE, LoraLayer, lora_dtype
-from .tokens import tokens_first
+from .base import LoraLayer, lora_dtype
+from .tokens import MIN_ROWS, tokens_first
 
 # The fused base+LoRA autograd function is used where it is exact (see LoraLinear.forward);
 # tests switch it off to compare against the plain autograd path.
@@ -222,26 +222,58 @@ class LoraLinear(LoraLayer):
         self.__dict__["_stack_cache"] = None if grad else (key, (a_stack, b_stack))
         return a_stack, b_stack
 
+    def _concat(self, names: list[str], dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors of ``names`` concatenated along the rank: A_cat (R × in) and s·B_cat
+        (out × R), R = Σ r, kept from step to step until the names, the dtype or a factor
+        (its version counter: any in-place update) or a scaling changes, or an adapter is added
+        to or deleted from the layer (``LoraLayer.add`` / ``delete``)."""
+        cached = self.__dict__.get("_concat_cache")
+        if cached is not None:
+            (c_names, c_dtype, c_device, params, versions, scalings), tensors = cached
+            if (
+                c_names == names and c_dtype == dtype and c_device == device
+                and all(p._version == v for p, v in zip(params, versions))
+                and scalings == [self.scaling[n] for n in names]
+            ):  # fmt: skip
+                return tensors
+        self.__dict__.pop("_concat_cache", None)
+        params = [p for n in names for p in self.factors(n)]
+        with torch.no_grad():
+            a_cat = torch.cat([self.factors(n)[0] for n in names]).to(device, dtype)
+            b_cat = torch.cat([self.factors(n)[1] * self.scaling[n] for n in names], dim=1).to(device, dtype)
+        try:
+            versions = [p._version for p in params]
+        except RuntimeError:  # inference tensors keep no version counter: nothing kept
+            return a_cat, b_cat
+        key = (list(names), dtype, device, params, versions, [self.scaling[n] for n in names])
+        self.__dict__["_concat_cache"] = (key, (a_cat, b_cat))
+        return a_cat, b_cat
+
     def _forward_tokens(self, x: torch.Tensor, plan, *args, **kwargs) -> torch.Tensor:
-        """The base on all T tokens of a serving step, plus each token's adapter: its tokens
-        gathered into a block of S >= MIN_ROWS rows per adapter used, then
-        (n, S, in) @ Aᵀ -> (n, S, r_max) @ s·Bᵀ -> (n, S, out), the kept rows added in place.
-        Factors come from the cached stack of the layer's resident adapters (``_stacks``)."""
+        """The base on all T tokens of a serving step, plus each token's adapter (see
+        ``tokens.py``): decoding tokens through the concatenated factors, prompt runs through
+        their adapter's own; the sums go into the base's output in place."""
         result = self.base_layer(x, *args, **kwargs)
-        g = plan.groups(tuple(self.r), x.device)
+        g = plan.groups(self.r, x.device)
         if g is None:
             return result
         if not self._owns_output() or result._is_view():
             result = result.clone()
-        dtype = self.branch_dtype(x.dtype, self.lora_A[g.used[0]].weight.dtype)
-        a_stack, b_stack = self._stacks([BASE] + g.stack_names, dtype, x.device)
-        a, b = (a_stack[1:], b_stack[1:]) if g.all_used else (a_stack[g.slots], b_stack[g.slots])
+        dtype = self.branch_dtype(x.dtype, self.lora_A[g.stack_names[0]].weight.dtype)
         xt = tokens_first(x, plan.num_tokens).to(dtype)
-        xz = torch.cat([xt, xt.new_zeros((1, xt.shape[1]))])  # row T: the padding rows' zeros
-        delta = torch.bmm(torch.bmm(xz[g.gather], a.transpose(1, 2)), b)  # (n, S, out)
-        kept = delta.reshape(-1, delta.shape[-1]).index_select(0, g.flat_idx)
         out = tokens_first(result, plan.num_tokens)
-        out.index_add_(0, g.token_idx, kept.to(out.dtype))
+        if g.decode_mask is not None:
+            a_cat, b_cat = self._concat(g.stack_names, dtype, x.device)
+            nd = g.n_decode
+            h = F.linear(xt[:nd], a_cat).mul_(g.decode_mask.to(dtype))  # (n_decode, R)
+            out[:nd].add_(F.linear(h, b_cat).to(out.dtype))
+        for name, start, end in g.runs:
+            a, b = self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype)
+            xs = xt[start:end]
+            if end - start < MIN_ROWS:  # (a zero-padded copy: see tokens.py, batch invariance)
+                xs = torch.cat([xs, xs.new_zeros((MIN_ROWS - (end - start), xs.shape[1]))])
+            delta = F.linear(F.linear(xs, a), b)[: end - start]
+            out[start:end].add_(delta.to(out.dtype), alpha=self.scaling[name])
         return result
 
     def _forward_mixed(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:

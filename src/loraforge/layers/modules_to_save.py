@@ -48,7 +48,7 @@ class ModulesToSave(nn.Module):
         """Each token of a serving step through its adapter's copy (see ``tokens.py``)."""
         plan = self.token_plan
         out = self.original_module(x, *args, **kwargs).clone()
-        groups = plan.groups(tuple(self.modules_to_save), x.device)
+        groups = plan.groups(dict.fromkeys(self.modules_to_save, 0), x.device)
         if groups is None:
             return out
         flat = tokens_first(out, plan.num_tokens)

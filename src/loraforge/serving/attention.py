@@ -106,7 +106,7 @@ def attention(module, query, key, value, attention_mask=None, scaling=None, drop
     layer = module.layer_idx
     window = kwargs.get("sliding_window")
     heads, kv_heads = query.shape[1], key.shape[1]
-    out = query.new_zeros((1, query.shape[2], heads, query.shape[3]))  # padding tokens: zeros
+    outs, covered = [], 0
     for seg in step.segments:
         s, n, p = seg.start, seg.n, seg.past
         buf = seg.cache.buffer(layer, key)
@@ -125,8 +125,13 @@ def attention(module, query, key, value, attention_mask=None, scaling=None, drop
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=heads != kv_heads
         )
-        out[0, s : s + n] = o[0].transpose(0, 1)
-    return out, None
+        if s > covered:  # padding tokens before this sequence: zeros
+            outs.append(query.new_zeros((s - covered, heads, query.shape[3])))
+        outs.append(o[0].transpose(0, 1))
+        covered = s + n
+    if query.shape[2] > covered:
+        outs.append(query.new_zeros((query.shape[2] - covered, heads, query.shape[3])))
+    return torch.cat(outs)[None], None
 
 
 def register() -> None:

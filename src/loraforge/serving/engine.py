@@ -336,10 +336,17 @@ class Engine:
                     future.set_result(fn(*args))
                 except BaseException as e:  # noqa: BLE001 (handed to the caller)
                     future.set_exception(e)
-            self._drop_cancelled()
-            batch = self._schedule()
+            try:
+                self._drop_cancelled()
+                batch = self._schedule()
+                if batch:
+                    self._step(batch)
+            except Exception as e:  # noqa: BLE001  (a bug of ours: fail what runs, keep serving)
+                batch = []
+                for seq in list(self._running):
+                    self._fail(seq, e)
             if batch:
-                self._step(batch)
+                pass
             elif self._stop and not self._running and not self._waiting:
                 break
             elif not commands and self._waiting and not self._running:
@@ -393,8 +400,10 @@ class Engine:
     def _fail(self, seq: _Seq, error: BaseException) -> None:
         if not isinstance(error, EngineError | KeyError):
             error = EngineError(f"request failed: {type(error).__name__}: {error}")
-        seq.send(error)
-        self._drop(seq)
+        try:
+            self._drop(seq)
+        finally:
+            seq.send(error)
 
     def _step(self, batch: list[tuple[_Seq, bool]]) -> None:
         try:
@@ -418,28 +427,42 @@ class Engine:
     def _forward(self, batch: list[tuple[_Seq, bool]]) -> dict[int, torch.Tensor]:
         """One forward for the batch; {sequence id: its logits rows (fp32)}: the last token's
         row, or every prompt position's when the request asked for prompt log-probabilities."""
+        # Decoding tokens first (at least MIN_ROWS rows, padded), then the new prompts grouped
+        # by adapter: the layout layers/tokens.py expects (and what keeps it batch invariant).
+        decoding = [seq for seq, new in batch if not new]
+        prompts = sorted((seq for seq, new in batch if new), key=lambda s: s.adapter or "")
         ids, pos, names, segments, keep, spans = [], [], [], [], [], {}
-        for seq, new in batch:
-            toks = seq.prompt if new else seq.out[-1:]
-            past = 0 if new else seq.length - 1
+
+        def add(seq, toks, past):
             start = len(ids)
-            ids += toks
-            pos += range(past, past + len(toks))
-            names += [seq.adapter] * len(toks)
+            ids.extend(toks)
+            pos.extend(range(past, past + len(toks)))
+            names.extend([seq.adapter] * len(toks))
             segments.append(attention.Segment(seq.cache, start, len(toks), past))
-            first = start if (new and seq.params.prompt_logprobs is not None) else start + len(toks) - 1
+            every = past == 0 and seq.params.prompt_logprobs is not None
+            first = start if every else start + len(toks) - 1
             spans[seq.id] = (len(keep), start + len(toks) - first)
-            keep += range(first, start + len(toks))
-        pad = max(0, MIN_ROWS - len(ids))  # (see layers/tokens.py: batch invariance)
-        ids += [0] * pad
-        pos += [0] * pad
-        names += [None] * pad
+            keep.extend(range(first, start + len(toks)))
+
+        def pad(n):
+            ids.extend([0] * n)
+            pos.extend([0] * n)
+            names.extend([None] * n)
+
+        for seq in decoding:
+            add(seq, seq.out[-1:], seq.length - 1)
+        if decoding:
+            pad(max(0, MIN_ROWS - len(ids)))
+        n_decode = len(ids)
+        for seq in prompts:
+            add(seq, seq.prompt, 0)
+        pad(max(0, MIN_ROWS - len(ids)))  # (see layers/tokens.py: batch invariance)
         keep += [0] * max(0, MIN_ROWS - len(keep))
         dev = self.device
         kwargs = {}
         if self._keep_logits:
             kwargs["logits_to_keep"] = torch.tensor(keep, device=dev)
-        self._plan.set(names, list(self._resident))
+        self._plan.set(names, list(self._resident), n_decode)
         try:
             with torch.inference_mode(), attention.running(attention.Step(segments)):
                 logits = self.model(
@@ -491,8 +514,8 @@ class Engine:
             seq.send(out)
 
     def _finish(self, seq: _Seq, out: Output) -> None:
+        self._drop(seq)  # first: whoever reads the last output sees the request gone
         seq.send(out)
-        self._drop(seq)
 
 
 def _accepts(model, name: str) -> bool:

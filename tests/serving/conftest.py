@@ -97,7 +97,6 @@ def start_server(adapters: dict[str, Path], make_engine=None, **config) -> Runni
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    server.install_signal_handlers = lambda: None  # older uvicorn; newer ones skip it off the main thread
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -103,12 +103,21 @@ def test_several_prompts_one_choice_each(served, reference):
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert [c.text for c in r.choices] == [reference("pirate", p, 6) for p in prompts]
     stream = served.client().completions.create(
-        model="pirate", prompt=prompts, max_tokens=6, temperature=0, stream=True
+        model="pirate",
+        prompt=prompts,
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
     )
-    texts = ["", "", ""]
+    texts, usage = ["", "", ""], None
     for chunk in stream:
-        texts[chunk.choices[0].index] += chunk.choices[0].text
+        if chunk.choices:
+            texts[chunk.choices[0].index] += chunk.choices[0].text
+        else:
+            usage = chunk.usage
     assert texts == [c.text for c in r.choices]
+    assert usage == r.usage  # one usage chunk for the whole request, last
 
 
 def test_token_id_prompts_equal_text_prompts(served):

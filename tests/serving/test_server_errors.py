@@ -50,6 +50,11 @@ def test_unknown_model_is_404_naming_the_served_ones(served):
         ({"model": "pirate"}, "prompt"),
         ({"prompt": "hi"}, "model"),
         ({"model": 7, "prompt": "hi"}, "model"),
+        ({"model": "pirate", "prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+        (
+            {"model": "pirate", "prompt": "hi", "stream": True, "stream_options": {"include_usage": "yes"}},
+            "stream_options.include_usage",
+        ),
     ],
 )
 def test_wrong_field_is_400_naming_it(served, body, param):

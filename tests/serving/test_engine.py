@@ -353,3 +353,21 @@ def test_register_refuses_what_does_not_fit(llama, tmp_path):
     with pytest.raises(engine_mod.AdapterError, match="taken"):
         eng.register_adapter("small", paths["small"])
     assert list(eng.adapters) == ["small"]
+
+
+def test_kv_cache_grows_with_what_is_generated(llama):
+    """A request that may ask for many tokens holds memory for what it has generated so far."""
+    eng = _engine(llama)
+
+    async def main():
+        gen = eng.generate(PROMPTS[1], "big", SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+        await gen.__anext__()
+        small = eng._running[0].cache.nbytes()
+        tokens = 1 + sum([len(o.token_ids) async for o in gen])
+        await eng.shutdown()
+        return small, tokens
+
+    small, tokens = asyncio.run(main())
+    per_token = 2 * 2 * 2 * 16 * 4  # layers x (k, v) x kv_heads x head_dim x fp32
+    assert small <= (len(PROMPTS[1]) + 128) * per_token  # not the 205 tokens it may reach
+    assert tokens == 200  # and it grew past its first allocation

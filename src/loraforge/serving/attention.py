@@ -30,18 +30,26 @@ _local = threading.local()
 
 class KVCache:
     """One sequence's keys and values, per layer: (2, kv_heads, capacity, head_dim), allocated
-    on the layer's first write with that layer's shapes, dtype and device."""
+    on the layer's first write with that layer's shapes, dtype and device. It starts with room
+    for the prompt and ``GROW`` tokens and doubles when full (up to ``limit``, the request's
+    prompt + max_tokens): memory follows what a request generates, not what it may ask for;
+    the copies cost O(length) per sequence over its life."""
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
+    GROW = 128
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
         self.layers: dict[int, torch.Tensor] = {}
 
-    def buffer(self, layer: int, key: torch.Tensor) -> torch.Tensor:
+    def buffer(self, layer: int, key: torch.Tensor, length: int) -> torch.Tensor:
+        """The layer's buffer, with room for ``length`` tokens."""
         buf = self.layers.get(layer)
-        if buf is None:
-            kv_heads, d = key.shape[1], key.shape[-1]
-            buf = key.new_empty((2, kv_heads, self.capacity, d))
-            self.layers[layer] = buf
+        if buf is None or buf.shape[2] < length:
+            size = length + self.GROW if buf is None else max(length, 2 * buf.shape[2])
+            grown = key.new_empty((2, key.shape[1], min(size, max(self.limit, length)), key.shape[-1]))
+            if buf is not None:
+                grown[:, :, : buf.shape[2]] = buf
+            self.layers[layer] = buf = grown
         return buf
 
     def nbytes(self) -> int:
@@ -109,7 +117,7 @@ def attention(module, query, key, value, attention_mask=None, scaling=None, drop
     outs, covered = [], 0
     for seg in step.segments:
         s, n, p = seg.start, seg.n, seg.past
-        buf = seg.cache.buffer(layer, key)
+        buf = seg.cache.buffer(layer, key, p + n)
         buf[0, :, p : p + n] = key[0, :, s : s + n]
         buf[1, :, p : p + n] = value[0, :, s : s + n]
         length = p + n

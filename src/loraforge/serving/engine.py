@@ -41,6 +41,10 @@ class EngineError(RuntimeError):
     """A request cannot be served (bad input, shutting down) or failed; others are unaffected."""
 
 
+class RequestFailed(EngineError):
+    """A request failed while it ran (an exception in its step): a server error, not bad input."""
+
+
 class AdapterError(EngineError):
     """An adapter cannot be registered: not an adapter, does not fit the base, name taken."""
 
@@ -390,7 +394,7 @@ class Engine:
                     continue
                 busy.add(seq.adapter)
             self._waiting.popleft()
-            seq.cache = attention.KVCache(len(seq.prompt) + seq.params.max_tokens)
+            seq.cache = attention.KVCache(len(seq.prompt) + seq.params.max_tokens)  # (grows as needed)
             seq.generator = generator_for(seq.params, "cpu")
             self._running.append(seq)
             batch.append((seq, True))
@@ -399,7 +403,7 @@ class Engine:
 
     def _fail(self, seq: _Seq, error: BaseException) -> None:
         if not isinstance(error, EngineError | KeyError):
-            error = EngineError(f"request failed: {type(error).__name__}: {error}")
+            error = RequestFailed(f"request failed: {type(error).__name__}: {error}")
         try:
             self._drop(seq)
         finally:

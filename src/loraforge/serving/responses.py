@@ -36,7 +36,7 @@ def encode_text(engine, text: str) -> list[int]:
 
 def api_error(e: Exception, started: bool) -> APIError:
     """The HTTP error of an engine request that failed before its first output."""
-    from .engine import EngineError
+    from .engine import EngineError, RequestFailed
 
     if isinstance(e, KeyError):  # the adapter was unloaded between the check and the start
         return APIError(
@@ -47,7 +47,7 @@ def api_error(e: Exception, started: bool) -> APIError:
         )
     if isinstance(e, EngineError) and "shutting down" in str(e):
         return APIError(503, f"the server is shutting down: {e}")
-    if isinstance(e, EngineError) and not started and not str(e).startswith("request failed"):
+    if isinstance(e, EngineError) and not started and not isinstance(e, RequestFailed):
         return APIError(400, str(e))  # the engine refused this request's input
     return APIError(500, f"internal error: {type(e).__name__}: {e}")
 

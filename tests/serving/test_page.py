@@ -24,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -261,3 +262,78 @@ def test_api_key_is_sent_and_kept_and_errors_are_shown(browser, demo_dir, tmp_pa
         assert body["error"]["message"] in page.text_content("#error")
         assert page.text_content("#answer") == "" and page.is_enabled("#send") and page.is_disabled("#stop")
         assert not page.errors, page.errors
+
+
+class SlowLink:
+    """A loopback TCP proxy in front of the server that holds each server-sent event back for
+    ``delay`` seconds once a connection has carried ``text/event-stream``: the answer trickles in
+    slowly enough to press Stop while it runs. (Chromium's own network throttling delivers a
+    throttled stream in one piece.) ``closed`` is set when the browser closes such a connection."""
+
+    def __init__(self, upstream: str, delay: float = 0.3):
+        self.upstream, self.delay = upstream, delay
+        self.closed = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                host, port = self.upstream.rsplit("/", 1)[-1].split(":")
+                server = socket.create_connection((host, int(port)))
+                streaming = threading.Event()
+                threading.Thread(target=self._up, args=(client, server, streaming), daemon=True).start()
+                threading.Thread(target=self._down, args=(server, client, streaming), daemon=True).start()
+
+    def _up(self, client, server, streaming):
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                server.sendall(data)
+        if streaming.is_set():
+            self.closed.set()
+        for s in (client, server):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def _down(self, server, client, streaming):
+        with contextlib.suppress(OSError):
+            while data := server.recv(65536):
+                if b"text/event-stream" in data:
+                    streaming.set()
+                for piece in re.split(rb"(?<=\n\n)", data) if streaming.is_set() else [data]:
+                    client.sendall(piece)
+                    if piece.endswith(b"\n\n"):
+                        time.sleep(self.delay)
+
+    def close(self):
+        self.listener.close()
+
+
+def test_stop_ends_a_streaming_answer(browser, demo_dir, tmp_path):
+    """Stop mid-answer: the part received stays, no error, Send is back, and the browser closed the
+    connection (which is what frees the request's slot in the server)."""
+    with serve(demo_dir, tmp_path / "serve.log") as url:
+        link = SlowLink(url)
+        try:
+            page = open_page(browser, link.url)
+            page.wait_for_function("() => !document.getElementById('model').disabled", timeout=30_000)
+            page.fill("#question", QUESTION)
+            page.select_option("#model", "butler")
+            page.click("#send")
+            page.wait_for_function("() => document.getElementById('answer').textContent.length > 0")
+            assert page.is_disabled("#send") and page.is_enabled("#stop")
+            page.click("#stop")
+            page.wait_for_function(DONE, timeout=10_000)
+            partial = page.text_content("#answer")
+            assert link.closed.wait(10), "the browser kept the stream open after Stop"
+            assert page.text_content("#status") == "stopped" and page.is_hidden("#error")
+            assert page.is_disabled("#stop")
+            time.sleep(1)
+            assert page.text_content("#answer") == partial  # nothing more was read
+            full, _ = ask(page, "butler", QUESTION)  # the whole answer, still through the slow link
+            assert 0 < len(partial) < len(full) and full.startswith(partial), (partial, full)
+            assert not page.errors, page.errors
+        finally:
+            link.close()

@@ -108,15 +108,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get(url: str, key: str | None = None, body: dict | None = None) -> tuple[int, dict]:
+def _get(url: str, key: str | None = None, body: dict | None = None) -> tuple[int, dict | str]:
+    """(status, JSON body, or the text of a body that is not JSON)."""
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
+            status, text = r.status, r.read().decode()
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        status, text = e.code, e.read().decode()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
 
 
 @contextlib.contextmanager
@@ -159,6 +164,13 @@ def _console_errors(errors: list):
     return record
 
 
+@pytest.fixture(scope="module")
+def server(demo_dir, tmp_path_factory):
+    """The demo's characters served without an API key (shared by the tests that need no other flags)."""
+    with serve(demo_dir, tmp_path_factory.mktemp("serve") / "serve.log") as url:
+        yield url
+
+
 def open_page(browser, url: str):
     """A fresh page (own localStorage) on ``url``; records every request and script error."""
     page = browser.new_context().new_page()
@@ -191,42 +203,43 @@ def assert_streamed(text: str, seen: list[int]) -> None:
     assert seen[-1] == len(text) and seen == sorted(seen), seen
 
 
-def test_pick_the_pirate_ask_watch_it_stream_then_switch_to_the_butler(browser, demo_dir, tmp_path):
-    with serve(demo_dir, tmp_path / "serve.log") as url:
-        status, models = _get(url + "/v1/models")
-        assert status == 200
-        base = next(m["id"] for m in models["data"] if not m.get("parent"))
-        page = open_page(browser, url)
-        page.wait_for_function("() => !document.getElementById('model').disabled", timeout=30_000)
-        # the picker: the characters by name, then the base labelled as the base
-        options = page.eval_on_selector_all("#model option", "os => os.map(o => [o.value, o.textContent])")
-        assert sorted(v for v, _ in options) == sorted(["pirate", "butler", base])
-        assert dict(options)["pirate"] == "pirate" and "base" in dict(options)[base]
-        page.evaluate("() => { window.sameDocument = true; }")  # gone if the page reloads
+def test_pick_the_pirate_ask_watch_it_stream_then_switch_to_the_butler(browser, server):
+    url = server
+    status, models = _get(url + "/v1/models")
+    assert status == 200
+    base = next(m["id"] for m in models["data"] if not m.get("parent"))
+    page = open_page(browser, url)
+    page.wait_for_function("() => !document.getElementById('model').disabled", timeout=30_000)
+    # the picker: the characters by name, then the base labelled as the base
+    options = page.eval_on_selector_all("#model option", "os => os.map(o => [o.value, o.textContent])")
+    assert sorted(v for v, _ in options[:-1]) == ["butler", "pirate"] and options[-1][0] == base
+    assert dict(options)["pirate"] == "pirate" and "base" in dict(options)[base]
+    page.evaluate("() => { window.sameDocument = true; }")  # gone if the page reloads
 
-        text, seen = ask(page, "pirate", QUESTION)
-        assert_streamed(text, seen)
-        assert is_styled("pirate", text) and not is_styled("butler", text), text
-        assert is_correct(text, [KEYWORD]), text  # in character, and still right
+    text, seen = ask(page, "pirate", QUESTION)
+    assert_streamed(text, seen)
+    assert is_styled("pirate", text) and not is_styled("butler", text), text
+    assert is_correct(text, [KEYWORD]), text  # in character, and still right
 
-        text, seen = ask(page, "butler", QUESTION)  # same page, no reload
-        assert_streamed(text, seen)
-        assert is_styled("butler", text) and not is_styled("pirate", text), text
-        assert is_correct(text, [KEYWORD]), text
+    text, seen = ask(page, "butler", QUESTION)  # same page, no reload
+    assert_streamed(text, seen)
+    assert is_styled("butler", text) and not is_styled("pirate", text), text
+    assert is_correct(text, [KEYWORD]), text
 
-        text, _ = ask(page, base, QUESTION)  # the base has no character
-        assert not is_styled("pirate", text) and not is_styled("butler", text), text
-        assert is_correct(text, [KEYWORD]), text
+    text, _ = ask(page, base, QUESTION)  # the base has no character
+    assert not is_styled("pirate", text) and not is_styled("butler", text), text
+    assert is_correct(text, [KEYWORD]), text
 
-        assert page.evaluate("window.sameDocument === true")
-        assert not page.errors, page.errors
-        outside = [u for u in page.requests if not u.startswith(url + "/")]
-        assert not outside, f"the page fetched from outside the server: {outside}"
+    assert page.evaluate("window.sameDocument === true")
+    assert not page.errors, page.errors
+    outside = [u for u in page.requests if not u.startswith(url + "/")]
+    assert not outside, f"the page fetched from outside the server: {outside}"
 
 
 def test_api_key_is_sent_and_kept_and_errors_are_shown(browser, demo_dir, tmp_path):
     key = "page-test-key"
-    with serve(demo_dir, tmp_path / "serve.log", "--api-key", key) as url:
+    # --adapter-root: unloading an adapter at runtime is allowed only with one
+    with serve(demo_dir, tmp_path / "serve.log", "--api-key", key, "--adapter-root", str(demo_dir)) as url:
         page = open_page(browser, url)
         # without the key: the server's 401 message is shown and nothing can be sent
         page.wait_for_selector("#error:not([hidden])", timeout=30_000)
@@ -311,29 +324,28 @@ class SlowLink:
         self.listener.close()
 
 
-def test_stop_ends_a_streaming_answer(browser, demo_dir, tmp_path):
+def test_stop_ends_a_streaming_answer(browser, server):
     """Stop mid-answer: the part received stays, no error, Send is back, and the browser closed the
     connection (which is what frees the request's slot in the server)."""
-    with serve(demo_dir, tmp_path / "serve.log") as url:
-        link = SlowLink(url)
-        try:
-            page = open_page(browser, link.url)
-            page.wait_for_function("() => !document.getElementById('model').disabled", timeout=30_000)
-            page.fill("#question", QUESTION)
-            page.select_option("#model", "butler")
-            page.click("#send")
-            page.wait_for_function("() => document.getElementById('answer').textContent.length > 0")
-            assert page.is_disabled("#send") and page.is_enabled("#stop")
-            page.click("#stop")
-            page.wait_for_function(DONE, timeout=10_000)
-            partial = page.text_content("#answer")
-            assert link.closed.wait(10), "the browser kept the stream open after Stop"
-            assert page.text_content("#status") == "stopped" and page.is_hidden("#error")
-            assert page.is_disabled("#stop")
-            time.sleep(1)
-            assert page.text_content("#answer") == partial  # nothing more was read
-            full, _ = ask(page, "butler", QUESTION)  # the whole answer, still through the slow link
-            assert 0 < len(partial) < len(full) and full.startswith(partial), (partial, full)
-            assert not page.errors, page.errors
-        finally:
-            link.close()
+    link = SlowLink(server)
+    try:
+        page = open_page(browser, link.url)
+        page.wait_for_function("() => !document.getElementById('model').disabled", timeout=30_000)
+        page.fill("#question", QUESTION)
+        page.select_option("#model", "butler")
+        page.click("#send")
+        page.wait_for_function("() => document.getElementById('answer').textContent.length > 0")
+        assert page.is_disabled("#send") and page.is_enabled("#stop")
+        page.click("#stop")
+        page.wait_for_function(DONE, timeout=10_000)
+        partial = page.text_content("#answer")
+        assert link.closed.wait(10), "the browser kept the stream open after Stop"
+        assert page.text_content("#status") == "stopped" and page.is_hidden("#error")
+        assert page.is_disabled("#stop")
+        time.sleep(1)
+        assert page.text_content("#answer") == partial  # nothing more was read
+        full, _ = ask(page, "butler", QUESTION)  # the whole answer, still through the slow link
+        assert 0 < len(partial) < len(full) and full.startswith(partial), (partial, full)
+        assert not page.errors, page.errors
+    finally:
+        link.close()

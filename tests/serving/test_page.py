@@ -277,6 +277,31 @@ def test_api_key_is_sent_and_kept_and_errors_are_shown(browser, demo_dir, tmp_pa
         assert not page.errors, page.errors
 
 
+def test_sse_parser_reassembles_events_split_anywhere(browser):
+    """The page's SSE reader, fed a stream cut mid-line, mid-field and between the CR and LF of a
+    line end, with CRLF and CR line ends, a comment, a multi-line data field and a last event
+    without its blank line."""
+    static = importlib.resources.files("loraforge").joinpath("serving", "static")
+    page = browser.new_page()
+    page.set_content(static.joinpath("index.html").read_text(encoding="utf-8"))  # its fetches fail: fine
+    page.add_script_tag(content=static.joinpath("app.js").read_text(encoding="utf-8"))
+    pieces = [": keep-alive\n\nda", 'ta: {"a":', " 1}\r\n\r", "\ndata: x\r", "\ndata:y\n\r", "\rdata: [DONE]"]
+    events = page.evaluate(
+        """async (pieces) => {
+          const body = new ReadableStream({start(c) {
+            for (const p of pieces) c.enqueue(new TextEncoder().encode(p));
+            c.close();
+          }});
+          const events = [];
+          await readEvents(body, (data) => { events.push(data); });
+          return events;
+        }""",
+        pieces,
+    )
+    assert events == ['{"a": 1}', "x\ny", "[DONE]"]
+    page.close()
+
+
 class SlowLink:
     """A loopback TCP proxy in front of the server that holds each server-sent event back for
     ``delay`` seconds once a connection has carried ``text/event-stream``: the answer trickles in

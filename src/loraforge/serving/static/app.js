@@ -27,7 +27,7 @@ async function errorOf(resp) {
   try {
     message = JSON.parse(text).error.message || text;
   } catch (e) { /* not JSON: keep the text */ }
-  return `${resp.status} ${resp.statusText}: ${message || "(no message)"}`.replace(/:\s*$/, "");
+  return `${resp.status} ${resp.statusText}: ${message || "(no message)"}`;
 }
 
 async function loadModels() {
@@ -42,7 +42,7 @@ async function loadModels() {
     models.sort((a, b) => Boolean(a.parent) === Boolean(b.parent) ? 0 : a.parent ? -1 : 1);
     picker.replaceChildren(...models.map((m) => new Option(m.parent ? m.id : `${m.id} (base model, no adapter)`, m.id)));
     if (models.some((m) => m.id === previous)) picker.value = previous;
-    picker.disabled = send.disabled = models.length === 0;
+    picker.disabled = send.disabled = models.length === 0 || controller !== null;
     showError(models.length ? "" : "the server lists no models");
   } catch (e) {
     picker.replaceChildren(new Option("(no models)", ""));
@@ -56,9 +56,15 @@ async function readEvents(body, onEvent) {
   let buffer = "", data = [];
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) return;
+    if (done) { // a last event without its blank line
+      buffer = buffer.replace(/\r$/, "");
+      if (buffer.startsWith("data:")) data.push(buffer.slice(buffer.startsWith("data: ") ? 6 : 5));
+      if (data.length) onEvent(data.join("\n"));
+      return;
+    }
     buffer += value;
-    const lines = buffer.split(/\r\n|\r|\n/);
+    // a CR at the end may be the first half of a CRLF: it waits with the incomplete last line
+    const lines = buffer.split(/\r\n|\r(?!$)|\n/);
     buffer = lines.pop(); // an incomplete line waits for the next read
     for (const line of lines) {
       if (line === "") { // a blank line ends an event

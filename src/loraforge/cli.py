@@ -5,7 +5,7 @@ loraforge train CONFIG.yaml [key=value ...] [--resume]
 loraforge merge --base DIR --adapter DIR --out DIR
 loraforge generate --base DIR [--adapter NAME=DIR ...] --prompt "..."
 loraforge inspect DIR
-loraforge demo ... | loraforge chat ...
+loraforge demo ... | loraforge chat ... | loraforge serve ...
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ DELEGATED = {
     "chat": (
         "loraforge.demo.chat",
         "interactive chat with a base model and persona adapters (see loraforge chat --help)",
+    ),
+    "serve": (
+        "loraforge.serving.cli",
+        "OpenAI-compatible server for a base model and many adapters (see loraforge serve --help)",
     ),
 }
 

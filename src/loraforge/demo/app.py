@@ -180,6 +180,7 @@ def run(argv=None) -> int:
     elapsed = time.perf_counter() - t_start
     say(f"\ndone in {elapsed:.0f} s. Next, try:")
     say(f"  loraforge chat --demo {out}")
+    say(f"  loraforge serve --demo {out}     # the characters over an OpenAI-compatible API + a chat page")
     adapter = results[(s.characters[0], "lora")]["weights"]
     first = s.characters[0]
     say(
@@ -279,7 +280,9 @@ def run_seeds(args, s: Settings, base_dir: Path, out: Path, say, t_start: float)
     # not results.json: `loraforge chat --demo OUT` reads that one (a single-seed run's)
     atomic_write_text(out / "seeds.json", json.dumps(result, indent=2) + "\n")
     say(f"\nwrote {out / 'seeds.json'}; each seed's outputs are in {out}/seed-S")
-    say(f"done in {elapsed:.0f} s. Next, try:\n  loraforge chat --demo {out / f'seed-{seeds[0]}'}")
+    first = out / f"seed-{seeds[0]}"
+    say(f"done in {elapsed:.0f} s. Next, try:")
+    say(f"  loraforge chat --demo {first}\n  loraforge serve --demo {first}")
     failed = [b["name"] for b in bars if not b["ok"]]
     if failed:
         say(f"quality bars not met for every seed: {', '.join(failed)}")

@@ -305,7 +305,9 @@ def run(args, say, s: Settings | None = None) -> int:
     say(f"\nwrote {paths['results']}, {paths['metrics']}, {paths['plot']} and {out / 'answers.jsonl'}")
     say("time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
     say(f"done in {elapsed:.0f} s. Next, try:")
-    say(f"  loraforge chat --base smollm2{'' if out == Path(DEFAULT_OUTPUT) else f' --demo {out}'}")
+    where = "" if out == Path(DEFAULT_OUTPUT) else f" --demo {out}"
+    say(f"  loraforge chat --base smollm2{where}")
+    say(f"  loraforge serve --base smollm2{where or ' --demo'}     # OpenAI-compatible API + a chat page")
     failed = [b["name"] for b in bars if not b["ok"]]
     if failed:
         say(f"quality bars not met: {', '.join(failed)}")

@@ -10,6 +10,7 @@ from torch import nn
 from ..kinds import is_4bit, is_conv1d
 from ..quant.linear4bit import Linear4bit
 from .base import LoraLayer, lora_dtype
+from .tokens import MIN_ROWS, tokens_first
 
 # The fused base+LoRA autograd function is used where it is exact (see LoraLinear.forward);
 # tests switch it off to compare against the plain autograd path.
@@ -162,7 +163,8 @@ class LoraLinear(LoraLayer):
         into in place (see ``add_low_rank``): a 3-D output's 2-D view would make autograd copy the
         whole gradient in backward for the in-place sum."""
         if (
-            self.disabled or self.batch_adapters is not None or args or kwargs or x.dim() < 3
+            self.disabled or self.batch_adapters is not None or self._per_token() or args or kwargs
+            or x.dim() < 3
             or torch.compiler.is_compiling() or not self._owns_output()
         ):  # fmt: skip
             return super().forward(x, *args, **kwargs)
@@ -175,7 +177,10 @@ class LoraLinear(LoraLayer):
 
     def _fusable(self, x: torch.Tensor) -> str | None:
         """The one adapter to fuse with the base matmul, or None where fusing would not be exact."""
-        if not FUSED or self.disabled or self.batch_adapters is not None or _custom_base(self.base_layer):
+        if (
+            not FUSED or self.disabled or self.batch_adapters is not None or self._per_token()
+            or _custom_base(self.base_layer)
+        ):  # fmt: skip
             return None
         live = self.live_adapters()
         if len(live) != 1 or not isinstance(self.lora_dropout[live[0]], nn.Identity):
@@ -216,6 +221,60 @@ class LoraLinear(LoraLayer):
         # none kept while a gradient flows through the copies (training a mixed batch)
         self.__dict__["_stack_cache"] = None if grad else (key, (a_stack, b_stack))
         return a_stack, b_stack
+
+    def _concat(self, names: list[str], dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors of ``names`` concatenated along the rank: A_cat (R × in) and s·B_cat
+        (out × R), R = Σ r, kept from step to step until the names, the dtype or a factor
+        (its version counter: any in-place update) or a scaling changes, or an adapter is added
+        to or deleted from the layer (``LoraLayer.add`` / ``delete``)."""
+        cached = self.__dict__.get("_concat_cache")
+        if cached is not None:
+            (c_names, c_dtype, c_device, params, versions, scalings), tensors = cached
+            if (
+                c_names == names and c_dtype == dtype and c_device == device
+                and all(p._version == v for p, v in zip(params, versions))
+                and scalings == [self.scaling[n] for n in names]
+            ):  # fmt: skip
+                return tensors
+        self.__dict__.pop("_concat_cache", None)
+        params = [p for n in names for p in self.factors(n)]
+        with torch.no_grad():
+            a_cat = torch.cat([self.factors(n)[0] for n in names]).to(device, dtype)
+            b_cat = torch.cat([self.factors(n)[1] * self.scaling[n] for n in names], dim=1).to(device, dtype)
+        try:
+            versions = [p._version for p in params]
+        except RuntimeError:  # inference tensors keep no version counter: nothing kept
+            return a_cat, b_cat
+        key = (list(names), dtype, device, params, versions, [self.scaling[n] for n in names])
+        self.__dict__["_concat_cache"] = (key, (a_cat, b_cat))
+        return a_cat, b_cat
+
+    def _forward_tokens(self, x: torch.Tensor, plan, *args, **kwargs) -> torch.Tensor:
+        """The base on all T tokens of a serving step, plus each token's adapter (see
+        ``tokens.py``): decoding tokens through the concatenated factors, prompt runs through
+        their adapter's own; the sums go into the base's output in place."""
+        result = self.base_layer(x, *args, **kwargs)
+        g = plan.groups(self.r, x.device)
+        if g is None:
+            return result
+        if not self._owns_output() or result._is_view():
+            result = result.clone()
+        dtype = self.branch_dtype(x.dtype, self.lora_A[g.stack_names[0]].weight.dtype)
+        xt = tokens_first(x, plan.num_tokens).to(dtype)
+        out = tokens_first(result, plan.num_tokens)
+        if g.decode_mask is not None:
+            a_cat, b_cat = self._concat(g.stack_names, dtype, x.device)
+            nd = g.n_decode
+            h = F.linear(xt[:nd], a_cat).mul_(g.decode_mask.to(dtype))  # (n_decode, R)
+            out[:nd].add_(F.linear(h, b_cat).to(out.dtype))
+        for name, start, end in g.runs:
+            a, b = self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype)
+            xs = xt[start:end]
+            if end - start < MIN_ROWS:  # (a zero-padded copy: see tokens.py, batch invariance)
+                xs = torch.cat([xs, xs.new_zeros((MIN_ROWS - (end - start), xs.shape[1]))])
+            delta = F.linear(F.linear(xs, a), b)[: end - start]
+            out[start:end].add_(delta.to(out.dtype), alpha=self.scaling[name])
+        return result
 
     def _forward_mixed(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:
         # The base matmul runs once for the whole batch; the low-rank path is a gather of each

@@ -73,8 +73,8 @@ def parse_args(argv):
     p.add_argument(
         "--api-key",
         default=None,
-        help="require Authorization: Bearer KEY on every route but /health (default: "
-        "$LORAFORGE_API_KEY; none when unset)",
+        help="require Authorization: Bearer KEY on the API and /metrics (/health and the chat page's "
+        "own files stay open; the page sends the key on its calls) (default: $LORAFORGE_API_KEY)",
     )
     p.add_argument(
         "--served-model-name",

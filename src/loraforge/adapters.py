@@ -98,6 +98,15 @@ def adapter_batch(model: nn.Module, names: list[str]):
             m.batch_adapters = previous[id(m)]
 
 
+def set_token_plan(model: nn.Module, plan) -> None:
+    """Give every LoRA layer (and modules_to_save copy) of ``model`` a ``layers.tokens.TokenPlan``
+    (None: take it away). While the plan is set (``plan.set(...)``), each forward adds each
+    token's own adapter: a serving engine's mixed step. Layers wrapped later (an adapter loaded
+    onto new target modules) need the call again."""
+    for _, m in list(lora_layers(model)) + list(saved_modules(model)):
+        m.token_plan = plan
+
+
 def merge(model: nn.Module, adapter: str | list[str] | None = None) -> None:
     """Add ``s·B·A`` of the adapter(s) (default: the active ones) into the base weights.
 
@@ -338,6 +347,7 @@ def _combine(layer: LoraLayer, pairs, combination: str, new_rank: int):
 __all__ = [
     "ModulesToSave",
     "adapter_batch",
+    "set_token_plan",
     "add_weighted_adapter",
     "delete_adapter",
     "disable_adapters",

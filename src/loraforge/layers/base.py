@@ -20,6 +20,7 @@ from .merge import (
     snapshot_quantized,
     subtract_exactly,
 )
+from .tokens import tokens_first
 
 BASE = "__base__"  # the name that means "no adapter" in a mixed batch
 
@@ -71,6 +72,7 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.batch_adapters: list[str] | None = None  # one adapter name per batch row, or None
+        self.token_plan = None  # a tokens.TokenPlan: one adapter per token (serving), or None
         self.merge_error: dict[str, float] = {}  # rounding error of a requantized merge (4-bit)
 
     # -- adapter bookkeeping ----------------------------------------------------------------
@@ -312,9 +314,11 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled:
             return self.base_layer(x, *args, **kwargs)
-        if self.batch_adapters is not None:
+        if self.batch_adapters is not None or self._per_token():
             if self.merged_adapters:
                 raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call lf.unmerge(model)")
+            if self.batch_adapters is None:
+                return self._forward_tokens(x, self.token_plan, *args, **kwargs)
             return self._forward_mixed(x, self.batch_adapters, *args, **kwargs)
         self._check_merged_training()
         result = self.base_layer(x, *args, **kwargs)
@@ -336,6 +340,22 @@ class LoraLayer(nn.Module):
 
     def _forward_mixed(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:
         raise NotImplementedError
+
+    def _per_token(self) -> bool:
+        return self.token_plan is not None and self.token_plan.active
+
+    def _forward_tokens(self, x: torch.Tensor, plan, *args, **kwargs) -> torch.Tensor:
+        """The base on every token, plus each token's own adapter (see ``tokens.py``): the
+        general path, one product per adapter present; ``LoraLinear`` batches them."""
+        result = self.base_layer(x, *args, **kwargs)
+        groups = plan.groups(tuple(self.r), x.device)
+        if groups is None:
+            return result
+        result = result.clone()  # (the base may hold on to its output)
+        xt, out = tokens_first(x, plan.num_tokens), tokens_first(result, plan.num_tokens)
+        for name, rows in groups.rows.items():
+            out.index_add_(0, rows, self._lora(xt.index_select(0, rows), name).to(out.dtype))
+        return result
 
     def _row_index(self, names: list[str], batch: int, device) -> tuple[list[str], torch.Tensor]:
         """Unique adapter names used by the batch (BASE first) and each row's index into them."""

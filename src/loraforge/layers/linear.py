@@ -9,7 +9,8 @@ from torch import nn
 
 from ..kinds import is_4bit, is_conv1d
 from ..quant.linear4bit import Linear4bit
-from .base import LoraLayer, lora_dtype
+from .base import BASE, LoraLayer, lora_dtype
+from .tokens import tokens_first
 
 # The fused base+LoRA autograd function is used where it is exact (see LoraLinear.forward);
 # tests switch it off to compare against the plain autograd path.
@@ -162,7 +163,8 @@ class LoraLinear(LoraLayer):
         into in place (see ``add_low_rank``): a 3-D output's 2-D view would make autograd copy the
         whole gradient in backward for the in-place sum."""
         if (
-            self.disabled or self.batch_adapters is not None or args or kwargs or x.dim() < 3
+            self.disabled or self.batch_adapters is not None or self._per_token() or args or kwargs
+            or x.dim() < 3
             or torch.compiler.is_compiling() or not self._owns_output()
         ):  # fmt: skip
             return super().forward(x, *args, **kwargs)
@@ -175,7 +177,10 @@ class LoraLinear(LoraLayer):
 
     def _fusable(self, x: torch.Tensor) -> str | None:
         """The one adapter to fuse with the base matmul, or None where fusing would not be exact."""
-        if not FUSED or self.disabled or self.batch_adapters is not None or _custom_base(self.base_layer):
+        if (
+            not FUSED or self.disabled or self.batch_adapters is not None or self._per_token()
+            or _custom_base(self.base_layer)
+        ):  # fmt: skip
             return None
         live = self.live_adapters()
         if len(live) != 1 or not isinstance(self.lora_dropout[live[0]], nn.Identity):
@@ -216,6 +221,28 @@ class LoraLinear(LoraLayer):
         # none kept while a gradient flows through the copies (training a mixed batch)
         self.__dict__["_stack_cache"] = None if grad else (key, (a_stack, b_stack))
         return a_stack, b_stack
+
+    def _forward_tokens(self, x: torch.Tensor, plan, *args, **kwargs) -> torch.Tensor:
+        """The base on all T tokens of a serving step, plus each token's adapter: its tokens
+        gathered into a block of S >= MIN_ROWS rows per adapter used, then
+        (n, S, in) @ Aᵀ -> (n, S, r_max) @ s·Bᵀ -> (n, S, out), the kept rows added in place.
+        Factors come from the cached stack of the layer's resident adapters (``_stacks``)."""
+        result = self.base_layer(x, *args, **kwargs)
+        g = plan.groups(tuple(self.r), x.device)
+        if g is None:
+            return result
+        if not self._owns_output() or result._is_view():
+            result = result.clone()
+        dtype = self.branch_dtype(x.dtype, self.lora_A[g.used[0]].weight.dtype)
+        a_stack, b_stack = self._stacks([BASE] + g.stack_names, dtype, x.device)
+        a, b = (a_stack[1:], b_stack[1:]) if g.all_used else (a_stack[g.slots], b_stack[g.slots])
+        xt = tokens_first(x, plan.num_tokens).to(dtype)
+        xz = torch.cat([xt, xt.new_zeros((1, xt.shape[1]))])  # row T: the padding rows' zeros
+        delta = torch.bmm(torch.bmm(xz[g.gather], a.transpose(1, 2)), b)  # (n, S, out)
+        kept = delta.reshape(-1, delta.shape[-1]).index_select(0, g.flat_idx)
+        out = tokens_first(result, plan.num_tokens)
+        out.index_add_(0, g.token_idx, kept.to(out.dtype))
+        return result
 
     def _forward_mixed(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:
         # The base matmul runs once for the whole batch; the low-rank path is a gather of each

@@ -8,6 +8,8 @@ import warnings
 import torch
 from torch import nn
 
+from .tokens import tokens_first
+
 
 class ModulesToSave(nn.Module):
     """A module trained in full (e.g. a classification head): one trainable copy per adapter.
@@ -22,6 +24,7 @@ class ModulesToSave(nn.Module):
         self.active_adapters: list[str] = []
         self.disabled = False
         self.batch_adapters: list[str] | None = None
+        self.token_plan = None  # a tokens.TokenPlan (serving): one adapter per token
 
     def add(self, name: str) -> None:
         if name in self.modules_to_save:
@@ -41,9 +44,24 @@ class ModulesToSave(nn.Module):
     def adapters(self) -> list[str]:
         return list(self.modules_to_save)
 
+    def _forward_tokens(self, x: torch.Tensor, *args, **kwargs):
+        """Each token of a serving step through its adapter's copy (see ``tokens.py``)."""
+        plan = self.token_plan
+        out = self.original_module(x, *args, **kwargs).clone()
+        groups = plan.groups(tuple(self.modules_to_save), x.device)
+        if groups is None:
+            return out
+        flat = tokens_first(out, plan.num_tokens)
+        for name, rows in groups.rows.items():
+            mine = tokens_first(self.modules_to_save[name](x, *args, **kwargs), plan.num_tokens)
+            flat[rows] = mine.index_select(0, rows).to(flat.dtype)
+        return out
+
     def forward(self, x: torch.Tensor, *args, **kwargs):
         if self.disabled:
             return self.original_module(x, *args, **kwargs)
+        if self.token_plan is not None and self.token_plan.active:
+            return self._forward_tokens(x, *args, **kwargs)
         if self.batch_adapters is not None:
             names = self.batch_adapters
             out = self.original_module(x, *args, **kwargs).clone()

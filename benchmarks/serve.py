@@ -186,8 +186,9 @@ def agreement(a: L.LoadResult, b: L.LoadResult) -> str:
 # --------------------------------------------------------------------------------------------
 def benchmark(s: Settings, log=print) -> dict:
     """Run everything; returns the results (rows, per-system metrics, checks) as a dict."""
-    from loraforge.serving.engine import Engine
     from transformers import AutoTokenizer
+
+    from loraforge.serving.engine import Engine
 
     start = time.perf_counter()
     torch.manual_seed(s.seed)

@@ -314,6 +314,7 @@ def benchmark(s: Settings, log=print) -> dict:
             (cb, base_load, False),
         ):
             load(system, reqs[:warm], started)()
+        peft_server.batches.clear()  # (count the timed rounds' generate calls only)
         t0 = time.perf_counter()
         results = L.interleaved_loads(loads, s.rounds, log)
         log(f"loads done in {time.perf_counter() - t0:.0f} s")
@@ -321,17 +322,19 @@ def benchmark(s: Settings, log=print) -> dict:
         mixed, one, peft_r = med[ours_mixed.name], med[ours_one.name], med[peft_server.name]
         base_r, cb_r = med[ours_base.name], med[cb.name]
 
-        # 3. batch-1 decode against the memory-bandwidth bound
+        # 3. batch-1 decode against the memory-bandwidth bound (and transformers' generate, for scale)
         b1_req = L.Request(0, requests[0].prompt_ids[: s.prompt_min], None)
         b1_tokens = max(n, 16)
-        rates, bws = [], []
+        rates, hf_rates, bws = [], [], []
         for _ in range(3):
             bws.append(L.memory_bandwidth(s.device, s.bandwidth_mb))
             trace = runner.run(L.closed_loop(ours, [b1_req], 1, b1_tokens))[0]
             rates.append(L.decode_rate(trace))
+            hf_rates.append(P.generate_decode_rate(cb.model, b1_req.prompt_ids, b1_tokens, pad_id(tokenizer)))
         bw, how = max(bws)
         bound = bw / base_bytes
-        rate = sorted(rates)[1]
+        rate, hf_rate = sorted(rates)[1], sorted(hf_rates)[1]
+        calls = peft_server.batches
 
         def best(name: str) -> float:
             return max(r.tok_s for r in results[name])
@@ -355,7 +358,8 @@ def benchmark(s: Settings, log=print) -> dict:
                 "tok/s",
                 "PEFT server",
                 (">=", 3.0),
-                note=f"PEFT's generate calls: {len(peft_server.batches)} over the run(s)",
+                note=f"{len(calls)} generate calls in the timed round(s), "
+                f"{sum(r for _, r in calls) / max(1, len(calls)):.1f} requests each on average",
                 best_ratio=best(ours_mixed.name) / best(peft_server.name),
             ),
             C.Row(
@@ -379,6 +383,17 @@ def benchmark(s: Settings, log=print) -> dict:
                 note=f"{base_bytes / 1e6:.0f} MB of weights at {bw / 1e9:.1f} GB/s ({how}); decode rates "
                 f"{', '.join(f'{r:.1f}' for r in rates)} tok/s ({b1_tokens} tokens after a "
                 f"{len(b1_req.prompt_ids)}-token prompt); fraction of the bound reached = ratio",
+            ),
+            C.Row(
+                "serve",
+                "batch-1 decode: loraforge vs transformers generate (info)",
+                rate,
+                hf_rate,
+                "tok/s",
+                "transformers generate",
+                None,
+                note=f"generate's rates {', '.join(f'{r:.1f}' for r in hf_rates)} tok/s, same prompt, "
+                f"interleaved with ours",
             ),
         ]
         return {

@@ -112,6 +112,25 @@ def peft_generate(
     return out[:, width:].tolist(), stamps.times
 
 
+def generate_decode_rate(model, prompt: list[int], new_tokens: int, pad_id: int) -> float:
+    """Batch-1 decode tokens / s of plain ``model.generate`` (KV cache, greedy): the tokens after
+    the first over the time between the first and the last step."""
+    from transformers import LogitsProcessorList
+
+    stamps = _StepStamps()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        model.generate(
+            input_ids=torch.tensor([prompt], device=device),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=pad_id,
+            logits_processor=LogitsProcessorList([stamps]),
+        )
+    return (len(stamps.times) - 1) / (stamps.times[-1] - stamps.times[0])
+
+
 @dataclasses.dataclass
 class _Waiting:
     request: Request

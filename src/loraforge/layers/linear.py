@@ -10,7 +10,7 @@ from torch import nn
 from ..kinds import is_4bit, is_conv1d
 from ..quant.linear4bit import Linear4bit
 from .base import LoraLayer, lora_dtype
-from .tokens import MIN_ROWS, tokens_first
+from .tokens import tokens_first
 
 # The fused base+LoRA autograd function is used where it is exact (see LoraLinear.forward);
 # tests switch it off to compare against the plain autograd path.
@@ -270,8 +270,8 @@ class LoraLinear(LoraLayer):
         for name, start, end in g.runs:
             a, b = self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype)
             xs = xt[start:end]
-            if end - start < MIN_ROWS:  # (a zero-padded copy: see tokens.py, batch invariance)
-                xs = torch.cat([xs, xs.new_zeros((MIN_ROWS - (end - start), xs.shape[1]))])
+            if end - start < plan.min_rows:  # (a zero-padded copy: see tokens.py, batch invariance)
+                xs = torch.cat([xs, xs.new_zeros((plan.min_rows - (end - start), xs.shape[1]))])
             delta = F.linear(F.linear(xs, a), b)[: end - start]
             out[start:end].add_(delta.to(out.dtype), alpha=self.scaling[name])
         return result

@@ -93,6 +93,12 @@ def parse_args(argv):
         help="tokens in one forward (prompts joining a step)",
     )
     p.add_argument(
+        "--no-batch-invariance",
+        action="store_true",
+        help="let small steps skip the padding that makes a request's tokens independent of the other "
+        "requests in its batch (faster with few requests on a CPU; rare near-ties may then differ)",
+    )
+    p.add_argument(
         "--max-input-tokens",
         type=int,
         default=None,
@@ -340,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             max_batch_tokens=args.max_batch_tokens,
             max_input_tokens=args.max_input_tokens,
             max_total_tokens=args.max_total_tokens,
+            batch_invariant=not args.no_batch_invariance,
         )
 
     def ready():

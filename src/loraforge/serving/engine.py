@@ -107,6 +107,7 @@ class Engine:
         max_batch_tokens: int = 2048,
         max_input_tokens: int | None = None,
         max_total_tokens: int | None = None,
+        batch_invariant: bool = True,
     ) -> None:
         if max_loras < 1 or max_batch_size < 1 or max_batch_tokens < 1:
             raise ValueError("max_loras, max_batch_size and max_batch_tokens must be >= 1")
@@ -126,7 +127,9 @@ class Engine:
         self._adapters: dict[str, Path] = {}
         self._templates: dict[str, str | None] = {}
         self._resident: OrderedDict[str, None] = OrderedDict()  # LRU order: oldest first
-        self._plan = TokenPlan()
+        # batch_invariant: every matmul gets >= MIN_ROWS rows, so that a request's tokens do not
+        # depend on the other requests in its steps (layers/tokens.py); off: faster small steps.
+        self._plan = TokenPlan(MIN_ROWS if batch_invariant else 1)
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
         self._commands: deque = deque()
@@ -431,7 +434,7 @@ class Engine:
     def _forward(self, batch: list[tuple[_Seq, bool]]) -> dict[int, torch.Tensor]:
         """One forward for the batch; {sequence id: its logits rows (fp32)}: the last token's
         row, or every prompt position's when the request asked for prompt log-probabilities."""
-        # Decoding tokens first (at least MIN_ROWS rows, padded), then the new prompts grouped
+        # Decoding tokens first (at least min_rows rows, padded), then the new prompts grouped
         # by adapter: the layout layers/tokens.py expects (and what keeps it batch invariant).
         decoding = [seq for seq, new in batch if not new]
         prompts = sorted((seq for seq, new in batch if new), key=lambda s: s.adapter or "")
@@ -456,12 +459,12 @@ class Engine:
         for seq in decoding:
             add(seq, seq.out[-1:], seq.length - 1)
         if decoding:
-            pad(max(0, MIN_ROWS - len(ids)))
+            pad(max(0, self._plan.min_rows - len(ids)))
         n_decode = len(ids)
         for seq in prompts:
             add(seq, seq.prompt, 0)
-        pad(max(0, MIN_ROWS - len(ids)))  # (see layers/tokens.py: batch invariance)
-        keep += [0] * max(0, MIN_ROWS - len(keep))
+        pad(max(0, self._plan.min_rows - len(ids)))  # (see layers/tokens.py: batch invariance)
+        keep += [0] * max(0, self._plan.min_rows - len(keep))
         dev = self.device
         kwargs = {}
         if self._keep_logits:

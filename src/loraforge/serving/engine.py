@@ -150,6 +150,16 @@ class Engine:
         return list(self._resident)
 
     @property
+    def batch_invariant(self) -> bool:
+        """Whether steps are padded so that a request's tokens do not depend on the others (see
+        ``layers/tokens.py``); may be switched between requests."""
+        return self._plan.min_rows > 1
+
+    @batch_invariant.setter
+    def batch_invariant(self, on: bool) -> None:
+        self._plan.min_rows = MIN_ROWS if on else 1
+
+    @property
     def num_running(self) -> int:
         return len(self._running)
 

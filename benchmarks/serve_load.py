@@ -49,18 +49,11 @@ class System(Protocol):
 
 
 def text_ids(tokenizer, n_tokens: int, seed: int = 17) -> list[int]:
-    """At least ``n_tokens`` token ids of real English text: the demo corpus builder's short stories
-    (``loraforge.demo.data.story``, seed ``seed``), one paragraph each, tokenized without special
-    tokens."""
-    from loraforge.demo.data import story
+    """``n_tokens`` token ids of real English text: the demo corpus builder's short stories
+    (``loraforge.demo.data.story``, seed ``seed``), as the quantization benchmark reads them."""
+    from .quant_quality import held_out_ids
 
-    rng = random.Random(seed)
-    paragraphs: list[str] = []
-    ids: list[int] = []
-    while len(ids) < n_tokens:
-        paragraphs += [story(rng) for _ in range(max(8, (n_tokens - len(ids)) // 40))]
-        ids = tokenizer("\n\n".join(paragraphs), add_special_tokens=False)["input_ids"]
-    return list(ids)
+    return held_out_ids(tokenizer, n_tokens, seed).tolist()
 
 
 def build_requests(

@@ -16,6 +16,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from loraforge.cli import main
 from loraforge.demo.app import SHIPPED_BASE
@@ -202,3 +203,9 @@ def test_serve_is_a_listed_command(capsys):
         "--demo",
     ):
         assert flag in text
+
+
+def test_serving_leaves_gradients_on_in_the_callers_thread():
+    """Grad mode is per thread: the engine's thread turns it off for itself, nobody else's
+    (an in-process server left it off for every later test of the session)."""
+    assert torch.is_grad_enabled()

@@ -217,7 +217,6 @@ def resolve(args) -> tuple[Path, str, dict[str, Path]]:
 
 def load(base: Path, args):
     """(model, tokenizer) on the chosen device, in eval mode."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from ..training.dist import pick_device
@@ -235,7 +234,7 @@ def load(base: Path, args):
         model = load_model(base, quantization=qc, dtype=dtype, device=device)
     else:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device)
-    torch.set_grad_enabled(False)
+    # (no torch.set_grad_enabled(False) here: grad mode is per thread; the engine's thread turns it off)
     return model.eval(), tokenizer
 
 

@@ -371,3 +371,26 @@ def test_kv_cache_grows_with_what_is_generated(llama):
     per_token = 2 * 2 * 2 * 16 * 4  # layers x (k, v) x kv_heads x head_dim x fp32
     assert small <= (len(PROMPTS[1]) + 128) * per_token  # not the 205 tokens it may reach
     assert tokens == 200  # and it grew past its first allocation
+
+
+def test_chat_uses_the_template_saved_with_the_adapter(tmp_path):
+    """An adapter directory's chat_template.jinja (training saves the tokenizer there) decides
+    its chat prompts; an adapter without one uses the base tokenizer's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraforge.demo.app import SHIPPED_BASE
+
+    tok = AutoTokenizer.from_pretrained(SHIPPED_BASE)
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED_BASE)
+    lf.inject(model, lf.LoraConfig(r=2, target_modules=["q_proj"]), adapter="x")
+    own = lf.save_adapter(model, tmp_path / "own", adapter="x")
+    plain = lf.save_adapter(model, tmp_path / "plain", adapter="x")
+    (own / "chat_template.jinja").write_text("ASK {{ messages[-1]['content'] }} ANSWER", encoding="utf-8")
+    eng = Engine(AutoModelForCausalLM.from_pretrained(SHIPPED_BASE), tok)
+    eng.register_adapter("own", own)
+    eng.register_adapter("plain", plain)
+    messages = [{"role": "user", "content": "What colour is snow?"}]
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]
+    base_ids = ids(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    assert eng.encode_chat(messages, "own") == ids("ASK What colour is snow? ANSWER")
+    assert eng.encode_chat(messages, "plain") == base_ids == eng.encode_chat(messages, None)

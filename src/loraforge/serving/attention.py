@@ -149,9 +149,7 @@ def register() -> None:
     AttentionInterface.register(NAME, attention)
 
 
-def install(model) -> str | None:
-    """Route ``model``'s attention through ``attention``; returns the implementation it had."""
+def install(model) -> None:
+    """Route ``model``'s attention through ``attention`` (the engine owns the model from then on)."""
     register()
-    previous = model.config._attn_implementation
     model.config._attn_implementation = NAME
-    return previous

@@ -32,6 +32,7 @@ import torch
 from ..adapter_files import load_adapter
 from ..adapters import delete_adapter, set_token_plan
 from ..layers.tokens import MIN_ROWS, TokenPlan
+from ..training.data import FALLBACK_CHAT_TEMPLATE, encode_prompt
 from . import attention
 from .sampling import SamplingParams, TokenLogprob, choose, generator_for, logprob_of
 from .text import Detokenizer, chat_template_of
@@ -138,7 +139,7 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._keep_logits = _accepts(model, "logits_to_keep")
-        self.previous_attention = attention.install(model)
+        attention.install(model)
 
     # -- public API (any thread) ----------------------------------------------------------------
     @property
@@ -181,16 +182,16 @@ class Engine:
         self._command(self._unregister, name)
 
     def encode(self, text: str) -> list[int]:
+        """A completions prompt as training and ``loraforge generate --raw`` start it (the BOS
+        token, when the tokenizer has one, then the text: ``training.data.encode_prompt``)."""
         with self._tok_lock:
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return encode_prompt(self.tokenizer, text)
 
     def encode_chat(self, messages: list[dict], adapter: str | None = None) -> list[int]:
         """The prompt for a chat: the template saved with the adapter, else the base's."""
         template = self._templates.get(adapter) if adapter else None
         template = template or self._base_template or next((t for t in self._templates.values() if t), None)
         if template is None:
-            from ..training.data import FALLBACK_CHAT_TEMPLATE
-
             template = FALLBACK_CHAT_TEMPLATE
         with self._tok_lock:
             text = self.tokenizer.apply_chat_template(
@@ -362,11 +363,9 @@ class Engine:
                 batch = []
                 for seq in list(self._running):
                     self._fail(seq, e)
-            if batch:
-                pass
-            elif self._stop and not self._running and not self._waiting:
+            if not batch and self._stop and not self._running and not self._waiting:
                 break
-            elif not commands and self._waiting and not self._running:
+            if not batch and not commands and self._waiting and not self._running:
                 time.sleep(0.001)  # waiting on an adapter slot that nothing will free: not a spin
 
     def _drop_cancelled(self) -> None:

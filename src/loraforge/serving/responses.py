@@ -27,13 +27,6 @@ def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def encode_text(engine, text: str) -> list[int]:
-    """A completions prompt string as ids, as training and ``loraforge generate --raw`` start it
-    (``training.data.encode_prompt``: the BOS token, when the tokenizer has one, then the text)."""
-    bos = engine.tokenizer.bos_token_id
-    return ([bos] if bos is not None else []) + engine.encode(text)
-
-
 def api_error(e: Exception, started: bool) -> APIError:
     """The HTTP error of an engine request that failed before its first output."""
     from .engine import EngineError, RequestFailed

@@ -147,7 +147,7 @@ def test_nan_adapter_is_refused_by_merge_cli(tmp_path, capsys):
         ({"layers_to_transform": [0.5]}, (), "layers_to_transform must be"),
         ({"modules_to_save": "lm_head"}, (), "modules_to_save must be a list"),
         ({"inference_mode": "yes"}, (), "inference_mode must be true or false"),
-        ({"init_lora_weights": "olora"}, (), "init_lora_weights='olora' is not supported"),
+        ({"init_lora_weights": "corda"}, (), "init_lora_weights='corda' is not supported"),
         ({"init_lora_weights": "no"}, (), "init_lora_weights='no' is not supported"),
         ({"foo_config": {"x": 1}}, (), "unknown config key.*foo_config"),
         ({"use_dora": True}, (), "does not support use_dora=True"),

@@ -34,6 +34,7 @@ from .injection import (
     inject,
     lora_layers,
     name_matches,
+    refuse_unbuilt,
     remove_modules,
     saved_modules,
 )
@@ -201,6 +202,10 @@ def load_adapter(
         raise ValueError(f"adapter {adapter!r} already exists; known adapters: {sorted(reg.names)}")
     cfg, _, tensors = read_adapter(path, adapter)
     weights = adapter_dir(path, adapter) / WEIGHTS_NAME
+    try:
+        refuse_unbuilt(cfg)
+    except ValueError as e:
+        raise ValueError(f"{weights.parent / CONFIG_NAME}: {e}") from None
     bad = [k for k in tensors if not k.startswith(PREFIX)]
     if bad:
         raise ValueError(f"{weights}: tensor keys must start with {PREFIX!r}; found {bad[:3]}")

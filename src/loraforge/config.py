@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = ("default", "gaussian", "pissa")
+# init=False (PEFT's init_lora_weights=False) is accepted too: B random, so the adapter starts away
+# from the base model (for tests and for loading factors over it).
+INIT_MODES = ("default", "gaussian", "pissa", "olora", "loftq")
 
 # Keys of PEFT's LoraConfig (peft 0.21). Keys in this set that we do not model are accepted on load
 # when they hold their PEFT default, and refused with a clear message otherwise: silently dropping
@@ -22,12 +24,9 @@ _PEFT_DEFAULTS: dict[str, Any] = {
     "inference_mode": None,
     "megatron_config": None,
     "megatron_core": "megatron.core",
-    "trainable_token_indices": None,
-    "loftq_config": {},
     "eva_config": None,
     "corda_config": None,
     "lora_ga_config": None,
-    "use_dora": False,
     "velora_config": None,
     "alora_invocation_tokens": None,
     "use_qalora": False,
@@ -35,8 +34,6 @@ _PEFT_DEFAULTS: dict[str, Any] = {
     "monteclora_config": None,
     "layer_replication": None,
     "runtime_config": None,
-    "lora_bias": False,
-    "target_parameters": None,
     "use_bdlora": None,
     "arrow_config": None,
     "kasa_config": None,
@@ -68,8 +65,20 @@ class LoraConfig:
     layers_to_transform: indices of transformer blocks to adapt (``...layers.<i>.`` / ``...h.<i>.``).
     layers_pattern: name(s) of the block list that ``layers_to_transform`` indexes (``"layers"``,
         ``"h"``, ...); None = any of layers, h, block, blocks, layer.
-    init: "default" (A Kaiming-uniform a=√5, B = 0), "gaussian" (A ~ N(0, 1/r), B = 0), or
-        "pissa" (A, B from the top-r singular triplets of W0; W0 keeps the residual).
+    init: "default" (A Kaiming-uniform a=√5, B = 0), "gaussian" (A ~ N(0, 1/r), B = 0),
+        "pissa" (A, B from the top-r singular triplets of W0; W0 keeps the residual), "olora"
+        (A, B from the QR decomposition of W0; W0 keeps the residual), "loftq" (A, B such that
+        quantize(W0 - s·B·A) + s·B·A approximates W0 better than quantize(W0): see ``loftq_bits``),
+        or False (A and B both random: ΔW ≠ 0 from the start; PEFT's testing init).
+    use_dora: DoRA: the adapted weight is m · (W0 + s·B·A) / ‖W0 + s·B·A‖ (norm per output
+        row), with the magnitude vector m (out) trained beside A and B, initialised to ‖W0‖.
+    lora_bias: B gets a trainable bias (out), which merges into the base bias.
+    target_parameters: names of bare ``nn.Parameter`` s (e.g. a mixture-of-experts module's
+        ``experts.gate_up_proj``) that get LoRA on the parameter itself, as PEFT's ParamWrapper.
+    trainable_token_indices: token ids whose embedding rows are trained (all other rows stay
+        frozen): a list (the input embedding) or ``{module name: [ids]}``.
+    loftq_bits / loftq_iter: for init="loftq": the quantization bits (4: NF4) and the number of
+        alternating quantize / SVD rounds.
     fan_in_fan_out: PEFT's flag for layers that store their weight (in × out), as GPT-2's Conv1D
         does; loraforge detects such layers itself.
     rank_pattern / alpha_pattern: per-module overrides of r / alpha, keyed by a name or regex.
@@ -89,6 +98,14 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
+    lora_bias: bool = False
+    target_parameters: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+    peft_type = "LORA"  # (a class attribute, not a field: the method, as adapter_config.json names it)
 
     def __post_init__(self) -> None:
         if not _is_int(self.r) or self.r <= 0:
@@ -97,14 +114,34 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.alpha must be a positive finite number, got {self.alpha!r}")
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        for name in ("use_rslora", "fan_in_fan_out"):
+        for name in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias"):
             # a string such as "no" is truthy: only real booleans are taken
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LoraConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        if self.init not in INIT_MODES:
-            raise ValueError(f"LoraConfig.init must be one of {INIT_MODES}, got {self.init!r}")
+        if self.init is True:
+            self.init = "default"
+        if self.init is not False and self.init not in INIT_MODES:
+            raise ValueError(f"LoraConfig.init must be one of {INIT_MODES} or false, got {self.init!r}")
+        if self.lora_bias and self.init not in ("default", False):
+            # (PEFT's rule: PiSSA / OLoRA / LoftQ change W0, and a bias on B would not be zero at start)
+            raise ValueError(f"LoraConfig.lora_bias needs init 'default' or false, got {self.init!r}")
+        if not _is_int(self.loftq_bits) or self.loftq_bits not in (2, 4, 8):
+            raise ValueError(f"LoraConfig.loftq_bits must be 2, 4 or 8, got {self.loftq_bits!r}")
+        if not _is_int(self.loftq_iter) or self.loftq_iter < 1:
+            raise ValueError(f"LoraConfig.loftq_iter must be a positive integer, got {self.loftq_iter!r}")
+        if isinstance(self.target_parameters, (tuple, str)):
+            self.target_parameters = (
+                [self.target_parameters]
+                if isinstance(self.target_parameters, str)
+                else list(self.target_parameters)
+            )
+        if self.target_parameters is not None and not all(isinstance(v, str) for v in self.target_parameters):
+            raise ValueError(
+                f"LoraConfig.target_parameters must be a list of names, got {self.target_parameters!r}"
+            )
+        self.trainable_token_indices = _check_token_indices(self.trainable_token_indices)
         for name in ("target_modules", "exclude_modules", "layers_pattern"):
             value = getattr(self, name)
             if isinstance(value, (tuple, set)):
@@ -222,12 +259,21 @@ class LoraConfig:
                 "bias": self.bias,
                 "use_rslora": self.use_rslora,
                 "modules_to_save": self.modules_to_save,
-                "init_lora_weights": {"default": True, "gaussian": "gaussian", "pissa": "pissa"}[self.init],
+                "init_lora_weights": True if self.init == "default" else self.init,
                 "layers_to_transform": self.layers_to_transform,
                 "layers_pattern": self.layers_pattern,
                 "fan_in_fan_out": self.fan_in_fan_out,
                 "rank_pattern": dict(self.rank_pattern),
                 "alpha_pattern": dict(self.alpha_pattern),
+                "use_dora": self.use_dora,
+                "lora_bias": self.lora_bias,
+                "target_parameters": self.target_parameters,
+                "trainable_token_indices": self.trainable_token_indices,
+                "loftq_config": (
+                    {"loftq_bits": self.loftq_bits, "loftq_iter": self.loftq_iter}
+                    if self.init == "loftq"
+                    else {}
+                ),
                 "inference_mode": True,
             }
         )
@@ -258,6 +304,13 @@ class LoraConfig:
                     kwargs[_FROM_PEFT[key]] = value
             elif key == "init_lora_weights":
                 kwargs["init"] = init_from_peft(value, source, loading=True)
+            elif key == "loftq_config":
+                if value is not None and not isinstance(value, dict):
+                    raise ValueError(f"{source}: loftq_config must be an object, got {value!r}")
+                for sub, sub_value in (value or {}).items():
+                    if sub not in ("loftq_bits", "loftq_iter"):
+                        raise ValueError(f"{source}: unknown loftq_config key {sub!r}")
+                    kwargs[sub] = sub_value
             elif key in _METADATA:
                 if value is not None and not isinstance(value, _METADATA[key]):
                     kind = {str: "a string", bool: "true or false", dict: "an object"}[_METADATA[key]]
@@ -308,6 +361,10 @@ _FROM_PEFT = {
     "fan_in_fan_out": "fan_in_fan_out",
     "rank_pattern": "rank_pattern",
     "alpha_pattern": "alpha_pattern",
+    "use_dora": "use_dora",
+    "lora_bias": "lora_bias",
+    "target_parameters": "target_parameters",
+    "trainable_token_indices": "trainable_token_indices",
 }
 # Keys that describe the file, not the adapter's maths: type-checked, otherwise not used.
 _METADATA = {
@@ -333,13 +390,13 @@ def _suggestion(key: str, known: list[str]) -> str:
     return f" (did you mean {close!r}?)" if close else ""
 
 
-def init_from_peft(value: Any, source: str, loading: bool) -> str:
+def init_from_peft(value: Any, source: str, loading: bool) -> str | bool:
     """loraforge's ``init`` for PEFT's ``init_lora_weights`` value.
 
     Loading, the factors come from the file, so inits that only shape A and B (false, "eva",
-    "orthogonal") load as any other. PiSSA also moves the top singular part out of the base
-    weight, which PEFT redoes on load and so does loraforge; inits that change the base in ways
-    loraforge does not reproduce (OLoRA, LoftQ, CorDA, ...) are refused rather than loaded wrong.
+    "orthogonal") load as any other. PiSSA, OLoRA and LoftQ also change the base weight, which
+    PEFT redoes on load and so does loraforge; inits that change the base in ways loraforge does
+    not reproduce (CorDA, ...) are refused rather than loaded wrong.
     """
     if value is True:
         return "default"
@@ -350,15 +407,37 @@ def init_from_peft(value: Any, source: str, loading: bool) -> str:
             return "pissa"
         if loading and value in ("eva", "orthogonal"):
             return "default"
-    if loading and value is False:
-        return "default"
+    if value is False:
+        return "default" if loading else False
+    modes = "true, false, " + ", ".join(repr(m) for m in INIT_MODES[1:])
     if loading:
-        why = "loraforge loads adapters made with true, false, 'gaussian', 'pissa', 'eva' or 'orthogonal'"
-    elif value is False:
-        why = "it starts B random, away from the base model; use true, 'gaussian' or 'pissa'"
+        why = f"loraforge loads adapters made with {modes}, 'eva' or 'orthogonal'"
     else:
-        why = "use true, 'gaussian' or 'pissa'"
+        why = f"use {modes}"
     raise ValueError(f"{source}: init_lora_weights={value!r} is not supported: {why}")
+
+
+def _check_token_indices(value: Any) -> list[int] | dict[str, list[int]] | None:
+    """``trainable_token_indices`` as a list of token ids or ``{module name: [ids]}``, checked."""
+    if value is None:
+        return None
+
+    def ids(v: Any, where: str) -> list[int]:
+        if isinstance(v, tuple):
+            v = list(v)
+        if not (isinstance(v, list) and v and all(_is_int(i) and i >= 0 for i in v)):
+            raise ValueError(
+                f"LoraConfig.trainable_token_indices{where} must be a non-empty list of token ids, got {v!r}"
+            )
+        if len(set(v)) != len(v):
+            raise ValueError(f"LoraConfig.trainable_token_indices{where} repeats a token id: {v!r}")
+        return v
+
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise ValueError(f"LoraConfig.trainable_token_indices keys must be module names, got {value!r}")
+        return {k: ids(v, f"[{k!r}]") for k, v in value.items()}
+    return ids(value, "")
 
 
 def _is_int(value: Any) -> bool:

@@ -196,6 +196,7 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
     reg = registry(model)
     if adapter in reg:
         raise ValueError(f"adapter {adapter!r} already exists; known adapters: {sorted(reg.names)}")
+    refuse_unbuilt(cfg)
     if cfg.bias != "none" and any(c.bias != "none" for c in reg.configs.values()):
         # Biases belong to the base layers, so they are shared: only one adapter may own them (as in PEFT).
         raise ValueError("only one adapter may train biases; use bias='none' for the others")
@@ -235,6 +236,23 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
     reg.add(adapter, cfg, targets)
     set_trainable(model)
     return model
+
+
+# LoraConfig options that the config and the PEFT mapping know but the layers do not build yet:
+# refused here, before the model changes, rather than silently trained as plain LoRA.
+_UNBUILT = {
+    "use_dora": lambda c: c.use_dora,
+    "lora_bias": lambda c: c.lora_bias,
+    "target_parameters": lambda c: c.target_parameters,
+    "trainable_token_indices": lambda c: c.trainable_token_indices,
+    "init": lambda c: c.init in (False, "olora", "loftq"),
+}
+
+
+def refuse_unbuilt(cfg: LoraConfig) -> None:
+    for key, used in _UNBUILT.items():
+        if used(cfg):
+            raise ValueError(f"loraforge does not support {key}={getattr(cfg, key)!r} yet")
 
 
 def add_adapter(model: nn.Module, adapter: str, cfg: LoraConfig, strict: bool = False) -> nn.Module:

@@ -82,9 +82,9 @@ def test_peft_names_conflicts_and_unsupported_values(tmp_path):
         ConfigError, match=r"run.yaml: lora: both 'alpha' and PEFT's name 'lora_alpha' are set"
     ):
         TrainConfig.from_yaml(both)
-    random_b = write(tmp_path, "data: {train: a.jsonl}\nlora: {init_lora_weights: false}\n", "b.yaml")
-    with pytest.raises(ConfigError, match=r"b.yaml: lora: init_lora_weights=False is not supported: it"):
-        TrainConfig.from_yaml(random_b)
+    corda = write(tmp_path, "data: {train: a.jsonl}\nlora: {init_lora_weights: corda}\n", "b.yaml")
+    with pytest.raises(ConfigError, match=r"b.yaml: lora: init_lora_weights='corda' is not supported: use"):
+        TrainConfig.from_yaml(corda)
 
 
 @pytest.mark.parametrize(

@@ -180,6 +180,9 @@ def _unwrap(model: nn.Module, merge_names: list[str] | None, dequantize: bool) -
     for name, layer in reversed(list(adapter_layers(model))):
         if not isinstance(layer, LoraLayer):
             mine = [n for n in merge_names or [] if n in layer.adapters]
+            if dequantize and is_4bit(layer.base_layer):  # (IA3 on a 4-bit base: merge in full precision)
+                layer.unmerge()
+                layer.base_layer = _dequantized_linear(layer.base_layer)
             if mine:
                 layer.merge(mine)
             layer.unwrap(model, name)

@@ -32,6 +32,7 @@ _LAZY = {
     },
     "LoraConfig": ("loraforge.config", "LoraConfig"),
     "IA3Config": ("loraforge.methods.ia3", "IA3Config"),
+    "BottleneckConfig": ("loraforge.methods.bottleneck", "BottleneckConfig"),
     "add_adapter": ("loraforge.injection", "add_adapter"),
     "count_parameters": ("loraforge.injection", "count_parameters"),
     "inject": ("loraforge.injection", "inject"),

@@ -305,13 +305,20 @@ def set_trainable(model: nn.Module) -> None:
                 p.requires_grad_(name in active)
     known = registry(model).configs
     modes = {getattr(known[a], "bias", "none") for a in active if a in known}
-    for name, p in model.named_parameters():
-        if name.endswith("bias") and ".lora_" not in name and ".modules_to_save." not in name:
-            p.requires_grad_(False)
+    # (an adapter's own biases, e.g. a bottleneck adapter's, are not the base model's)
+    own = {id(p) for _, layer in adapter_layers(model) for a in layer.adapter_param_names
+           for p in getattr(layer, a).parameters()}  # fmt: skip
+    base_biases = [
+        p
+        for name, p in model.named_parameters()
+        if name.endswith("bias") and ".lora_" not in name and ".modules_to_save." not in name
+        and id(p) not in own
+    ]  # fmt: skip
+    for p in base_biases:
+        p.requires_grad_(False)
     if "all" in modes:
-        for name, p in model.named_parameters():
-            if name.endswith("bias") and ".lora_" not in name and ".modules_to_save." not in name:
-                p.requires_grad_(True)
+        for p in base_biases:
+            p.requires_grad_(True)
     elif "lora_only" in modes:
         for _, layer in lora_layers(model):
             bias = getattr(layer.base_layer, "bias", None)

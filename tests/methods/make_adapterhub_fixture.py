@@ -77,7 +77,7 @@ def main() -> None:
                 saved = load_file(str(Path(d) / "adapter.safetensors"))
                 hub_config = json.loads((Path(d) / "adapter_config.json").read_text())
             tensors.update({f"{name}/{k}": v for k, v in saved.items()})
-            entry["adapters"][name] = hub_config["config"]
+            entry["adapters"][name] = hub_config  # (its whole adapter_config.json)
         save_file(tensors, str(OUT / f"adapterhub_{arch}.safetensors"))
         meta["models"][arch] = entry
     (OUT / "adapterhub.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")

@@ -10,12 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import logits, tiny_gpt2, tiny_llama
+from conftest import logits, randomize_lora, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import loraforge as lf
-from loraforge.methods.bottleneck import adapterhub_keys, expected_shapes, find_targets, from_adapterhub
+from loraforge.layers import LoraLayer
+from loraforge.methods.bottleneck import (
+    PREFIX,
+    adapterhub_keys,
+    expected_shapes,
+    find_targets,
+    load_adapterhub,
+)
 from loraforge.methods.bottleneck_layer import BottleneckLayer
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -54,55 +61,96 @@ def hub_base(arch: str):
 
 
 # -- pinned against AdapterHub ----------------------------------------------------------------
+def hub_dir(tmp_path, tensors, hub_configs, hub_name) -> Path:
+    """The directory AdapterHub's save_adapter wrote: its adapter_config.json and adapter.safetensors."""
+    d = tmp_path / "hub"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps(hub_configs[hub_name]))
+    hub_tensors = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{hub_name}/")}
+    save_file(hub_tensors, d / "adapter.safetensors")
+    return d
+
+
 @pytest.mark.parametrize("hub_name", sorted(HUB))
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_adapterhub_adapters_give_its_logits(tmp_path, arch, hub_name):
     base, x, tensors, hub_configs = hub_base(arch)
     # the fixture's base model is this base model (transformers 4.57 there, ours here)
     torch.testing.assert_close(logits(base, x), tensors["logits.base"], rtol=0, atol=1e-5)
-    cfg = lf.BottleneckConfig.from_adapterhub(hub_configs[hub_name])
+    cfg = lf.BottleneckConfig.from_adapterhub(hub_configs[hub_name]["config"])
     assert cfg.placement == HUB[hub_name] and cfg.reduction_factor == 4
     hub_tensors = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{hub_name}/")}
-    # our layout: every AdapterHub tensor has one file key, with AdapterHub's names in the holder
+    # our layout: AdapterHub's keys less ".adapters.<name>", one for one
     keys = adapterhub_keys(base, cfg, hub_name)
     assert sorted(keys.values()) == sorted(hub_tensors)
-    assert set(keys) == set(expected_shapes(base, cfg, find_targets(base, cfg)))
-    ffn = "mlp"
-    sample = next(iter(keys))
-    assert sample.endswith(
-        (".adapter_down.0.weight", ".adapter_down.0.bias", ".adapter_up.weight", ".adapter_up.bias")
+    assert all(
+        ours == PREFIX + theirs.replace(f".adapters.{hub_name}.", ".") for ours, theirs in keys.items()
     )
-    assert any(f".{ffn}.adapter_up.weight" in k for k in keys)
-    # written as a loraforge adapter directory and loaded like any other
-    save_file(from_adapterhub(base, cfg, hub_tensors, hub_name), tmp_path / "adapter_model.safetensors")
-    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg.to_peft_dict()))
-    ours = lf.load_adapter(copy.deepcopy(base), tmp_path)
+    assert set(keys) == set(expected_shapes(base, cfg, find_targets(base, cfg)))
     expected = tensors[f"logits.{hub_name}"]
     assert (expected - tensors["logits.base"]).abs().max() > 1e-2
+    # AdapterHub's directory, read as it is
+    ours = load_adapterhub(copy.deepcopy(base), hub_dir(tmp_path, tensors, hub_configs, hub_name))
+    assert lf.list_adapters(ours) == [hub_name]
     torch.testing.assert_close(logits(ours, x), expected, rtol=0, atol=1e-5)
+    # and as a loraforge adapter directory: the same tensors under our keys
+    lf.save_adapter(ours, tmp_path / "ours", adapter=hub_name)
+    saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert saved.keys() == keys.keys()
+    assert all(torch.equal(saved[k], hub_tensors[keys[k]]) for k in keys)
+    again = lf.load_adapter(copy.deepcopy(base), tmp_path / "ours")
+    torch.testing.assert_close(logits(again, x), expected, rtol=0, atol=1e-5)
 
 
-def test_adapterhub_configs_loraforge_cannot_build_are_refused():
-    _, _, _, hub_configs = hub_base("llama")
-    pfeiffer = hub_configs["seq_bn"]
+def test_adapterhub_configs_loraforge_cannot_build_are_refused(tmp_path):
+    base, _, tensors, hub_configs = hub_base("llama")
+    pfeiffer = hub_configs["seq_bn"]["config"]
     for change in ({"ln_after": True}, {"use_gating": True}, {"phm_layer": True}, {"scaling": "learned"}):
         with pytest.raises(ValueError, match="loraforge does not build"):
             lf.BottleneckConfig.from_adapterhub({**pfeiffer, **change})
     with pytest.raises(ValueError, match="none of seq_bn, double_seq_bn, par_bn"):
         lf.BottleneckConfig.from_adapterhub({**pfeiffer, "mh_adapter": True})
+    d = hub_dir(tmp_path, tensors, hub_configs, "seq_bn")
+    snap = _snapshot(base)
+    (d / "adapter_config.json").write_text(
+        json.dumps({**hub_configs["seq_bn"], "config": {**pfeiffer, "ln_after": True}})
+    )
+    with pytest.raises(ValueError, match=r"adapter_config.json: loraforge does not build ln_after=True"):
+        load_adapterhub(base, d)
+    (d / "adapter_config.json").write_text(json.dumps(hub_configs["seq_bn"]))
+    bad = load_file(d / "adapter.safetensors")
+    key = "model.layers.1.output_adapters.adapters.seq_bn.adapter_up.bias"
+    bad[key] = torch.full((17,), 0.5)
+    save_file(bad, d / "adapter.safetensors")
+    with pytest.raises(
+        ValueError, match=r"adapter.safetensors: shape mismatch for 'model.layers.1.output_adapters"
+    ):
+        load_adapterhub(base, d)
+    (d / "adapter.safetensors").unlink()
+    (d / "pytorch_adapter.bin").write_bytes(b"not read")
+    with pytest.raises(FileNotFoundError, match="only pytorch_adapter.bin, a pickle"):
+        load_adapterhub(base, d)
+    _unchanged(base, snap)
 
 
 # -- placement and maths ------------------------------------------------------------------------
 def test_placements_wrap_the_right_modules_and_start_at_the_base(ids):
     base = tiny_llama()
     expected = logits(base, ids)
-    where = {"houlsby": {"self_attn", "mlp"}, "pfeiffer": {"mlp"}, "parallel": {"mlp"}}
-    for placement, modules in where.items():
+    where = {"houlsby": {"attention_adapters", "output_adapters"}, "pfeiffer": {"output_adapters"},
+             "parallel": {"output_adapters"}}  # fmt: skip
+    for placement, holders in where.items():
         m = lf.inject(copy.deepcopy(base), lf.BottleneckConfig(placement=placement, leave_out=[1]))
-        wrapped = {n for n, mod in m.named_modules() if isinstance(mod, BottleneckLayer)}
-        assert wrapped == {f"model.layers.0.{name}" for name in modules}
+        found = {n for n, mod in m.named_modules() if isinstance(mod, BottleneckLayer)}
+        assert found == {f"model.layers.0.{name}" for name in holders}
+        # nothing is replaced: the attention / feed-forward modules get a hook
+        assert [type(x) for x in m.model.layers[0].children()][:4] == [
+            type(x) for x in base.model.layers[0].children()
+        ]
+        assert bool(m.model.layers[0].self_attn._forward_hooks) == (placement == "houlsby")
+        assert bool(m.model.layers[0].post_attention_layernorm._forward_pre_hooks) == (placement != "houlsby")
         torch.testing.assert_close(logits(m, ids), expected, rtol=0, atol=0)  # up = 0 at the start
-        layer = m.model.layers[0].mlp
+        layer = m.model.layers[0].output_adapters
         assert layer.adapter_down["default"][0].weight.shape == (2, 32)  # 32 // 16
         assert layer.adapter_down["default"][1].name == {"houlsby": "swish"}.get(placement, "relu")
         assert layer.scaling["default"] == (4.0 if placement == "parallel" else 1.0)
@@ -123,7 +171,10 @@ def test_maths_of_each_placement_on_one_block():
         blk = mm.model.layers[0]
         with torch.no_grad():
             got = blk.mlp(blk.post_attention_layernorm(r))
-            down, up = blk.mlp.adapter_down["default"][0], blk.mlp.adapter_up["default"]
+            down, up = (
+                blk.output_adapters.adapter_down["default"][0],
+                blk.output_adapters.adapter_up["default"],
+            )
             v = {"houlsby": h, "pfeiffer": r + h, "parallel": r}[placement]
             want = h + 0.5 * up(torch.tanh(down(v)))
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
@@ -181,11 +232,12 @@ def test_switch_disable_delete_unload(ids):
     both = logits(m, ids)
     assert (both - out_h).abs().max() > 1e-3
     lf.delete_adapter(m, "h")
-    assert not isinstance(m.model.layers[0].self_attn, BottleneckLayer)  # only h was there
+    assert not hasattr(m.model.layers[0], "attention_adapters")  # only h was there
+    assert not m.model.layers[0].self_attn._forward_hooks
     torch.testing.assert_close(logits(m, ids), out_p, rtol=0, atol=0)
     lf.unload(m)
     assert [type(x) for x in m.modules()] == [type(x) for x in base.modules()]
-    assert not any(mod._forward_pre_hooks for mod in m.modules())  # the stream hooks are gone
+    assert not any(mod._forward_pre_hooks or mod._forward_hooks for mod in m.modules())  # hooks gone
     torch.testing.assert_close(logits(m, ids), plain, rtol=0, atol=0)
 
 
@@ -218,7 +270,7 @@ def test_deepcopy_follows_the_stream_hooks(ids):
 
 def test_half_precision_model_keeps_fp32_adapters(ids):
     m = lf.inject(tiny_llama().to(torch.bfloat16), lf.BottleneckConfig())
-    layer = m.model.layers[0].mlp
+    layer = m.model.layers[0].output_adapters
     assert layer.adapter_up["default"].weight.dtype == torch.float32
     assert logits(m, ids).dtype == torch.bfloat16
 
@@ -234,8 +286,11 @@ def test_files_roundtrip_and_layout(tmp_path, ids):
     randomize(m)
     lf.save_adapter(m, tmp_path, adapter="x")
     tensors = load_file(tmp_path / "adapter_model.safetensors")
-    assert tensors["base_model.model.transformer.h.1.attn.adapter_down.0.weight"].shape == (4, 32)
-    assert tensors["base_model.model.transformer.h.1.mlp.adapter_up.bias"].shape == (32,)
+    assert tensors["base_model.model.transformer.h.1.attention_adapters.adapter_down.0.weight"].shape == (
+        4,
+        32,
+    )
+    assert tensors["base_model.model.transformer.h.1.output_adapters.adapter_up.bias"].shape == (32,)
     assert len(tensors) == 16
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert (
@@ -257,7 +312,7 @@ def _unchanged(model, snap):
     assert [type(m) for m in model.modules()] == types
     now = model.state_dict()
     assert set(now) == set(state) and all(torch.equal(now[k], state[k]) for k in state)
-    assert not any(mod._forward_pre_hooks for mod in model.modules())
+    assert not any(mod._forward_pre_hooks or mod._forward_hooks for mod in model.modules())
 
 
 @pytest.mark.parametrize(
@@ -268,9 +323,9 @@ def test_bad_files_are_refused_and_model_untouched(tmp_path, damage):
     lf.save_adapter(m, tmp_path)
     weights, config = tmp_path / "adapter_model.safetensors", tmp_path / "adapter_config.json"
     tensors, cfg = load_file(weights), json.loads(config.read_text())
-    key = "base_model.model.model.layers.0.mlp.adapter_down.0.weight"
+    key = "base_model.model.model.layers.0.output_adapters.adapter_down.0.weight"
     expect = {
-        "reduction": r"mlp.adapter_down.0.weight': file has \(2, 32\), model expects \(4, 32\)",
+        "reduction": r"output_adapters.adapter_down.0.weight': file has \(2, 32\), model expects \(4, 32\)",
         "nan": "NaN/Inf",
         "missing": "is missing",
         "placement": "placement must be one of",
@@ -316,3 +371,53 @@ def test_config_validation():
         lf.inject(nn.Sequential(nn.Linear(4, 4)), lf.BottleneckConfig())
     cfg = lf.BottleneckConfig.from_dict({"placement": "houlsby", "non_linearity": "ReLU"})
     assert cfg.non_linearity == "relu" and lf.BottleneckConfig(**cfg.to_dict()) == cfg
+
+
+# -- beside other methods -----------------------------------------------------------------------
+@pytest.mark.parametrize("lora_first", [True, False])
+def test_lora_and_ia3_inside_adapted_modules_keep_their_paths(tmp_path, ids, lora_first):
+    base = tiny_llama()
+    lora = lf.LoraConfig(r=2, target_modules=["q_proj", "down_proj"])
+    bottleneck = lf.BottleneckConfig(placement="houlsby", init_weights="bert")
+    ia3 = lf.IA3Config(target_modules=["v_proj"], feedforward_modules=[], init_ia3_weights=False)
+    m = copy.deepcopy(base)
+    order = (
+        [("lora", lora), ("bn", bottleneck), ("ia3", ia3)]
+        if lora_first
+        else [("bn", bottleneck), ("ia3", ia3), ("lora", lora)]
+    )
+    for name, cfg in order:
+        lf.inject(m, cfg, adapter=name)
+    randomize_lora(m)
+    lf.set_adapter(m, ["lora", "bn", "ia3"])
+    assert isinstance(m.model.layers[0].self_attn.q_proj, LoraLayer)  # (not under a wrapper)
+    out = logits(m, ids)
+    parts = {}
+    for name in ("lora", "bn", "ia3"):
+        lf.save_adapter(m, tmp_path / name, adapter=name)
+        parts[name] = load_file(tmp_path / name / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in parts["lora"]  # PEFT's keys
+    assert "base_model.model.model.layers.0.self_attn.v_proj.ia3_l" in parts["ia3"]
+    fresh = copy.deepcopy(base)
+    for name in ("bn", "lora", "ia3"):
+        lf.load_adapter(fresh, tmp_path / name, adapter=name)
+    lf.set_adapter(fresh, ["lora", "bn", "ia3"])
+    torch.testing.assert_close(logits(fresh, ids), out, rtol=0, atol=1e-5)
+    lf.delete_adapter(m, "bn")
+    lf.unload(m)
+    assert [type(x) for x in m.modules()] == [type(x) for x in base.modules()]
+    torch.testing.assert_close(logits(m, ids), logits(base, ids), rtol=0, atol=0)
+
+
+def test_on_a_4bit_base(ids):
+    from loraforge.quant import QuantConfig
+
+    m = lf.quantize(tiny_llama(), QuantConfig(compute_dtype=torch.float32))
+    plain = logits(m, ids)
+    lf.inject(m, lf.BottleneckConfig(placement="parallel")).train()
+    assert m.model.layers[0].output_adapters.adapter_up["default"].weight.dtype == torch.float32
+    torch.testing.assert_close(logits(m, ids), plain, rtol=0, atol=0)
+    randomize(m)
+    m(ids, labels=ids).loss.backward()
+    grads = {n for n, p in m.named_parameters() if p.grad is not None}
+    assert grads and all(".output_adapters." in n for n in grads)

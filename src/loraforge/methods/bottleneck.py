@@ -1,30 +1,35 @@
 """Bottleneck adapters: ``BottleneckConfig`` and where they go in a transformer (``peft_type``
 "BOTTLENECK", loraforge's own: PEFT has no bottleneck adapters).
 
-Each decoder block gets a holder (``bottleneck_layer.BottleneckLayer``) around its attention module
-(Houlsby's only) and its feed-forward module. Files: ``adapter_config.json`` (the config below)
-and ``adapter_model.safetensors`` with, per holder, AdapterHub's names under the holder's path:
+Each decoder block gets, as AdapterHub does, a holder (``bottleneck_layer.BottleneckLayer``) named
+``attention_adapters`` for its attention module's output (Houlsby's only) and one named
+``output_adapters`` for its feed-forward module's output. Files: ``adapter_config.json`` (the
+config below) and ``adapter_model.safetensors`` with AdapterHub's names less its
+``.adapters.<name>`` segment:
 
-    base_model.model.model.layers.0.mlp.adapter_down.0.weight   (d/r × d)   .adapter_down.0.bias
-    base_model.model.model.layers.0.mlp.adapter_up.weight       (d × d/r)   .adapter_up.bias
+    base_model.model.model.layers.0.output_adapters.adapter_down.0.weight   (d/r × d)   .adapter_down.0.bias
+    base_model.model.model.layers.0.output_adapters.adapter_up.weight       (d × d/r)   .adapter_up.bias
 
-(AdapterHub's own keys for the same tensors: ``model.layers.0.output_adapters.adapters.<name>.
-adapter_down.0.weight``; ``attention_adapters`` for the attention module's; see ``ADAPTERHUB``.)
+(AdapterHub: ``model.layers.0.output_adapters.adapters.<name>.adapter_down.0.weight``;
+``load_adapterhub`` reads its saved directories.)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import _METADATA, _is_int, _is_number, _is_unset, _suggestion
-from ..kinds import replace_module
 from .bottleneck_layer import INITS, NONLINEARITIES, PLACEMENTS, BottleneckLayer
 
 PREFIX = "base_model.model."
@@ -32,9 +37,8 @@ PREFIX = "base_model.model."
 ATTENTION = ("self_attn", "attn", "attention", "self_attention")
 FEED_FORWARD = ("mlp", "feed_forward", "ffn")
 NORM_BEFORE_FF = ("post_attention_layernorm", "ln_2", "pre_feedforward_layernorm")
-# Where AdapterHub keeps the adapters of our holders: attention -> attention_adapters,
-# feed-forward -> output_adapters.
-ADAPTERHUB = {"attention": "attention_adapters", "feed_forward": "output_adapters"}
+# The holders' names in a block (AdapterHub's), by the module whose output they change.
+HOLDERS = {"attention": "attention_adapters", "feed_forward": "output_adapters"}
 # AdapterHub's defaults per placement (its seq_bn, double_seq_bn, par_bn configs).
 _DEFAULT_NONLINEARITY = {"pfeiffer": "relu", "houlsby": "swish", "parallel": "relu"}
 _DEFAULT_SCALING = {"pfeiffer": 1.0, "houlsby": 1.0, "parallel": 4.0}
@@ -225,28 +229,24 @@ CONFIGS = (BottleneckConfig,)
 
 
 def adapterhub_keys(model: nn.Module, cfg: BottleneckConfig, name: str) -> dict[str, str]:
-    """AdapterHub's key for each file key of ``cfg`` on ``model`` (adapter ``name``): its
-    ``<block>.attention_adapters.adapters.<name>.<param>`` / ``<block>.output_adapters...`` where
-    ours are ``base_model.model.<block>.<attention or feed-forward module>.<param>``."""
-    out = {}
+    """AdapterHub's key (``<block>.output_adapters.adapters.<name>.<param>``) for each of our
+    file keys (``base_model.model.<block>.output_adapters.<param>``) of ``cfg`` on ``model``."""
     params = BottleneckLayer.shapes(_hidden(model), cfg.reduction_factor)
-    targets = set(find_targets(model, cfg))
-    for block, _, parts in blocks(model):
-        for kind, location in ADAPTERHUB.items():
-            path = f"{block}.{parts[kind]}"
-            if path in targets:
-                for param in params:
-                    out[f"{PREFIX}{path}.{param}"] = f"{block}.{location}.adapters.{name}.{param}"
+    out = {}
+    for holder in find_targets(model, cfg):
+        block, _, location = holder.rpartition(".")
+        for param in params:
+            out[f"{PREFIX}{holder}.{param}"] = f"{block}.{location}.adapters.{name}.{param}"
     return out
 
 
 def from_adapterhub(model: nn.Module, cfg: BottleneckConfig, tensors: dict, name: str) -> dict:
     """AdapterHub's saved tensors of adapter ``name`` (``adapter.safetensors``) under loraforge's
-    file keys (KeyError naming the first one missing)."""
+    file keys (ValueError naming the first one missing)."""
     out = {}
     for ours, theirs in adapterhub_keys(model, cfg, name).items():
         if theirs not in tensors:
-            raise KeyError(f"AdapterHub tensor {theirs!r} is missing")
+            raise ValueError(f"AdapterHub tensor {theirs!r} is missing")
         out[ours] = tensors[theirs]
     return out
 
@@ -278,8 +278,9 @@ def blocks(model: nn.Module) -> list[tuple[str, nn.Module, dict[str, str | None]
     )
 
 
-def _plan(model: nn.Module, cfg: BottleneckConfig) -> list[tuple[str, str | None]]:
-    """(holder path, path of the norm whose input is the residual stream, or None) per target."""
+def _plan(model: nn.Module, cfg: BottleneckConfig) -> list[tuple[str, str, str | None]]:
+    """(holder path, path of the module it hooks, path of the norm whose input is the residual
+    stream or None) per holder the adapter needs."""
     out = []
     found = blocks(model)
     missing = [i for i in cfg.leave_out if i >= len(found)]
@@ -287,27 +288,35 @@ def _plan(model: nn.Module, cfg: BottleneckConfig) -> list[tuple[str, str | None
         raise ValueError(
             f"leave_out: block(s) {missing} do not exist; the model has blocks 0-{len(found) - 1}"
         )
-    for i, (path, _, parts) in enumerate(found):
+    for i, (path, block, parts) in enumerate(found):
         if i in cfg.leave_out:
             continue
-        if cfg.placement == "houlsby":
-            out.append((f"{path}.{parts['attention']}", None))
-            out.append((f"{path}.{parts['feed_forward']}", None))
-            continue
-        if parts["norm"] is None:
-            raise ValueError(
-                f"a {cfg.placement} adapter reads the residual stream at the input of the norm before the "
-                f"feed-forward ({'/'.join(NORM_BEFORE_FF)}); block {path!r} has none"
-            )
-        out.append((f"{path}.{parts['feed_forward']}", f"{path}.{parts['norm']}"))
+        kinds = ("attention", "feed_forward") if cfg.placement == "houlsby" else ("feed_forward",)
+        for kind in kinds:
+            holder = getattr(block, HOLDERS[kind], None)
+            if holder is not None and not isinstance(holder, BottleneckLayer):
+                raise ValueError(
+                    f"block {path!r} already has a {HOLDERS[kind]!r} of type {type(holder).__name__} "
+                    "(a model prepared by another adapter library?)"
+                )
+            norm = None
+            if cfg.placement != "houlsby":
+                if parts["norm"] is None:
+                    raise ValueError(
+                        f"a {cfg.placement} adapter reads the residual stream at the input of the norm "
+                        f"before the feed-forward ({'/'.join(NORM_BEFORE_FF)}); block {path!r} has none"
+                    )
+                norm = f"{path}.{parts['norm']}"
+            out.append((f"{path}.{HOLDERS[kind]}", f"{path}.{parts[kind]}", norm))
     if not out:
         raise ValueError(f"leave_out={cfg.leave_out} leaves no block of {type(model).__name__} to adapt")
     return out
 
 
 def find_targets(model: nn.Module, cfg: BottleneckConfig) -> list[str]:
-    """The paths of the attention / feed-forward modules the adapter wraps."""
-    return [path for path, _ in _plan(model, cfg)]
+    """The paths of the holders the adapter goes into (``<block>.attention_adapters`` /
+    ``<block>.output_adapters``; created by ``inject`` where missing)."""
+    return [holder for holder, _, _ in _plan(model, cfg)]
 
 
 def _hidden(model: nn.Module) -> int:
@@ -328,16 +337,23 @@ def _dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
 
 
 def inject(model: nn.Module, cfg: BottleneckConfig, adapter: str, targets: list[str]) -> None:
-    """Wrap each target module in a ``BottleneckLayer`` (or add to the one there)."""
+    """Add the adapter to each target holder, creating the holder (a child of its block, hooked
+    onto the module whose output it changes) where there is none yet."""
     hidden = _hidden(model)
-    norms = dict(_plan(model, cfg))
+    plan = {holder: (module, norm) for holder, module, norm in _plan(model, cfg)}
     for path in targets:
-        module = model.get_submodule(path)
-        if not isinstance(module, BottleneckLayer):
-            module = replace_module(model, path, BottleneckLayer(module).train(module.training))
-        norm = model.get_submodule(norms[path]) if norms[path] else None
-        dtype, device = _dtype_device(module.base_layer)
-        module.add(adapter, cfg, hidden, norm, dtype, device)
+        module_path, norm_path = plan[path]
+        module = model.get_submodule(module_path)
+        block_path, _, name = path.rpartition(".")
+        holder = getattr(model.get_submodule(block_path), name, None)
+        if holder is None:
+            block = model.get_submodule(block_path)
+            holder = BottleneckLayer().train(block.training)
+            setattr(block, name, holder)
+            holder.attach(module)
+        norm = model.get_submodule(norm_path) if norm_path else None
+        dtype, device = _dtype_device(module)
+        holder.add(adapter, cfg, hidden, norm, dtype, device)
 
 
 def expected_shapes(
@@ -347,8 +363,56 @@ def expected_shapes(
     return {f"{PREFIX}{path}.{name}": shape for path in targets for name, shape in shapes.items()}
 
 
+def load_adapterhub(model: nn.Module, path: str | os.PathLike, adapter: str | None = None) -> nn.Module:
+    """Load a bottleneck adapter saved by AdapterHub's ``adapters`` library (``save_adapter(...,
+    use_safetensors=True)``: ``adapter_config.json`` + ``adapter.safetensors``) into ``model``,
+    under ``adapter`` (default: the name it was saved under), as ``lf.load_adapter`` loads ours:
+    checked before the model changes, one clear error naming the file, the model untouched on
+    failure. Configs loraforge does not build are refused (``BottleneckConfig.from_adapterhub``);
+    ``pytorch_adapter.bin`` is not read (a pickle can run code)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    from ..adapter_files import load_adapter
+    from ..files import read_json_object
+
+    root = Path(path)
+    config_file, weights = root / "adapter_config.json", root / "adapter.safetensors"
+    if not weights.exists():
+        pickled = (
+            " (only pytorch_adapter.bin, a pickle, which is not read)"
+            if (root / "pytorch_adapter.bin").exists()
+            else ""
+        )
+        raise FileNotFoundError(f"{weights} is missing{pickled}")
+    raw = read_json_object(config_file)
+    if not isinstance(raw.get("config"), dict) or not str(raw.get("version", "")).startswith("adapters."):
+        raise ValueError(f"{config_file}: not an AdapterHub adapter config (no 'config' object / 'version')")
+    cfg = BottleneckConfig.from_adapterhub(raw["config"], source=str(config_file))
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{weights} is not a readable safetensors file: {e}") from e
+    name = raw.get("name") or adapter or "default"
+    ours = from_adapterhub(model, cfg, tensors, name)
+    extra = sorted(set(tensors) - set(adapterhub_keys(model, cfg, name).values()))
+    if extra:
+        raise ValueError(f"{weights}: tensors that match no module of this model: {extra[:5]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({k: v.contiguous() for k, v in ours.items()}, f"{tmp}/adapter_model.safetensors")
+        Path(tmp, "adapter_config.json").write_text(json.dumps(cfg.to_peft_dict()))
+        try:
+            return load_adapter(model, tmp, adapter or name)
+        except ValueError as e:  # (name the user's file, not the copy)
+            msg = str(e).replace(f"{tmp}/adapter_model.safetensors", str(weights)).replace(tmp, str(root))
+            raise ValueError(msg) from None
+
+
 __all__ = [
-    "ADAPTERHUB",
+    "HOLDERS",
+    "adapterhub_keys",
+    "from_adapterhub",
+    "load_adapterhub",
     "CONFIGS",
     "BottleneckConfig",
     "BottleneckLayer",

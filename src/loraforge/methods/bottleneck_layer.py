@@ -1,8 +1,8 @@
 """The bottleneck-adapter holder: a small MLP added to a transformer sub-block's output.
 
 Per adapter, on hidden states v (…, d): A(v) = dropout(s · up(f(down(v)))), down: d -> d/r and
-up: d/r -> d (with biases), f a nonlinearity, s a constant scale. The holder wraps a block's
-attention or feed-forward module, whose output h (before the block adds its residual r) becomes
+up: d/r -> d (with biases), f a nonlinearity, s a constant scale. The output h of a block's
+attention or feed-forward module (before the block adds its residual r) becomes
 
     houlsby  (attention and feed-forward):  h + A(h)                (Houlsby et al. 2019)
     pfeiffer (feed-forward only):           h + A(r + h)            (Pfeiffer et al. 2020)
@@ -10,8 +10,13 @@ attention or feed-forward module, whose output h (before the block adds its resi
 
 so the block's output is r + h + A(…); for Pfeiffer's that is y + A(y) with y = r + h the block's
 usual output. These are AdapterHub's ``double_seq_bn`` / ``seq_bn`` / ``par_bn`` on Llama and GPT-2
-(pinned in tests/methods/test_bottleneck.py). The residual stream r, which the feed-forward module
-does not see (it gets norm(r)), is taken from the input of the norm before it by a forward pre-hook.
+(pinned in tests/methods/test_bottleneck.py).
+
+As in AdapterHub, the holders are children of the block (``attention_adapters`` for the
+attention module, ``output_adapters`` for the feed-forward one) and nothing is replaced: a forward
+hook on the module adds the adapter to its output, so LoRA or (IA)³ layers inside it keep their
+paths. The residual stream r, which the feed-forward module does not see (it gets norm(r)), is
+taken from the input of the norm before it by a forward pre-hook.
 
 Parameter paths are AdapterHub's within an adapter: ``adapter_down.0`` (the down projection, the
 nonlinearity at ``adapter_down.1``) and ``adapter_up``. The nonlinearity makes the adapter no
@@ -58,27 +63,32 @@ class Activation(nn.Module):
         return self.name
 
 
-class _Stream:
-    """A forward pre-hook on the norm before the feed-forward: keeps its input, the residual
-    stream r, for the holder's next forward (a plain callable, so deepcopy follows the model)."""
+class _Hook:
+    """A forward hook calling the holder on the hooked module's output (``kind`` "output"), or a
+    forward pre-hook keeping the input of the norm before the feed-forward, the residual stream r,
+    for the holder's next call (``kind`` "stream"). A plain callable: deepcopy follows the model."""
 
-    def __init__(self, holder: BottleneckLayer) -> None:
-        self.holder = holder
+    def __init__(self, holder: BottleneckLayer, kind: str) -> None:
+        self.holder, self.kind = holder, kind
 
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        if args and isinstance(args[0], torch.Tensor):
-            self.holder.__dict__["_stream"] = args[0]
+    def __call__(self, module: nn.Module, args: tuple, output=None):
+        if self.kind == "stream":
+            if args and isinstance(args[0], torch.Tensor):
+                self.holder.__dict__["_stream"] = args[0]
+            return None
+        return self.holder(output)
 
 
 class BottleneckLayer(AdapterLayer):
-    """Bottleneck adapters around one attention or feed-forward module."""
+    """Bottleneck adapters on one attention or feed-forward module's output (see the module
+    docstring); a child of the block, hooked onto ``module`` (``attach``), wrapping nothing."""
 
     adapter_param_names = ("adapter_down", "adapter_up")
     method = "bottleneck"
-    cannot_merge = "the nonlinearity between its two projections makes it no linear change of a weight"
+    cannot_merge = "a nonlinearity sits between its two projections: it is no linear change of a weight"
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
+    def __init__(self) -> None:
+        super().__init__(None)
         self.adapter_down = nn.ModuleDict()
         self.adapter_up = nn.ModuleDict()
         self.adapter_dropout = nn.ModuleDict()
@@ -106,7 +116,7 @@ class BottleneckLayer(AdapterLayer):
         if cfg.placement != "houlsby":
             if norm is None:
                 raise ValueError(f"a {cfg.placement} adapter needs the norm before the feed-forward")
-            self.attach_stream(norm)
+            self._hook(norm, "stream")
         d = self.shapes(hidden, cfg.reduction_factor)["adapter_up.weight"][1]
         kw = {"dtype": dtype, "device": device}
         down, up = nn.Linear(hidden, d, **kw), nn.Linear(d, hidden, **kw)
@@ -127,22 +137,34 @@ class BottleneckLayer(AdapterLayer):
         self.placement.pop(name, None)
         self.scaling.pop(name, None)
 
-    # -- the residual stream ---------------------------------------------------------------
-    def attach_stream(self, norm: nn.Module) -> None:
-        if self.__dict__.get("_norm") is None:
-            norm.register_forward_pre_hook(_Stream(self))
-            self.__dict__["_norm"] = norm
+    # -- hooks -------------------------------------------------------------------------------
+    def attach(self, module: nn.Module) -> None:
+        """Add the adapters to ``module``'s output from now on."""
+        self._hook(module, "output")
 
-    def detach_stream(self) -> None:
-        norm = self.__dict__.pop("_norm", None)
-        if norm is not None:
-            for key, hook in list(norm._forward_pre_hooks.items()):
-                if isinstance(hook, _Stream) and hook.holder is self:
-                    del norm._forward_pre_hooks[key]
+    def _hook(self, module: nn.Module, kind: str) -> None:
+        hooked = self.__dict__.setdefault("_hooked", [])  # (plain references: not submodules)
+        if any(m is module and k == kind for m, k in hooked):
+            return
+        if kind == "stream":
+            module.register_forward_pre_hook(_Hook(self, kind))
+        else:
+            module.register_forward_hook(_Hook(self, kind))
+        hooked.append((module, kind))
+
+    def detach(self) -> None:
+        """Remove this holder's hooks."""
+        for module, _ in self.__dict__.pop("_hooked", []):
+            for hooks in (module._forward_hooks, module._forward_pre_hooks):
+                for key, hook in list(hooks.items()):
+                    if isinstance(hook, _Hook) and hook.holder is self:
+                        del hooks[key]
 
     def unwrap(self, model: nn.Module, path: str) -> None:
-        self.detach_stream()
-        super().unwrap(model, path)
+        """Remove the hooks and the holder itself (no adapter is left here)."""
+        self.detach()
+        parent, _, child = path.rpartition(".")
+        delattr(model.get_submodule(parent) if parent else model, child)
 
     # -- forward -----------------------------------------------------------------------------
     def bottleneck(self, name: str, v: torch.Tensor) -> torch.Tensor:
@@ -158,15 +180,16 @@ class BottleneckLayer(AdapterLayer):
             v = h
         elif stream is None:
             raise RuntimeError(
-                f"the {placement} adapter {name!r} needs the residual stream, which the norm before this "
-                "module records when the block runs; this module was called on its own"
+                f"the {placement} adapter {name!r} needs the residual stream, which the norm before the "
+                "feed-forward records when the block runs; the feed-forward module was called on its own"
             )
         else:
             v = stream + h if placement == "pfeiffer" else stream
         return self.bottleneck(name, v).to(h.dtype)
 
-    def forward(self, *args, **kwargs):
-        out = self.base_layer(*args, **kwargs)
+    def forward(self, out):
+        """The hooked module's output ``out`` (a tensor, or a tuple whose first item is the hidden
+        states) with the adapters added."""
         stream = self.__dict__.pop("_stream", None)  # (this call's; not kept past it)
         if self.disabled:
             return out

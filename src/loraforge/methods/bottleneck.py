@@ -36,7 +36,10 @@ PREFIX = "base_model.model."
 # Module names in a decoder block, by family (Llama / Qwen / Mistral, GPT-2, others).
 ATTENTION = ("self_attn", "attn", "attention", "self_attention")
 FEED_FORWARD = ("mlp", "feed_forward", "ffn")
-NORM_BEFORE_FF = ("post_attention_layernorm", "ln_2", "pre_feedforward_layernorm")
+NORM_BEFORE_FF = ("post_attention_layernorm", "ln_2")
+# A norm on the feed-forward's output (Gemma 2/3's "sandwich"): there post_attention_layernorm
+# normalises the attention's output, so its input is no residual stream.
+NORM_AFTER_FF = ("post_feedforward_layernorm",)
 # The holders' names in a block (AdapterHub's), by the module whose output they change.
 HOLDERS = {"attention": "attention_adapters", "feed_forward": "output_adapters"}
 # AdapterHub's defaults per placement (its seq_bn, double_seq_bn, par_bn configs).
@@ -301,6 +304,12 @@ def _plan(model: nn.Module, cfg: BottleneckConfig) -> list[tuple[str, str, str |
                 )
             norm = None
             if cfg.placement != "houlsby":
+                if _child(block, NORM_AFTER_FF):
+                    raise ValueError(
+                        f"a {cfg.placement} adapter reads the residual stream at the input of the norm "
+                        f"before the feed-forward; block {path!r} also normalises the feed-forward's output, "
+                        "so there is no such input (use placement='houlsby')"
+                    )
                 if parts["norm"] is None:
                     raise ValueError(
                         f"a {cfg.placement} adapter reads the residual stream at the input of the norm "

@@ -28,7 +28,7 @@ import yaml
 from ..config import PEFT_NAMES, LoraConfig, init_from_peft
 from ..quant.config import QuantConfig, dtype_name
 
-Method = Literal["lora", "qlora", "full"]
+Method = Literal["lora", "qlora", "full", "dora"]
 
 
 class ConfigError(ValueError):
@@ -162,7 +162,7 @@ class TrainConfig:
 
     method: Method = "lora"
     """lora: LoRA on a frozen base; qlora: LoRA on a 4-bit base (model.quantization); full: every
-    weight trains."""
+    weight trains; dora: the lora section with use_dora (DoRA; lora.use_dora: true with qlora is QDoRA)."""
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=8, alpha=16.0, target_modules="all-linear"))
     """The adapter (loraforge.LoraConfig); PEFT's names lora_alpha, lora_dropout and

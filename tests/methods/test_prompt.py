@@ -101,6 +101,7 @@ def test_forward_loss_and_gradients_match_peft(arch, method):
         n: p.grad for n, p in theirs.named_parameters() if p.requires_grad and n.startswith("prompt_encoder.")
     }
     assert trainable == set(theirs_grads)  # prompt_encoder.default.<...> on both sides, biases included
+    assert lf.count_parameters(ours) == theirs.get_nb_trainable_parameters()
     for n, p in ours.named_parameters():
         if n in trainable:
             torch.testing.assert_close(p.grad, theirs_grads[n], atol=1e-5, rtol=1e-4)

@@ -406,3 +406,14 @@ def test_config_from_dict_takes_peft_names_and_names_the_closest_key():
         lf.PromptEncoderConfig(num_virtual_tokens=4, encoder_reparameterization_type="GRU")
     with pytest.raises(ValueError, match="num_virtual_tokens must be a positive integer"):
         lf.PrefixTuningConfig()
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_generate_from_inputs_embeds(method):
+    ours, theirs = pair("llama", method)
+    ids, mask = batch(pad=False)
+    ours.generation_config.eos_token_id = None
+    with torch.no_grad():
+        embeds = ours.get_input_embeddings()(ids)
+        out = ours.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, greedy(theirs, ids, mask, 4, positions=False))

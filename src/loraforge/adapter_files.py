@@ -243,10 +243,10 @@ def load_adapter(
         if key not in tensors and key in expected:
             raise ValueError(
                 f"{weights}: tensor {key!r} is missing (the adapter does not cover module "
-                f"{key[len(PREFIX) :].rsplit('.', 2)[0]!r})"
+                f"{key.removeprefix(PREFIX).rsplit('.', 2)[0]!r})"
             )
         if key in tensors and tuple(tensors[key].shape) != tuple(shape):
-            module = key[len(PREFIX) :]
+            module = key.removeprefix(PREFIX)
             raise ValueError(
                 f"{weights}: shape mismatch for {module!r}: file has {tuple(tensors[key].shape)}, "
                 f"model expects {tuple(shape)} — was this adapter trained on another base model?"

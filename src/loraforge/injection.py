@@ -214,7 +214,8 @@ def inject(model: nn.Module, cfg, adapter: str = "default", strict: bool = False
         if not reg.configs:
             for p in model.parameters():
                 p.requires_grad_(False)
-        method.inject(model, cfg, adapter, targets)
+        # (a method may return the config resolved for this model, e.g. dimensions it derives)
+        cfg = method.inject(model, cfg, adapter, targets) or cfg
         reg.add(adapter, cfg, targets)
         set_trainable(model)
         return model
@@ -305,21 +306,18 @@ def set_trainable(model: nn.Module) -> None:
                 p.requires_grad_(name in active)
     known = registry(model).configs
     modes = {getattr(known[a], "bias", "none") for a in active if a in known}
-    # (an adapter's own biases, e.g. a bottleneck adapter's, are not the base model's)
-    own = {id(p) for _, layer in adapter_layers(model) for a in layer.adapter_param_names
-           for p in getattr(layer, a).parameters()}  # fmt: skip
+    # (an adapter's own biases, e.g. a prompt encoder's MLP, are the adapter's, not the base's)
+    layers = [m for _, m in adapter_layers(model)]
+    own = {id(p) for m in layers for a in m.adapter_param_names for p in getattr(m, a).parameters()}
     base_biases = [
         p
         for name, p in model.named_parameters()
-        if name.endswith("bias") and ".lora_" not in name and ".modules_to_save." not in name
-        and id(p) not in own
-    ]  # fmt: skip
+        if name.endswith("bias") and id(p) not in own
+        if ".lora_" not in name and ".modules_to_save." not in name
+    ]
     for p in base_biases:
-        p.requires_grad_(False)
-    if "all" in modes:
-        for p in base_biases:
-            p.requires_grad_(True)
-    elif "lora_only" in modes:
+        p.requires_grad_("all" in modes)
+    if "lora_only" in modes and "all" not in modes:
         for _, layer in lora_layers(model):
             bias = getattr(layer.base_layer, "bias", None)
             if isinstance(bias, nn.Parameter) and bias.is_floating_point():

@@ -421,3 +421,32 @@ def test_on_a_4bit_base(ids):
     m(ids, labels=ids).loss.backward()
     grads = {n for n, p in m.named_parameters() if p.grad is not None}
     assert grads and all(".output_adapters." in n for n in grads)
+
+
+def test_a_load_failing_after_injection_is_rolled_back(tmp_path, ids, monkeypatch):
+    import loraforge.adapter_files as files
+
+    m = lf.inject(tiny_llama(), lf.BottleneckConfig(placement="parallel"), adapter="a")
+    randomize(m)
+    lf.save_adapter(lf.inject(tiny_llama(), lf.BottleneckConfig(placement="houlsby")), tmp_path)
+    expected, snap = logits(m, ids), _snapshot(m)
+    hooks = {
+        name: (dict(mod._forward_hooks), dict(mod._forward_pre_hooks)) for name, mod in m.named_modules()
+    }
+
+    def boom(*args, **kwargs):
+        raise ValueError("disk trouble")
+
+    monkeypatch.setattr(files, "_copy_in", boom)
+    with pytest.raises(ValueError, match="disk trouble"):
+        lf.load_adapter(m, tmp_path, adapter="b")
+    state, types = snap
+    assert [type(x) for x in m.modules()] == types and lf.list_adapters(m) == ["a"]
+    assert m.state_dict().keys() == state.keys() and all(
+        torch.equal(v, state[k]) for k, v in m.state_dict().items()
+    )
+    assert {
+        name: (dict(mod._forward_hooks), dict(mod._forward_pre_hooks)) for name, mod in m.named_modules()
+    } == hooks
+    assert not hasattr(m.model.layers[0], "attention_adapters")
+    torch.testing.assert_close(logits(m, ids), expected, rtol=0, atol=0)

@@ -243,7 +243,7 @@ def merge_and_unload(
     """
     names = registry(model).check_known(adapter if adapter is not None else active_adapters(model))
     _check_mergeable(model, names)
-    if not dequantize and any(is_4bit(m.base_layer) for _, m in lora_layers(model)):
+    if not dequantize and any(is_4bit(m.base_layer) for _, m in adapter_layers(model)):
         merge(model, names)  # warns with the rounding error
         names = []
     return _unwrap(model, names or None, dequantize)

@@ -427,6 +427,11 @@ def test_4bit_base_forward_merge_unmerge(ids):
     lf.unmerge(q)
     assert all(torch.equal(m.weight, packed[n]) for n, m in q.named_modules() if isinstance(m, Linear4bit))
     torch.testing.assert_close(logits(q, ids), expected, rtol=0, atol=1e-5)
+    # merged and unloaded as 4-bit: requantized, with the same warning as a LoRA merge there
+    with pytest.warns(UserWarning, match="requantization"):
+        requantized = lf.merge_and_unload(copy.deepcopy(q))
+    assert isinstance(requantized.model.layers[0].mlp.down_proj, Linear4bit)
+    torch.testing.assert_close(logits(requantized, ids), expected, rtol=0, atol=0.5)
     # dequantize=True: full-precision linears holding dequant(W) ⊙ l, the forward unchanged
     merged = lf.merge_and_unload(q, dequantize=True)
     assert not any(isinstance(m, IA3Layer) for m in merged.modules())

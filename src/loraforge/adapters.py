@@ -10,6 +10,7 @@ import warnings
 import torch
 from torch import nn
 
+from .config import LoraConfig
 from .injection import (
     active_adapters,
     adapter_layers,
@@ -21,6 +22,7 @@ from .injection import (
 )
 from .kinds import is_4bit, replace_module
 from .layers import COMPUTE_MODES, AdapterLayer, LoraLayer, ModulesToSave
+from .methods import method_of
 from .registry import drop_registry, registry
 
 
@@ -299,6 +301,13 @@ def add_weighted_adapter(
         )
     if len(weights) != len(names):
         raise ValueError(f"got {len(weights)} weights for {len(names)} adapters")
+    kinds = {type(reg.configs[n]) for n in names}
+    if kinds != {LoraConfig}:  # (another method's adapters: combined by its own rule, where it has one)
+        method = method_of(reg.configs[names[0]]) if len(kinds) == 1 else None
+        if method is None or not hasattr(method, "add_weighted_adapter"):
+            found = sorted(k.__name__ for k in kinds)
+            raise ValueError(f"add_weighted_adapter combines LoRA adapters or IA3 adapters; got {found}")
+        return method.add_weighted_adapter(model, names, list(weights), adapter_name)
     if combination not in ("linear", "cat", "svd"):
         raise ValueError(f"combination must be 'linear', 'cat' or 'svd', got {combination!r}")
     if adapter_name in reg:

@@ -510,3 +510,40 @@ def test_lora_and_ia3_on_one_module_is_refused():
         with pytest.raises(ValueError, match="already holds a LoRA adapter"):
             lf.add_adapter(m, "ia3", lf.IA3Config(target_modules=["k_proj"], feedforward_modules=[]))
     assert lf.list_adapters(m) == ["default"]
+
+
+def test_add_weighted_adapter_matches_peft(ids):
+    base = tiny_llama()
+    cfg_one = dict(
+        target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
+    )
+    cfg_two = dict(target_modules=["k_proj", "v_proj"], feedforward_modules=[], init_ia3_weights=False)
+    ours = lf.inject(copy.deepcopy(base), lf.IA3Config(**cfg_one), adapter="one")
+    lf.add_adapter(ours, "two", lf.IA3Config(**cfg_two))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(**cfg_one), adapter_name="one")
+    theirs.add_adapter("two", peft.IA3Config(**cfg_two))
+    mine = dict(ours.named_parameters())
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if ".ia3_l." in n:
+                p.copy_(mine[n.removeprefix("base_model.model.")])
+    lf.add_weighted_adapter(ours, ["one", "two"], [0.7, 0.3], "mix")
+    theirs.add_weighted_adapter(["one", "two"], [0.7, 0.3], "mix")
+    assert lf.list_adapters(ours) == ["one", "two", "mix"]
+    lf.set_adapter(ours, "mix")
+    theirs.set_adapter("mix")
+    torch.testing.assert_close(logits(ours, ids), logits(theirs.eval(), ids), rtol=0, atol=1e-5)
+    # shapes disagree (one scales k_proj's output, the other its input): refused
+    lf.add_adapter(ours, "three", lf.IA3Config(target_modules=["k_proj"], feedforward_modules=["k_proj"]))
+    with pytest.raises(ValueError, match=r"self_attn.k_proj' some of \['one', 'three'\] scale the input"):
+        lf.add_weighted_adapter(ours, ["one", "three"], [0.5, 0.5], "bad")
+    assert "bad" not in lf.list_adapters(ours)
+
+
+def test_add_weighted_adapter_refuses_other_methods_clearly():
+    m = lf.inject(tiny_llama(), lf.IA3Config(), adapter="ia3")
+    lf.add_adapter(m, "lora", lf.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(
+        ValueError, match=r"combines LoRA adapters or IA3 adapters; got \['IA3Config', 'LoraConfig'\]"
+    ):
+        lf.add_weighted_adapter(m, ["ia3", "lora"], [0.5, 0.5], "mix")

@@ -300,4 +300,57 @@ def expected_shapes(model: nn.Module, cfg: IA3Config, targets: list[str]) -> dic
     return shapes
 
 
-__all__ = ["CONFIGS", "IA3Config", "IA3Layer", "expected_shapes", "find_targets", "inject"]
+def add_weighted_adapter(model: nn.Module, names: list[str], weights: list[float], adapter_name: str) -> None:
+    """``adapter_name``: on each layer l = Σ wᵢ·lᵢ over the adapters with a vector there (PEFT's
+    rule), on the union of their targets; not activated. Refused where the adapters disagree on
+    whether a layer's input or output is scaled, or where they have modules_to_save copies."""
+    import torch
+
+    from ..injection import adapter_layers
+    from ..injection import inject as inject_adapter
+    from ..registry import registry
+
+    reg = registry(model)
+    if adapter_name in reg:
+        raise ValueError(f"adapter {adapter_name!r} already exists")
+    if any(reg.configs[n].modules_to_save for n in names):
+        raise ValueError(
+            f"add_weighted_adapter: IA3 adapters {names} with modules_to_save cannot be combined"
+        )
+    feedforward = {}
+    for path, layer in adapter_layers(model):
+        if isinstance(layer, IA3Layer):
+            ff = {layer.feedforward[n] for n in names if n in layer.ia3_l}
+            if len(ff) > 1:
+                raise ValueError(
+                    f"add_weighted_adapter: at {path!r} some of {names} scale the input, others the output"
+                )
+            if ff:
+                feedforward[path] = ff.pop()
+    targets = sorted({t for n in names for t in reg.targets[n]})
+    cfg = dataclasses.replace(
+        reg.configs[names[0]],
+        target_modules=targets,
+        feedforward_modules=[t for t in targets if feedforward.get(t)],
+        exclude_modules=None,
+    )
+    inject_adapter(model, cfg, adapter=adapter_name)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            if isinstance(layer, IA3Layer) and adapter_name in layer.ia3_l:
+                new = layer.ia3_l[adapter_name]
+                new.zero_()
+                for n, w in zip(names, weights):
+                    if n in layer.ia3_l:
+                        new.add_(layer.ia3_l[n], alpha=w)
+
+
+__all__ = [
+    "CONFIGS",
+    "IA3Config",
+    "IA3Layer",
+    "add_weighted_adapter",
+    "expected_shapes",
+    "find_targets",
+    "inject",
+]

@@ -40,6 +40,7 @@ from .injection import (
 )
 from .kinds import is_4bit
 from .layers import LoraLayer, wrapper_class
+from .layers import param as param_targets
 from .registry import registry
 
 CONFIG_NAME = "adapter_config.json"
@@ -214,6 +215,9 @@ def load_adapter(
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
     expected = _expected_shapes(model, cfg, targets)
+    if cfg.target_parameters:  # (LoRA on bare parameters: layers/param.py)
+        plan = param_targets.plan_parameters(model, cfg, targets, list(registry(model).configs.values()))
+        expected.update(param_targets.expected_shapes(model, cfg, plan, PREFIX))
     # Modules_to_save, bias and embedding tensors are checked against the model's own tensors.
     live = {}
     names_to_save = cfg.modules_to_save or []

@@ -162,7 +162,7 @@ def merged_adapters(model: nn.Module) -> list[str]:
 
 
 def _unwrap(model: nn.Module, merge_names: list[str] | None, dequantize: bool) -> nn.Module:
-    for name, layer in list(lora_layers(model)):
+    for name, layer in reversed(list(lora_layers(model))):  # (inner nested wrappers first)
         if merge_names:
             if dequantize and is_4bit(layer.base_layer):
                 base = _dequantized_linear(layer.base_layer)

@@ -11,6 +11,7 @@ from torch import nn
 from .config import LoraConfig
 from .kinds import is_4bit, replace_module
 from .layers import LoraLayer, ModulesToSave, is_linear_like, wrap
+from .layers import param as param_targets
 from .registry import registry
 
 # Where a block index sits in a module path, for layers_to_transform (PEFT's defaults).
@@ -82,6 +83,8 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
     list) that name no module at all; a message naming the ``layers_to_transform`` indices that
     no module matched by ``target_modules`` has (or None). Raises ValueError when there is no
     target."""
+    if cfg.target_modules is None and cfg.target_parameters:
+        return [], [], None  # (LoRA on parameters only: see layers/param.py)
     if cfg.target_modules is None:
         raise ValueError("LoraConfig.target_modules is required: a list of names, a regex or 'all-linear'")
     heads = _output_head_names(model) if cfg.target_modules == "all-linear" else set()
@@ -114,6 +117,8 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
     absent_msg = _absent_layers_message(cfg, absent, seen_layers) if absent else None
     if not out and absent_msg and seen_layers:
         raise ValueError(absent_msg)
+    if not out and cfg.target_parameters:
+        return out, unused, absent_msg
     if not out:
         short = sorted({n.split(".")[-1] for n in linear_names})
         raise ValueError(
@@ -165,7 +170,7 @@ def remove_modules(model: nn.Module, adapter: str) -> None:
     """Take ``adapter``'s factors and ``modules_to_save`` copies out of every layer, and put back
     the original module wherever no adapter is left (the inverse of :func:`inject`'s wrapping;
     the adapter's entry in the registry is the caller's)."""
-    for name, layer in list(lora_layers(model)):
+    for name, layer in reversed(list(lora_layers(model))):  # (inner nested wrappers first)
         if adapter in layer.r:
             layer.delete(adapter)
         if not layer.r:
@@ -202,7 +207,14 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
         raise ValueError("only one adapter may train biases; use bias='none' for the others")
     # Everything is validated before the model changes, so a bad config leaves it untouched.
     targets, unused, absent = _match_targets(model, cfg)
+    others = list(reg.configs.values())
+    params = param_targets.plan_parameters(model, cfg, targets, others) if cfg.target_parameters else []
+    if cfg.target_parameters and not params and not targets:
+        what = type(model).__name__
+        raise ValueError(f"target_parameters={cfg.target_parameters} matched no parameter of {what}")
     problems = []
+    if cfg.target_parameters and not params:
+        problems.append(f"target_parameters {cfg.target_parameters} match no parameter")
     if unused:
         problems.append(f"target_modules entries {unused} match no module of {type(model).__name__}")
     if absent:
@@ -227,6 +239,7 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
             replace_module(model, name, module)
         r, alpha = cfg.rank_and_alpha(name)
         module.add(adapter, r, alpha, cfg.dropout, cfg.use_rslora, cfg.init)
+    param_targets.inject_parameters(model, cfg, adapter, params)
     for name in saved:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
@@ -243,7 +256,6 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
 _UNBUILT = {
     "use_dora": lambda c: c.use_dora,
     "lora_bias": lambda c: c.lora_bias,
-    "target_parameters": lambda c: c.target_parameters,
     "trainable_token_indices": lambda c: c.trainable_token_indices,
     "init": lambda c: c.init in (False, "olora", "loftq"),
 }

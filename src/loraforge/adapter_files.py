@@ -271,8 +271,8 @@ class _Undo:
     """What loading may change, recorded before it does, to put back exactly on any failure.
 
     Cheap: a flag per parameter, a copy of the adapter registry and the layers' active lists;
-    base weights are copied only for a PiSSA adapter, whose injection moves the top singular
-    part of each target weight (in place).
+    base weights are copied only for a PiSSA or LoftQ adapter, whose injection changes each
+    target weight in place.
     """
 
     def __init__(self, model: nn.Module, cfg: LoraConfig, targets: list[str]) -> None:
@@ -282,7 +282,7 @@ class _Undo:
         holders = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
         self.active = [(m, list(m.active_adapters)) for m in holders]
         self.weights = []
-        if cfg.init == "pissa":
+        if cfg.init in ("pissa", "loftq"):
             for name in targets:
                 module = model.get_submodule(name)
                 base = module.base_layer if isinstance(module, LoraLayer) else module

@@ -8,6 +8,7 @@ import warnings
 import torch
 from torch import nn
 
+from . import loftq
 from .config import LoraConfig
 from .kinds import is_4bit, replace_module
 from .layers import LoraLayer, ModulesToSave, is_linear_like, wrap
@@ -226,8 +227,12 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
             f"adapter {adapter!r}: " + "; ".join(problems) + " (ignored; strict=True makes this an error)",
             stacklevel=2,
         )
-    if cfg.init == "pissa" and any(layer.merged_adapters for _, layer in lora_layers(model)):
-        raise ValueError("init='pissa' changes the base weights; call lf.unmerge(model) first")
+    if cfg.init in ("pissa", "loftq") and any(layer.merged_adapters for _, layer in lora_layers(model)):
+        raise ValueError(f"init={cfg.init!r} changes the base weights; call lf.unmerge(model) first")
+    for name in targets if cfg.init == "loftq" else []:
+        module = model.get_submodule(name)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        loftq.check_target(name, base, cfg.loftq_bits)
     saved = _find_saved(model, cfg.modules_to_save) if cfg.modules_to_save else []
     if not reg.configs:  # the first adapter: freeze the base
         for p in model.parameters():
@@ -238,6 +243,7 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
             module = wrap(module).train(module.training)
             replace_module(model, name, module)
         r, alpha = cfg.rank_and_alpha(name)
+        module.loftq_settings = (cfg.loftq_bits, cfg.loftq_iter)
         module.add(adapter, r, alpha, cfg.dropout, cfg.use_rslora, cfg.init)
     param_targets.inject_parameters(model, cfg, adapter, params)
     for name in saved:
@@ -257,7 +263,7 @@ _UNBUILT = {
     "use_dora": lambda c: c.use_dora,
     "lora_bias": lambda c: c.lora_bias,
     "trainable_token_indices": lambda c: c.trainable_token_indices,
-    "init": lambda c: c.init in (False, "olora", "loftq"),
+    "init": lambda c: c.init in (False, "olora"),
 }
 
 

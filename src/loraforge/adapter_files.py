@@ -41,6 +41,7 @@ from .injection import (
 from .kinds import is_4bit
 from .layers import LoraLayer, wrapper_class
 from .layers import param as param_targets
+from .layers import trainable_tokens as token_targets
 from .registry import registry
 
 CONFIG_NAME = "adapter_config.json"
@@ -218,6 +219,9 @@ def load_adapter(
     if cfg.target_parameters:  # (LoRA on bare parameters: layers/param.py)
         plan = param_targets.plan_parameters(model, cfg, targets, list(registry(model).configs.values()))
         expected.update(param_targets.expected_shapes(model, cfg, plan, PREFIX))
+    if cfg.trainable_token_indices:  # (trainable embedding rows: layers/trainable_tokens.py)
+        tokens = token_targets.plan_tokens(model, cfg, targets, adapter)
+        expected.update(token_targets.expected_shapes(model, tokens, PREFIX))
     # Modules_to_save, bias and embedding tensors are checked against the model's own tensors.
     live = {}
     names_to_save = cfg.modules_to_save or []

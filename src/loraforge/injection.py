@@ -13,6 +13,7 @@ from .config import LoraConfig
 from .kinds import is_4bit, replace_module
 from .layers import LoraLayer, ModulesToSave, is_linear_like, wrap
 from .layers import param as param_targets
+from .layers import trainable_tokens as token_targets
 from .registry import registry
 
 # Where a block index sits in a module path, for layers_to_transform (PEFT's defaults).
@@ -213,6 +214,7 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
     if cfg.target_parameters and not params and not targets:
         what = type(model).__name__
         raise ValueError(f"target_parameters={cfg.target_parameters} matched no parameter of {what}")
+    tokens = token_targets.plan_tokens(model, cfg, targets, adapter) if cfg.trainable_token_indices else []
     problems = []
     if cfg.target_parameters and not params:
         problems.append(f"target_parameters {cfg.target_parameters} match no parameter")
@@ -246,6 +248,7 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
         module.loftq_settings = (cfg.loftq_bits, cfg.loftq_iter)
         module.add(adapter, r, alpha, cfg.dropout, cfg.use_rslora, cfg.init)
     param_targets.inject_parameters(model, cfg, adapter, params)
+    token_targets.inject_tokens(model, adapter, tokens)
     for name in saved:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
@@ -262,7 +265,6 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
 _UNBUILT = {
     "use_dora": lambda c: c.use_dora,
     "lora_bias": lambda c: c.lora_bias,
-    "trainable_token_indices": lambda c: c.trainable_token_indices,
     "init": lambda c: c.init in (False, "olora"),
 }
 

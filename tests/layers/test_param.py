@@ -188,6 +188,8 @@ def test_refusals_leave_the_model_untouched():
         lf.add_adapter(model, "b", lf.LoraConfig(r=2, target_modules=[], target_parameters=TARGETS[:1]))
     with pytest.raises(RuntimeError, match="mixed-adapter"), lf.adapter_batch(model, ["default"] * 3):
         model(_x())
+    with pytest.raises(ValueError, match="cannot be combined"):  # (expert-stacked factors)
+        lf.add_weighted_adapter(model, ["default"], [1.0], "sum")
 
 
 def test_tiny_qwen3_moe_matches_peft(tmp_path):

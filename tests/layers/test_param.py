@@ -192,18 +192,34 @@ def test_refusals_leave_the_model_untouched():
         lf.add_weighted_adapter(model, ["default"], [1.0], "sum")
 
 
-def test_tiny_qwen3_moe_matches_peft(tmp_path):
+def _tiny_moe(kind: str):
+    """A tiny transformers MoE with bare expert parameters: Qwen3-MoE (E × out × in, used through
+    F.linear) or GPT-OSS (``is_transposed``: E × in × out)."""
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2,
-        max_position_embeddings=32,
+    common = dict(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=8, num_experts_per_tok=2, max_position_embeddings=32,
     )  # fmt: skip
+    if kind == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(
+            intermediate_size=32, moe_intermediate_size=8, num_experts=4, **common
+        )
+        model_class = transformers.Qwen3MoeForCausalLM
+    else:
+        cfg = transformers.GptOssConfig(intermediate_size=12, num_local_experts=4, sliding_window=8, **common)
+        model_class = transformers.GptOssForCausalLM
     torch.manual_seed(0)
-    base = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    base = model_class(cfg).eval()
     with torch.no_grad():
         for p in base.parameters():
             p.normal_(0, 0.2)
+    return base
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+def test_tiny_transformers_moe_matches_peft(tmp_path, kind):
+    base = _tiny_moe(kind)
+    assert getattr(base.model.layers[0].mlp.experts, "is_transposed", False) == (kind == "gpt_oss")
     targets = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     theirs = peft.get_peft_model(
         copy.deepcopy(base),

@@ -159,3 +159,17 @@ def test_benchmark_script_on_a_tiny_model():
     assert lines[2].split()[:3] == ["tiny", "3", "1"] and "skipped: not installed" in lines[-1]
     one, three = (float(line.split()[-1].rstrip("%")) for line in lines[2:4])
     assert 0 < one < three  # LoftQ reduces the error, and more with more iterations
+
+
+def test_smollm2_loftq_output_closer_than_nf4(smollm2_dir):
+    """On SmolLM2's first block: the LoftQ model (Q + s·B·A) is closer to the fp32 model's
+    logits than the quantized one (Q alone)."""
+    base = lf.load_model("builtin:smollm2")
+    ids = torch.tensor([[1, 504, 3458, 314, 4649, 28, 2]])
+    want = logits(base, ids)
+    cfg = lf.LoraConfig(r=16, alpha=16, target_modules="all-linear", layers_to_transform=[0], init="loftq")
+    model = lf.inject(base, cfg)
+    got = logits(model, ids)
+    with lf.disable_adapters(model):
+        q_only = logits(model, ids)
+    assert (got - want).abs().mean() < 0.95 * (q_only - want).abs().mean()

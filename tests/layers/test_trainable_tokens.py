@@ -177,3 +177,24 @@ def test_refusals_leave_the_model_untouched():
             lf.inject(model, lf.LoraConfig(**cfg))
         assert type(model.model.embed_tokens) is torch.nn.Embedding
         assert not any("lora_" in n for n, _ in model.named_parameters())
+
+
+def test_smollm2_tied_embeddings_round_trip_with_peft(smollm2_dir, tmp_path):
+    """SmolLM2 ties lm_head to embed_tokens: the head is wrapped tied, PEFT loads the file alike."""
+    base = lf.load_model("builtin:smollm2")
+    ids = torch.tensor([[1, 2, 504, 28, 49151, 2]])
+    want_base = logits(base, ids)
+    cfg = lf.LoraConfig(
+        r=2, target_modules=["q_proj"], layers_to_transform=[0], trainable_token_indices=[2, 49151]
+    )
+    ours = lf.inject(base, cfg)
+    assert isinstance(ours.lm_head, TrainableTokens) and ours.lm_head.source is ours.model.embed_tokens
+    _perturb(ours)
+    want = logits(ours, ids)
+    assert (want - want_base).abs().max() > 1e-2
+    lf.save_adapter(ours, tmp_path)
+    lf.unload(ours)  # the same module object back, its table untouched
+    torch.testing.assert_close(logits(base, ids), want_base, rtol=0, atol=0)
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path)
+    assert type(theirs.base_model.model.lm_head).__name__ == "TrainableTokensWrapper"
+    torch.testing.assert_close(logits(theirs, ids), want, rtol=0, atol=1e-4)

@@ -153,6 +153,24 @@ def test_two_adapters_mixed_batch_disable_delete():
     with pytest.raises(ValueError, match="overlap"):
         lf.set_adapter(model, ["default", "b"])
         logits(model, IDS)
+    # a serving step: one adapter per token, at the embedding
+    from loraforge.adapters import set_token_plan
+    from loraforge.layers.tokens import TokenPlan
+
+    emb, tokens = model.model.embed_tokens, torch.tensor([[3, 7, 3, 7, 11]])
+    names = ["b", "b", "default", None, "default"]
+    each = {}
+    for name in ("default", "b"):
+        lf.set_adapter(model, name)
+        each[name] = emb(tokens)[0]
+    plan = TokenPlan(min_rows=1)
+    set_token_plan(model, plan)
+    plan.set(names, order=["default", "b"])
+    out = emb(tokens)[0]
+    plan.clear()
+    for t, name in enumerate(names):
+        want = each[name][t] if name else emb.base_layer(tokens)[0, t]
+        assert torch.equal(out[t], want.to(out.dtype)), t
     lf.set_adapter(model, "default")
     with lf.disable_adapters(model):
         torch.testing.assert_close(logits(model, IDS), logits(base, IDS), rtol=0, atol=0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..kinds import is_4bit, is_conv1d
+from .adapter import AdapterLayer
 from .base import BASE, COMPUTE_MODES, LoraLayer
 from .conv import LoraConv2d
 from .embedding import LoraEmbedding
@@ -27,6 +28,7 @@ from .linear import LoraLinear
 from .modules_to_save import ModulesToSave
 
 __all__ = [
+    "AdapterLayer",
     "BASE",
     "COMPUTE_MODES",
     "LoraConv2d",

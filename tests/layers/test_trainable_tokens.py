@@ -216,3 +216,35 @@ def test_smollm2_tied_embeddings_round_trip_with_peft(smollm2_dir, tmp_path):
     theirs = peft.PeftModel.from_pretrained(base, tmp_path)
     assert type(theirs.base_model.model.lm_head).__name__ == "TrainableTokensWrapper"
     torch.testing.assert_close(logits(theirs, ids), want, rtol=0, atol=1e-4)
+
+
+class _Scaled(torch.nn.Embedding):
+    """An embedding whose forward scales (as Gemma's): only its own forward knows how."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.5
+
+
+@pytest.mark.parametrize("kind", ["plain", "scaled", "padding"])
+def test_every_embedding_path_gives_the_replaced_rows(kind):
+    torch.manual_seed(0)
+    emb = {
+        "plain": torch.nn.Embedding(20, 4),
+        "scaled": _Scaled(20, 4),
+        "padding": torch.nn.Embedding(20, 4, padding_idx=3),
+    }[kind]
+    holder = TrainableTokens(emb)
+    holder.add_tokens("default", [3, 5])
+    holder.active_adapters = ["default"]
+    with torch.no_grad():
+        holder.rows("default")[1].add_(1.0)
+    x = torch.tensor([[3, 1, 5, 3], [0, 5, 19, 2]])
+    table = emb.weight.detach().clone()
+    table[[3, 5]] = holder.rows("default")[1].detach()
+    want = torch.nn.functional.embedding(x, table) * (2.5 if kind == "scaled" else 1.0)
+    out = holder(x)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    out.sum().backward()
+    grad = holder.rows("default")[1].grad
+    # the padding row gets no gradient (F.embedding's rule, as in PEFT); the others count their uses
+    assert grad[0].abs().sum() == (0 if kind == "padding" else 2 * (2.5 if kind == "scaled" else 1.0) * 4)

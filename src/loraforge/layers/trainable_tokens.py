@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..kinds import replace_module
@@ -122,9 +123,32 @@ class TrainableTokens(LoraLayer):
         return w
 
     def _run(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:
-        """The base layer's own forward (padding, scaling, a head's bias) on the adapted table."""
+        """The layer on the adapted table W'. A plain ``nn.Embedding`` (no max_norm, no padding
+        row among the ids) looks up W and puts D's rows at the chosen ids; a plain ``nn.Linear``
+        (the tied head) computes all scores with W and the chosen ones with D: no (num × dim) copy
+        of W per step, the same values. Anything else (a subclass that scales, max_norm, ...)
+        runs its own forward on W' (PEFT's way)."""
+        base = self.base_layer
+        if not args and not kwargs and type(base) is nn.Linear:
+            out = base(x)
+            for n in names:
+                idx, delta = self.rows(n)
+                bias = None if base.bias is None else base.bias[idx]
+                out = out.index_copy(-1, idx, F.linear(x, delta.to(x.dtype), bias).to(out.dtype))
+            return out
+        plain = type(base) is nn.Embedding and base.max_norm is None and not args and not kwargs
+        if plain and not any(base.padding_idx in self.source.token_indices[n] for n in names):
+            out = base(x)
+            for n in names:
+                idx, delta = self.rows(n)
+                where = torch.full((base.num_embeddings,), -1, dtype=torch.long, device=x.device)
+                where[idx.to(x.device)] = torch.arange(len(idx), device=x.device)
+                pos = where[x]
+                rows = F.embedding(pos.clamp(min=0), delta).to(out.dtype)
+                out = torch.where((pos >= 0).unsqueeze(-1), rows, out)
+            return out
         weight = self.adapted_weight(names)
-        return torch.func.functional_call(self.base_layer, {"weight": weight}, (x, *args), kwargs)
+        return torch.func.functional_call(base, {"weight": weight}, (x, *args), kwargs)
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

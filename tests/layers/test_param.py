@@ -236,3 +236,13 @@ def test_tiny_transformers_moe_matches_peft(tmp_path, kind):
     assert sorted(load_file(tmp_path / "back" / "adapter_model.safetensors")) == sorted(
         load_file(tmp_path / "adapter_model.safetensors")
     )
+
+
+def test_target_parameters_alone_without_target_modules(tmp_path):
+    base = Moe()
+    ours = lf.inject(copy.deepcopy(base), lf.LoraConfig(r=2, alpha=4, target_parameters=["gate_up_proj"]))
+    _randomize(ours)
+    assert isinstance(ours.experts, LoraParam) and type(ours.proj) is nn.Linear
+    lf.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(theirs(_x()), ours(_x()), rtol=0, atol=1e-6)

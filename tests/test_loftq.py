@@ -173,3 +173,21 @@ def test_smollm2_loftq_output_closer_than_nf4(smollm2_dir):
     with lf.disable_adapters(model):
         q_only = logits(model, ids)
     assert (got - want).abs().mean() < 0.95 * (q_only - want).abs().mean()
+
+
+def test_peft_flow_loftq_then_4bit_base_then_load(tmp_path):
+    """LoftQ on the full-precision model, its base (now Q) saved and loaded in 4-bit, the adapter
+    loaded onto it: the 4-bit model computes Q + s·B·A, the LoftQ model's output."""
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(5))
+    cfg = lf.LoraConfig(r=4, alpha=8, target_modules="all-linear", init="loftq")  # (every layer 4-bit later)
+    model = lf.inject(tiny_llama(), cfg)
+    want = logits(model, ids)
+    lf.save_adapter(model, tmp_path / "adapter")
+    base = lf.unload(model)  # holds Q now
+    quantize(base, QuantConfig(blocksize=64, double_quant=False, compute_dtype=torch.float32))
+    lf.load_adapter(base, tmp_path / "adapter")
+    torch.testing.assert_close(logits(base, ids), want, rtol=0, atol=1e-5)
+    lf.save_adapter(base, tmp_path / "again")  # recorded as a plain init for the 4-bit stage
+    import json
+
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["init_lora_weights"] is True

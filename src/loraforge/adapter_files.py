@@ -16,6 +16,7 @@ in the dtype it lands in; every config value is type-checked (``LoraConfig.from_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -266,6 +267,9 @@ def load_adapter(
             + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else "")
         )
     _check_values(weights, tensors, live, allow_nonfinite)
+    if method is None and cfg.init == "loftq" and any(_is_4bit_target(model, t) for t in targets):
+        # LoftQ's 4-bit stage: the quantized base already holds Q and the file A, B (see loftq.py)
+        cfg = dataclasses.replace(cfg, init="default")
     undo = _Undo(model, cfg, targets)
     try:
         inject(model, cfg, adapter=adapter)
@@ -311,6 +315,11 @@ class _Undo:
         for p, flag in self.flags:
             p.requires_grad_(flag)
         registry(model).restore(self.registry)
+
+
+def _is_4bit_target(model: nn.Module, path: str) -> bool:
+    module = model.get_submodule(path)
+    return is_4bit(module.base_layer if isinstance(module, LoraLayer) else module)
 
 
 def _embedding_weight_names(model: nn.Module) -> set[str]:

@@ -24,9 +24,13 @@ full-precision base weight is replaced by the dequantized Q, kept in its own dty
 holds A and B. Save that base (``lf.save_model``) and quantize it later (``lf.quantize`` /
 ``QuantConfig(blocksize=64, double_quant=False)``, or bitsandbytes' 4-bit loading): Q is already
 on the NF4 grid, so the 4-bit model holds Q exactly and Q + s·B·A is what QLoRA fine-tunes. (With
-double quantization the absmax values are rounded again and Q moves slightly.) A base that is
-already 4-bit is refused: its W is gone, so there is no residual W − Q to approximate (PEFT's
-``replace_lora_weights_loftq`` reads W back from the checkpoint for that case).
+double quantization the absmax values are rounded again and Q moves slightly.) ``inject`` with
+init="loftq" on a base that is already 4-bit is refused: its W is gone, so there is no residual
+W − Q to approximate (PEFT, too, wants the unquantized model; its ``replace_lora_weights_loftq``
+reads W back from the checkpoint for that case). *Loading* a LoftQ adapter onto a 4-bit base is
+that flow's second stage: ``load_adapter`` then keeps the quantized base as Q and takes A and B
+from the file (the adapter is recorded with the default init, as PEFT's LoftQ example saves it
+for the 4-bit stage). Onto a full-precision base, loading reruns LoftQ, as PEFT does.
 
 Two differences from PEFT, both deliberate: PEFT stores B = L, A = R without the scale, so its
 Q + s·B·A approximates W only at s = alpha / r = 1; here the factors carry 1/√s each and the

@@ -180,6 +180,8 @@ def _expected_shapes(model: nn.Module, cfg: LoraConfig, targets: list[str]) -> d
         r, _ = cfg.rank_and_alpha(path)
         for name, shape in kind.factor_shapes(base, r).items():
             shapes[f"{PREFIX}{path}.{name}"] = shape
+        if cfg.lora_bias:  # B's bias (out): B's first dimension
+            shapes[f"{PREFIX}{path}.lora_B.bias"] = kind.factor_shapes(base, r)["lora_B.weight"][:1]
     return shapes
 
 
@@ -267,8 +269,8 @@ class _Undo:
     """What loading may change, recorded before it does, to put back exactly on any failure.
 
     Cheap: a flag per parameter, a copy of the adapter registry and the layers' active lists;
-    base weights are copied only for a PiSSA adapter, whose injection moves the top singular
-    part of each target weight (in place).
+    base weights are copied only for a PiSSA / OLoRA adapter, whose injection moves the top
+    singular (QR) part of each target weight (in place).
     """
 
     def __init__(self, model: nn.Module, cfg: LoraConfig, targets: list[str]) -> None:
@@ -278,7 +280,7 @@ class _Undo:
         holders = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
         self.active = [(m, list(m.active_adapters)) for m in holders]
         self.weights = []
-        if cfg.init == "pissa":
+        if cfg.init in ("pissa", "olora"):
             for name in targets:
                 module = model.get_submodule(name)
                 base = module.base_layer if isinstance(module, LoraLayer) else module
@@ -363,6 +365,8 @@ def _live_tensors(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
                 out[f"{PREFIX}{path}.{attr}"] = item
             else:
                 out[f"{PREFIX}{path}.{attr}.weight"] = item.weight
+                if getattr(item, "bias", None) is not None:  # lora_bias
+                    out[f"{PREFIX}{path}.{attr}.bias"] = item.bias
     for path, module in saved_modules(model):
         if adapter in module.modules_to_save:
             for name, t in module.modules_to_save[adapter].state_dict(keep_vars=True).items():

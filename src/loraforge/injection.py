@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .kinds import is_4bit, replace_module
-from .layers import LoraLayer, ModulesToSave, is_linear_like, wrap
+from .layers import LoraLayer, ModulesToSave, is_linear_like, wrap, wrapper_class
 from .registry import registry
 
 # Where a block index sits in a module path, for layers_to_transform (PEFT's defaults).
@@ -124,12 +124,17 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
     for name in out:
         base = model.get_submodule(name)
         base = base.base_layer if isinstance(base, LoraLayer) else base
-        wrap_check = (nn.Linear, nn.Embedding, nn.Conv2d)
-        if not (isinstance(base, wrap_check) or is_linear_like(base)):
+        try:
+            kind = wrapper_class(base)
+        except TypeError:
             raise ValueError(
-                f"target {name!r} is a {type(base).__name__}; LoRA supports Linear, Embedding, Conv2d, "
-                "GPT-2 Conv1D and 4-bit linears (name the leaf layers, e.g. 'q_proj')"
-            )
+                f"target {name!r} is a {type(base).__name__}; LoRA supports Linear, Embedding, Conv1d/2d/3d, "
+                "MultiheadAttention, GPT-2 Conv1D and 4-bit linears (name the leaf layers, e.g. 'q_proj')"
+            ) from None
+        try:
+            kind.check(base, cfg, cfg.rank_and_alpha(name)[0])
+        except ValueError as e:
+            raise ValueError(f"target {name!r}: {e}") from None
     return out, unused, absent_msg
 
 
@@ -214,8 +219,8 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
             f"adapter {adapter!r}: " + "; ".join(problems) + " (ignored; strict=True makes this an error)",
             stacklevel=2,
         )
-    if cfg.init == "pissa" and any(layer.merged_adapters for _, layer in lora_layers(model)):
-        raise ValueError("init='pissa' changes the base weights; call lf.unmerge(model) first")
+    if cfg.init in ("pissa", "olora") and any(layer.merged_adapters for _, layer in lora_layers(model)):
+        raise ValueError(f"init={cfg.init!r} changes the base weights; call lf.unmerge(model) first")
     saved = _find_saved(model, cfg.modules_to_save) if cfg.modules_to_save else []
     if not reg.configs:  # the first adapter: freeze the base
         for p in model.parameters():
@@ -226,7 +231,7 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
             module = wrap(module).train(module.training)
             replace_module(model, name, module)
         r, alpha = cfg.rank_and_alpha(name)
-        module.add(adapter, r, alpha, cfg.dropout, cfg.use_rslora, cfg.init)
+        module.add(adapter, r, alpha, cfg.dropout, cfg.use_rslora, cfg.init, lora_bias=cfg.lora_bias)
     for name in saved:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
@@ -242,10 +247,9 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
 # refused here, before the model changes, rather than silently trained as plain LoRA.
 _UNBUILT = {
     "use_dora": lambda c: c.use_dora,
-    "lora_bias": lambda c: c.lora_bias,
     "target_parameters": lambda c: c.target_parameters,
     "trainable_token_indices": lambda c: c.trainable_token_indices,
-    "init": lambda c: c.init in (False, "olora", "loftq"),
+    "init": lambda c: c.init == "loftq",
 }
 
 

@@ -122,6 +122,8 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None, safe: bool =
     would hold NaN or Inf, raises ValueError naming the layer and adapter, the model untouched.
     """
     names = registry(model).check_known(adapter if adapter is not None else active_adapters(model))
+    for _, layer in lora_layers(model):  # (refused before any layer changes: grouped conv, ...)
+        layer.to_merge([n for n in names if n in layer.r])
     if safe:
         check_merge_finite(model, names)
     errors = []
@@ -243,6 +245,8 @@ def merge_and_unload(
     ``safe=True``: as in :func:`merge`, refuse (the model untouched) if a weight would hold NaN/Inf.
     """
     names = registry(model).check_known(adapter if adapter is not None else active_adapters(model))
+    for _, layer in lora_layers(model):
+        layer.to_merge([n for n in names if n in layer.r])
     if safe:
         check_merge_finite(model, names)
     if not dequantize and any(is_4bit(m.base_layer) for _, m in lora_layers(model)):

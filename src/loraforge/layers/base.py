@@ -146,12 +146,9 @@ class LoraLayer(nn.Module):
 
     def reset(self, name: str, init: str | bool) -> None:
         if init is False:
-            # PEFT's init_lora_weights=False: A and B (and B's bias) keep their layer type's own
-            # default init (nn.Linear / nn.ConvNd: Kaiming-uniform a=√5, bias U(±1/√fan_in)).
-            for attr in self.adapter_param_names:
-                item = getattr(self, attr)[name]
-                if isinstance(item, nn.Module):
-                    item.reset_parameters()
+            # PEFT's init_lora_weights=False: A and B (and B's bias) keep the default init their
+            # nn.Linear / nn.ConvNd got when ``_create`` made them (Kaiming-uniform a=√5, bias
+            # U(±1/√fan_in)), drawn in PEFT's order: under one seed, PEFT's very values.
             return
         a, b = self.factors(name)
         bias = self.lora_bias_param(name)
@@ -243,14 +240,16 @@ class LoraLayer(nn.Module):
     def merge(self, name: str | list[str]) -> None:
         """Add ΔW of the adapter(s) to the base weight (and s·bias of B to the base bias, for
         ``lora_bias``); idempotent (merged ones are skipped)."""
-        new = self._new_to_merge(name)
+        new = self.to_merge(name)
         if not new:
             return
         keep = list(self.merged_adapters)
         self._restore_base()
         self._merge_from_base(keep + new)
 
-    def _new_to_merge(self, name: str | list[str]) -> list[str]:
+    def to_merge(self, name: str | list[str]) -> list[str]:
+        """The adapters among ``name`` that a merge would add (not merged yet); raises
+        ValueError where they cannot merge into this layer (nothing changes)."""
         names = [name] if isinstance(name, str) else list(name)
         for n in names:
             if n not in self.r:
@@ -267,7 +266,7 @@ class LoraLayer(nn.Module):
     def nonfinite_merge(self, name: str | list[str]) -> str | None:
         """Which of the base weight / bias would hold NaN or Inf once the adapter(s) are merged
         (None: neither): the merge computed on a copy, the layer unchanged (``lf.merge(safe=True)``)."""
-        new = self._new_to_merge(name)
+        new = self.to_merge(name)
         if not new:
             return None
         factors = snapshot_factors(self, new)

@@ -74,9 +74,11 @@ class LoraConv(LoraLayer):
                 "cannot be merged (B·A is a dense conv the grouped weight cannot hold); run it unmerged"
             )
 
-    def merge(self, name: str | list[str]) -> None:
-        self._check_mergeable()
-        super().merge(name)
+    def to_merge(self, name: str | list[str]) -> list[str]:
+        new = super().to_merge(name)
+        if new:
+            self._check_mergeable()
+        return new
 
     def _delta(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
         self._check_mergeable()

@@ -64,10 +64,11 @@ class LoraMultiheadAttention(LoraLayer):
         base = self.base_layer
         w, e = base.in_proj_weight, base.embed_dim
         kw = {"device": w.device, "dtype": lora_dtype(w)}
-        self.lora_A[name] = nn.Linear(e, r, bias=False, **kw)
-        self.lora_B[name] = nn.Linear(r, 3 * e, bias=False, **kw)
+        # (out_proj's first: PEFT's order, so that init=False draws PEFT's values under one seed)
         self.out_proj_lora_A[name] = nn.Linear(e, r, bias=False, **kw)
         self.out_proj_lora_B[name] = nn.Linear(r, e, bias=False, **kw)
+        self.lora_A[name] = nn.Linear(e, r, bias=False, **kw)
+        self.lora_B[name] = nn.Linear(r, 3 * e, bias=False, **kw)
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[name].weight, self.lora_B[name].weight
@@ -142,7 +143,7 @@ class LoraMultiheadAttention(LoraLayer):
         return same_out and self._same_factors(name, *record.factors[name])
 
     def nonfinite_merge(self, name: str | list[str]) -> str | None:
-        new = self._new_to_merge(name)
+        new = self.to_merge(name)
         if not new:
             return None
         base = self.base_layer

@@ -303,6 +303,16 @@ def add_weighted_adapter(
             f"add_weighted_adapter: adapters {names} each have their own trained copy of modules_to_save "
             f"{shared}, which cannot be combined (as in PEFT); at most one of the adapters may have one"
         )
+    for path, layer in lora_layers(model):  # (what _combine's A, B algebra does not cover)
+        mine, base, why = [n for n in names if n in layer.r], layer.base_layer, None
+        if any(layer.lora_bias_param(n) is not None for n in mine):
+            why = "lora_bias adapters"
+        elif mine and isinstance(base, nn.MultiheadAttention):
+            why = "adapters on nn.MultiheadAttention"
+        elif mine and getattr(base, "groups", 1) > 1:
+            why = f"adapters on a grouped {type(base).__name__}"
+        if why:
+            raise ValueError(f"add_weighted_adapter cannot combine {why} (layer {path!r})")
     if len(weights) != len(names):
         raise ValueError(f"got {len(weights)} weights for {len(names)} adapters")
     if combination not in ("linear", "cat", "svd"):

@@ -317,3 +317,19 @@ def test_fused_switch_does_not_change_lora_bias(monkeypatch):
         fused_on = net.lin(x)
         monkeypatch.setattr(linear_mod, "FUSED", False)
         torch.testing.assert_close(net.lin(x), fused_on, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "model, targets, kw, why",
+    [
+        (_base, ["lin"], {"lora_bias": True}, "lora_bias adapters"),
+        (lambda: nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), ["0"], {}, "adapters on a grouped Conv2d"),
+        (lambda: nn.Sequential(nn.MultiheadAttention(8, 2)), ["0"], {}, "adapters on nn.MultiheadAttention"),
+    ],
+)
+def test_add_weighted_adapter_refuses_what_it_cannot_combine(model, targets, kw, why):
+    net = lf.inject(model(), lf.LoraConfig(r=2, target_modules=targets, **kw))
+    lf.add_adapter(net, "b", lf.LoraConfig(r=2, target_modules=targets))
+    with pytest.raises(ValueError, match=f"add_weighted_adapter cannot combine {why}"):
+        lf.add_weighted_adapter(net, ["default", "b"], [0.5, 0.5], "mix", combination="cat")
+    assert lf.list_adapters(net) == ["default", "b"]

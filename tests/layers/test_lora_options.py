@@ -333,3 +333,17 @@ def test_add_weighted_adapter_refuses_what_it_cannot_combine(model, targets, kw,
     with pytest.raises(ValueError, match=f"add_weighted_adapter cannot combine {why}"):
         lf.add_weighted_adapter(net, ["default", "b"], [0.5, 0.5], "mix", combination="cat")
     assert lf.list_adapters(net) == ["default", "b"]
+
+
+def test_lora_bias_on_a_4bit_base_merges_into_its_bias():
+    torch.manual_seed(0)
+    qc = lf.QuantConfig(compute_dtype=torch.float32)
+    net = nn.Sequential(lf.Linear4bit.from_linear(nn.Linear(32, 16), qc))
+    lf.inject(net, lf.LoraConfig(r=2, init=False, lora_bias=True, target_modules=["0"]))
+    with torch.no_grad():
+        net[0].lora_B["default"].bias.normal_()
+        x = torch.randn(3, 32)
+        unmerged = net(x)
+        plain = lf.merge_and_unload(net, dequantize=True, safe=True)
+        assert type(plain[0]) is nn.Linear
+        torch.testing.assert_close(plain(x), unmerged, rtol=0, atol=1e-5)

@@ -85,6 +85,7 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
     if cfg.target_modules is None:
         raise ValueError("LoraConfig.target_modules is required: a list of names, a regex or 'all-linear'")
     heads = _output_head_names(model) if cfg.target_modules == "all-linear" else set()
+    out_projs = _attention_out_projs(model)
     out, linear_names, named, seen_layers = [], [], set(), set()
     entries = cfg.target_modules if isinstance(cfg.target_modules, list) else []
     for name, module, base in candidates(model):
@@ -94,7 +95,7 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
         if is_linear_like(base):
             linear_names.append(name)
         if cfg.target_modules == "all-linear":
-            hit = is_linear_like(base) and name not in heads
+            hit = is_linear_like(base) and name not in heads and name not in out_projs
         else:
             hit = name_matches(cfg.target_modules, name)
         if not hit:
@@ -124,6 +125,12 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
     for name in out:
         base = model.get_submodule(name)
         base = base.base_layer if isinstance(base, LoraLayer) else base
+        if name in out_projs:
+            attn = name.removesuffix("out_proj").rstrip(".")
+            raise ValueError(
+                f"target {name!r} is the out_proj of nn.MultiheadAttention {attn!r}, which reads its weight "
+                f"without calling it; target {attn!r} instead (LoRA on in_proj and out_proj)"
+            )
         try:
             kind = wrapper_class(base)
         except TypeError:
@@ -136,6 +143,16 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
         except ValueError as e:
             raise ValueError(f"target {name!r}: {e}") from None
     return out, unused, absent_msg
+
+
+def _attention_out_projs(model: nn.Module) -> set[str]:
+    """Paths of the ``out_proj`` of every ``nn.MultiheadAttention``: a Linear whose forward the
+    attention never calls (it reads the weight), so a LoRA wrapper there would be skipped."""
+    return {
+        f"{name}.out_proj" if name else "out_proj"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+    }
 
 
 def _absent_layers_message(cfg: LoraConfig, absent: list[int], seen: set[int | None]) -> str:

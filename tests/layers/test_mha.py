@@ -11,6 +11,7 @@ from torch import nn
 
 import loraforge as lf
 from loraforge.layers import LoraMultiheadAttention
+from loraforge.registry import registry
 
 peft = pytest.importorskip("peft", reason="the peft package pins the reference numbers")
 
@@ -155,3 +156,18 @@ def test_mha_safe_merge_names_the_broken_projection():
     ):
         lf.merge(net, safe=True)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_out_proj_inside_attention_is_not_a_target_of_its_own():
+    net = _base()
+    with pytest.raises(
+        ValueError, match="target 'attn.out_proj' is the out_proj of nn.MultiheadAttention 'attn'"
+    ):
+        lf.inject(net, lf.LoraConfig(target_modules=["out_proj"]))
+    assert type(net.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    # "all-linear" leaves it to LoRA on the attention module (which "all-linear" does not take)
+    lf.inject(net, lf.LoraConfig(target_modules="all-linear"))
+    assert registry(net).targets["default"] == ["lin"]
+    (x,) = net.inputs()
+    net(x)  # the attention still runs
+    assert type(net.attn) is nn.MultiheadAttention

@@ -12,6 +12,7 @@ from torch import nn
 
 from .injection import (
     active_adapters,
+    adapter_layers,
     inject,
     lora_layers,
     remove_modules,
@@ -19,7 +20,7 @@ from .injection import (
     set_trainable,
 )
 from .kinds import is_4bit, replace_module
-from .layers import COMPUTE_MODES, LoraLayer, ModulesToSave
+from .layers import COMPUTE_MODES, AdapterLayer, LoraLayer, ModulesToSave
 from .registry import drop_registry, registry
 
 
@@ -58,12 +59,12 @@ def set_adapter(model: nn.Module, adapter: str | list[str]) -> None:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Within the block the model behaves as the base model (merged adapters are taken out)."""
-    layers = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
-    merged = {id(m): list(m.merged_adapters) for m in layers if isinstance(m, LoraLayer)}
+    layers = [m for _, m in adapter_layers(model)] + [m for _, m in saved_modules(model)]
+    merged = {id(m): list(m.merged_adapters) for m in layers if isinstance(m, AdapterLayer)}
     previous = {id(m): m.disabled for m in layers}
     try:
         for m in layers:
-            if isinstance(m, LoraLayer):
+            if isinstance(m, AdapterLayer):
                 m.unmerge()
             m.disabled = True
         yield model
@@ -85,8 +86,8 @@ def adapter_batch(model: nn.Module, names: list[str]):
     until a factor, the batch's set of adapters or the dtype changes (see ``LoraLinear._stacks``).
     """
     names = registry(model).check_known(names, allow_base=True)
-    layers = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
-    if any(isinstance(m, LoraLayer) and m.merged_adapters for m in layers):
+    layers = [m for _, m in adapter_layers(model)] + [m for _, m in saved_modules(model)]
+    if any(isinstance(m, AdapterLayer) and m.merged_adapters for m in layers):
         raise RuntimeError("adapter_batch needs unmerged adapters; call lf.unmerge(model) first")
     previous = {id(m): m.batch_adapters for m in layers}
     try:
@@ -122,22 +123,35 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None, safe: bool =
     would hold NaN or Inf, raises ValueError naming the layer and adapter, the model untouched.
     """
     names = registry(model).check_known(adapter if adapter is not None else active_adapters(model))
+    _check_mergeable(model, names)
     for _, layer in lora_layers(model):  # (refused before any layer changes: grouped conv, ...)
         layer.to_merge([n for n in names if n in layer.r])
     if safe:
         check_merge_finite(model, names)
     errors = []
-    for _, layer in lora_layers(model):
-        mine = [n for n in names if n in layer.r]
+    for _, layer in adapter_layers(model):
+        mine = [n for n in names if n in layer.adapters]
         if mine:
             layer.merge(mine)
-            errors += [layer.merge_error[n] for n in mine if n in layer.merge_error]
+            merge_error = getattr(layer, "merge_error", {})
+            errors += [merge_error[n] for n in mine if n in merge_error]
     if errors:
         warnings.warn(
             f"merged into a 4-bit base: requantization changed weights by {sum(errors) / len(errors):.3g} "
             "on average (mean |error|); use merge_and_unload(model, dequantize=True) for an exact merge",
             stacklevel=2,
         )
+
+
+def _check_mergeable(model: nn.Module, names: list[str]) -> None:
+    """Refuse, before anything changes, to merge an adapter whose method cannot be merged."""
+    for _, layer in adapter_layers(model):
+        mine = [n for n in names if n in layer.adapters]
+        if mine and layer.cannot_merge:
+            raise ValueError(
+                f"cannot merge {mine}: {layer.method} adapters cannot be merged into the base weights "
+                f"({layer.cannot_merge}); keep them unmerged or use lf.unload(model)"
+            )
 
 
 def check_merge_finite(model: nn.Module, names: list[str]) -> None:
@@ -161,7 +175,7 @@ def unmerge(model: nn.Module, adapter: str | list[str] | None = None) -> None:
     did not reflect the change, the unmerged forward from now on does."""
     names = None if adapter is None else registry(model).check_known(adapter)
     changed: list[str] = []
-    for _, layer in lora_layers(model):
+    for _, layer in adapter_layers(model):
         if names is None:
             changed += layer.unmerge()
         else:
@@ -177,13 +191,20 @@ def unmerge(model: nn.Module, adapter: str | list[str] | None = None) -> None:
 
 def merged_adapters(model: nn.Module) -> list[str]:
     out: list[str] = []
-    for _, layer in lora_layers(model):
+    for _, layer in adapter_layers(model):
         out += [n for n in layer.merged_adapters if n not in out]
     return out
 
 
 def _unwrap(model: nn.Module, merge_names: list[str] | None, dequantize: bool) -> nn.Module:
-    for name, layer in list(lora_layers(model)):
+    # deepest first: a holder may sit inside another's base module
+    for name, layer in reversed(list(adapter_layers(model))):
+        if not isinstance(layer, LoraLayer):
+            mine = [n for n in merge_names or [] if n in layer.adapters]
+            if mine:
+                layer.merge(mine)
+            layer.unwrap(model, name)
+            continue
         if merge_names:
             if dequantize and is_4bit(layer.base_layer):
                 base = _dequantized_linear(layer.base_layer)
@@ -245,6 +266,7 @@ def merge_and_unload(
     ``safe=True``: as in :func:`merge`, refuse (the model untouched) if a weight would hold NaN/Inf.
     """
     names = registry(model).check_known(adapter if adapter is not None else active_adapters(model))
+    _check_mergeable(model, names)
     for _, layer in lora_layers(model):
         layer.to_merge([n for n in names if n in layer.r])
     if safe:
@@ -265,7 +287,7 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
     """Remove an adapter everywhere; layers left without adapters get their base module back."""
     reg = registry(model)
     reg.check_known(adapter)
-    layers = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
+    layers = [m for _, m in adapter_layers(model)] + [m for _, m in saved_modules(model)]
     if any(m.batch_adapters is not None and adapter in m.batch_adapters for m in layers):
         # its rows would silently run on the base model for the rest of the block
         raise RuntimeError(
@@ -342,7 +364,9 @@ def add_weighted_adapter(
         if adapter_name in module.modules_to_save:  # the one adapter's trained copy (checked above)
             owner = next((n for n in names if n in module.modules_to_save), None)
             if owner is not None:
-                module.modules_to_save[adapter_name].load_state_dict(module.modules_to_save[owner].state_dict())
+                module.modules_to_save[adapter_name].load_state_dict(
+                    module.modules_to_save[owner].state_dict()
+                )
     for _, layer in lora_layers(model):
         if adapter_name not in layer.r:
             continue

@@ -10,7 +10,8 @@ from torch import nn
 
 from .config import LoraConfig
 from .kinds import is_4bit, replace_module
-from .layers import LoraLayer, ModulesToSave, is_linear_like, wrap, wrapper_class
+from .layers import AdapterLayer, LoraLayer, ModulesToSave, is_linear_like, wrap, wrapper_class
+from .methods import method_of
 from .registry import registry
 
 # Where a block index sits in a module path, for layers_to_transform (PEFT's defaults).
@@ -21,6 +22,14 @@ def lora_layers(model: nn.Module):
     """(path, wrapper) for every LoRA wrapper in the model."""
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def adapter_layers(model: nn.Module):
+    """(path, holder) for every adapter holder of any method (``layers.AdapterLayer``: LoRA
+    wrappers, IA3 and bottleneck wrappers, prompt encoders)."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
             yield name, module
 
 
@@ -38,9 +47,9 @@ def candidates(model: nn.Module):
         if not name or (inside is not None and name.startswith(inside)):
             continue
         inside = None
-        if isinstance(module, (LoraLayer, ModulesToSave)):
+        if isinstance(module, (AdapterLayer, ModulesToSave)):
             inside = name + "."
-        base = module.base_layer if isinstance(module, LoraLayer) else module
+        base = module.base_layer if isinstance(module, AdapterLayer) else module
         yield name, module, base
 
 
@@ -187,11 +196,13 @@ def remove_modules(model: nn.Module, adapter: str) -> None:
     """Take ``adapter``'s factors and ``modules_to_save`` copies out of every layer, and put back
     the original module wherever no adapter is left (the inverse of :func:`inject`'s wrapping;
     the adapter's entry in the registry is the caller's)."""
-    for name, layer in list(lora_layers(model)):
-        if adapter in layer.r:
+    # deepest first: a holder may sit inside another's base module (a bottleneck adapter around a
+    # block whose linears carry LoRA)
+    for name, layer in reversed(list(adapter_layers(model))):
+        if adapter in layer.adapters:
             layer.delete(adapter)
-        if not layer.r:
-            replace_module(model, name, layer.base_layer)
+        if not layer.adapters:
+            layer.unwrap(model, name)
     for name, module in list(saved_modules(model)):
         if adapter in module.modules_to_save:
             module.delete(adapter)
@@ -199,8 +210,11 @@ def remove_modules(model: nn.Module, adapter: str) -> None:
             replace_module(model, name, module.original_module)
 
 
-def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: bool = False) -> nn.Module:
-    """Add LoRA adapter ``adapter`` to ``model`` in place; freeze the base; return the model.
+def inject(model: nn.Module, cfg, adapter: str = "default", strict: bool = False) -> nn.Module:
+    """Add adapter ``adapter`` to ``model`` in place; freeze the base; return the model.
+
+    ``cfg`` is a ``LoraConfig`` or the config of another method (``IA3Config``,
+    ``BottleneckConfig``, ``PrefixTuningConfig``, ``PromptTuningConfig``: ``loraforge.methods``).
 
     The first call freezes every base parameter; each matched layer is wrapped (the original
     module becomes ``<path>.base_layer``). Calling it again on an adapted model adds another
@@ -211,15 +225,24 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
     indices the model does not have, are reported in a warning, or with ``strict=True`` raise
     ValueError (before the model changes). No target at all always raises.
     """
-    if not isinstance(cfg, LoraConfig):
-        raise TypeError(f"inject expects a loraforge.LoraConfig, got {type(cfg).__name__}")
+    method = None if isinstance(cfg, LoraConfig) else method_of(cfg)  # (TypeError for anything else)
     if not isinstance(adapter, str) or not adapter or adapter == "__base__" or "." in adapter:
         raise ValueError(f"invalid adapter name {adapter!r} (a non-empty name without dots, not '__base__')")
     reg = registry(model)
     if adapter in reg:
         raise ValueError(f"adapter {adapter!r} already exists; known adapters: {sorted(reg.names)}")
+    if method is not None:
+        targets = method.find_targets(model, cfg)  # (validates; the model is not changed yet)
+        if not reg.configs:
+            for p in model.parameters():
+                p.requires_grad_(False)
+        # (a method may return the config resolved for this model, e.g. dimensions it derives)
+        cfg = method.inject(model, cfg, adapter, targets) or cfg
+        reg.add(adapter, cfg, targets)
+        set_trainable(model)
+        return model
     refuse_unbuilt(cfg)
-    if cfg.bias != "none" and any(c.bias != "none" for c in reg.configs.values()):
+    if cfg.bias != "none" and any(getattr(c, "bias", "none") != "none" for c in reg.configs.values()):
         # Biases belong to the base layers, so they are shared: only one adapter may own them (as in PEFT).
         raise ValueError("only one adapter may train biases; use bias='none' for the others")
     # Everything is validated before the model changes, so a bad config leaves it untouched.
@@ -292,8 +315,8 @@ def active_adapters(model: nn.Module) -> list[str]:
 def set_trainable(model: nn.Module) -> None:
     """Only the active adapters' LoRA factors (and their biases / saved modules) require grad."""
     active = set(active_adapters(model))
-    for _, layer in lora_layers(model):
-        layer.active_adapters = [a for a in active_adapters(model) if a in layer.r]
+    for _, layer in adapter_layers(model):
+        layer.active_adapters = [a for a in active_adapters(model) if a in layer.adapters]
         for attr in layer.adapter_param_names:
             for name, p in getattr(layer, attr).named_parameters():
                 p.requires_grad_(name.split(".")[0] in active)
@@ -303,15 +326,19 @@ def set_trainable(model: nn.Module) -> None:
             for p in sub.parameters():
                 p.requires_grad_(name in active)
     known = registry(model).configs
-    modes = {known[a].bias for a in active if a in known}
-    for name, p in model.named_parameters():
-        if name.endswith("bias") and ".lora_" not in name and ".modules_to_save." not in name:
-            p.requires_grad_(False)
-    if "all" in modes:
-        for name, p in model.named_parameters():
-            if name.endswith("bias") and ".lora_" not in name and ".modules_to_save." not in name:
-                p.requires_grad_(True)
-    elif "lora_only" in modes:
+    modes = {getattr(known[a], "bias", "none") for a in active if a in known}
+    # (an adapter's own biases, e.g. a prompt encoder's MLP, are the adapter's, not the base's)
+    layers = [m for _, m in adapter_layers(model)]
+    own = {id(p) for m in layers for a in m.adapter_param_names for p in getattr(m, a).parameters()}
+    base_biases = [
+        p
+        for name, p in model.named_parameters()
+        if name.endswith("bias") and id(p) not in own
+        if ".lora_" not in name and ".modules_to_save." not in name
+    ]
+    for p in base_biases:
+        p.requires_grad_("all" in modes)
+    if "lora_only" in modes and "all" not in modes:
         for _, layer in lora_layers(model):
             bias = getattr(layer.base_layer, "bias", None)
             if isinstance(bias, nn.Parameter) and bias.is_floating_point():

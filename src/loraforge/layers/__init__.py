@@ -21,6 +21,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..kinds import is_4bit, is_conv1d
+from .adapter import AdapterLayer
 from .base import BASE, COMPUTE_MODES, LoraLayer
 from .conv import CONV_WRAPPERS, LoraConv, LoraConv1d, LoraConv2d, LoraConv3d
 from .embedding import LoraEmbedding
@@ -29,6 +30,7 @@ from .mha import LoraMultiheadAttention
 from .modules_to_save import ModulesToSave
 
 __all__ = [
+    "AdapterLayer",
     "BASE",
     "COMPUTE_MODES",
     "LoraConv",

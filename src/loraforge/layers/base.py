@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..kinds import is_4bit, is_conv1d
+from .adapter import AdapterLayer
 from .merge import (
     add_exactly,
     exact_matmul,
@@ -38,7 +39,7 @@ def lora_dtype(weight: torch.Tensor) -> torch.dtype:
 COMPUTE_MODES = ("input", "adapter")
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(AdapterLayer):
     """State shared by every wrapper: ranks, scalings, active / merged adapters, mixed batches.
 
     ``compute``: the dtype of the low-rank branch where a half-precision input (bf16 / fp16)
@@ -61,18 +62,14 @@ class LoraLayer(nn.Module):
             return input_dtype
         return factor_dtype
 
+    method = "LoRA"
+
     def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.r: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.lora_dropout = nn.ModuleDict()
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disabled = False
-        self.batch_adapters: list[str] | None = None  # one adapter name per batch row, or None
-        self.token_plan = None  # a tokens.TokenPlan: one adapter per token (serving), or None
         self.merge_error: dict[str, float] = {}  # rounding error of a requantized merge (4-bit)
         self.lora_bias: dict[str, bool] = {}  # adapter -> whether B has a bias (lora_bias)
 

@@ -316,7 +316,9 @@ class LoraLinear(LoraLayer):
         low = torch.bmm(xb, a_stack[idx].transpose(1, 2))  # (batch, tokens, r_max)
         if result.dtype == dtype:
             if (
-                result.dim() == 3 and self._owns_output() and not result._is_view()
+                result.dim() == 3
+                and self._owns_output()
+                and not result._is_view()
                 and not torch.compiler.is_compiling()
             ):  # fmt: skip  (in place, as add_low_rank)
                 return result.baddbmm_(low, b_stack[idx])

@@ -28,7 +28,7 @@ import yaml
 from ..config import PEFT_NAMES, LoraConfig, init_from_peft
 from ..quant.config import QuantConfig, dtype_name
 
-Method = Literal["lora", "qlora", "full"]
+Method = Literal["lora", "qlora", "full", "dora"]
 
 
 class ConfigError(ValueError):
@@ -122,6 +122,11 @@ class TrainSection:
     """A bf16 / fp16 model's LoRA branch: "input" runs it in the model's dtype over fp32 master factors
     (as torch.autocast would; faster and smaller, BENCHMARKS.md), "adapter" in fp32 (PEFT's default).
     Same for fp32."""
+    loraplus_lr_ratio: float = 0.0
+    """LoRA+: B factors (and adapter vectors) learn at this multiple of train.lr, A factors at train.lr
+    (Hayou et al.: 2-16 typical); 0 = off. PEFT's create_loraplus_optimizer grouping."""
+    loraplus_lr_embedding: float = 1e-6
+    """LoRA+: the learning rate of LoRA factors on embedding layers (PEFT's default, 1e-6)."""
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
     """Optimizer; the 8-bit and paged ones need bitsandbytes."""
     seed: int = 0
@@ -157,7 +162,7 @@ class TrainConfig:
 
     method: Method = "lora"
     """lora: LoRA on a frozen base; qlora: LoRA on a 4-bit base (model.quantization); full: every
-    weight trains."""
+    weight trains; dora: the lora section with use_dora (DoRA; lora.use_dora: true with qlora is QDoRA)."""
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=8, alpha=16.0, target_modules="all-linear"))
     """The adapter (loraforge.LoraConfig); PEFT's names lora_alpha, lora_dropout and
@@ -269,12 +274,18 @@ class TrainConfig:
             "train.max_grad_norm": t.max_grad_norm,
             "train.weight_decay": t.weight_decay,
             "train.loss_chunk_size": t.loss_chunk_size,
+            "train.loraplus_lr_ratio": t.loraplus_lr_ratio,
+            "train.loraplus_lr_embedding": t.loraplus_lr_embedding,
         }
         for key, value in non_negative.items():
             if value < 0:
                 raise bad(key, f"must be >= 0, got {value}")
         if t.epochs == 0 and t.max_steps == 0:
             raise bad("train.max_steps", "set train.epochs or train.max_steps to a positive number")
+        if t.loraplus_lr_ratio and self.method not in ("lora", "qlora", "dora"):
+            raise bad(
+                "train.loraplus_lr_ratio", f"LoRA+ scales LoRA's B factors; method {self.method!r} has none"
+            )
         if not t.lr > 0:
             raise bad("train.lr", f"must be > 0, got {t.lr}")
         if not 0 <= t.min_lr_ratio <= 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -179,11 +180,18 @@ def prepare_model(cfg: TrainConfig, device: torch.device, log=print):
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        inject(model, cfg.lora)
+        inject(model, adapter_config(cfg))
         model.to(device)  # the new adapter tensors
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return model, tokenizer
+
+
+def adapter_config(cfg: TrainConfig):
+    """The adapter config ``method`` trains: the lora section (lora, qlora), with DoRA for dora."""
+    if cfg.method == "dora":
+        return dataclasses.replace(cfg.lora, use_dora=True)
+    return cfg.lora
 
 
 def enable_activation_checkpointing(model) -> None:

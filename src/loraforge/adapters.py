@@ -156,11 +156,13 @@ def _check_mergeable(model: nn.Module, names: list[str]) -> None:
 
 def check_merge_finite(model: nn.Module, names: list[str]) -> None:
     """Raise ValueError if merging ``names`` would put NaN/Inf into any base weight or bias
-    (each layer's merge computed on a copy: nothing changes)."""
-    for path, layer in lora_layers(model):
+    (each layer's merge computed on a copy: nothing changes). A holder takes part by defining
+    ``nonfinite_merge(name) -> str | None`` (what would turn non-finite), as ``LoraLayer`` does."""
+    for path, layer in adapter_layers(model):
+        check = getattr(layer, "nonfinite_merge", None)
         for n in names:
-            if n in layer.r:
-                bad = layer.nonfinite_merge(n)
+            if check is not None and n in layer.adapters:
+                bad = check(n)
                 if bad is not None:
                     raise ValueError(
                         f"merge(safe=True): adapter {n!r} would put NaN/Inf into the {bad} of {path!r}; "

@@ -182,6 +182,8 @@ def _expected_shapes(model: nn.Module, cfg: LoraConfig, targets: list[str]) -> d
         r, _ = cfg.rank_and_alpha(path)
         for name, shape in kind.factor_shapes(base, r).items():
             shapes[f"{PREFIX}{path}.{name}"] = shape
+        if cfg.lora_bias:  # B's bias (out): B's first dimension
+            shapes[f"{PREFIX}{path}.lora_B.bias"] = kind.factor_shapes(base, r)["lora_B.weight"][:1]
     return shapes
 
 
@@ -274,8 +276,8 @@ class _Undo:
     """What loading may change, recorded before it does, to put back exactly on any failure.
 
     Cheap: a flag per parameter, a copy of the adapter registry and the layers' active lists;
-    base weights are copied only for a PiSSA adapter, whose injection moves the top singular
-    part of each target weight (in place).
+    base weights are copied only for a PiSSA / OLoRA adapter, whose injection moves the top
+    singular (QR) part of each target weight (in place).
     """
 
     def __init__(self, model: nn.Module, cfg: LoraConfig, targets: list[str]) -> None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .kinds import is_4bit, replace_module
-from .layers import AdapterLayer, LoraLayer, ModulesToSave, is_linear_like, wrap
+from .layers import AdapterLayer, LoraLayer, ModulesToSave, is_linear_like, wrap, wrapper_class
 from .methods import method_of
 from .registry import registry
 
@@ -94,6 +94,7 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
     if cfg.target_modules is None:
         raise ValueError("LoraConfig.target_modules is required: a list of names, a regex or 'all-linear'")
     heads = _output_head_names(model) if cfg.target_modules == "all-linear" else set()
+    out_projs = _attention_out_projs(model)
     out, linear_names, named, seen_layers = [], [], set(), set()
     entries = cfg.target_modules if isinstance(cfg.target_modules, list) else []
     for name, module, base in candidates(model):
@@ -103,7 +104,7 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
         if is_linear_like(base):
             linear_names.append(name)
         if cfg.target_modules == "all-linear":
-            hit = is_linear_like(base) and name not in heads
+            hit = is_linear_like(base) and name not in heads and name not in out_projs
         else:
             hit = name_matches(cfg.target_modules, name)
         if not hit:
@@ -133,13 +134,34 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
     for name in out:
         base = model.get_submodule(name)
         base = base.base_layer if isinstance(base, LoraLayer) else base
-        wrap_check = (nn.Linear, nn.Embedding, nn.Conv2d)
-        if not (isinstance(base, wrap_check) or is_linear_like(base)):
+        if name in out_projs:
+            attn = name.removesuffix("out_proj").rstrip(".")
             raise ValueError(
-                f"target {name!r} is a {type(base).__name__}; LoRA supports Linear, Embedding, Conv2d, "
-                "GPT-2 Conv1D and 4-bit linears (name the leaf layers, e.g. 'q_proj')"
+                f"target {name!r} is the out_proj of nn.MultiheadAttention {attn!r}, which reads its weight "
+                f"without calling it; target {attn!r} instead (LoRA on in_proj and out_proj)"
             )
+        try:
+            kind = wrapper_class(base)
+        except TypeError:
+            raise ValueError(
+                f"target {name!r} is a {type(base).__name__}; LoRA supports Linear, Embedding, Conv1d/2d/3d, "
+                "MultiheadAttention, GPT-2 Conv1D and 4-bit linears (name the leaf layers, e.g. 'q_proj')"
+            ) from None
+        try:
+            kind.check(base, cfg, cfg.rank_and_alpha(name)[0])
+        except ValueError as e:
+            raise ValueError(f"target {name!r}: {e}") from None
     return out, unused, absent_msg
+
+
+def _attention_out_projs(model: nn.Module) -> set[str]:
+    """Paths of the ``out_proj`` of every ``nn.MultiheadAttention``: a Linear whose forward the
+    attention never calls (it reads the weight), so a LoRA wrapper there would be skipped."""
+    return {
+        f"{name}.out_proj" if name else "out_proj"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+    }
 
 
 def _absent_layers_message(cfg: LoraConfig, absent: list[int], seen: set[int | None]) -> str:
@@ -237,8 +259,8 @@ def inject(model: nn.Module, cfg, adapter: str = "default", strict: bool = False
             f"adapter {adapter!r}: " + "; ".join(problems) + " (ignored; strict=True makes this an error)",
             stacklevel=2,
         )
-    if cfg.init == "pissa" and any(layer.merged_adapters for _, layer in lora_layers(model)):
-        raise ValueError("init='pissa' changes the base weights; call lf.unmerge(model) first")
+    if cfg.init in ("pissa", "olora") and any(layer.merged_adapters for _, layer in lora_layers(model)):
+        raise ValueError(f"init={cfg.init!r} changes the base weights; call lf.unmerge(model) first")
     saved = _find_saved(model, cfg.modules_to_save) if cfg.modules_to_save else []
     if not reg.configs:  # the first adapter: freeze the base
         for p in model.parameters():
@@ -249,7 +271,7 @@ def inject(model: nn.Module, cfg, adapter: str = "default", strict: bool = False
             module = wrap(module).train(module.training)
             replace_module(model, name, module)
         r, alpha = cfg.rank_and_alpha(name)
-        module.add(adapter, r, alpha, cfg.dropout, cfg.use_rslora, cfg.init)
+        module.add(adapter, r, alpha, cfg.dropout, cfg.use_rslora, cfg.init, lora_bias=cfg.lora_bias)
     for name in saved:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
@@ -265,10 +287,9 @@ def inject(model: nn.Module, cfg, adapter: str = "default", strict: bool = False
 # refused here, before the model changes, rather than silently trained as plain LoRA.
 _UNBUILT = {
     "use_dora": lambda c: c.use_dora,
-    "lora_bias": lambda c: c.lora_bias,
     "target_parameters": lambda c: c.target_parameters,
     "trainable_token_indices": lambda c: c.trainable_token_indices,
-    "init": lambda c: c.init in (False, "olora", "loftq"),
+    "init": lambda c: c.init == "loftq",
 }
 
 

@@ -185,6 +185,8 @@ def _expected_shapes(model: nn.Module, cfg: LoraConfig, targets: list[str]) -> d
         r, _ = cfg.rank_and_alpha(path)
         for name, shape in kind.factor_shapes(base, r).items():
             shapes[f"{PREFIX}{path}.{name}"] = shape
+        if cfg.lora_bias:  # B's bias (out): B's first dimension
+            shapes[f"{PREFIX}{path}.lora_B.bias"] = kind.factor_shapes(base, r)["lora_B.weight"][:1]
     return shapes
 
 
@@ -252,10 +254,10 @@ def load_adapter(
         if key not in tensors and key in expected:
             raise ValueError(
                 f"{weights}: tensor {key!r} is missing (the adapter does not cover module "
-                f"{key[len(PREFIX) :].rsplit('.', 2)[0]!r})"
+                f"{key.removeprefix(PREFIX).rsplit('.', 2)[0]!r})"
             )
         if key in tensors and tuple(tensors[key].shape) != tuple(shape):
-            module = key[len(PREFIX) :]
+            module = key.removeprefix(PREFIX)
             raise ValueError(
                 f"{weights}: shape mismatch for {module!r}: file has {tuple(tensors[key].shape)}, "
                 f"model expects {tuple(shape)} — was this adapter trained on another base model?"
@@ -286,8 +288,8 @@ class _Undo:
     """What loading may change, recorded before it does, to put back exactly on any failure.
 
     Cheap: a flag per parameter, a copy of the adapter registry and the layers' active lists;
-    base weights are copied only for a PiSSA or LoftQ adapter, whose injection changes each
-    target weight in place.
+    base weights are copied only for a PiSSA / OLoRA / LoftQ adapter, whose injection changes
+    each target weight in place.
     """
 
     def __init__(self, model: nn.Module, cfg: LoraConfig, targets: list[str]) -> None:

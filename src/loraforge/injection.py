@@ -11,7 +11,7 @@ from torch import nn
 from . import loftq
 from .config import LoraConfig
 from .kinds import is_4bit, replace_module
-from .layers import AdapterLayer, LoraLayer, ModulesToSave, is_linear_like, wrap
+from .layers import AdapterLayer, LoraLayer, ModulesToSave, is_linear_like, wrap, wrapper_class
 from .layers import param as param_targets
 from .layers import trainable_tokens as token_targets
 from .methods import method_of
@@ -99,6 +99,7 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
     if cfg.target_modules is None:
         raise ValueError("LoraConfig.target_modules is required: a list of names, a regex or 'all-linear'")
     heads = _output_head_names(model) if cfg.target_modules == "all-linear" else set()
+    out_projs = _attention_out_projs(model)
     out, linear_names, named, seen_layers = [], [], set(), set()
     entries = cfg.target_modules if isinstance(cfg.target_modules, list) else []
     for name, module, base in candidates(model):
@@ -108,7 +109,7 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
         if is_linear_like(base):
             linear_names.append(name)
         if cfg.target_modules == "all-linear":
-            hit = is_linear_like(base) and name not in heads
+            hit = is_linear_like(base) and name not in heads and name not in out_projs
         else:
             hit = name_matches(cfg.target_modules, name)
         if not hit:
@@ -140,13 +141,34 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
     for name in out:
         base = model.get_submodule(name)
         base = base.base_layer if isinstance(base, LoraLayer) else base
-        wrap_check = (nn.Linear, nn.Embedding, nn.Conv2d)
-        if not (isinstance(base, wrap_check) or is_linear_like(base)):
+        if name in out_projs:
+            attn = name.removesuffix("out_proj").rstrip(".")
             raise ValueError(
-                f"target {name!r} is a {type(base).__name__}; LoRA supports Linear, Embedding, Conv2d, "
-                "GPT-2 Conv1D and 4-bit linears (name the leaf layers, e.g. 'q_proj')"
+                f"target {name!r} is the out_proj of nn.MultiheadAttention {attn!r}, which reads its weight "
+                f"without calling it; target {attn!r} instead (LoRA on in_proj and out_proj)"
             )
+        try:
+            kind = wrapper_class(base)
+        except TypeError:
+            raise ValueError(
+                f"target {name!r} is a {type(base).__name__}; LoRA supports Linear, Embedding, Conv1d/2d/3d, "
+                "MultiheadAttention, GPT-2 Conv1D and 4-bit linears (name the leaf layers, e.g. 'q_proj')"
+            ) from None
+        try:
+            kind.check(base, cfg, cfg.rank_and_alpha(name)[0])
+        except ValueError as e:
+            raise ValueError(f"target {name!r}: {e}") from None
     return out, unused, absent_msg
+
+
+def _attention_out_projs(model: nn.Module) -> set[str]:
+    """Paths of the ``out_proj`` of every ``nn.MultiheadAttention``: a Linear whose forward the
+    attention never calls (it reads the weight), so a LoRA wrapper there would be skipped."""
+    return {
+        f"{name}.out_proj" if name else "out_proj"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+    }
 
 
 def _absent_layers_message(cfg: LoraConfig, absent: list[int], seen: set[int | None]) -> str:
@@ -221,7 +243,8 @@ def inject(model: nn.Module, cfg, adapter: str = "default", strict: bool = False
         if not reg.configs:
             for p in model.parameters():
                 p.requires_grad_(False)
-        method.inject(model, cfg, adapter, targets)
+        # (a method may return the config resolved for this model, e.g. dimensions it derives)
+        cfg = method.inject(model, cfg, adapter, targets) or cfg
         reg.add(adapter, cfg, targets)
         set_trainable(model)
         return model
@@ -251,7 +274,8 @@ def inject(model: nn.Module, cfg, adapter: str = "default", strict: bool = False
             f"adapter {adapter!r}: " + "; ".join(problems) + " (ignored; strict=True makes this an error)",
             stacklevel=2,
         )
-    if cfg.init in ("pissa", "loftq") and any(layer.merged_adapters for _, layer in lora_layers(model)):
+    merged = any(layer.merged_adapters for _, layer in lora_layers(model))
+    if cfg.init in ("pissa", "olora", "loftq") and merged:
         raise ValueError(f"init={cfg.init!r} changes the base weights; call lf.unmerge(model) first")
     for name in targets if cfg.init == "loftq" else []:
         module = model.get_submodule(name)
@@ -268,7 +292,7 @@ def inject(model: nn.Module, cfg, adapter: str = "default", strict: bool = False
             replace_module(model, name, module)
         r, alpha = cfg.rank_and_alpha(name)
         module.loftq_settings = (cfg.loftq_bits, cfg.loftq_iter)
-        module.add(adapter, r, alpha, cfg.dropout, cfg.use_rslora, cfg.init)
+        module.add(adapter, r, alpha, cfg.dropout, cfg.use_rslora, cfg.init, lora_bias=cfg.lora_bias)
     param_targets.inject_parameters(model, cfg, adapter, params)
     token_targets.inject_tokens(model, adapter, tokens)
     for name in saved:
@@ -286,8 +310,6 @@ def inject(model: nn.Module, cfg, adapter: str = "default", strict: bool = False
 # refused here, before the model changes, rather than silently trained as plain LoRA.
 _UNBUILT = {
     "use_dora": lambda c: c.use_dora,
-    "lora_bias": lambda c: c.lora_bias,
-    "init": lambda c: c.init in (False, "olora"),
 }
 
 
@@ -325,14 +347,18 @@ def set_trainable(model: nn.Module) -> None:
                 p.requires_grad_(name in active)
     known = registry(model).configs
     modes = {getattr(known[a], "bias", "none") for a in active if a in known}
-    for name, p in model.named_parameters():
-        if name.endswith("bias") and ".lora_" not in name and ".modules_to_save." not in name:
-            p.requires_grad_(False)
-    if "all" in modes:
-        for name, p in model.named_parameters():
-            if name.endswith("bias") and ".lora_" not in name and ".modules_to_save." not in name:
-                p.requires_grad_(True)
-    elif "lora_only" in modes:
+    # (an adapter's own biases, e.g. a prompt encoder's MLP, are the adapter's, not the base's)
+    layers = [m for _, m in adapter_layers(model)]
+    own = {id(p) for m in layers for a in m.adapter_param_names for p in getattr(m, a).parameters()}
+    base_biases = [
+        p
+        for name, p in model.named_parameters()
+        if name.endswith("bias") and id(p) not in own
+        if ".lora_" not in name and ".modules_to_save." not in name
+    ]
+    for p in base_biases:
+        p.requires_grad_("all" in modes)
+    if "lora_only" in modes and "all" not in modes:
         for _, layer in lora_layers(model):
             bias = getattr(layer.base_layer, "bias", None)
             if isinstance(bias, nn.Parameter) and bias.is_floating_point():

@@ -246,3 +246,14 @@ def test_target_parameters_alone_without_target_modules(tmp_path):
     lf.save_adapter(ours, tmp_path)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     torch.testing.assert_close(theirs(_x()), ours(_x()), rtol=0, atol=1e-6)
+
+
+def test_safe_merge_refuses_a_nan_factor():
+    _, ours, _ = _pair(False)
+    before = ours.experts.base_layer.base_layer.gate_up_proj.detach().clone()
+    with torch.no_grad():
+        ours.experts.base_layer.lora_B["default"].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="gate_up_proj"):
+        lf.merge(ours, safe=True)
+    assert lf.merged_adapters(ours) == []
+    assert torch.equal(ours.experts.base_layer.base_layer.gate_up_proj, before)

@@ -248,3 +248,14 @@ def test_every_embedding_path_gives_the_replaced_rows(kind):
     grad = holder.rows("default")[1].grad
     # the padding row gets no gradient (F.embedding's rule, as in PEFT); the others count their uses
     assert grad[0].abs().sum() == (0 if kind == "padding" else 2 * (2.5 if kind == "scaled" else 1.0) * 4)
+
+
+def test_safe_merge_refuses_nan_rows():
+    _, ours, _ = _pair(tiny_llama, [3, 7, 11])
+    before = ours.model.embed_tokens.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        ours.model.embed_tokens.rows("default")[1][1, 0] = float("inf")
+    with pytest.raises(ValueError, match="embedding rows"):
+        lf.merge(ours, safe=True)
+    assert lf.merged_adapters(ours) == []
+    assert torch.equal(ours.model.embed_tokens.base_layer.weight, before)

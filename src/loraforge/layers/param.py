@@ -157,6 +157,16 @@ class LoraParam(LoraLayer):
         self.merged_adapters = []
         return changed
 
+    def nonfinite_merge(self, name: str | list[str]) -> str | None:
+        """ "parameter" where merging would put NaN/Inf into it (computed on a copy), else None."""
+        new = self.to_merge(name)
+        if not new:
+            return None
+        with torch.no_grad():
+            trial = self.param().detach().clone()
+            self._applier(snapshot_factors(self, new))(trial, 1.0)
+            return None if bool(torch.isfinite(trial).all()) else f"parameter {self.parameter_name!r}"
+
     def _add_to_base(self, delta: torch.Tensor) -> None:
         w = self.param()
         with torch.no_grad():

@@ -210,6 +210,17 @@ class TrainableTokens(LoraLayer):
                 w.index_copy_(0, idx, delta.to(w))
         self.merged_adapters += new
 
+    def nonfinite_merge(self, name: str | list[str]) -> str | None:
+        """ "embedding rows" where merging would write NaN/Inf into the table, else None."""
+        names = [name] if isinstance(name, str) else list(name)
+        for n in names:
+            w = self.base_layer.weight
+            if n not in self.merged_adapters and not bool(
+                torch.isfinite(self.rows(n)[1].detach().to(w)).all()
+            ):
+                return "embedding rows"
+        return None
+
     def unmerge(self, name: str | None = None) -> list[str]:
         """Put back the rows as they were before the merge, bit for bit; returns the adapters
         whose rows changed while merged."""

@@ -339,6 +339,12 @@ def add_weighted_adapter(
             raise ValueError(f"add_weighted_adapter cannot combine {why} (layer {path!r})")
     if len(weights) != len(names):
         raise ValueError(f"got {len(weights)} weights for {len(names)} adapters")
+    odd = [n for n in names if reg.configs[n].target_parameters or reg.configs[n].trainable_token_indices]
+    if odd:  # (expert-stacked factors and replaced embedding rows are no rank-r products to mix)
+        raise ValueError(
+            f"add_weighted_adapter: adapters {odd} use target_parameters or trainable_token_indices, "
+            "which cannot be combined"
+        )
     if combination not in ("linear", "cat", "svd"):
         raise ValueError(f"combination must be 'linear', 'cat' or 'svd', got {combination!r}")
     if adapter_name in reg:

@@ -8,9 +8,12 @@ import warnings
 import torch
 from torch import nn
 
+from . import loftq
 from .config import LoraConfig
 from .kinds import is_4bit, replace_module
 from .layers import AdapterLayer, LoraLayer, ModulesToSave, is_linear_like, wrap, wrapper_class
+from .layers import param as param_targets
+from .layers import trainable_tokens as token_targets
 from .methods import method_of
 from .registry import registry
 
@@ -91,6 +94,8 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
     list) that name no module at all; a message naming the ``layers_to_transform`` indices that
     no module matched by ``target_modules`` has (or None). Raises ValueError when there is no
     target."""
+    if cfg.target_modules is None and cfg.target_parameters:
+        return [], [], None  # (LoRA on parameters only: see layers/param.py)
     if cfg.target_modules is None:
         raise ValueError("LoraConfig.target_modules is required: a list of names, a regex or 'all-linear'")
     heads = _output_head_names(model) if cfg.target_modules == "all-linear" else set()
@@ -124,6 +129,8 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
     absent_msg = _absent_layers_message(cfg, absent, seen_layers) if absent else None
     if not out and absent_msg and seen_layers:
         raise ValueError(absent_msg)
+    if not out and cfg.target_parameters:
+        return out, unused, absent_msg
     if not out:
         short = sorted({n.split(".")[-1] for n in linear_names})
         raise ValueError(
@@ -247,7 +254,15 @@ def inject(model: nn.Module, cfg, adapter: str = "default", strict: bool = False
         raise ValueError("only one adapter may train biases; use bias='none' for the others")
     # Everything is validated before the model changes, so a bad config leaves it untouched.
     targets, unused, absent = _match_targets(model, cfg)
+    others = list(reg.configs.values())
+    params = param_targets.plan_parameters(model, cfg, targets, others) if cfg.target_parameters else []
+    if cfg.target_parameters and not params and not targets:
+        what = type(model).__name__
+        raise ValueError(f"target_parameters={cfg.target_parameters} matched no parameter of {what}")
+    tokens = token_targets.plan_tokens(model, cfg, targets, adapter) if cfg.trainable_token_indices else []
     problems = []
+    if cfg.target_parameters and not params:
+        problems.append(f"target_parameters {cfg.target_parameters} match no parameter")
     if unused:
         problems.append(f"target_modules entries {unused} match no module of {type(model).__name__}")
     if absent:
@@ -259,8 +274,13 @@ def inject(model: nn.Module, cfg, adapter: str = "default", strict: bool = False
             f"adapter {adapter!r}: " + "; ".join(problems) + " (ignored; strict=True makes this an error)",
             stacklevel=2,
         )
-    if cfg.init in ("pissa", "olora") and any(layer.merged_adapters for _, layer in lora_layers(model)):
+    merged = any(layer.merged_adapters for _, layer in lora_layers(model))
+    if cfg.init in ("pissa", "olora", "loftq") and merged:
         raise ValueError(f"init={cfg.init!r} changes the base weights; call lf.unmerge(model) first")
+    for name in targets if cfg.init == "loftq" else []:
+        module = model.get_submodule(name)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        loftq.check_target(name, base, cfg.loftq_bits)
     saved = _find_saved(model, cfg.modules_to_save) if cfg.modules_to_save else []
     if not reg.configs:  # the first adapter: freeze the base
         for p in model.parameters():
@@ -271,7 +291,10 @@ def inject(model: nn.Module, cfg, adapter: str = "default", strict: bool = False
             module = wrap(module).train(module.training)
             replace_module(model, name, module)
         r, alpha = cfg.rank_and_alpha(name)
+        module.loftq_settings = (cfg.loftq_bits, cfg.loftq_iter)
         module.add(adapter, r, alpha, cfg.dropout, cfg.use_rslora, cfg.init, lora_bias=cfg.lora_bias)
+    param_targets.inject_parameters(model, cfg, adapter, params)
+    token_targets.inject_tokens(model, adapter, tokens)
     for name in saved:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
@@ -287,9 +310,6 @@ def inject(model: nn.Module, cfg, adapter: str = "default", strict: bool = False
 # refused here, before the model changes, rather than silently trained as plain LoRA.
 _UNBUILT = {
     "use_dora": lambda c: c.use_dora,
-    "target_parameters": lambda c: c.target_parameters,
-    "trainable_token_indices": lambda c: c.trainable_token_indices,
-    "init": lambda c: c.init == "loftq",
 }
 
 

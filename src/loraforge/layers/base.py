@@ -55,6 +55,7 @@ class LoraLayer(AdapterLayer):
     adapter_param_names: tuple[str, ...] = ()
     compute: str = "input"
     stores_transposed = False  # the base stores W0 as (in × out): GPT-2 Conv1D, embedding tables
+    loftq_settings = (4, 1)  # (bits, iterations) for init="loftq" (see loraforge.loftq); inject sets them
 
     def branch_dtype(self, input_dtype: torch.dtype, factor_dtype: torch.dtype) -> torch.dtype:
         """The dtype the low-rank branch runs in for this input and these factors."""
@@ -93,6 +94,10 @@ class LoraLayer(AdapterLayer):
             if isinstance(module, nn.Module):
                 module.train(self.training)
         self.reset(name, init)
+        if init == "loftq":  # (after reset: LoftQ sets A, B and replaces the base weight by Q)
+            from ..loftq import init_loftq
+
+            init_loftq(self, name, *self.loftq_settings)
         if not self.active_adapters:
             self.active_adapters = [name]
 

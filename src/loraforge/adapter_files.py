@@ -16,6 +16,7 @@ in the dtype it lands in; every config value is type-checked (``LoraConfig.from_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -41,6 +42,8 @@ from .injection import (
 )
 from .kinds import is_4bit
 from .layers import LoraLayer, wrapper_class
+from .layers import param as param_targets
+from .layers import trainable_tokens as token_targets
 from .methods import config_from_peft_dict, method_of
 from .registry import registry
 
@@ -182,6 +185,8 @@ def _expected_shapes(model: nn.Module, cfg: LoraConfig, targets: list[str]) -> d
         r, _ = cfg.rank_and_alpha(path)
         for name, shape in kind.factor_shapes(base, r).items():
             shapes[f"{PREFIX}{path}.{name}"] = shape
+        if cfg.lora_bias:  # B's bias (out): B's first dimension
+            shapes[f"{PREFIX}{path}.lora_B.bias"] = kind.factor_shapes(base, r)["lora_B.weight"][:1]
     return shapes
 
 
@@ -219,6 +224,12 @@ def load_adapter(
         raise ValueError(f"{path}: {e}") from e
     if method is None:
         expected = _expected_shapes(model, cfg, targets)
+        if cfg.target_parameters:  # (LoRA on bare parameters: layers/param.py)
+            plan = param_targets.plan_parameters(model, cfg, targets, list(registry(model).configs.values()))
+            expected.update(param_targets.expected_shapes(model, cfg, plan, PREFIX))
+        if cfg.trainable_token_indices:  # (trainable embedding rows: layers/trainable_tokens.py)
+            tokens = token_targets.plan_tokens(model, cfg, targets, adapter)
+            expected.update(token_targets.expected_shapes(model, tokens, PREFIX))
     else:
         expected = method.expected_shapes(model, cfg, targets)
     # Modules_to_save, bias and embedding tensors are checked against the model's own tensors.
@@ -258,6 +269,9 @@ def load_adapter(
             + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else "")
         )
     _check_values(weights, tensors, live, allow_nonfinite)
+    if method is None and cfg.init == "loftq" and any(_is_4bit_target(model, t) for t in targets):
+        # LoftQ's 4-bit stage: the quantized base already holds Q and the file A, B (see loftq.py)
+        cfg = dataclasses.replace(cfg, init="default")
     undo = _Undo(model, cfg, targets)
     try:
         inject(model, cfg, adapter=adapter)
@@ -274,8 +288,8 @@ class _Undo:
     """What loading may change, recorded before it does, to put back exactly on any failure.
 
     Cheap: a flag per parameter, a copy of the adapter registry and the layers' active lists;
-    base weights are copied only for a PiSSA adapter, whose injection moves the top singular
-    part of each target weight (in place).
+    base weights are copied only for a PiSSA / OLoRA / LoftQ adapter, whose injection changes
+    each target weight in place.
     """
 
     def __init__(self, model: nn.Module, cfg: LoraConfig, targets: list[str]) -> None:
@@ -303,6 +317,11 @@ class _Undo:
         for p, flag in self.flags:
             p.requires_grad_(flag)
         registry(model).restore(self.registry)
+
+
+def _is_4bit_target(model: nn.Module, path: str) -> bool:
+    module = model.get_submodule(path)
+    return is_4bit(module.base_layer if isinstance(module, LoraLayer) else module)
 
 
 def _embedding_weight_names(model: nn.Module) -> set[str]:

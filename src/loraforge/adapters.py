@@ -110,7 +110,7 @@ def set_token_plan(model: nn.Module, plan) -> None:
         m.token_plan = plan
 
 
-def merge(model: nn.Module, adapter: str | list[str] | None = None) -> None:
+def merge(model: nn.Module, adapter: str | list[str] | None = None, safe: bool = False) -> None:
     """Add ``s·B·A`` of the adapter(s) (default: the active ones) into the base weights.
 
     Idempotent: an adapter already merged is skipped. The merged weight is W0 + Σ s·B·A
@@ -120,9 +120,16 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None) -> None:
     memory this takes: ~0.1 B per weight for a trained adapter, at most one copy of the weight).
     On a 4-bit base the sum is requantized and the mean absolute rounding error is reported in a
     warning (and kept in ``layer.merge_error``); unmerge puts the original 4-bit weight back.
+
+    ``safe=True`` (PEFT's ``safe_merge``) first computes every merged weight on a copy and, if one
+    would hold NaN or Inf, raises ValueError naming the layer and adapter, the model untouched.
     """
     names = registry(model).check_known(adapter if adapter is not None else active_adapters(model))
     _check_mergeable(model, names)
+    for _, layer in lora_layers(model):  # (refused before any layer changes: grouped conv, ...)
+        layer.to_merge([n for n in names if n in layer.r])
+    if safe:
+        check_merge_finite(model, names)
     errors = []
     for _, layer in adapter_layers(model):
         mine = [n for n in names if n in layer.adapters]
@@ -147,6 +154,22 @@ def _check_mergeable(model: nn.Module, names: list[str]) -> None:
                 f"cannot merge {mine}: {layer.method} adapters cannot be merged into the base weights "
                 f"({layer.cannot_merge}); keep them unmerged or use lf.unload(model)"
             )
+
+
+def check_merge_finite(model: nn.Module, names: list[str]) -> None:
+    """Raise ValueError if merging ``names`` would put NaN/Inf into any base weight or bias
+    (each layer's merge computed on a copy: nothing changes). A holder takes part by defining
+    ``nonfinite_merge(name) -> str | None`` (what would turn non-finite), as ``LoraLayer`` does."""
+    for path, layer in adapter_layers(model):
+        check = getattr(layer, "nonfinite_merge", None)
+        for n in names:
+            if check is not None and n in layer.adapters:
+                bad = check(n)
+                if bad is not None:
+                    raise ValueError(
+                        f"merge(safe=True): adapter {n!r} would put NaN/Inf into the {bad} of {path!r}; "
+                        "nothing was merged"
+                    )
 
 
 def unmerge(model: nn.Module, adapter: str | list[str] | None = None) -> None:
@@ -200,8 +223,13 @@ def _unwrap(model: nn.Module, merge_names: list[str] | None, dequantize: bool) -
                     ),
                     torch.zeros(()),
                 )
+                # (lora_bias: B's bias joins the base bias)
+                todo = [n for n in merge_names if n in layer.r and n not in layer.merged_adapters]
+                bias = layer._bias_delta(todo)
                 with torch.no_grad():
                     base.weight.add_(delta.to(base.weight.dtype))
+                    if bias is not None and base.bias is not None:
+                        base.bias.add_(bias.to(base.bias.dtype))
                 replace_module(model, name, base)
                 continue
             for n in merge_names:
@@ -236,15 +264,20 @@ def _dequantized_linear(q: nn.Module) -> nn.Linear:
 
 
 def merge_and_unload(
-    model: nn.Module, adapter: str | list[str] | None = None, dequantize: bool = False
+    model: nn.Module, adapter: str | list[str] | None = None, dequantize: bool = False, safe: bool = False
 ) -> nn.Module:
     """Merge the adapter(s) (default: active) and return the model with its original layer types.
 
     With ``dequantize=True`` a 4-bit base is replaced by a full-precision ``nn.Linear`` holding
     ``dequant(W) + s·B·A`` exactly — what one deploys. Without it the merged weight is requantized.
+    ``safe=True``: as in :func:`merge`, refuse (the model untouched) if a weight would hold NaN/Inf.
     """
     names = registry(model).check_known(adapter if adapter is not None else active_adapters(model))
     _check_mergeable(model, names)
+    for _, layer in lora_layers(model):
+        layer.to_merge([n for n in names if n in layer.r])
+    if safe:
+        check_merge_finite(model, names)
     if not dequantize and any(is_4bit(m.base_layer) for _, m in adapter_layers(model)):
         merge(model, names)  # warns with the rounding error
         names = []
@@ -299,6 +332,16 @@ def add_weighted_adapter(
             f"add_weighted_adapter: adapters {names} each have their own trained copy of modules_to_save "
             f"{shared}, which cannot be combined (as in PEFT); at most one of the adapters may have one"
         )
+    for path, layer in lora_layers(model):  # (what _combine's A, B algebra does not cover)
+        mine, base, why = [n for n in names if n in layer.r], layer.base_layer, None
+        if any(layer.lora_bias_param(n) is not None for n in mine):
+            why = "lora_bias adapters"
+        elif mine and isinstance(base, nn.MultiheadAttention):
+            why = "adapters on nn.MultiheadAttention"
+        elif mine and getattr(base, "groups", 1) > 1:
+            why = f"adapters on a grouped {type(base).__name__}"
+        if why:
+            raise ValueError(f"add_weighted_adapter cannot combine {why} (layer {path!r})")
     if len(weights) != len(names):
         raise ValueError(f"got {len(weights)} weights for {len(names)} adapters")
     kinds = {type(reg.configs[n]) for n in names}
@@ -308,6 +351,12 @@ def add_weighted_adapter(
             found = sorted(k.__name__ for k in kinds)
             raise ValueError(f"add_weighted_adapter combines LoRA adapters or IA3 adapters; got {found}")
         return method.add_weighted_adapter(model, names, list(weights), adapter_name)
+    odd = [n for n in names if reg.configs[n].target_parameters or reg.configs[n].trainable_token_indices]
+    if odd:  # (expert-stacked factors and replaced embedding rows are no rank-r products to mix)
+        raise ValueError(
+            f"add_weighted_adapter: adapters {odd} use target_parameters or trainable_token_indices, "
+            "which cannot be combined"
+        )
     if combination not in ("linear", "cat", "svd"):
         raise ValueError(f"combination must be 'linear', 'cat' or 'svd', got {combination!r}")
     if adapter_name in reg:

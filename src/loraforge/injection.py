@@ -8,9 +8,12 @@ import warnings
 import torch
 from torch import nn
 
+from . import loftq
 from .config import LoraConfig
 from .kinds import is_4bit, replace_module
-from .layers import AdapterLayer, LoraLayer, ModulesToSave, is_linear_like, wrap
+from .layers import AdapterLayer, LoraLayer, ModulesToSave, is_linear_like, wrap, wrapper_class
+from .layers import param as param_targets
+from .layers import trainable_tokens as token_targets
 from .methods import method_of
 from .registry import registry
 
@@ -91,9 +94,12 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
     list) that name no module at all; a message naming the ``layers_to_transform`` indices that
     no module matched by ``target_modules`` has (or None). Raises ValueError when there is no
     target."""
+    if cfg.target_modules is None and cfg.target_parameters:
+        return [], [], None  # (LoRA on parameters only: see layers/param.py)
     if cfg.target_modules is None:
         raise ValueError("LoraConfig.target_modules is required: a list of names, a regex or 'all-linear'")
     heads = _output_head_names(model) if cfg.target_modules == "all-linear" else set()
+    out_projs = _attention_out_projs(model)
     out, linear_names, named, seen_layers = [], [], set(), set()
     entries = cfg.target_modules if isinstance(cfg.target_modules, list) else []
     for name, module, base in candidates(model):
@@ -103,7 +109,7 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
         if is_linear_like(base):
             linear_names.append(name)
         if cfg.target_modules == "all-linear":
-            hit = is_linear_like(base) and name not in heads
+            hit = is_linear_like(base) and name not in heads and name not in out_projs
         else:
             hit = name_matches(cfg.target_modules, name)
         if not hit:
@@ -123,6 +129,8 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
     absent_msg = _absent_layers_message(cfg, absent, seen_layers) if absent else None
     if not out and absent_msg and seen_layers:
         raise ValueError(absent_msg)
+    if not out and cfg.target_parameters:
+        return out, unused, absent_msg
     if not out:
         short = sorted({n.split(".")[-1] for n in linear_names})
         raise ValueError(
@@ -133,13 +141,34 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
     for name in out:
         base = model.get_submodule(name)
         base = base.base_layer if isinstance(base, LoraLayer) else base
-        wrap_check = (nn.Linear, nn.Embedding, nn.Conv2d)
-        if not (isinstance(base, wrap_check) or is_linear_like(base)):
+        if name in out_projs:
+            attn = name.removesuffix("out_proj").rstrip(".")
             raise ValueError(
-                f"target {name!r} is a {type(base).__name__}; LoRA supports Linear, Embedding, Conv2d, "
-                "GPT-2 Conv1D and 4-bit linears (name the leaf layers, e.g. 'q_proj')"
+                f"target {name!r} is the out_proj of nn.MultiheadAttention {attn!r}, which reads its weight "
+                f"without calling it; target {attn!r} instead (LoRA on in_proj and out_proj)"
             )
+        try:
+            kind = wrapper_class(base)
+        except TypeError:
+            raise ValueError(
+                f"target {name!r} is a {type(base).__name__}; LoRA supports Linear, Embedding, Conv1d/2d/3d, "
+                "MultiheadAttention, GPT-2 Conv1D and 4-bit linears (name the leaf layers, e.g. 'q_proj')"
+            ) from None
+        try:
+            kind.check(base, cfg, cfg.rank_and_alpha(name)[0])
+        except ValueError as e:
+            raise ValueError(f"target {name!r}: {e}") from None
     return out, unused, absent_msg
+
+
+def _attention_out_projs(model: nn.Module) -> set[str]:
+    """Paths of the ``out_proj`` of every ``nn.MultiheadAttention``: a Linear whose forward the
+    attention never calls (it reads the weight), so a LoRA wrapper there would be skipped."""
+    return {
+        f"{name}.out_proj" if name else "out_proj"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+    }
 
 
 def _absent_layers_message(cfg: LoraConfig, absent: list[int], seen: set[int | None]) -> str:
@@ -225,7 +254,15 @@ def inject(model: nn.Module, cfg, adapter: str = "default", strict: bool = False
         raise ValueError("only one adapter may train biases; use bias='none' for the others")
     # Everything is validated before the model changes, so a bad config leaves it untouched.
     targets, unused, absent = _match_targets(model, cfg)
+    others = list(reg.configs.values())
+    params = param_targets.plan_parameters(model, cfg, targets, others) if cfg.target_parameters else []
+    if cfg.target_parameters and not params and not targets:
+        what = type(model).__name__
+        raise ValueError(f"target_parameters={cfg.target_parameters} matched no parameter of {what}")
+    tokens = token_targets.plan_tokens(model, cfg, targets, adapter) if cfg.trainable_token_indices else []
     problems = []
+    if cfg.target_parameters and not params:
+        problems.append(f"target_parameters {cfg.target_parameters} match no parameter")
     if unused:
         problems.append(f"target_modules entries {unused} match no module of {type(model).__name__}")
     if absent:
@@ -237,8 +274,13 @@ def inject(model: nn.Module, cfg, adapter: str = "default", strict: bool = False
             f"adapter {adapter!r}: " + "; ".join(problems) + " (ignored; strict=True makes this an error)",
             stacklevel=2,
         )
-    if cfg.init == "pissa" and any(layer.merged_adapters for _, layer in lora_layers(model)):
-        raise ValueError("init='pissa' changes the base weights; call lf.unmerge(model) first")
+    merged = any(layer.merged_adapters for _, layer in lora_layers(model))
+    if cfg.init in ("pissa", "olora", "loftq") and merged:
+        raise ValueError(f"init={cfg.init!r} changes the base weights; call lf.unmerge(model) first")
+    for name in targets if cfg.init == "loftq" else []:
+        module = model.get_submodule(name)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        loftq.check_target(name, base, cfg.loftq_bits)
     saved = _find_saved(model, cfg.modules_to_save) if cfg.modules_to_save else []
     if not reg.configs:  # the first adapter: freeze the base
         for p in model.parameters():
@@ -249,7 +291,10 @@ def inject(model: nn.Module, cfg, adapter: str = "default", strict: bool = False
             module = wrap(module).train(module.training)
             replace_module(model, name, module)
         r, alpha = cfg.rank_and_alpha(name)
-        module.add(adapter, r, alpha, cfg.dropout, cfg.use_rslora, cfg.init)
+        module.loftq_settings = (cfg.loftq_bits, cfg.loftq_iter)
+        module.add(adapter, r, alpha, cfg.dropout, cfg.use_rslora, cfg.init, lora_bias=cfg.lora_bias)
+    param_targets.inject_parameters(model, cfg, adapter, params)
+    token_targets.inject_tokens(model, adapter, tokens)
     for name in saved:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
@@ -265,10 +310,6 @@ def inject(model: nn.Module, cfg, adapter: str = "default", strict: bool = False
 # refused here, before the model changes, rather than silently trained as plain LoRA.
 _UNBUILT = {
     "use_dora": lambda c: c.use_dora,
-    "lora_bias": lambda c: c.lora_bias,
-    "target_parameters": lambda c: c.target_parameters,
-    "trainable_token_indices": lambda c: c.trainable_token_indices,
-    "init": lambda c: c.init in (False, "olora", "loftq"),
 }
 
 

@@ -547,3 +547,17 @@ def test_add_weighted_adapter_refuses_other_methods_clearly():
         ValueError, match=r"combines LoRA adapters or IA3 adapters; got \['IA3Config', 'LoraConfig'\]"
     ):
         lf.add_weighted_adapter(m, ["ia3", "lora"], [0.5, 0.5], "mix")
+
+
+def test_safe_merge_refuses_a_vector_that_would_overflow(ids):
+    m = tiny_llama().to(torch.float16)
+    lf.inject(m, lf.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    with torch.no_grad():
+        m.model.layers[1].mlp.down_proj.ia3_l["default"][0, 5] = 1e30  # fp32 vector: finite; W·l is not
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"would put NaN/Inf into the weight of 'model.layers.1.mlp.down_proj'"
+    ):
+        lf.merge(m, safe=True)
+    assert lf.merged_adapters(m) == []
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())

@@ -176,6 +176,28 @@ class IA3Layer(AdapterLayer):
             self._merge_from_base(keep)
         return changed
 
+    def nonfinite_merge(self, name: str | list[str]) -> str | None:
+        """Which of the base weight / bias would hold NaN or Inf once the adapter(s) are merged
+        (None: neither), computed on a copy (``lf.merge(safe=True)``)."""
+        names = [name] if isinstance(name, str) else list(name)
+        new = [n for n in dict.fromkeys(names) if n in self.ia3_l and n not in self.merged_adapters]
+        if not new:
+            return None
+        factors, bias_factor = self._scales({n: self.ia3_l[n].detach() for n in new})
+        base = self.base_layer
+        with torch.no_grad():
+            trial = base.dequantize(torch.float32) if is_4bit(base) else base.weight.detach().clone()
+            self._applier(factors)(trial, 1.0)
+            if not bool(torch.isfinite(trial).all()):
+                return "weight"
+            bias = getattr(base, "bias", None)
+            if bias_factor is not None and bias is not None:
+                trial = bias.detach().clone()
+                self._applier([bias_factor])(trial, 1.0)
+                if not bool(torch.isfinite(trial).all()):
+                    return "bias"
+        return None
+
     def _scales(self, vectors: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """(factors for the stored weight, factor for the bias), fp32 (fp64 over fp64 vectors), from
         the vectors as merged: the weight is multiplied by each factor in turn (broadcast over its

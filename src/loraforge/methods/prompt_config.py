@@ -42,7 +42,15 @@ def _is_unset(v: Any) -> bool:
 
 @dataclass
 class _PromptLearning:
-    """The fields every prompt-learning config shares (PEFT's ``PromptLearningConfig``)."""
+    """The fields every prompt-learning config shares (PEFT's ``PromptLearningConfig``).
+
+    num_virtual_tokens: how many virtual tokens the adapter trains (each takes a position of the
+        context window).
+    token_dim / num_layers / num_attention_heads / num_transformer_submodules: the model's
+        dimensions as PEFT records them; None = taken from the model (a value given must fit it).
+    inference_mode: the adapter holds only the final table (``prompt_embeddings``), without its
+        reparameterising encoder (as loaded from a file).
+    """
 
     num_virtual_tokens: int | None = None
     token_dim: int | None = None
@@ -230,6 +238,7 @@ class PrefixTuningConfig(_PromptLearning):
     prefix_projection: reparameterise ``T = W2·tanh(W1·E + b1) + b2`` with E (num_virtual_tokens ×
         D) and a hidden width ``encoder_hidden_size`` (default D): trains more stably; the file
         stores T (``prompt_embeddings``) only.
+    encoder_hidden_size: the projection's hidden width (None: token_dim).
     init_weights: None (random) or "zero" (T starts at zero: the last projection, or T itself).
     """
 
@@ -294,6 +303,7 @@ class PromptTuningConfig(_PromptLearning):
     init: "random" (N(0, 1), nn.Embedding's), "text" (the input embeddings of ``init_text``
         tokenized by ``tokenizer``, repeated or cut to num_virtual_tokens, as PEFT does) or
         "sample_vocab" (embeddings of random vocabulary entries).
+    init_text: for init="text": the text whose token embeddings start the virtual tokens.
     tokenizer / tokenizer_kwargs: for init="text": a tokenizer path (``AutoTokenizer``; never
         trust_remote_code).
     """
@@ -353,6 +363,11 @@ class PromptEncoderConfig(_PromptLearning):
 
     The file stores P (``prompt_embeddings``) only. Inputs, mask, labels and outputs as for
     :class:`PromptTuningConfig`.
+
+    encoder_reparameterization_type: "MLP" or "LSTM" (the encoder above).
+    encoder_hidden_size: the encoder's width h (None: the model's hidden size).
+    encoder_num_layers: the LSTM's layers (the MLP ignores it, as PEFT's does).
+    encoder_dropout: dropout between the LSTM's layers.
     """
 
     encoder_reparameterization_type: str = "MLP"

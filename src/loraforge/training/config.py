@@ -26,13 +26,15 @@ import torch
 import yaml
 
 from ..config import PEFT_NAMES, LoraConfig, init_from_peft
+from ..methods.bottleneck import BottleneckConfig
+from ..methods.ia3 import IA3Config
 from ..methods.prompt_config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from ..quant.config import QuantConfig, dtype_name
 
-Method = Literal["lora", "qlora", "full", "dora", "prefix", "prompt", "p_tuning"]
+Method = Literal["lora", "qlora", "full", "dora", "ia3", "prefix", "prompt", "p_tuning", "bottleneck"]
 # method -> the TrainConfig section holding its adapter config (LoRA's methods share ``lora``)
 ADAPTER_SECTIONS = {"lora": "lora", "qlora": "lora", "dora": "lora"}
-ADAPTER_SECTIONS |= {"prefix": "prefix", "prompt": "prompt", "p_tuning": "p_tuning"}
+ADAPTER_SECTIONS |= {m: m for m in ("ia3", "prefix", "prompt", "p_tuning", "bottleneck")}
 
 
 class ConfigError(ValueError):
@@ -167,11 +169,17 @@ class TrainConfig:
     method: Method = "lora"
     """lora: LoRA on a frozen base; qlora: LoRA on a 4-bit base (model.quantization); full: every
     weight trains; dora: the lora section with use_dora (DoRA; lora.use_dora: true with qlora is QDoRA);
-    prefix / prompt / p_tuning: prefix tuning, prompt tuning, P-tuning (the sections of those names)."""
+    ia3 / prefix / prompt / p_tuning / bottleneck: (IA)³, prefix tuning, prompt tuning, P-tuning,
+    bottleneck adapters (each configured by the section of its name)."""
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=8, alpha=16.0, target_modules="all-linear"))
     """The adapter (loraforge.LoraConfig); PEFT's names lora_alpha, lora_dropout and
     init_lora_weights are accepted too."""
+    ia3: IA3Config = field(default_factory=IA3Config)
+    """method: ia3 (loraforge.IA3Config): learned rescaling vectors; no targets = PEFT's default for the
+    model type (Llama: k_proj, v_proj, down_proj)."""
+    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
+    """method: bottleneck (loraforge.BottleneckConfig): a small MLP adapter per block (AdapterHub's)."""
     prefix: PrefixTuningConfig = field(default_factory=lambda: PrefixTuningConfig(num_virtual_tokens=20))
     """method: prefix (loraforge.PrefixTuningConfig): trainable keys/values before every layer's own."""
     prompt: PromptTuningConfig = field(default_factory=lambda: PromptTuningConfig(num_virtual_tokens=20))
@@ -520,9 +528,22 @@ def _build(
         else:
             kwargs[key] = _coerce(value, hint, path, sources.get(path, source))
     try:
-        return cls(**kwargs) if default is None else dataclasses.replace(default, **kwargs)
+        if default is None or _is_class_default(cls, default):
+            # (built afresh, a section's values derived from others follow them: a bottleneck's
+            # non_linearity and scaling default by its placement)
+            return cls(**kwargs)
+        return dataclasses.replace(default, **kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def _is_class_default(cls: type, value: Any) -> bool:
+    """Whether ``value`` is what ``cls()`` builds (a section default the training config does not
+    change)."""
+    try:
+        return value == cls()
+    except (TypeError, ValueError):  # a class with required fields
+        return False
 
 
 def _type_name(hint: Any) -> str:

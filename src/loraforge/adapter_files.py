@@ -39,7 +39,7 @@ from .injection import (
     saved_modules,
 )
 from .kinds import is_4bit
-from .layers import LoraLayer, wrapper_class
+from .layers import LoraLayer, dora, wrapper_class
 from .registry import registry
 
 CONFIG_NAME = "adapter_config.json"
@@ -180,6 +180,8 @@ def _expected_shapes(model: nn.Module, cfg: LoraConfig, targets: list[str]) -> d
         r, _ = cfg.rank_and_alpha(path)
         for name, shape in kind.factor_shapes(base, r).items():
             shapes[f"{PREFIX}{path}.{name}"] = shape
+        if cfg.use_dora:
+            shapes[f"{PREFIX}{path}.{dora.MAGNITUDE}"] = dora.magnitude_shape(base)
     return shapes
 
 
@@ -358,9 +360,13 @@ def _live_tensors(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
         if adapter not in layer.r:
             continue
         for attr in layer.adapter_param_names:
+            if adapter not in getattr(layer, attr):  # (a LoRA adapter beside a DoRA one)
+                continue
             item = getattr(layer, attr)[adapter]
             if isinstance(item, nn.Parameter):
                 out[f"{PREFIX}{path}.{attr}"] = item
+            elif attr == dora.MAGNITUDE:  # (PEFT's file key has no ".weight")
+                out[f"{PREFIX}{path}.{attr}"] = item.weight
             else:
                 out[f"{PREFIX}{path}.{attr}.weight"] = item.weight
     for path, module in saved_modules(model):

@@ -19,7 +19,7 @@ from .injection import (
     set_trainable,
 )
 from .kinds import is_4bit, replace_module
-from .layers import COMPUTE_MODES, LoraLayer, ModulesToSave
+from .layers import COMPUTE_MODES, LoraLayer, ModulesToSave, dora
 from .registry import drop_registry, registry
 
 
@@ -166,6 +166,13 @@ def _unwrap(model: nn.Module, merge_names: list[str] | None, dequantize: bool) -
         if merge_names:
             if dequantize and is_4bit(layer.base_layer):
                 base = _dequantized_linear(layer.base_layer)
+                todo = [n for n in merge_names if n in layer.r and n not in layer.merged_adapters]
+                if any(dora.is_dora(layer, n) for n in todo):  # (DoRA rescales: not a sum of ΔW)
+                    with torch.no_grad():
+                        w = layer.base_layer.dequantize(torch.float32)
+                        base.weight.copy_(dora.merge_dense(layer, w, todo))
+                    replace_module(model, name, base)
+                    continue
                 delta = sum(
                     (
                         layer.delta_weight(n)

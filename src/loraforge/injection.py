@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .kinds import is_4bit, replace_module
-from .layers import LoraLayer, ModulesToSave, is_linear_like, wrap
+from .layers import LoraLayer, ModulesToSave, dora, is_linear_like, wrap
 from .registry import registry
 
 # Where a block index sits in a module path, for layers_to_transform (PEFT's defaults).
@@ -216,6 +216,8 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
         )
     if cfg.init == "pissa" and any(layer.merged_adapters for _, layer in lora_layers(model)):
         raise ValueError("init='pissa' changes the base weights; call lf.unmerge(model) first")
+    if cfg.use_dora:
+        dora.check_targets(model, targets)
     saved = _find_saved(model, cfg.modules_to_save) if cfg.modules_to_save else []
     if not reg.configs:  # the first adapter: freeze the base
         for p in model.parameters():
@@ -227,6 +229,8 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
             replace_module(model, name, module)
         r, alpha = cfg.rank_and_alpha(name)
         module.add(adapter, r, alpha, cfg.dropout, cfg.use_rslora, cfg.init)
+        if cfg.use_dora:
+            dora.add_magnitude(module, adapter)
     for name in saved:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
@@ -241,7 +245,6 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
 # LoraConfig options that the config and the PEFT mapping know but the layers do not build yet:
 # refused here, before the model changes, rather than silently trained as plain LoRA.
 _UNBUILT = {
-    "use_dora": lambda c: c.use_dora,
     "lora_bias": lambda c: c.lora_bias,
     "target_parameters": lambda c: c.target_parameters,
     "trainable_token_indices": lambda c: c.trainable_token_indices,

@@ -439,3 +439,21 @@ def test_4bit_merge_requantizes_and_unmerge_restores_the_packed_weight():
         lf.unmerge(model)
         assert torch.equal(model.fc.base_layer.weight, packed)
         assert torch.equal(model(x), want)
+
+
+def test_lf_train_trains_and_saves_the_magnitudes(tmp_path):
+    from training.util import QA_EVAL, tiny_config
+
+    cfg = tiny_config(
+        tmp_path,
+        data={"eval": QA_EVAL},
+        lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "use_dora": True},
+        train={"max_steps": 6, "batch_size": 8, "lr": 1e-2},
+    )
+    model, metrics = lf.train(cfg)
+    assert metrics["final_eval_loss"] < metrics["initial_eval_loss"]
+    q = model.model.layers[0].self_attn.q_proj
+    m = q.lora_magnitude_vector["default"].weight
+    assert not torch.allclose(m, q.base_layer.weight.norm(dim=1))  # trained away from ‖W0‖
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert torch.equal(saved[PREFIX + "model.layers.0.self_attn.q_proj.lora_magnitude_vector"], m.detach())

@@ -135,6 +135,8 @@ def _fresh(cached, stamp: tuple) -> bool:
 
 def _w0_squares(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
     """‖W0_i‖² per output channel, kept while the base weight is unchanged (it is frozen)."""
+    if torch.compiler.is_compiling():  # (no storage pointers in a traced graph: computed in it)
+        return w.square().sum(1)
     try:
         stamp = _stamp(layer.base_layer.weight)
     except RuntimeError:  # an inference tensor
@@ -143,8 +145,7 @@ def _w0_squares(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
     if _fresh(cached, stamp):
         return cached[1]
     squares = w.square().sum(1)
-    if not torch.compiler.is_compiling():
-        layer.__dict__["_dora_w0"] = (stamp, squares)  # (a plain attribute: not in state_dict)
+    layer.__dict__["_dora_w0"] = (stamp, squares)  # (a plain attribute: not in state_dict)
     return squares
 
 

@@ -285,6 +285,12 @@ def add_weighted_adapter(
         raise ValueError(f"combination must be 'linear', 'cat' or 'svd', got {combination!r}")
     if adapter_name in reg:
         raise ValueError(f"adapter {adapter_name!r} already exists")
+    doras = [n for n in names if reg.configs[n].use_dora]
+    if doras:  # (DoRA's rescaling is not a sum of ΔW)
+        raise ValueError(
+            f"add_weighted_adapter combines LoRA updates s·B·A; {doras} use DoRA, whose per-channel "
+            "magnitudes do not combine that way"
+        )
     combination = "linear" if len(names) == 1 else combination
     ranks = [max([reg.configs[n].r, *reg.configs[n].rank_pattern.values()]) for n in names]
     if combination == "linear" and len(set(ranks)) != 1:

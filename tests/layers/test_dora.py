@@ -457,3 +457,29 @@ def test_lf_train_trains_and_saves_the_magnitudes(tmp_path):
     assert not torch.allclose(m, q.base_layer.weight.norm(dim=1))  # trained away from ‖W0‖
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert torch.equal(saved[PREFIX + "model.layers.0.self_attn.q_proj.lora_magnitude_vector"], m.detach())
+
+
+def test_weighted_combination_of_dora_adapters_is_refused():
+    model = _multi()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match="use DoRA"):
+        lf.add_weighted_adapter(model, ["d1", "l"], [0.5, 0.5], "mix", combination="cat")
+    assert "mix" not in model.lin.r
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
+
+
+def test_traces_into_one_graph_for_torch_compile():
+    # (train.compile compiles the decoder layers on CUDA: the DoRA path must not break the graph)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 8))
+    lf.inject(model, lf.LoraConfig(r=4, alpha=8, target_modules=["0", "2"], use_dora=True))
+    _randomize(model)
+    compiled = torch.compile(copy.deepcopy(model), backend="aot_eager", fullgraph=True)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    for m in (model.train(), compiled.train()):
+        m(x).sin().sum().backward()
+    want = _grads(model)
+    got = _grads(compiled, "_orig_mod.")
+    assert set(got) == set(want) and len(want) == 6
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)

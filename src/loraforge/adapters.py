@@ -111,7 +111,8 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None) -> None:
     """Add ``s·B·A`` of the adapter(s) (default: the active ones) into the base weights.
 
     Idempotent: an adapter already merged is skipped. The merged weight is W0 + Σ s·B·A
-    rounded once to the weight's dtype, and :func:`unmerge` gives W0 back bit for bit in every
+    rounded once to the weight's dtype (a DoRA adapter merges as m/‖W0 + ΔW‖ ⊙ (W0 + ΔW) per
+    output channel, adapters in turn, as PEFT does), and :func:`unmerge` gives W0 back bit for bit in every
     dtype, however many times one switches: each layer keeps the factors as merged and the few
     weights where subtracting would round elsewhere (see ``loraforge.layers.merge`` for the
     memory this takes: ~0.1 B per weight for a trained adapter, at most one copy of the weight).

@@ -483,3 +483,20 @@ def test_traces_into_one_graph_for_torch_compile():
     assert set(got) == set(want) and len(want) == 6
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_pissa_init_then_magnitude_equals_peft():
+    # m is taken after the init moved W0's top singular part into B·A: ‖W0_res + ΔW‖ = ‖W0‖
+    torch.manual_seed(0)
+    base = Net().eval()
+    targets = ["lin", "c1d"]
+    cfg = lf.LoraConfig(r=4, alpha=8, target_modules=targets, use_dora=True, init="pissa")
+    ours = lf.inject(copy.deepcopy(base), cfg)
+    pcfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, use_dora=True, init_lora_weights="pissa"
+    )
+    theirs = dict(peft.get_peft_model(copy.deepcopy(base), pcfg).named_parameters())
+    for n, p in ours.named_parameters():
+        if "lora_" in n:
+            torch.testing.assert_close(p, theirs[PREFIX + n], rtol=1e-6, atol=1e-6, msg=n)
+    torch.testing.assert_close(ours.lin.lora_magnitude_vector["default"].weight, base.lin.weight.norm(dim=1))

@@ -13,6 +13,9 @@ The base may be ``nn.Linear``, transformers' GPT-2 ``Conv1D`` (weight stored in 
 linear (anything ``loraforge.kinds.is_4bit`` recognises), ``nn.Embedding`` or
 ``nn.Conv2d``. LoRA does not know how the base stores its weight: ``base_weight()`` and
 ``_add_to_base()`` are the only places that look.
+
+A DoRA adapter (``LoraConfig(use_dora=True)``) also has a magnitude per output channel
+(``lora_magnitude_vector``) that rescales the layer's output: see ``dora.py``.
 """
 
 from __future__ import annotations

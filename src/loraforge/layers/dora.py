@@ -218,14 +218,19 @@ def _bias(layer: nn.Module) -> torch.Tensor | None:
 
 def _rescale(layer: nn.Module, z: torch.Tensor, f: torch.Tensor, rows: bool = False) -> torch.Tensor:
     """b·(1 − f) + f·z, with f (out,) or, with ``rows``, one f per row of z (rows × out);
-    computed in the branch dtype (see ``LoraLayer.compute``) and returned in z's."""
+    computed in the branch dtype (see ``LoraLayer.compute``) and returned in z's. Every caller
+    passes a z of its own (a fresh sum), so without autograd (inference, serving) it is
+    rescaled in place: no second (tokens × out) buffer."""
     dtype = layer.branch_dtype(z.dtype, f.dtype)
     fv = _view(layer, f.to(dtype), z, rows)
-    zc = z.to(dtype)
     bias = _bias(layer)
-    if bias is None:
+    bv = None if bias is None else _view(layer, bias.to(dtype), z)
+    if dtype == z.dtype and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        z.mul_(fv)
+        return z if bv is None else z.add_(bv - bv * fv)
+    zc = z.to(dtype)
+    if bv is None:
         return (zc * fv).to(z.dtype)
-    bv = _view(layer, bias.to(dtype), z)
     return torch.addcmul(bv - bv * fv, zc, fv).to(z.dtype)
 
 

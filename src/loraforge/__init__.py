@@ -31,6 +31,9 @@ _LAZY = {
         )
     },
     "LoraConfig": ("loraforge.config", "LoraConfig"),
+    "PrefixTuningConfig": ("loraforge.methods.prompt", "PrefixTuningConfig"),
+    "PromptTuningConfig": ("loraforge.methods.prompt", "PromptTuningConfig"),
+    "PromptEncoderConfig": ("loraforge.methods.prompt", "PromptEncoderConfig"),
     "add_adapter": ("loraforge.injection", "add_adapter"),
     "count_parameters": ("loraforge.injection", "count_parameters"),
     "inject": ("loraforge.injection", "inject"),

@@ -16,6 +16,7 @@ in the dtype it lands in; every config value is type-checked (``LoraConfig.from_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from torch import nn
 from .config import LoraConfig
 from .files import atomic_write, atomic_write_text, read_json_object
 from .injection import (
+    adapter_layers,
     candidates,
     find_targets,
     inject,
@@ -40,6 +42,9 @@ from .injection import (
 )
 from .kinds import is_4bit
 from .layers import LoraLayer, dora, wrapper_class
+from .layers import param as param_targets
+from .layers import trainable_tokens as token_targets
+from .methods import config_from_peft_dict, method_of
 from .registry import registry
 
 CONFIG_NAME = "adapter_config.json"
@@ -92,7 +97,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     tensors = adapter_state_dict(model, adapter)
-    targets = cfg.target_modules
+    targets = getattr(cfg, "target_modules", None)
     if targets == "all-linear":
         # PEFT saves "all-linear" expanded to the full paths of the layers it matched.
         targets = sorted(reg.targets[adapter])
@@ -117,7 +122,7 @@ def adapter_dir(path: str | os.PathLike, adapter: str | None = None) -> Path:
     return root
 
 
-def read_adapter(path: str | os.PathLike, adapter: str | None = None) -> tuple[LoraConfig, dict, dict]:
+def read_adapter(path: str | os.PathLike, adapter: str | None = None) -> tuple[object, dict, dict]:
     """(config, raw config dict, tensors) of an adapter directory (see :func:`adapter_dir`), with
     one clear error naming the file for a missing, pickled, truncated or malformed one."""
     root = adapter_dir(path, adapter)
@@ -132,7 +137,7 @@ def read_adapter(path: str | os.PathLike, adapter: str | None = None) -> tuple[L
     if not weights.exists():
         raise FileNotFoundError(f"{weights} is missing")
     raw = read_json_object(cfg_file)
-    cfg = LoraConfig.from_peft_dict(raw, source=str(cfg_file))
+    cfg = config_from_peft_dict(raw, source=str(cfg_file))  # (LoraConfig, or another method's)
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
@@ -180,6 +185,8 @@ def _expected_shapes(model: nn.Module, cfg: LoraConfig, targets: list[str]) -> d
         r, _ = cfg.rank_and_alpha(path)
         for name, shape in kind.factor_shapes(base, r).items():
             shapes[f"{PREFIX}{path}.{name}"] = shape
+        if cfg.lora_bias:  # B's bias (out): B's first dimension
+            shapes[f"{PREFIX}{path}.lora_B.bias"] = kind.factor_shapes(base, r)["lora_B.weight"][:1]
         if cfg.use_dora:
             shapes[f"{PREFIX}{path}.{dora.MAGNITUDE}"] = dora.magnitude_shape(base)
     return shapes
@@ -204,21 +211,32 @@ def load_adapter(
         raise ValueError(f"adapter {adapter!r} already exists; known adapters: {sorted(reg.names)}")
     cfg, _, tensors = read_adapter(path, adapter)
     weights = adapter_dir(path, adapter) / WEIGHTS_NAME
+    method = None if isinstance(cfg, LoraConfig) else method_of(cfg)
+    if method is None:
+        try:
+            refuse_unbuilt(cfg)
+        except ValueError as e:
+            raise ValueError(f"{weights.parent / CONFIG_NAME}: {e}") from None
+        bad = [k for k in tensors if not k.startswith(PREFIX)]
+        if bad:
+            raise ValueError(f"{weights}: tensor keys must start with {PREFIX!r}; found {bad[:3]}")
     try:
-        refuse_unbuilt(cfg)
-    except ValueError as e:
-        raise ValueError(f"{weights.parent / CONFIG_NAME}: {e}") from None
-    bad = [k for k in tensors if not k.startswith(PREFIX)]
-    if bad:
-        raise ValueError(f"{weights}: tensor keys must start with {PREFIX!r}; found {bad[:3]}")
-    try:
-        targets = find_targets(model, cfg)
+        targets = find_targets(model, cfg) if method is None else method.find_targets(model, cfg)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
-    expected = _expected_shapes(model, cfg, targets)
+    if method is None:
+        expected = _expected_shapes(model, cfg, targets)
+        if cfg.target_parameters:  # (LoRA on bare parameters: layers/param.py)
+            plan = param_targets.plan_parameters(model, cfg, targets, list(registry(model).configs.values()))
+            expected.update(param_targets.expected_shapes(model, cfg, plan, PREFIX))
+        if cfg.trainable_token_indices:  # (trainable embedding rows: layers/trainable_tokens.py)
+            tokens = token_targets.plan_tokens(model, cfg, targets, adapter)
+            expected.update(token_targets.expected_shapes(model, tokens, PREFIX))
+    else:
+        expected = method.expected_shapes(model, cfg, targets)
     # Modules_to_save, bias and embedding tensors are checked against the model's own tensors.
     live = {}
-    names_to_save = cfg.modules_to_save or []
+    names_to_save = getattr(cfg, "modules_to_save", None) or []
     for name, module, _ in candidates(model):
         if names_to_save and name_matches(names_to_save, name):
             src = module.original_module if hasattr(module, "original_module") else module
@@ -228,7 +246,7 @@ def load_adapter(
     # PEFT also saves whole embedding matrices when embeddings are targeted (save_embedding_layers).
     params = dict(model.named_parameters())
     embeddings = _embedding_weight_names(model)
-    for key in tensors:
+    for key in tensors if method is None else ():
         name = _param_name(key, params)
         if key in expected or key in live or name is None:
             continue
@@ -238,10 +256,10 @@ def load_adapter(
         if key not in tensors and key in expected:
             raise ValueError(
                 f"{weights}: tensor {key!r} is missing (the adapter does not cover module "
-                f"{key[len(PREFIX) :].rsplit('.', 2)[0]!r})"
+                f"{key.removeprefix(PREFIX).rsplit('.', 2)[0]!r})"
             )
         if key in tensors and tuple(tensors[key].shape) != tuple(shape):
-            module = key[len(PREFIX) :]
+            module = key.removeprefix(PREFIX)
             raise ValueError(
                 f"{weights}: shape mismatch for {module!r}: file has {tuple(tensors[key].shape)}, "
                 f"model expects {tuple(shape)} — was this adapter trained on another base model?"
@@ -253,6 +271,9 @@ def load_adapter(
             + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else "")
         )
     _check_values(weights, tensors, live, allow_nonfinite)
+    if method is None and cfg.init == "loftq" and any(_is_4bit_target(model, t) for t in targets):
+        # LoftQ's 4-bit stage: the quantized base already holds Q and the file A, B (see loftq.py)
+        cfg = dataclasses.replace(cfg, init="default")
     undo = _Undo(model, cfg, targets)
     try:
         inject(model, cfg, adapter=adapter)
@@ -269,18 +290,18 @@ class _Undo:
     """What loading may change, recorded before it does, to put back exactly on any failure.
 
     Cheap: a flag per parameter, a copy of the adapter registry and the layers' active lists;
-    base weights are copied only for a PiSSA adapter, whose injection moves the top singular
-    part of each target weight (in place).
+    base weights are copied only for a PiSSA / OLoRA / LoftQ adapter, whose injection changes
+    each target weight in place.
     """
 
     def __init__(self, model: nn.Module, cfg: LoraConfig, targets: list[str]) -> None:
         self.model = model
         self.flags = [(p, p.requires_grad) for p in model.parameters()]
         self.registry = registry(model).snapshot()
-        holders = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
+        holders = [m for _, m in adapter_layers(model)] + [m for _, m in saved_modules(model)]
         self.active = [(m, list(m.active_adapters)) for m in holders]
         self.weights = []
-        if cfg.init == "pissa":
+        if getattr(cfg, "init", None) in ("pissa", "olora", "loftq"):
             for name in targets:
                 module = model.get_submodule(name)
                 base = module.base_layer if isinstance(module, LoraLayer) else module
@@ -298,6 +319,11 @@ class _Undo:
         for p, flag in self.flags:
             p.requires_grad_(flag)
         registry(model).restore(self.registry)
+
+
+def _is_4bit_target(model: nn.Module, path: str) -> bool:
+    module = model.get_submodule(path)
+    return is_4bit(module.base_layer if isinstance(module, LoraLayer) else module)
 
 
 def _embedding_weight_names(model: nn.Module) -> set[str]:
@@ -355,9 +381,12 @@ def _copy_in(
 
 def _live_tensors(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
     """File key → the live tensor it loads into (not detached copies)."""
+    cfg = registry(model).configs[adapter]
+    if not isinstance(cfg, LoraConfig) and hasattr(method_of(cfg), "live_tensors"):
+        return method_of(cfg).live_tensors(model, adapter)
     out: dict[str, torch.Tensor] = {}
-    for path, layer in lora_layers(model):
-        if adapter not in layer.r:
+    for path, layer in adapter_layers(model):
+        if adapter not in layer.adapters:
             continue
         for attr in layer.adapter_param_names:
             if adapter not in getattr(layer, attr):  # (a LoRA adapter beside a DoRA one)
@@ -365,15 +394,17 @@ def _live_tensors(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
             item = getattr(layer, attr)[adapter]
             if isinstance(item, nn.Parameter):
                 out[f"{PREFIX}{path}.{attr}"] = item
-            elif attr == dora.MAGNITUDE:  # (PEFT's file key has no ".weight")
+            elif attr == dora.MAGNITUDE:  # (DoRA's m: PEFT's file key has no ".weight")
                 out[f"{PREFIX}{path}.{attr}"] = item.weight
-            else:
-                out[f"{PREFIX}{path}.{attr}.weight"] = item.weight
+            else:  # a module: its weight (and bias, ...) under PEFT's `<attr>.weight`
+                for name, t in item.state_dict(keep_vars=True).items():
+                    out[f"{PREFIX}{path}.{attr}.{name}"] = t
     for path, module in saved_modules(model):
         if adapter in module.modules_to_save:
             for name, t in module.modules_to_save[adapter].state_dict(keep_vars=True).items():
                 out[f"{PREFIX}{path}.{name}"] = t
-    cfg = registry(model).configs[adapter]
+    if not isinstance(cfg, LoraConfig):
+        return out
     params = dict(model.named_parameters())
     for name in _bias_names(model, cfg):
         out[PREFIX + name] = params[name]

@@ -12,6 +12,7 @@ from torch import nn
 
 from .injection import (
     active_adapters,
+    adapter_layers,
     inject,
     lora_layers,
     remove_modules,
@@ -19,7 +20,7 @@ from .injection import (
     set_trainable,
 )
 from .kinds import is_4bit, replace_module
-from .layers import COMPUTE_MODES, LoraLayer, ModulesToSave, dora
+from .layers import COMPUTE_MODES, AdapterLayer, LoraLayer, ModulesToSave, dora
 from .registry import drop_registry, registry
 
 
@@ -58,12 +59,12 @@ def set_adapter(model: nn.Module, adapter: str | list[str]) -> None:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Within the block the model behaves as the base model (merged adapters are taken out)."""
-    layers = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
-    merged = {id(m): list(m.merged_adapters) for m in layers if isinstance(m, LoraLayer)}
+    layers = [m for _, m in adapter_layers(model)] + [m for _, m in saved_modules(model)]
+    merged = {id(m): list(m.merged_adapters) for m in layers if isinstance(m, AdapterLayer)}
     previous = {id(m): m.disabled for m in layers}
     try:
         for m in layers:
-            if isinstance(m, LoraLayer):
+            if isinstance(m, AdapterLayer):
                 m.unmerge()
             m.disabled = True
         yield model
@@ -85,8 +86,8 @@ def adapter_batch(model: nn.Module, names: list[str]):
     until a factor, the batch's set of adapters or the dtype changes (see ``LoraLinear._stacks``).
     """
     names = registry(model).check_known(names, allow_base=True)
-    layers = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
-    if any(isinstance(m, LoraLayer) and m.merged_adapters for m in layers):
+    layers = [m for _, m in adapter_layers(model)] + [m for _, m in saved_modules(model)]
+    if any(isinstance(m, AdapterLayer) and m.merged_adapters for m in layers):
         raise RuntimeError("adapter_batch needs unmerged adapters; call lf.unmerge(model) first")
     previous = {id(m): m.batch_adapters for m in layers}
     try:
@@ -107,7 +108,7 @@ def set_token_plan(model: nn.Module, plan) -> None:
         m.token_plan = plan
 
 
-def merge(model: nn.Module, adapter: str | list[str] | None = None) -> None:
+def merge(model: nn.Module, adapter: str | list[str] | None = None, safe: bool = False) -> None:
     """Add ``s·B·A`` of the adapter(s) (default: the active ones) into the base weights.
 
     Idempotent: an adapter already merged is skipped. The merged weight is W0 + Σ s·B·A
@@ -118,20 +119,56 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None) -> None:
     memory this takes: ~0.1 B per weight for a trained adapter, at most one copy of the weight).
     On a 4-bit base the sum is requantized and the mean absolute rounding error is reported in a
     warning (and kept in ``layer.merge_error``); unmerge puts the original 4-bit weight back.
+
+    ``safe=True`` (PEFT's ``safe_merge``) first computes every merged weight on a copy and, if one
+    would hold NaN or Inf, raises ValueError naming the layer and adapter, the model untouched.
     """
     names = registry(model).check_known(adapter if adapter is not None else active_adapters(model))
+    _check_mergeable(model, names)
+    for _, layer in lora_layers(model):  # (refused before any layer changes: grouped conv, ...)
+        layer.to_merge([n for n in names if n in layer.r])
+    if safe:
+        check_merge_finite(model, names)
     errors = []
-    for _, layer in lora_layers(model):
-        mine = [n for n in names if n in layer.r]
+    for _, layer in adapter_layers(model):
+        mine = [n for n in names if n in layer.adapters]
         if mine:
             layer.merge(mine)
-            errors += [layer.merge_error[n] for n in mine if n in layer.merge_error]
+            merge_error = getattr(layer, "merge_error", {})
+            errors += [merge_error[n] for n in mine if n in merge_error]
     if errors:
         warnings.warn(
             f"merged into a 4-bit base: requantization changed weights by {sum(errors) / len(errors):.3g} "
             "on average (mean |error|); use merge_and_unload(model, dequantize=True) for an exact merge",
             stacklevel=2,
         )
+
+
+def _check_mergeable(model: nn.Module, names: list[str]) -> None:
+    """Refuse, before anything changes, to merge an adapter whose method cannot be merged."""
+    for _, layer in adapter_layers(model):
+        mine = [n for n in names if n in layer.adapters]
+        if mine and layer.cannot_merge:
+            raise ValueError(
+                f"cannot merge {mine}: {layer.method} adapters cannot be merged into the base weights "
+                f"({layer.cannot_merge}); keep them unmerged or use lf.unload(model)"
+            )
+
+
+def check_merge_finite(model: nn.Module, names: list[str]) -> None:
+    """Raise ValueError if merging ``names`` would put NaN/Inf into any base weight or bias
+    (each layer's merge computed on a copy: nothing changes). A holder takes part by defining
+    ``nonfinite_merge(name) -> str | None`` (what would turn non-finite), as ``LoraLayer`` does."""
+    for path, layer in adapter_layers(model):
+        check = getattr(layer, "nonfinite_merge", None)
+        for n in names:
+            if check is not None and n in layer.adapters:
+                bad = check(n)
+                if bad is not None:
+                    raise ValueError(
+                        f"merge(safe=True): adapter {n!r} would put NaN/Inf into the {bad} of {path!r}; "
+                        "nothing was merged"
+                    )
 
 
 def unmerge(model: nn.Module, adapter: str | list[str] | None = None) -> None:
@@ -141,7 +178,7 @@ def unmerge(model: nn.Module, adapter: str | list[str] | None = None) -> None:
     did not reflect the change, the unmerged forward from now on does."""
     names = None if adapter is None else registry(model).check_known(adapter)
     changed: list[str] = []
-    for _, layer in lora_layers(model):
+    for _, layer in adapter_layers(model):
         if names is None:
             changed += layer.unmerge()
         else:
@@ -157,13 +194,20 @@ def unmerge(model: nn.Module, adapter: str | list[str] | None = None) -> None:
 
 def merged_adapters(model: nn.Module) -> list[str]:
     out: list[str] = []
-    for _, layer in lora_layers(model):
+    for _, layer in adapter_layers(model):
         out += [n for n in layer.merged_adapters if n not in out]
     return out
 
 
 def _unwrap(model: nn.Module, merge_names: list[str] | None, dequantize: bool) -> nn.Module:
-    for name, layer in list(lora_layers(model)):
+    # deepest first: a holder may sit inside another's base module
+    for name, layer in reversed(list(adapter_layers(model))):
+        if not isinstance(layer, LoraLayer):
+            mine = [n for n in merge_names or [] if n in layer.adapters]
+            if mine:
+                layer.merge(mine)
+            layer.unwrap(model, name)
+            continue
         if merge_names:
             if dequantize and is_4bit(layer.base_layer):
                 base = _dequantized_linear(layer.base_layer)
@@ -182,8 +226,13 @@ def _unwrap(model: nn.Module, merge_names: list[str] | None, dequantize: bool) -
                     ),
                     torch.zeros(()),
                 )
+                # (lora_bias: B's bias joins the base bias)
+                todo = [n for n in merge_names if n in layer.r and n not in layer.merged_adapters]
+                bias = layer._bias_delta(todo)
                 with torch.no_grad():
                     base.weight.add_(delta.to(base.weight.dtype))
+                    if bias is not None and base.bias is not None:
+                        base.bias.add_(bias.to(base.bias.dtype))
                 replace_module(model, name, base)
                 continue
             for n in merge_names:
@@ -218,14 +267,20 @@ def _dequantized_linear(q: nn.Module) -> nn.Linear:
 
 
 def merge_and_unload(
-    model: nn.Module, adapter: str | list[str] | None = None, dequantize: bool = False
+    model: nn.Module, adapter: str | list[str] | None = None, dequantize: bool = False, safe: bool = False
 ) -> nn.Module:
     """Merge the adapter(s) (default: active) and return the model with its original layer types.
 
     With ``dequantize=True`` a 4-bit base is replaced by a full-precision ``nn.Linear`` holding
     ``dequant(W) + s·B·A`` exactly — what one deploys. Without it the merged weight is requantized.
+    ``safe=True``: as in :func:`merge`, refuse (the model untouched) if a weight would hold NaN/Inf.
     """
     names = registry(model).check_known(adapter if adapter is not None else active_adapters(model))
+    _check_mergeable(model, names)
+    for _, layer in lora_layers(model):
+        layer.to_merge([n for n in names if n in layer.r])
+    if safe:
+        check_merge_finite(model, names)
     if not dequantize and any(is_4bit(m.base_layer) for _, m in lora_layers(model)):
         merge(model, names)  # warns with the rounding error
         names = []
@@ -242,7 +297,7 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
     """Remove an adapter everywhere; layers left without adapters get their base module back."""
     reg = registry(model)
     reg.check_known(adapter)
-    layers = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
+    layers = [m for _, m in adapter_layers(model)] + [m for _, m in saved_modules(model)]
     if any(m.batch_adapters is not None and adapter in m.batch_adapters for m in layers):
         # its rows would silently run on the base model for the rest of the block
         raise RuntimeError(
@@ -280,8 +335,24 @@ def add_weighted_adapter(
             f"add_weighted_adapter: adapters {names} each have their own trained copy of modules_to_save "
             f"{shared}, which cannot be combined (as in PEFT); at most one of the adapters may have one"
         )
+    for path, layer in lora_layers(model):  # (what _combine's A, B algebra does not cover)
+        mine, base, why = [n for n in names if n in layer.r], layer.base_layer, None
+        if any(layer.lora_bias_param(n) is not None for n in mine):
+            why = "lora_bias adapters"
+        elif mine and isinstance(base, nn.MultiheadAttention):
+            why = "adapters on nn.MultiheadAttention"
+        elif mine and getattr(base, "groups", 1) > 1:
+            why = f"adapters on a grouped {type(base).__name__}"
+        if why:
+            raise ValueError(f"add_weighted_adapter cannot combine {why} (layer {path!r})")
     if len(weights) != len(names):
         raise ValueError(f"got {len(weights)} weights for {len(names)} adapters")
+    odd = [n for n in names if reg.configs[n].target_parameters or reg.configs[n].trainable_token_indices]
+    if odd:  # (expert-stacked factors and replaced embedding rows are no rank-r products to mix)
+        raise ValueError(
+            f"add_weighted_adapter: adapters {odd} use target_parameters or trainable_token_indices, "
+            "which cannot be combined"
+        )
     if combination not in ("linear", "cat", "svd"):
         raise ValueError(f"combination must be 'linear', 'cat' or 'svd', got {combination!r}")
     if adapter_name in reg:
@@ -315,7 +386,9 @@ def add_weighted_adapter(
         if adapter_name in module.modules_to_save:  # the one adapter's trained copy (checked above)
             owner = next((n for n in names if n in module.modules_to_save), None)
             if owner is not None:
-                module.modules_to_save[adapter_name].load_state_dict(module.modules_to_save[owner].state_dict())
+                module.modules_to_save[adapter_name].load_state_dict(
+                    module.modules_to_save[owner].state_dict()
+                )
     for _, layer in lora_layers(model):
         if adapter_name not in layer.r:
             continue

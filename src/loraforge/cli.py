@@ -5,7 +5,7 @@ loraforge train CONFIG.yaml [key=value ...] [--resume]
 loraforge merge --base DIR --adapter DIR --out DIR
 loraforge generate --base DIR [--adapter NAME=DIR ...] --prompt "..."
 loraforge inspect DIR
-loraforge demo ... | loraforge chat ... | loraforge serve ...
+loraforge demo ... | loraforge compare ... | loraforge chat ... | loraforge serve ...
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ DELEGATED = {
     "demo": (
         "loraforge.demo",
         "persona chatbot demo: LoRA, full fine-tune and QLoRA on one base (see loraforge demo --help)",
+    ),
+    "compare": (
+        "loraforge.demo.compare",
+        "LoRA, DoRA, IA3, prefix/prompt tuning and bottleneck adapters side by side on the demo task",
     ),
     "chat": (
         "loraforge.demo.chat",

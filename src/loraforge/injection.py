@@ -8,9 +8,13 @@ import warnings
 import torch
 from torch import nn
 
+from . import loftq
 from .config import LoraConfig
 from .kinds import is_4bit, replace_module
-from .layers import LoraLayer, ModulesToSave, dora, is_linear_like, wrap
+from .layers import AdapterLayer, LoraLayer, ModulesToSave, dora, is_linear_like, wrap, wrapper_class
+from .layers import param as param_targets
+from .layers import trainable_tokens as token_targets
+from .methods import method_of
 from .registry import registry
 
 # Where a block index sits in a module path, for layers_to_transform (PEFT's defaults).
@@ -21,6 +25,14 @@ def lora_layers(model: nn.Module):
     """(path, wrapper) for every LoRA wrapper in the model."""
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def adapter_layers(model: nn.Module):
+    """(path, holder) for every adapter holder of any method (``layers.AdapterLayer``: LoRA
+    wrappers, IA3 and bottleneck wrappers, prompt encoders)."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
             yield name, module
 
 
@@ -38,9 +50,9 @@ def candidates(model: nn.Module):
         if not name or (inside is not None and name.startswith(inside)):
             continue
         inside = None
-        if isinstance(module, (LoraLayer, ModulesToSave)):
+        if isinstance(module, (AdapterLayer, ModulesToSave)):
             inside = name + "."
-        base = module.base_layer if isinstance(module, LoraLayer) else module
+        base = module.base_layer if isinstance(module, AdapterLayer) else module
         yield name, module, base
 
 
@@ -82,9 +94,12 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
     list) that name no module at all; a message naming the ``layers_to_transform`` indices that
     no module matched by ``target_modules`` has (or None). Raises ValueError when there is no
     target."""
+    if cfg.target_modules is None and cfg.target_parameters:
+        return [], [], None  # (LoRA on parameters only: see layers/param.py)
     if cfg.target_modules is None:
         raise ValueError("LoraConfig.target_modules is required: a list of names, a regex or 'all-linear'")
     heads = _output_head_names(model) if cfg.target_modules == "all-linear" else set()
+    out_projs = _attention_out_projs(model)
     out, linear_names, named, seen_layers = [], [], set(), set()
     entries = cfg.target_modules if isinstance(cfg.target_modules, list) else []
     for name, module, base in candidates(model):
@@ -94,7 +109,7 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
         if is_linear_like(base):
             linear_names.append(name)
         if cfg.target_modules == "all-linear":
-            hit = is_linear_like(base) and name not in heads
+            hit = is_linear_like(base) and name not in heads and name not in out_projs
         else:
             hit = name_matches(cfg.target_modules, name)
         if not hit:
@@ -114,6 +129,8 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
     absent_msg = _absent_layers_message(cfg, absent, seen_layers) if absent else None
     if not out and absent_msg and seen_layers:
         raise ValueError(absent_msg)
+    if not out and cfg.target_parameters:
+        return out, unused, absent_msg
     if not out:
         short = sorted({n.split(".")[-1] for n in linear_names})
         raise ValueError(
@@ -124,13 +141,34 @@ def _match_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[s
     for name in out:
         base = model.get_submodule(name)
         base = base.base_layer if isinstance(base, LoraLayer) else base
-        wrap_check = (nn.Linear, nn.Embedding, nn.Conv2d)
-        if not (isinstance(base, wrap_check) or is_linear_like(base)):
+        if name in out_projs:
+            attn = name.removesuffix("out_proj").rstrip(".")
             raise ValueError(
-                f"target {name!r} is a {type(base).__name__}; LoRA supports Linear, Embedding, Conv2d, "
-                "GPT-2 Conv1D and 4-bit linears (name the leaf layers, e.g. 'q_proj')"
+                f"target {name!r} is the out_proj of nn.MultiheadAttention {attn!r}, which reads its weight "
+                f"without calling it; target {attn!r} instead (LoRA on in_proj and out_proj)"
             )
+        try:
+            kind = wrapper_class(base)
+        except TypeError:
+            raise ValueError(
+                f"target {name!r} is a {type(base).__name__}; LoRA supports Linear, Embedding, Conv1d/2d/3d, "
+                "MultiheadAttention, GPT-2 Conv1D and 4-bit linears (name the leaf layers, e.g. 'q_proj')"
+            ) from None
+        try:
+            kind.check(base, cfg, cfg.rank_and_alpha(name)[0])
+        except ValueError as e:
+            raise ValueError(f"target {name!r}: {e}") from None
     return out, unused, absent_msg
+
+
+def _attention_out_projs(model: nn.Module) -> set[str]:
+    """Paths of the ``out_proj`` of every ``nn.MultiheadAttention``: a Linear whose forward the
+    attention never calls (it reads the weight), so a LoRA wrapper there would be skipped."""
+    return {
+        f"{name}.out_proj" if name else "out_proj"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+    }
 
 
 def _absent_layers_message(cfg: LoraConfig, absent: list[int], seen: set[int | None]) -> str:
@@ -165,11 +203,13 @@ def remove_modules(model: nn.Module, adapter: str) -> None:
     """Take ``adapter``'s factors and ``modules_to_save`` copies out of every layer, and put back
     the original module wherever no adapter is left (the inverse of :func:`inject`'s wrapping;
     the adapter's entry in the registry is the caller's)."""
-    for name, layer in list(lora_layers(model)):
-        if adapter in layer.r:
+    # deepest first: a holder may sit inside another's base module (a bottleneck adapter around a
+    # block whose linears carry LoRA)
+    for name, layer in reversed(list(adapter_layers(model))):
+        if adapter in layer.adapters:
             layer.delete(adapter)
-        if not layer.r:
-            replace_module(model, name, layer.base_layer)
+        if not layer.adapters:
+            layer.unwrap(model, name)
     for name, module in list(saved_modules(model)):
         if adapter in module.modules_to_save:
             module.delete(adapter)
@@ -177,8 +217,11 @@ def remove_modules(model: nn.Module, adapter: str) -> None:
             replace_module(model, name, module.original_module)
 
 
-def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: bool = False) -> nn.Module:
-    """Add LoRA adapter ``adapter`` to ``model`` in place; freeze the base; return the model.
+def inject(model: nn.Module, cfg, adapter: str = "default", strict: bool = False) -> nn.Module:
+    """Add adapter ``adapter`` to ``model`` in place; freeze the base; return the model.
+
+    ``cfg`` is a ``LoraConfig`` or the config of another method (``IA3Config``,
+    ``BottleneckConfig``, ``PrefixTuningConfig``, ``PromptTuningConfig``: ``loraforge.methods``).
 
     The first call freezes every base parameter; each matched layer is wrapped (the original
     module becomes ``<path>.base_layer``). Calling it again on an adapted model adds another
@@ -189,20 +232,37 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
     indices the model does not have, are reported in a warning, or with ``strict=True`` raise
     ValueError (before the model changes). No target at all always raises.
     """
-    if not isinstance(cfg, LoraConfig):
-        raise TypeError(f"inject expects a loraforge.LoraConfig, got {type(cfg).__name__}")
+    method = None if isinstance(cfg, LoraConfig) else method_of(cfg)  # (TypeError for anything else)
     if not isinstance(adapter, str) or not adapter or adapter == "__base__" or "." in adapter:
         raise ValueError(f"invalid adapter name {adapter!r} (a non-empty name without dots, not '__base__')")
     reg = registry(model)
     if adapter in reg:
         raise ValueError(f"adapter {adapter!r} already exists; known adapters: {sorted(reg.names)}")
+    if method is not None:
+        targets = method.find_targets(model, cfg)  # (validates; the model is not changed yet)
+        if not reg.configs:
+            for p in model.parameters():
+                p.requires_grad_(False)
+        # (a method may return the config resolved for this model, e.g. dimensions it derives)
+        cfg = method.inject(model, cfg, adapter, targets) or cfg
+        reg.add(adapter, cfg, targets)
+        set_trainable(model)
+        return model
     refuse_unbuilt(cfg)
-    if cfg.bias != "none" and any(c.bias != "none" for c in reg.configs.values()):
+    if cfg.bias != "none" and any(getattr(c, "bias", "none") != "none" for c in reg.configs.values()):
         # Biases belong to the base layers, so they are shared: only one adapter may own them (as in PEFT).
         raise ValueError("only one adapter may train biases; use bias='none' for the others")
     # Everything is validated before the model changes, so a bad config leaves it untouched.
     targets, unused, absent = _match_targets(model, cfg)
+    others = list(reg.configs.values())
+    params = param_targets.plan_parameters(model, cfg, targets, others) if cfg.target_parameters else []
+    if cfg.target_parameters and not params and not targets:
+        what = type(model).__name__
+        raise ValueError(f"target_parameters={cfg.target_parameters} matched no parameter of {what}")
+    tokens = token_targets.plan_tokens(model, cfg, targets, adapter) if cfg.trainable_token_indices else []
     problems = []
+    if cfg.target_parameters and not params:
+        problems.append(f"target_parameters {cfg.target_parameters} match no parameter")
     if unused:
         problems.append(f"target_modules entries {unused} match no module of {type(model).__name__}")
     if absent:
@@ -214,8 +274,13 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
             f"adapter {adapter!r}: " + "; ".join(problems) + " (ignored; strict=True makes this an error)",
             stacklevel=2,
         )
-    if cfg.init == "pissa" and any(layer.merged_adapters for _, layer in lora_layers(model)):
-        raise ValueError("init='pissa' changes the base weights; call lf.unmerge(model) first")
+    merged = any(layer.merged_adapters for _, layer in lora_layers(model))
+    if cfg.init in ("pissa", "olora", "loftq") and merged:
+        raise ValueError(f"init={cfg.init!r} changes the base weights; call lf.unmerge(model) first")
+    for name in targets if cfg.init == "loftq" else []:
+        module = model.get_submodule(name)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        loftq.check_target(name, base, cfg.loftq_bits)
     if cfg.use_dora:
         dora.check_targets(model, targets)
     saved = _find_saved(model, cfg.modules_to_save) if cfg.modules_to_save else []
@@ -228,9 +293,12 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
             module = wrap(module).train(module.training)
             replace_module(model, name, module)
         r, alpha = cfg.rank_and_alpha(name)
-        module.add(adapter, r, alpha, cfg.dropout, cfg.use_rslora, cfg.init)
+        module.loftq_settings = (cfg.loftq_bits, cfg.loftq_iter)
+        module.add(adapter, r, alpha, cfg.dropout, cfg.use_rslora, cfg.init, lora_bias=cfg.lora_bias)
         if cfg.use_dora:
             dora.add_magnitude(module, adapter)
+    param_targets.inject_parameters(model, cfg, adapter, params)
+    token_targets.inject_tokens(model, adapter, tokens)
     for name in saved:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
@@ -244,12 +312,7 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default", strict: 
 
 # LoraConfig options that the config and the PEFT mapping know but the layers do not build yet:
 # refused here, before the model changes, rather than silently trained as plain LoRA.
-_UNBUILT = {
-    "lora_bias": lambda c: c.lora_bias,
-    "target_parameters": lambda c: c.target_parameters,
-    "trainable_token_indices": lambda c: c.trainable_token_indices,
-    "init": lambda c: c.init in (False, "olora", "loftq"),
-}
+_UNBUILT: dict = {}  # (empty: every option is built)
 
 
 def refuse_unbuilt(cfg: LoraConfig) -> None:
@@ -274,8 +337,8 @@ def active_adapters(model: nn.Module) -> list[str]:
 def set_trainable(model: nn.Module) -> None:
     """Only the active adapters' LoRA factors (and their biases / saved modules) require grad."""
     active = set(active_adapters(model))
-    for _, layer in lora_layers(model):
-        layer.active_adapters = [a for a in active_adapters(model) if a in layer.r]
+    for _, layer in adapter_layers(model):
+        layer.active_adapters = [a for a in active_adapters(model) if a in layer.adapters]
         for attr in layer.adapter_param_names:
             for name, p in getattr(layer, attr).named_parameters():
                 p.requires_grad_(name.split(".")[0] in active)
@@ -285,15 +348,19 @@ def set_trainable(model: nn.Module) -> None:
             for p in sub.parameters():
                 p.requires_grad_(name in active)
     known = registry(model).configs
-    modes = {known[a].bias for a in active if a in known}
-    for name, p in model.named_parameters():
-        if name.endswith("bias") and ".lora_" not in name and ".modules_to_save." not in name:
-            p.requires_grad_(False)
-    if "all" in modes:
-        for name, p in model.named_parameters():
-            if name.endswith("bias") and ".lora_" not in name and ".modules_to_save." not in name:
-                p.requires_grad_(True)
-    elif "lora_only" in modes:
+    modes = {getattr(known[a], "bias", "none") for a in active if a in known}
+    # (an adapter's own biases, e.g. a prompt encoder's MLP, are the adapter's, not the base's)
+    layers = [m for _, m in adapter_layers(model)]
+    own = {id(p) for m in layers for a in m.adapter_param_names for p in getattr(m, a).parameters()}
+    base_biases = [
+        p
+        for name, p in model.named_parameters()
+        if name.endswith("bias") and id(p) not in own
+        if ".lora_" not in name and ".modules_to_save." not in name
+    ]
+    for p in base_biases:
+        p.requires_grad_("all" in modes)
+    if "lora_only" in modes and "all" not in modes:
         for _, layer in lora_layers(model):
             bias = getattr(layer.base_layer, "bias", None)
             if isinstance(bias, nn.Parameter) and bias.is_floating_point():

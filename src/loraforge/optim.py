@@ -35,6 +35,40 @@ def param_groups(params: Iterable, weight_decay: float) -> list[dict]:
     return groups
 
 
+def loraplus_param_groups(
+    model: torch.nn.Module, lr: float, ratio: float, weight_decay: float = 0.0, embedding_lr: float = 1e-6
+) -> list[dict]:
+    """LoRA+ (Hayou et al. 2024): the trainable parameters in groups whose learning rates differ.
+
+    B factors (``lora_B``) and the adapters' vectors (biases, DoRA magnitudes: ``ndim == 1``) learn
+    at ``ratio · lr``; A factors and everything else at ``lr``; the factors of LoRA on an
+    embedding at ``embedding_lr`` (PEFT's ``create_loraplus_optimizer`` grouping, whose default
+    for embeddings is 1e-6). Matrices decay by ``weight_decay``, vectors not (as ``param_groups``).
+    Each group carries its own ``lr``, so a schedule (``LambdaLR``) scales all of them alike.
+    """
+    from .layers import LoraEmbedding
+
+    embedding_params = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, LoraEmbedding)
+        for p in m.parameters()
+        if p.requires_grad
+    }
+    buckets: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in embedding_params:
+            group_lr = embedding_lr
+        elif "lora_B" in name or p.ndim == 1:
+            group_lr = lr * ratio
+        else:
+            group_lr = lr
+        buckets.setdefault((group_lr, weight_decay if p.ndim >= 2 else 0.0), []).append(p)
+    return [{"params": ps, "lr": g_lr, "weight_decay": wd} for (g_lr, wd), ps in buckets.items()]
+
+
 def build_optimizer(
     name: str,
     params: Iterable,

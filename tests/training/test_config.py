@@ -58,7 +58,7 @@ def test_unknown_key_suggests_the_close_one(tmp_path):
         ("data: {train: a.jsonl}\ntrain: {lr: true}\n", "train.lr"),
         ("data: {train: a.jsonl, packing: 'yes'}\n", "data.packing"),
         ("data: {train: a.jsonl}\ntrain: {schedule: exponential}\n", "train.schedule"),
-        ("data: {train: a.jsonl}\nmethod: prefix\n", "method"),
+        ("data: {train: a.jsonl}\nmethod: adalora\n", "method"),
         ("data: {train: a.jsonl}\nlora: {target_modules: 5}\n", "lora.target_modules"),
         ("data: {train: a.jsonl}\ntrain: 3\n", "train"),
     ],

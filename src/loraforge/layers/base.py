@@ -13,6 +13,7 @@ from torch import nn
 
 from ..kinds import is_4bit, is_conv1d
 from . import dora
+from .adapter import AdapterLayer
 from .merge import (
     add_exactly,
     exact_matmul,
@@ -39,7 +40,7 @@ def lora_dtype(weight: torch.Tensor) -> torch.dtype:
 COMPUTE_MODES = ("input", "adapter")
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(AdapterLayer):
     """State shared by every wrapper: ranks, scalings, active / merged adapters, mixed batches.
 
     ``compute``: the dtype of the low-rank branch where a half-precision input (bf16 / fp16)
@@ -55,6 +56,7 @@ class LoraLayer(nn.Module):
     adapter_param_names: tuple[str, ...] = ()
     compute: str = "input"
     stores_transposed = False  # the base stores W0 as (in × out): GPT-2 Conv1D, embedding tables
+    loftq_settings = (4, 1)  # (bits, iterations) for init="loftq" (see loraforge.loftq); inject sets them
 
     def branch_dtype(self, input_dtype: torch.dtype, factor_dtype: torch.dtype) -> torch.dtype:
         """The dtype the low-rank branch runs in for this input and these factors."""
@@ -62,25 +64,26 @@ class LoraLayer(nn.Module):
             return input_dtype
         return factor_dtype
 
+    method = "LoRA"
+
     def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.r: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.lora_dropout = nn.ModuleDict()
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disabled = False
-        self.batch_adapters: list[str] | None = None  # one adapter name per batch row, or None
-        self.token_plan = None  # a tokens.TokenPlan: one adapter per token (serving), or None
         self.merge_error: dict[str, float] = {}  # rounding error of a requantized merge (4-bit)
+        self.lora_bias: dict[str, bool] = {}  # adapter -> whether B has a bias (lora_bias)
 
     # -- adapter bookkeeping ----------------------------------------------------------------
-    def add(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, init: str) -> None:
+    def add(
+        self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, init: str | bool,
+        lora_bias: bool = False,
+    ) -> None:  # fmt: skip
         if name in self.r:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         self.r[name], self.alpha[name] = r, alpha
+        self.lora_bias[name] = lora_bias
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._create(name, r)
@@ -94,6 +97,10 @@ class LoraLayer(nn.Module):
             if isinstance(module, nn.Module):
                 module.train(self.training)
         self.reset(name, init)
+        if init == "loftq":  # (after reset: LoftQ sets A, B and replaces the base weight by Q)
+            from ..loftq import init_loftq
+
+            init_loftq(self, name, *self.loftq_settings)
         if not self.active_adapters:
             self.active_adapters = [name]
 
@@ -105,7 +112,7 @@ class LoraLayer(nn.Module):
             if name in container:
                 del container[name]
         del self.lora_dropout[name]
-        for d in (self.r, self.alpha, self.scaling):
+        for d in (self.r, self.alpha, self.scaling, self.lora_bias):
             d.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
         self.__dict__.pop("_stack_cache", None)  # (mixed batches' stacked factors: see _stacks)
@@ -126,15 +133,33 @@ class LoraLayer(nn.Module):
         (``{"lora_A.weight": (r, in), "lora_B.weight": (out, r)}`` for a linear map)."""
         raise NotImplementedError
 
+    @classmethod
+    def check(cls, base: nn.Module, cfg, r: int) -> None:
+        """Raise ValueError (one line, the reason) where ``cfg`` cannot adapt ``base`` at rank
+        ``r``: called for every target before the model changes."""
+
+    def lora_bias_param(self, name: str) -> torch.Tensor | None:
+        """B's bias (out) where the adapter has ``lora_bias``, else None."""
+        b = self._modules.get("lora_B")
+        return getattr(b[name], "bias", None) if b is not None and name in b else None
+
     def set_factors(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         fa, fb = self.factors(name)
         with torch.no_grad():
             fa.copy_(a.reshape(fa.shape))
             fb.copy_(b.reshape(fb.shape))
 
-    def reset(self, name: str, init: str) -> None:
+    def reset(self, name: str, init: str | bool) -> None:
+        if init is False:
+            # PEFT's init_lora_weights=False: A and B (and B's bias) keep the default init their
+            # nn.Linear / nn.ConvNd got when ``_create`` made them (Kaiming-uniform a=√5, bias
+            # U(±1/√fan_in)), drawn in PEFT's order: under one seed, PEFT's very values.
+            return
         a, b = self.factors(name)
+        bias = self.lora_bias_param(name)
         with torch.no_grad():
+            if bias is not None:
+                nn.init.zeros_(bias)
             if init == "gaussian":
                 nn.init.normal_(a, std=1.0 / self.r[name])
             else:
@@ -143,6 +168,18 @@ class LoraLayer(nn.Module):
             nn.init.zeros_(b)
         if init == "pissa":
             self._init_pissa(name)
+        elif init == "olora":
+            self._init_olora(name)
+
+    def _init_olora(self, name: str) -> None:
+        # OLoRA (PEFT's olora_init): W = Q·R (fp32); B = Q[:, :r], A = R[:r] unscaled, and W keeps
+        # W - s·B·A, so that the adapted layer starts equal to the base.
+        if is_4bit(self.base_layer):
+            raise ValueError("init='olora' needs a full-precision base layer, not a quantized one")
+        q, rr = torch.linalg.qr(self._ba_layout(self.base_weight().float()))
+        r = self.r[name]
+        self.set_factors(name, rr[:r], q[:, :r])
+        self._add_to_base(-self.delta_weight(name))
 
     def _init_pissa(self, name: str) -> None:
         # PiSSA: W = U S Vᵀ; B·A takes the top-r part, scaled so s·B·A equals it; W keeps the rest.
@@ -206,17 +243,65 @@ class LoraLayer(nn.Module):
     # ``_merge_record`` (see ``merge.py``) holds what gives W0 back bit for bit. Merging or
     # unmerging one adapter of several restores W0 and merges the others again.
     def merge(self, name: str | list[str]) -> None:
-        """Add ΔW of the adapter(s) to the base weight; idempotent (merged ones are skipped)."""
-        names = [name] if isinstance(name, str) else list(name)
-        for n in names:
-            if n not in self.r:
-                raise KeyError(n)
-        new = [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
+        """Add ΔW of the adapter(s) to the base weight (and s·bias of B to the base bias, for
+        ``lora_bias``); idempotent (merged ones are skipped)."""
+        new = self.to_merge(name)
         if not new:
             return
         keep = list(self.merged_adapters)
         self._restore_base()
         self._merge_from_base(keep + new)
+
+    def to_merge(self, name: str | list[str]) -> list[str]:
+        """The adapters among ``name`` that a merge would add (not merged yet); raises
+        ValueError where they cannot merge into this layer (nothing changes)."""
+        names = [name] if isinstance(name, str) else list(name)
+        for n in names:
+            if n not in self.r:
+                raise KeyError(n)
+        new = [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
+        biased = [n for n in new if self.lora_bias_param(n) is not None]
+        if biased and getattr(self.base_layer, "bias", None) is None:
+            raise ValueError(
+                f"a lora_bias adapter cannot merge into a {type(self.base_layer).__name__} without a bias "
+                f"(adapters {biased}); run it unmerged"
+            )
+        return new
+
+    def nonfinite_merge(self, name: str | list[str]) -> str | None:
+        """Which of the base weight / bias would hold NaN or Inf once the adapter(s) are merged
+        (None: neither): the merge computed on a copy, the layer unchanged (``lf.merge(safe=True)``)."""
+        new = self.to_merge(name)
+        if not new:
+            return None
+        factors = snapshot_factors(self, new)
+        base = self.base_layer
+        with torch.no_grad():
+            if is_4bit(base):
+                trial = base.dequantize(torch.float32) + self._stored_delta(factors).to(base.weight.device)
+            else:
+                trial = base.weight.detach().clone()
+                self._applier(factors)(trial, 1.0)
+            if not bool(torch.isfinite(trial).all()):
+                return "weight"
+            del trial
+            delta_b = self._bias_delta(new)
+            if delta_b is not None:
+                b = base.bias
+                if not bool(torch.isfinite((b.float() + delta_b.to(b.device)).to(b.dtype)).all()):
+                    return "bias"
+        return None
+
+    def _bias_delta(self, names: list[str]) -> torch.Tensor | None:
+        """Σ s·bias of B over the ``lora_bias`` adapters among ``names`` (fp32), or None."""
+        terms = [(self.lora_bias_param(n), self.scaling[n]) for n in names]
+        terms = [(b.detach().float(), s) for b, s in terms if b is not None]
+        if not terms:
+            return None
+        delta = terms[0][0] * terms[0][1]
+        for b, s in terms[1:]:
+            delta = delta + b * s
+        return delta
 
     def unmerge(self, name: str | None = None) -> list[str]:
         """Take merged adapter(s) (default: all) out of the base weight, which then equals its
@@ -250,6 +335,16 @@ class LoraLayer(nn.Module):
         record.scales = scales
         dora.forget(self)
         self._merge_record = record
+        delta_b = self._bias_delta(names)
+        if delta_b is not None:  # (lora_bias: the base bias gets Σ s·bias, undone exactly as the weight)
+            bias = base.bias
+            biases = {n: b.detach().clone() for n in names if (b := self.lora_bias_param(n)) is not None}
+
+            def apply_b(t: torch.Tensor, sign: float) -> None:
+                t.copy_((t.float() + sign * delta_b.to(t.device)).to(t.dtype))
+
+            record_b = add_exactly(bias, apply_b, factors, bias.device)
+            self.__dict__["_bias_record"] = (record_b, apply_b, biases)
         self.merged_adapters = list(names)
 
     def _applier(self, factors: dict, scales: dict | None = None):
@@ -321,6 +416,14 @@ class LoraLayer(nn.Module):
             for n, f in record.factors.items()
             if n in self.r and (not self._same_factors(n, *f) or dora.changed(self, n, record.scales))
         ]
+        bias_record = self.__dict__.pop("_bias_record", None)
+        if bias_record is not None:
+            rec, apply_b, biases = bias_record
+            subtract_exactly(base.bias, apply_b, rec, base.bias.device, type(base).__name__)
+            changed += [
+                n for n, b in biases.items()
+                if n in self.r and n not in changed and not torch.equal(b, self.lora_bias_param(n))
+            ]  # fmt: skip
         self.merged_adapters = []
         return changed
 

@@ -40,11 +40,20 @@ class LoraEmbedding(LoraLayer):
     def reset(self, name: str, init: str) -> None:
         a, b = self.factors(name)
         with torch.no_grad():
-            # PEFT's embedding init: A = 0, B ~ N(0, 1) — ΔW starts at zero all the same.
-            nn.init.zeros_(a)
+            # PEFT's embedding init: A = 0, B ~ N(0, 1) — ΔW starts at zero all the same; with
+            # init=False both A and B ~ N(0, 1). ("olora" is not PEFT's on embeddings: this init too.)
+            if init is False:
+                nn.init.normal_(a)
+            else:
+                nn.init.zeros_(a)
             nn.init.normal_(b)
         if init == "pissa":
             self._init_pissa(name)
+
+    @classmethod
+    def check(cls, base: nn.Module, cfg, r: int) -> None:
+        if cfg.lora_bias:
+            raise ValueError("lora_bias is not supported on nn.Embedding (nor in PEFT)")
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_embedding_A[name], self.lora_embedding_B[name]

@@ -103,7 +103,7 @@ class LoraLinear(LoraLayer):
         w = self.base_layer.weight
         kw = {"device": w.device, "dtype": lora_dtype(w)}
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **kw)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=self.lora_bias.get(name, False), **kw)
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[name].weight, self.lora_B[name].weight
@@ -118,7 +118,16 @@ class LoraLinear(LoraLayer):
     def _add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.compute_factors(name, x.dtype)
         xa = F.linear(self.lora_dropout[name](x.to(a.dtype)), a)
-        return self.add_low_rank(result, xa, b, self.scaling[name], inplace=self._owns_output())
+        result = self.add_low_rank(result, xa, b, self.scaling[name], inplace=self._owns_output())
+        bias = self.lora_bias_param(name)
+        return result if bias is None else result + (bias * self.scaling[name]).to(result.dtype)
+
+    def _lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """s · B(A(dropout(x))), B's bias included (``lora_bias``)."""
+        a, b = self.compute_factors(name, x.dtype)
+        bias = self.lora_bias_param(name)
+        xa = F.linear(self.lora_dropout[name](x.to(a.dtype)), a)
+        return F.linear(xa, b, None if bias is None else bias.to(b.dtype)) * self.scaling[name]
 
     def _owns_output(self) -> bool:
         """Whether the base's output is a fresh tensor that nothing else holds or saves for
@@ -184,6 +193,8 @@ class LoraLinear(LoraLayer):
             return None
         live = self.live_adapters()
         if len(live) != 1 or not isinstance(self.lora_dropout[live[0]], nn.Identity):
+            return None
+        if self.lora_bias_param(live[0]) is not None:  # (the fused function has no bias for B)
             return None
         w = self.base_layer.weight
         if w.requires_grad or w.dtype != x.dtype or self.lora_A[live[0]].weight.dtype != x.dtype:
@@ -253,6 +264,8 @@ class LoraLinear(LoraLayer):
         """The base on all T tokens of a serving step, plus each token's adapter (see
         ``tokens.py``): decoding tokens through the concatenated factors, prompt runs through
         their adapter's own; the sums go into the base's output in place."""
+        if any(self.lora_bias_param(n) is not None for n in self.r):  # the general path adds B's bias
+            return super()._forward_tokens(x, plan, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         g = plan.groups(self.r, x.device)
         if g is None:
@@ -276,6 +289,17 @@ class LoraLinear(LoraLayer):
             out[start:end].add_(delta.to(out.dtype), alpha=self.scaling[name])
         return result
 
+    def _add_row_biases(self, result: torch.Tensor, uniq: list[str], idx: torch.Tensor) -> torch.Tensor:
+        """``result`` (batch, …, out) plus each row's adapter's s·bias of B (``lora_bias``)."""
+        biases = [(i, self.lora_bias_param(n), self.scaling[n]) for i, n in enumerate(uniq) if n in self.r]
+        biases = [(i, b, s) for i, b, s in biases if b is not None]
+        if not biases:
+            return result
+        table = result.new_zeros((len(uniq), result.shape[-1]))
+        for i, b, s in biases:
+            table[i] = (b * s).to(table.dtype)
+        return result + table[idx].view(idx.shape[0], *(1,) * (result.dim() - 2), -1)
+
     def _forward_mixed(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:
         # The base matmul runs once for the whole batch; the low-rank path is a gather of each
         # row's (A, B) followed by two batched matmuls, the second adding into the base output
@@ -286,12 +310,15 @@ class LoraLinear(LoraLayer):
         if len(uniq) == 1:
             return result
         dtype = self.branch_dtype(x.dtype, self.lora_A[uniq[1]].weight.dtype)
+        result = self._add_row_biases(result, uniq, idx)
         a_stack, b_stack = self._stacks(uniq, dtype, x.device)
         xb = x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)  # (batch, tokens, in)
         low = torch.bmm(xb, a_stack[idx].transpose(1, 2))  # (batch, tokens, r_max)
         if result.dtype == dtype:
             if (
-                result.dim() == 3 and self._owns_output() and not result._is_view()
+                result.dim() == 3
+                and self._owns_output()
+                and not result._is_view()
                 and not torch.compiler.is_compiling()
             ):  # fmt: skip  (in place, as add_low_rank)
                 return result.baddbmm_(low, b_stack[idx])

@@ -219,8 +219,15 @@ def usable(packed: torch.Tensor, out: torch.Tensor, absmax: torch.Tensor, blocks
 
 
 def dequantize_blocks(
-    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out: torch.Tensor,
-    b0: int, b1: int, blocksize: int, fn=None, stream: bool = False,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    out: torch.Tensor,
+    b0: int,
+    b1: int,
+    blocksize: int,
+    fn=None,
+    stream: bool = False,
 ) -> None:
     """Writes blocks ``[b0, b1)`` of ``out`` (flat, contiguous) from ``packed`` (flat uint8).
 
@@ -245,8 +252,9 @@ def dequantize_blocks(
     _check(rc, f"dequantize blocks [{b0}, {b1}) of {blocksize}")
 
 
-def dequantize_absmax(q: torch.Tensor, code: torch.Tensor, nested: torch.Tensor, offset: torch.Tensor,
-                      nested_blocksize: int) -> torch.Tensor | None:
+def dequantize_absmax(
+    q: torch.Tensor, code: torch.Tensor, nested: torch.Tensor, offset: torch.Tensor, nested_blocksize: int
+) -> torch.Tensor | None:
     """``code[q] * nested[i // nested_blocksize] + offset`` (fp32) for CPU tensors, or ``None``
     where the kernel is not available (the caller computes it with PyTorch)."""
     fn = kernel()

@@ -31,7 +31,10 @@ import torch
 
 from ..adapter_files import load_adapter
 from ..adapters import delete_adapter, set_token_plan
+from ..config import LoraConfig
+from ..files import read_json_object
 from ..layers.tokens import MIN_ROWS, TokenPlan
+from ..methods import config_from_peft_dict
 from ..training.data import FALLBACK_CHAT_TEMPLATE, encode_prompt
 from . import attention
 from .sampling import SamplingParams, TokenLogprob, choose, generator_for, logprob_of
@@ -287,8 +290,16 @@ class Engine:
             raise AdapterError(f"{path}: not an adapter directory (no adapter_config.json)")
         try:
             template = chat_template_of(path)
-        except ValueError as e:
+            cfg = config_from_peft_dict(read_json_object(path / "adapter_config.json"), str(path))
+        except (ValueError, OSError) as e:
             raise AdapterError(str(e)) from None
+        if not isinstance(cfg, LoraConfig):
+            # the engine gives each token its own adapter through LoRA's token plan; the other
+            # methods' holders would apply one adapter to every sequence of the step
+            raise AdapterError(
+                f"{path}: a {cfg.peft_type} adapter; loraforge serve serves LoRA adapters (DoRA and "
+                "rsLoRA included); use loraforge generate or the library for this one"
+            )
         self._load(name, path)  # checks it against the base; rolled back on failure
         self._adapters[name], self._templates[name] = path, template
         self._fit_residents(keep=set())

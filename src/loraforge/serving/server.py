@@ -234,8 +234,7 @@ def _add_routes(app: FastAPI, state: State) -> None:
         adapter = state.resolve_model(req.sampling.model)
         engine = state.engine
         prompts = [
-            await asyncio.to_thread(engine.encode, p) if isinstance(p, str) else p
-            for p in req.prompts
+            await asyncio.to_thread(engine.encode, p) if isinstance(p, str) else p for p in req.prompts
         ]
         for ids in prompts:
             _check_length(config, ids, req.sampling.max_tokens, "prompt")

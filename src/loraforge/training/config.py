@@ -26,9 +26,13 @@ import torch
 import yaml
 
 from ..config import PEFT_NAMES, LoraConfig, init_from_peft
+from ..methods.prompt_config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from ..quant.config import QuantConfig, dtype_name
 
-Method = Literal["lora", "qlora", "full"]
+Method = Literal["lora", "qlora", "full", "dora", "prefix", "prompt", "p_tuning"]
+# method -> the TrainConfig section holding its adapter config (LoRA's methods share ``lora``)
+ADAPTER_SECTIONS = {"lora": "lora", "qlora": "lora", "dora": "lora"}
+ADAPTER_SECTIONS |= {"prefix": "prefix", "prompt": "prompt", "p_tuning": "p_tuning"}
 
 
 class ConfigError(ValueError):
@@ -122,6 +126,11 @@ class TrainSection:
     """A bf16 / fp16 model's LoRA branch: "input" runs it in the model's dtype over fp32 master factors
     (as torch.autocast would; faster and smaller, BENCHMARKS.md), "adapter" in fp32 (PEFT's default).
     Same for fp32."""
+    loraplus_lr_ratio: float = 0.0
+    """LoRA+: B factors (and adapter vectors) learn at this multiple of train.lr, A factors at train.lr
+    (Hayou et al.: 2-16 typical); 0 = off. PEFT's create_loraplus_optimizer grouping."""
+    loraplus_lr_embedding: float = 1e-6
+    """LoRA+: the learning rate of LoRA factors on embedding layers (PEFT's default, 1e-6)."""
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
     """Optimizer; the 8-bit and paged ones need bitsandbytes."""
     seed: int = 0
@@ -157,11 +166,19 @@ class TrainConfig:
 
     method: Method = "lora"
     """lora: LoRA on a frozen base; qlora: LoRA on a 4-bit base (model.quantization); full: every
-    weight trains."""
+    weight trains; dora: the lora section with use_dora (DoRA; lora.use_dora: true with qlora is QDoRA);
+    prefix / prompt / p_tuning: prefix tuning, prompt tuning, P-tuning (the sections of those names)."""
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=8, alpha=16.0, target_modules="all-linear"))
     """The adapter (loraforge.LoraConfig); PEFT's names lora_alpha, lora_dropout and
     init_lora_weights are accepted too."""
+    prefix: PrefixTuningConfig = field(default_factory=lambda: PrefixTuningConfig(num_virtual_tokens=20))
+    """method: prefix (loraforge.PrefixTuningConfig): trainable keys/values before every layer's own."""
+    prompt: PromptTuningConfig = field(default_factory=lambda: PromptTuningConfig(num_virtual_tokens=20))
+    """method: prompt (loraforge.PromptTuningConfig): trainable embeddings before the input; with
+    init: text, init_text is embedded by the model's tokenizer unless prompt.tokenizer names one."""
+    p_tuning: PromptEncoderConfig = field(default_factory=lambda: PromptEncoderConfig(num_virtual_tokens=20))
+    """method: p_tuning (loraforge.PromptEncoderConfig): P-tuning, virtual embeddings from an MLP/LSTM."""
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     output: str = "runs/latest"
@@ -200,6 +217,7 @@ class TrainConfig:
         cls, data: dict[str, Any], overrides: typing.Sequence[str] = (), source: str = "<dict>"
     ) -> TrainConfig:
         data = _deepcopy(data)
+        _default_prompt_tokenizer(data, overrides)
         if isinstance(data.get("lora"), dict):
             data["lora"] = _lora_from_peft_names(data["lora"], source)
         sources: dict[str, str] = {}
@@ -269,12 +287,24 @@ class TrainConfig:
             "train.max_grad_norm": t.max_grad_norm,
             "train.weight_decay": t.weight_decay,
             "train.loss_chunk_size": t.loss_chunk_size,
+            "train.loraplus_lr_ratio": t.loraplus_lr_ratio,
+            "train.loraplus_lr_embedding": t.loraplus_lr_embedding,
         }
         for key, value in non_negative.items():
             if value < 0:
                 raise bad(key, f"must be >= 0, got {value}")
         if t.epochs == 0 and t.max_steps == 0:
             raise bad("train.max_steps", "set train.epochs or train.max_steps to a positive number")
+        if d.packing and self.method in ("prefix", "prompt", "p_tuning"):
+            raise bad(
+                "data.packing",
+                f"method {self.method}: virtual tokens go before each sequence, not before each packed "
+                "example; set data.packing: false",
+            )
+        if t.loraplus_lr_ratio and self.method not in ("lora", "qlora", "dora"):
+            raise bad(
+                "train.loraplus_lr_ratio", f"LoRA+ scales LoRA's B factors; method {self.method!r} has none"
+            )
         if not t.lr > 0:
             raise bad("train.lr", f"must be > 0, got {t.lr}")
         if not 0 <= t.min_lr_ratio <= 1:
@@ -387,6 +417,24 @@ def _lora_from_peft_names(section: dict, where: str) -> dict:
                 raise ConfigError(str(e)) from None
         out[name] = value
     return out
+
+
+def _default_prompt_tokenizer(data: dict, overrides: typing.Sequence[str]) -> None:
+    """``prompt.init: text`` embeds ``init_text`` with a tokenizer: the model's unless the section
+    names one (PromptTuningConfig itself needs it spelled out)."""
+    prompt = data.get("prompt")
+    wants_text = (
+        isinstance(prompt, dict) and str(prompt.get("init", prompt.get("prompt_tuning_init", ""))).lower()
+    )
+    if any(
+        o.replace(" ", "").lower().startswith(("prompt.init=text", "prompt.prompt_tuning_init=text"))
+        for o in overrides
+    ):
+        wants_text, prompt = "text", prompt if isinstance(prompt, dict) else data.setdefault("prompt", {})
+    if wants_text != "text" or prompt.get("tokenizer") or prompt.get("tokenizer_name_or_path"):
+        return
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    prompt["tokenizer"] = model.get("tokenizer") or model.get("path") or ModelSection.path
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -568,7 +616,13 @@ def field_docs(cls: type) -> dict[str, str]:
     library's LoraConfig and QuantConfig write them; ``a / b: text`` documents both)."""
     names = {f.name for f in dataclasses.fields(cls)}
     docs: dict[str, str] = {}
-    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+    # the class's docstring, after its dataclass bases' (a shared field documented once, in the base)
+    lines = [
+        line
+        for klass in reversed(cls.__mro__)
+        if dataclasses.is_dataclass(klass)
+        for line in inspect.cleandoc(klass.__doc__ or "").splitlines() + [""]
+    ]
     for i, line in enumerate(lines):
         m = re.match(r"(\s*)(\w+(?: / \w+)*): (.*)", line)
         if not m or not set(m[2].split(" / ")) <= names:

@@ -95,6 +95,7 @@ def communication_report(model: nn.Module, world_size: int) -> str:
     ring = (
         2 * (world_size - 1) / world_size
     )  # bytes each process sends in a ring all-reduce, per payload byte
+
     def mb(n: float) -> str:
         return format_bytes(n, si=True, digits=2)
 
@@ -103,5 +104,3 @@ def communication_report(model: nn.Module, world_size: int) -> str:
         f"({len(trainable)} tensors; each process sends ~{mb(sent * ring)}) vs {mb(full)} for full "
         f"fine-tuning ({full / max(sent, 1):.1f}x more)"
     )
-
-

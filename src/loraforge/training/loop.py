@@ -23,7 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ..adapters import set_compute
 from ..injection import count_parameters
-from ..optim import build_optimizer
+from ..optim import build_optimizer, loraplus_param_groups
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, TrainSection
 from .console import Console, Phase, StopRequest
@@ -100,7 +100,13 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
     row_tokens = [len(r.input_ids) for r in train_rows]
     total_steps = t.max_steps or t.epochs * plan.steps_per_epoch
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(t.optimizer, trainable, t.lr, t.weight_decay, tuple(t.betas))
+    if t.loraplus_lr_ratio:  # LoRA+: B at ratio x lr (the groups carry their own rates)
+        groups = loraplus_param_groups(
+            model, t.lr, t.loraplus_lr_ratio, t.weight_decay, t.loraplus_lr_embedding
+        )
+        optimizer = build_optimizer(t.optimizer, groups, t.lr, t.weight_decay, tuple(t.betas))
+    else:
+        optimizer = build_optimizer(t.optimizer, trainable, t.lr, t.weight_decay, tuple(t.betas))
     scheduler = LambdaLR(optimizer, _lr_lambda(t, total_steps))
     step = 0
     if resume_dir is not None:

@@ -181,6 +181,8 @@ class CausalLMLoss(nn.Module):
         body = self.model.base_model
         out = body(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         hidden = out[0]
+        if hidden.shape[1] != input_ids.shape[1]:  # prompt tuning: virtual tokens come first, no loss on them
+            hidden = hidden[:, hidden.shape[1] - input_ids.shape[1] :]
         head = self.model.get_output_embeddings()
         if self.fused:
             loss = linear_cross_entropy(hidden, head.weight, labels, head.bias, self.chunk_size)

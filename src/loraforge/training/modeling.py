@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from ..pretrained import resolve as resolve_pretrained
 from ..quant import QuantConfig
 from ..quant.linear4bit import quantize as quantize_4bit
 from . import builtin
-from .config import ConfigError, ModelSection, TrainConfig
+from .config import ADAPTER_SECTIONS, ConfigError, ModelSection, TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -179,11 +180,32 @@ def prepare_model(cfg: TrainConfig, device: torch.device, log=print):
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        inject(model, cfg.lora)
+        inject(model, adapter_config(cfg))
         model.to(device)  # the new adapter tensors
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return model, tokenizer
+
+
+def adapter_config(cfg: TrainConfig):
+    """The adapter config ``method`` trains: the lora section (lora, qlora), with DoRA for dora,
+    else the method's own section (``config.ADAPTER_SECTIONS``)."""
+    if cfg.method == "dora":
+        return dataclasses.replace(cfg.lora, use_dora=True)
+    section = getattr(cfg, ADAPTER_SECTIONS[cfg.method])
+    if getattr(section, "tokenizer", None):  # a prompt's text init: the tokenizer as a directory
+        section = dataclasses.replace(section, tokenizer=tokenizer_dir(section.tokenizer, Path(cfg.output)))
+    return section
+
+
+def tokenizer_dir(path: str, output: Path) -> str:
+    """A directory ``AutoTokenizer`` loads for ``path``: a built-in model's tokenizer is written to
+    ``output/builtin-tokenizer`` first; builtin:smollm2 and .gguf files resolve to their cache."""
+    if builtin.is_builtin(path):
+        target = output / "builtin-tokenizer"
+        builtin.build_tokenizer().save_pretrained(target)
+        return str(target)
+    return str(resolve_pretrained(path))
 
 
 def enable_activation_checkpointing(model) -> None:

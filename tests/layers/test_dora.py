@@ -500,3 +500,20 @@ def test_pissa_init_then_magnitude_equals_peft():
         if "lora_" in n:
             torch.testing.assert_close(p, theirs[PREFIX + n], rtol=1e-6, atol=1e-6, msg=n)
     torch.testing.assert_close(ours.lin.lora_magnitude_vector["default"].weight, base.lin.weight.norm(dim=1))
+
+
+def test_safe_merge_refuses_a_magnitude_that_would_put_inf_in_the_weight():
+    _, ours, _ = _pair(targets=["lin", "conv"])
+    _randomize(ours)
+    with torch.no_grad():
+        ours.conv.lora_magnitude_vector["default"].weight[0, 2] = float("inf")
+    before = {n: p.clone() for n, p in ours.state_dict().items()}
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        lf.merge(ours, safe=True)
+    assert all(torch.equal(p, before[n]) for n, p in ours.state_dict().items())
+    assert not lf.merged_adapters(ours)
+
+
+def test_lora_bias_with_dora_is_refused_as_in_peft():
+    with pytest.raises(ValueError, match="lora_bias is not supported with use_dora"):
+        lf.LoraConfig(r=4, target_modules=["lin"], use_dora=True, lora_bias=True)

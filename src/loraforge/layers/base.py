@@ -275,13 +275,14 @@ class LoraLayer(AdapterLayer):
         if not new:
             return None
         factors = snapshot_factors(self, new)
+        scales = dora.merge_scales(self, factors)
         base = self.base_layer
         with torch.no_grad():
             if is_4bit(base):
-                trial = base.dequantize(torch.float32) + self._stored_delta(factors).to(base.weight.device)
+                trial = dora.apply_merge(self, base.dequantize(torch.float32), factors, scales, 1.0)
             else:
                 trial = base.weight.detach().clone()
-                self._applier(factors)(trial, 1.0)
+                self._applier(factors, scales)(trial, 1.0)
             if not bool(torch.isfinite(trial).all()):
                 return "weight"
             del trial

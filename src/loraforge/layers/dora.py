@@ -153,6 +153,12 @@ def weight_norm(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: flo
     """‖W0 + s·B·A‖ per output channel, fp32, shape (out,), without gradient."""
     with torch.no_grad():
         w = _base_matrix(layer)
+        if getattr(layer.base_layer, "groups", 1) > 1:
+            # A grouped convolution's B·A is no dense kernel (it cannot merge); PEFT's norm takes
+            # the (out/g × in·k) product B·A read in the weight's shape, and so do we.
+            r = a.shape[0]
+            delta = (b.detach().float().reshape(-1, r) @ a.detach().float().reshape(r, -1)) * scaling
+            return torch.linalg.vector_norm(w + delta.reshape(w.shape), dim=1)
         if not _low_rank_delta(layer):
             delta = layer._ba_layout(layer._delta(a.detach(), b.detach(), scaling))
             return torch.linalg.vector_norm(w + delta.to(w.device), dim=1)

@@ -441,22 +441,28 @@ def test_4bit_merge_requantizes_and_unmerge_restores_the_packed_weight():
         assert torch.equal(model(x), want)
 
 
-def test_lf_train_trains_and_saves_the_magnitudes(tmp_path):
+def test_method_dora_trains_saves_and_resumes_the_magnitudes(tmp_path):
+    # `method: dora` (the lora section with use_dora): m trains, is saved in PEFT's file, and a run
+    # stopped half way resumes to the same end as one that ran through
     from training.util import QA_EVAL, tiny_config
 
-    cfg = tiny_config(
-        tmp_path,
-        data={"eval": QA_EVAL},
-        lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "use_dora": True},
-        train={"max_steps": 6, "batch_size": 8, "lr": 1e-2},
-    )
-    model, metrics = lf.train(cfg)
+    def run(out, steps, **extra):
+        train = {"max_steps": steps, "save_every": 3, "batch_size": 8, "lr": 1e-2, "schedule": "constant"}
+        return lf.train({**tiny_config(out, method="dora", train=train, data={"eval": QA_EVAL}), **extra})
+
+    model, metrics = run(tmp_path / "a", 6)
     assert metrics["final_eval_loss"] < metrics["initial_eval_loss"]
     q = model.model.layers[0].self_attn.q_proj
     m = q.lora_magnitude_vector["default"].weight
     assert not torch.allclose(m, q.base_layer.weight.norm(dim=1))  # trained away from ‖W0‖
-    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    saved = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
     assert torch.equal(saved[PREFIX + "model.layers.0.self_attn.q_proj.lora_magnitude_vector"], m.detach())
+    run(tmp_path / "b", 3)
+    run(tmp_path / "b", 6, resume="auto")
+    resumed = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert set(resumed) == set(saved) and any("magnitude" in k for k in saved)
+    for k in saved:
+        assert torch.equal(resumed[k], saved[k]), k
 
 
 def test_weighted_combination_of_dora_adapters_is_refused():

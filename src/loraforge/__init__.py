@@ -31,6 +31,8 @@ _LAZY = {
         )
     },
     "LoraConfig": ("loraforge.config", "LoraConfig"),
+    "IA3Config": ("loraforge.methods.ia3", "IA3Config"),
+    "BottleneckConfig": ("loraforge.methods.bottleneck", "BottleneckConfig"),
     "PrefixTuningConfig": ("loraforge.methods.prompt", "PrefixTuningConfig"),
     "PromptTuningConfig": ("loraforge.methods.prompt", "PromptTuningConfig"),
     "PromptEncoderConfig": ("loraforge.methods.prompt", "PromptEncoderConfig"),

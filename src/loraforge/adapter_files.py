@@ -358,7 +358,8 @@ def _copy_in(
     missing = sorted(set(live) - set(tensors))
     if missing:
         raise ValueError(
-            f"{weights}: lacks tensors its config implies (bias={registry(model).configs[adapter].bias!r}, "
+            f"{weights}: lacks tensors its config implies (bias="
+            f"{getattr(registry(model).configs[adapter], 'bias', 'none')!r}, "
             f"modules_to_save): {missing[:5]}" + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
         )
     params = dict(model.named_parameters())

@@ -10,6 +10,7 @@ import warnings
 import torch
 from torch import nn
 
+from .config import LoraConfig
 from .injection import (
     active_adapters,
     adapter_layers,
@@ -21,6 +22,7 @@ from .injection import (
 )
 from .kinds import is_4bit, replace_module
 from .layers import COMPUTE_MODES, AdapterLayer, LoraLayer, ModulesToSave, dora
+from .methods import method_of
 from .registry import drop_registry, registry
 
 
@@ -204,6 +206,9 @@ def _unwrap(model: nn.Module, merge_names: list[str] | None, dequantize: bool) -
     for name, layer in reversed(list(adapter_layers(model))):
         if not isinstance(layer, LoraLayer):
             mine = [n for n in merge_names or [] if n in layer.adapters]
+            if dequantize and is_4bit(layer.base_layer):  # (IA3 on a 4-bit base: merge in full precision)
+                layer.unmerge()
+                layer.base_layer = _dequantized_linear(layer.base_layer)
             if mine:
                 layer.merge(mine)
             layer.unwrap(model, name)
@@ -281,7 +286,7 @@ def merge_and_unload(
         layer.to_merge([n for n in names if n in layer.r])
     if safe:
         check_merge_finite(model, names)
-    if not dequantize and any(is_4bit(m.base_layer) for _, m in lora_layers(model)):
+    if not dequantize and any(is_4bit(m.base_layer) for _, m in adapter_layers(model)):
         merge(model, names)  # warns with the rounding error
         names = []
     return _unwrap(model, names or None, dequantize)
@@ -347,6 +352,13 @@ def add_weighted_adapter(
             raise ValueError(f"add_weighted_adapter cannot combine {why} (layer {path!r})")
     if len(weights) != len(names):
         raise ValueError(f"got {len(weights)} weights for {len(names)} adapters")
+    kinds = {type(reg.configs[n]) for n in names}
+    if kinds != {LoraConfig}:  # (another method's adapters: combined by its own rule, where it has one)
+        method = method_of(reg.configs[names[0]]) if len(kinds) == 1 else None
+        if method is None or not hasattr(method, "add_weighted_adapter"):
+            found = sorted(k.__name__ for k in kinds)
+            raise ValueError(f"add_weighted_adapter combines LoRA adapters or IA3 adapters; got {found}")
+        return method.add_weighted_adapter(model, names, list(weights), adapter_name)
     odd = [n for n in names if reg.configs[n].target_parameters or reg.configs[n].trainable_token_indices]
     if odd:  # (expert-stacked factors and replaced embedding rows are no rank-r products to mix)
         raise ValueError(

@@ -523,3 +523,33 @@ def test_safe_merge_refuses_a_magnitude_that_would_put_inf_in_the_weight():
 def test_lora_bias_with_dora_is_refused_as_in_peft():
     with pytest.raises(ValueError, match="lora_bias is not supported with use_dora"):
         lf.LoraConfig(r=4, target_modules=["lin"], use_dora=True, lora_bias=True)
+
+
+@pytest.mark.parametrize("mode", ["input", "adapter"])
+def test_half_precision_base_follows_the_compute_mode(mode):
+    # a bf16 base with fp32 factors and magnitudes: the output in bf16, close to the fp32 model's;
+    # gradients reach A, B and m in fp32
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(32, 24), nn.GELU(), nn.Linear(24, 16))
+    lf.inject(model, lf.LoraConfig(r=4, alpha=8, target_modules=["0", "2"], use_dora=True))
+    _randomize(model)
+    half = copy.deepcopy(model)
+    for layer in (half[0], half[2]):
+        layer.base_layer.to(torch.bfloat16)
+    lf.set_compute(half, mode)
+    x = torch.randn(3, 7, 32)
+    want = model(x)
+    got = half(x.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    assert float((got.float() - want).norm() / want.norm()) < 2e-2
+    got.float().square().mean().backward()
+    m = half[0].lora_magnitude_vector["default"].weight
+    assert m.dtype == m.grad.dtype == torch.float32 and m.grad.abs().sum() > 0
+    with torch.no_grad():  # and a mixed batch in bf16 agrees with the rows run alone
+        lf.add_adapter(half, "plain", lf.LoraConfig(r=2, alpha=4, target_modules=["0", "2"]))
+        xb = x.to(torch.bfloat16)
+        with lf.adapter_batch(half, ["default", "plain", "__base__"]):
+            mixed = half(xb)
+        lf.set_adapter(half, "default")
+        row0 = half(xb[:1])
+    assert float((mixed[:1].float() - row0.float()).norm() / row0.float().norm()) < 1e-2

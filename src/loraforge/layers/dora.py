@@ -25,6 +25,12 @@ one (out × in × r) product W0·Aᵀ per step; ‖W0‖² is kept from step to 
 Parameters follow PEFT: ``lora_magnitude_vector.<adapter>.weight``, shape (out,), or
 (1, out, 1, ...) on a convolution; in files ``<path>.lora_magnitude_vector``. m starts as
 ‖W0 + ΔW‖ of the initial factors (W0 dequantized on a 4-bit base), so f = 1 at the start.
+
+Mixed batches and serving steps (one adapter per row / token) rescale the rows of DoRA adapters
+after LoRA's batched sums (PEFT refuses DoRA there). Merging applies W ← f ⊙ (W + ΔW) adapter by
+adapter with f from the unmerged base, and the merge record (``merge.py``) gives W0 back bit for
+bit. The norm is always taken of the base as it stands: a DoRA adapter running unmerged on top of
+other, merged adapters normalises W0 + ΔW_merged + ΔW (PEFT never runs that combination).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def _nf4(wl: C.Workload, device: str) -> list[C.Row]:
 
 
 def _groups() -> dict:
-    from . import bench_bound, bench_compile, bench_lora, bench_memory, bench_qlora
+    from . import bench_bound, bench_compile, bench_dora, bench_lora, bench_memory, bench_qlora
 
     return {
         "lora_step": bench_lora.training_step,
@@ -56,12 +56,13 @@ def _groups() -> dict:
         "bound": bench_bound.lower_bound,
         "compile": bench_compile.compiled_step,
         "checkpointing": bench_memory.checkpointing,
+        "dora_step": bench_dora.training_step,
     }
 
 
 GROUP_NAMES = (
     "lora_step", "qlora_step", "nf4", "linear4bit", "inference", "mixed", "switch", "memory", "bound",
-    "compile", "checkpointing",
+    "compile", "checkpointing", "dora_step",
 )
 
 

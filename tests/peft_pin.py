@@ -56,7 +56,10 @@ def _lora_grads(model, ours: bool) -> dict[str, torch.Tensor]:
     if ours:
         return {k: t.grad for k, t in _live_tensors(model, "default").items() if t.grad is not None}
     return {
-        n.replace(".modules_to_save.default", "").replace(".default", ""): p.grad
+        # (DoRA's m: live `lora_magnitude_vector.default.weight`, file key without `.weight`)
+        n.replace(".modules_to_save.default", "")
+        .replace(".default", "")
+        .replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): p.grad
         for n, p in model.named_parameters()
         if p.grad is not None and ".default" in n
     }

@@ -178,7 +178,7 @@ def test_missing_or_corrupt_files_are_clear(tmp_path, damage):
         "unknown_key": (ValueError, "unknown config key"),
         "r_zero": (ValueError, "positive integer"),
         "pickle_only": (ValueError, "safetensors"),
-        "dora": (ValueError, "use_dora"),
+        "dora": (ValueError, "lora_magnitude_vector"),  # a DoRA config over a LoRA-only file
     }[damage]
     if damage == "no_dir":
         d = tmp_path / "nothing"

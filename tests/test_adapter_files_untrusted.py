@@ -150,7 +150,7 @@ def test_nan_adapter_is_refused_by_merge_cli(tmp_path, capsys):
         ({"init_lora_weights": "corda"}, (), "init_lora_weights='corda' is not supported"),
         ({"init_lora_weights": "no"}, (), "init_lora_weights='no' is not supported"),
         ({"foo_config": {"x": 1}}, (), "unknown config key.*foo_config"),
-        ({"use_dora": True}, (), "does not support use_dora=True"),
+        ({"use_dora": "yes"}, (), "use_dora must be true or false"),
     ],
 )
 def test_config_values_are_type_checked(tmp_path, updates, drop, match):

@@ -41,7 +41,7 @@ from .injection import (
     saved_modules,
 )
 from .kinds import is_4bit
-from .layers import LoraLayer, wrapper_class
+from .layers import LoraLayer, dora, wrapper_class
 from .layers import param as param_targets
 from .layers import trainable_tokens as token_targets
 from .methods import config_from_peft_dict, method_of
@@ -187,6 +187,8 @@ def _expected_shapes(model: nn.Module, cfg: LoraConfig, targets: list[str]) -> d
             shapes[f"{PREFIX}{path}.{name}"] = shape
         if cfg.lora_bias:  # B's bias (out): B's first dimension
             shapes[f"{PREFIX}{path}.lora_B.bias"] = kind.factor_shapes(base, r)["lora_B.weight"][:1]
+        if cfg.use_dora:
+            shapes[f"{PREFIX}{path}.{dora.MAGNITUDE}"] = dora.magnitude_shape(base)
     return shapes
 
 
@@ -388,9 +390,13 @@ def _live_tensors(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
         if adapter not in layer.adapters:
             continue
         for attr in layer.adapter_param_names:
+            if adapter not in getattr(layer, attr):  # (a LoRA adapter beside a DoRA one)
+                continue
             item = getattr(layer, attr)[adapter]
             if isinstance(item, nn.Parameter):
                 out[f"{PREFIX}{path}.{attr}"] = item
+            elif attr == dora.MAGNITUDE:  # (DoRA's m: PEFT's file key has no ".weight")
+                out[f"{PREFIX}{path}.{attr}"] = item.weight
             else:  # a module: its weight (and bias, ...) under PEFT's `<attr>.weight`
                 for name, t in item.state_dict(keep_vars=True).items():
                     out[f"{PREFIX}{path}.{attr}.{name}"] = t

@@ -21,7 +21,7 @@ from .injection import (
     set_trainable,
 )
 from .kinds import is_4bit, replace_module
-from .layers import COMPUTE_MODES, AdapterLayer, LoraLayer, ModulesToSave
+from .layers import COMPUTE_MODES, AdapterLayer, LoraLayer, ModulesToSave, dora
 from .methods import method_of
 from .registry import drop_registry, registry
 
@@ -114,7 +114,8 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None, safe: bool =
     """Add ``s·B·A`` of the adapter(s) (default: the active ones) into the base weights.
 
     Idempotent: an adapter already merged is skipped. The merged weight is W0 + Σ s·B·A
-    rounded once to the weight's dtype, and :func:`unmerge` gives W0 back bit for bit in every
+    rounded once to the weight's dtype (a DoRA adapter merges as m/‖W0 + ΔW‖ ⊙ (W0 + ΔW) per
+    output channel, adapters in turn, as PEFT does), and :func:`unmerge` gives W0 back bit for bit in every
     dtype, however many times one switches: each layer keeps the factors as merged and the few
     weights where subtracting would round elsewhere (see ``loraforge.layers.merge`` for the
     memory this takes: ~0.1 B per weight for a trained adapter, at most one copy of the weight).
@@ -215,6 +216,13 @@ def _unwrap(model: nn.Module, merge_names: list[str] | None, dequantize: bool) -
         if merge_names:
             if dequantize and is_4bit(layer.base_layer):
                 base = _dequantized_linear(layer.base_layer)
+                todo = [n for n in merge_names if n in layer.r and n not in layer.merged_adapters]
+                if any(dora.is_dora(layer, n) for n in todo):  # (DoRA rescales: not a sum of ΔW)
+                    with torch.no_grad():
+                        w = layer.base_layer.dequantize(torch.float32)
+                        base.weight.copy_(dora.merge_dense(layer, w, todo))
+                    replace_module(model, name, base)
+                    continue
                 delta = sum(
                     (
                         layer.delta_weight(n)
@@ -361,6 +369,12 @@ def add_weighted_adapter(
         raise ValueError(f"combination must be 'linear', 'cat' or 'svd', got {combination!r}")
     if adapter_name in reg:
         raise ValueError(f"adapter {adapter_name!r} already exists")
+    doras = [n for n in names if reg.configs[n].use_dora]
+    if doras:  # (DoRA's rescaling is not a sum of ΔW)
+        raise ValueError(
+            f"add_weighted_adapter combines LoRA updates s·B·A; {doras} use DoRA, whose per-channel "
+            "magnitudes do not combine that way"
+        )
     combination = "linear" if len(names) == 1 else combination
     ranks = [max([reg.configs[n].r, *reg.configs[n].rank_pattern.values()]) for n in names]
     if combination == "linear" and len(set(ranks)) != 1:

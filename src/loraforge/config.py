@@ -127,6 +127,8 @@ class LoraConfig:
         if self.lora_bias and self.init not in ("default", False):
             # (PEFT's rule: PiSSA / OLoRA / LoftQ change W0, and a bias on B would not be zero at start)
             raise ValueError(f"LoraConfig.lora_bias needs init 'default' or false, got {self.init!r}")
+        if self.lora_bias and self.use_dora:  # (PEFT's rule: DoRA's rescaling would apply to B's bias)
+            raise ValueError("LoraConfig.lora_bias is not supported with use_dora (as in PEFT)")
         if not _is_int(self.loftq_bits) or self.loftq_bits not in (2, 4, 8):
             raise ValueError(f"LoraConfig.loftq_bits must be 2, 4 or 8, got {self.loftq_bits!r}")
         if not _is_int(self.loftq_iter) or self.loftq_iter < 1:

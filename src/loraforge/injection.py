@@ -11,7 +11,7 @@ from torch import nn
 from . import loftq
 from .config import LoraConfig
 from .kinds import is_4bit, replace_module
-from .layers import AdapterLayer, LoraLayer, ModulesToSave, is_linear_like, wrap, wrapper_class
+from .layers import AdapterLayer, LoraLayer, ModulesToSave, dora, is_linear_like, wrap, wrapper_class
 from .layers import param as param_targets
 from .layers import trainable_tokens as token_targets
 from .methods import method_of
@@ -281,6 +281,8 @@ def inject(model: nn.Module, cfg, adapter: str = "default", strict: bool = False
         module = model.get_submodule(name)
         base = module.base_layer if isinstance(module, LoraLayer) else module
         loftq.check_target(name, base, cfg.loftq_bits)
+    if cfg.use_dora:
+        dora.check_targets(model, targets)
     saved = _find_saved(model, cfg.modules_to_save) if cfg.modules_to_save else []
     if not reg.configs:  # the first adapter: freeze the base
         for p in model.parameters():
@@ -293,6 +295,8 @@ def inject(model: nn.Module, cfg, adapter: str = "default", strict: bool = False
         r, alpha = cfg.rank_and_alpha(name)
         module.loftq_settings = (cfg.loftq_bits, cfg.loftq_iter)
         module.add(adapter, r, alpha, cfg.dropout, cfg.use_rslora, cfg.init, lora_bias=cfg.lora_bias)
+        if cfg.use_dora:
+            dora.add_magnitude(module, adapter)
     param_targets.inject_parameters(model, cfg, adapter, params)
     token_targets.inject_tokens(model, adapter, tokens)
     for name in saved:
@@ -308,9 +312,7 @@ def inject(model: nn.Module, cfg, adapter: str = "default", strict: bool = False
 
 # LoraConfig options that the config and the PEFT mapping know but the layers do not build yet:
 # refused here, before the model changes, rather than silently trained as plain LoRA.
-_UNBUILT = {
-    "use_dora": lambda c: c.use_dora,
-}
+_UNBUILT: dict = {}  # (empty: every option is built)
 
 
 def refuse_unbuilt(cfg: LoraConfig) -> None:

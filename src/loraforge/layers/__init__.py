@@ -14,6 +14,9 @@ linear (anything ``loraforge.kinds.is_4bit`` recognises), ``nn.Embedding``, ``nn
 ``nn.Conv2d`` / ``nn.Conv3d`` (grouped too) or ``nn.MultiheadAttention`` (``mha.py``). LoRA
 does not know how the base stores its weight: ``base_weight()`` and ``_add_to_base()`` are the
 only places that look.
+
+A DoRA adapter (``LoraConfig(use_dora=True)``) also has a magnitude per output channel
+(``lora_magnitude_vector``) that rescales the layer's output: see ``dora.py``.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..kinds import is_4bit, is_conv1d
+from . import dora
 from .adapter import AdapterLayer
 from .merge import (
     add_exactly,
@@ -89,7 +90,9 @@ class LoraLayer(AdapterLayer):
         self.__dict__.pop("_concat_cache", None)
         # New modules follow this layer's mode (nn.Module starts in training mode): an adapter
         # added to / loaded into a model in eval mode must not run its dropout.
-        new = [self.lora_dropout[name]] + [getattr(self, attr)[name] for attr in self.adapter_param_names]
+        new = [self.lora_dropout[name]] + [
+            getattr(self, attr)[name] for attr in self.adapter_param_names if name in getattr(self, attr)
+        ]
         for module in new:
             if isinstance(module, nn.Module):
                 module.train(self.training)
@@ -272,13 +275,14 @@ class LoraLayer(AdapterLayer):
         if not new:
             return None
         factors = snapshot_factors(self, new)
+        scales = dora.merge_scales(self, factors)
         base = self.base_layer
         with torch.no_grad():
             if is_4bit(base):
-                trial = base.dequantize(torch.float32) + self._stored_delta(factors).to(base.weight.device)
+                trial = dora.apply_merge(self, base.dequantize(torch.float32), factors, scales, 1.0)
             else:
                 trial = base.weight.detach().clone()
-                self._applier(factors)(trial, 1.0)
+                self._applier(factors, scales)(trial, 1.0)
             if not bool(torch.isfinite(trial).all()):
                 return "weight"
             del trial
@@ -315,15 +319,22 @@ class LoraLayer(AdapterLayer):
     def _merge_from_base(self, names: list[str]) -> None:
         """W ← W0 + Σ ΔW of ``names``, with W0 the unmerged base; keeps the record to undo it."""
         factors = snapshot_factors(self, names)
+        scales = dora.merge_scales(self, factors)  # (DoRA adapters' m and f, from the unmerged base)
         base = self.base_layer
         if is_4bit(base):
             record = snapshot_quantized(base, factors)
-            error = self._add_to_base(self._stored_delta(factors))
+            if scales:
+                w = dora.apply_merge(self, base.dequantize(torch.float32), factors, scales, 1.0)
+                error = float(base.requantize_(w))
+            else:
+                error = self._add_to_base(self._stored_delta(factors))
             for n in names:
                 self.merge_error[n] = error
         else:
             device = next(iter(factors.values()))[0].device
-            record = add_exactly(base.weight, self._applier(factors), factors, device)
+            record = add_exactly(base.weight, self._applier(factors, scales), factors, device)
+        record.scales = scales
+        dora.forget(self)
         self._merge_record = record
         delta_b = self._bias_delta(names)
         if delta_b is not None:  # (lora_bias: the base bias gets Σ s·bias, undone exactly as the weight)
@@ -337,24 +348,34 @@ class LoraLayer(AdapterLayer):
             self.__dict__["_bias_record"] = (record_b, apply_b, biases)
         self.merged_adapters = list(names)
 
-    def _applier(self, factors: dict):
+    def _applier(self, factors: dict, scales: dict | None = None):
         """``apply(t, sign)``: t ← t ± Σ ΔW of the recorded (A, B, s) factors, in place, in t's
         dtype, by the same operations every time (adapters in merge order, reversed to
         subtract). Where t is a matrix in the factors' dtype: one ``addmm_`` per adapter, the
         (out × in) product never formed; otherwise ΔW in fp32 (computed once per applier),
-        added in fp32 and rounded once."""
-        items = list(factors.values())
+        added in fp32 and rounded once. DoRA adapters (``scales``: ``dora.merge_scales``) also
+        scale the output channels: t ← f ⊙ (t + ΔW), and back t ← t / f − ΔW."""
+        items = list(factors.items())
+        scales = scales or {}
         cache: list[torch.Tensor] = []
 
         def apply(t: torch.Tensor, sign: float) -> None:
             with exact_matmul():
-                if t.dim() == 2 and all(a.dtype == t.dtype and a.device == t.device for a, _, _ in items):
-                    for a, b, s in reversed(items) if sign < 0 else items:
+                plain = all(a.dtype == t.dtype and a.device == t.device for _, (a, _, _) in items)
+                if t.dim() == 2 and plain:
+                    for n, (a, b, s) in reversed(items) if sign < 0 else items:
+                        if n in scales and sign < 0:
+                            t.div_(dora.stored_view(self, scales[n][1], t))
                         # (out × in) = B·A; stored transposed (in × out) = Aᵀ·Bᵀ (Conv1D, embeddings)
                         if self.stores_transposed:
                             t.addmm_(a.t(), b.t(), alpha=sign * s)
                         else:
                             t.addmm_(b, a, alpha=sign * s)
+                        if n in scales and sign > 0:
+                            t.mul_(dora.stored_view(self, scales[n][1], t))
+                    return
+                if scales:  # in fp32, adapter by adapter, rounded once
+                    t.copy_(dora.apply_merge(self, t.float(), factors, scales, sign))
                     return
                 if not cache:
                     cache.append(self._stored_delta(factors).to(t.device))
@@ -377,17 +398,25 @@ class LoraLayer(AdapterLayer):
         merged ones."""
         record = self.__dict__.pop("_merge_record", None)
         if record is None:  # (no record: merged by other means; subtract, exact up to rounding)
+            if any(dora.is_dora(self, n) for n in self.merged_adapters):
+                raise RuntimeError("a DoRA adapter merged without its merge record cannot be unmerged")
             for n in reversed(self.merged_adapters):
                 self._add_to_base(-self.delta_weight(n))
             self.merged_adapters = []
             return []
         base = self.base_layer
+        dora.forget(self)
         if is_4bit(base):
             restore_quantized(base, record)
         else:
             device = next(iter(record.factors.values()))[0].device
-            subtract_exactly(base.weight, self._applier(record.factors), record, device, type(base).__name__)
-        changed = [n for n, f in record.factors.items() if n in self.r and not self._same_factors(n, *f)]
+            applier = self._applier(record.factors, record.scales)
+            subtract_exactly(base.weight, applier, record, device, type(base).__name__)
+        changed = [
+            n
+            for n, f in record.factors.items()
+            if n in self.r and (not self._same_factors(n, *f) or dora.changed(self, n, record.scales))
+        ]
         bias_record = self.__dict__.pop("_bias_record", None)
         if bias_record is not None:
             rec, apply_b, biases = bias_record
@@ -414,7 +443,7 @@ class LoraLayer(AdapterLayer):
                     )
 
     def _params_of(self, name: str) -> list[nn.Parameter]:
-        return list(self.factors(name))
+        return list(self.factors(name)) + dora.params(self, name)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled:
@@ -423,18 +452,26 @@ class LoraLayer(AdapterLayer):
             if self.merged_adapters:
                 raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call lf.unmerge(model)")
             if self.batch_adapters is None:
-                return self._forward_tokens(x, self.token_plan, *args, **kwargs)
-            return self._forward_mixed(x, self.batch_adapters, *args, **kwargs)
+                result = self._forward_tokens(x, self.token_plan, *args, **kwargs)
+                return dora.rescale_tokens(self, result, self.token_plan)
+            result = self._forward_mixed(x, self.batch_adapters, *args, **kwargs)
+            return dora.rescale_rows(self, result, self.batch_adapters)
         self._check_merged_training()
         result = self.base_layer(x, *args, **kwargs)
         for name in self.live_adapters():
-            result = self._add_lora(result, x, name)
+            result = self._add_adapter(result, x, name)
         return result
 
     def live_adapters(self) -> list[str]:
         """The active adapters that this layer holds and that are not merged: those the forward
         adds."""
         return [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
+
+    def _add_adapter(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``result`` with one adapter applied: LoRA's sum, or DoRA's rescaled one (``dora.py``)."""
+        if dora.is_dora(self, name):
+            return dora.add(self, result, x, name)
+        return self._add_lora(result, x, name)
 
     def _add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """``result + s·lora(x)`` for one adapter."""

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..kinds import is_4bit, is_conv1d
 from ..quant.linear4bit import Linear4bit
+from . import dora
 from .base import LoraLayer, lora_dtype
 from .tokens import tokens_first
 
@@ -163,9 +164,8 @@ class LoraLinear(LoraLayer):
         self._check_merged_training()
         base = self.base_layer
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        return _FusedLoraLinear.apply(
-            x, base.weight, base.bias, a, b, self.scaling[name], self.fan_in_fan_out
-        )
+        out = _FusedLoraLinear.apply(x, base.weight, base.bias, a, b, self.scaling[name], self.fan_in_fan_out)
+        return dora.finish(self, out, name)  # (a DoRA adapter: LoRA's output rescaled per channel)
 
     def _forward_unfused(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``LoraLayer.forward``, on tokens flattened to 2-D where the base's output is ours to add
@@ -181,7 +181,7 @@ class LoraLinear(LoraLayer):
         x2 = x.reshape(-1, x.shape[-1])
         result = self.base_layer(x2)
         for name in self.live_adapters():
-            result = self._add_lora(result, x2, name)
+            result = self._add_adapter(result, x2, name)
         return result.view(*x.shape[:-1], result.shape[-1])
 
     def _fusable(self, x: torch.Tensor) -> str | None:

@@ -58,11 +58,13 @@ class MergeRecord:
     values: torch.Tensor | None = None  # W0 at those positions
     copy: torch.Tensor | None = None  # all of W0 (dense fallback), or the packed 4-bit weight
     quant_state: object = None  # the 4-bit base's quant state before the merge
+    scales: dict = dataclasses.field(default_factory=dict)  # DoRA adapter -> (m, f) as merged (dora.py)
 
     def nbytes(self) -> int:
         """Bytes held for the restore (factors included)."""
         tensors = [t for a, b, _ in self.factors.values() for t in (a, b)]
         tensors += [t for t in (self.index, self.values, self.copy) if t is not None]
+        tensors += [t for pair in self.scales.values() for t in pair]
         state = self.quant_state
         while state is not None:
             tensors += [t for t in (state.absmax, state.code, state.offset) if t is not None]

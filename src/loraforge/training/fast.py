@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import LoraLinear
+from ..layers import LoraLinear, dora
 
 __all__ = [
     "compile_layers",
@@ -198,7 +198,7 @@ def _mlp_fast(self, x: torch.Tensor) -> torch.Tensor:
     down._check_merged_training()
     a, b = down.compute_factors(name, g.dtype)  # (cast to a half-precision input, as the layer does)
     p, xa = _SwiGLULora.apply(g, u, a)
-    return down.add_low_rank(down.base_layer(p), xa, b, down.scaling[name])
+    return dora.finish(down, down.add_low_rank(down.base_layer(p), xa, b, down.scaling[name]), name)
 
 
 def _mlp_forward(self, x, *args, **kwargs):

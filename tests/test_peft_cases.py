@@ -5,8 +5,8 @@ forward, gradients, safe merge / unmerge, merged weights, files both ways).
 The small models have the shapes PEFT's cases use (a vanilla MLP, an embedding + GPT-2 Conv1D,
 Conv1d / Conv2d / grouped Conv2d / Conv3d models, multi-head attention, an MLP whose layers are
 bare parameters) and take PEFT's test input, ``arange(90)`` as a 9 x 10 matrix. LoRA variants
-outside loraforge's scope (KaSA, MiCA, VeLoRA, MonteCLoRA, aLoRA) are left out; cases for options
-loraforge does not build yet skip, naming the option, until it does.
+outside loraforge's scope (KaSA, MiCA, VeLoRA, MonteCLoRA, aLoRA) are left out. Each case names
+the option it exercises (None: plain LoRA).
 """
 
 from __future__ import annotations
@@ -226,14 +226,14 @@ def _inputs(model_name: str) -> tuple:
 
 
 @pytest.mark.parametrize("name, model, kwargs, feature", CASES, ids=[c[0] for c in CASES])
-def test_peft_lora_case(name, model, kwargs, feature, tmp_path):
+def test_peft_lora_case(name, model, kwargs, feature, tmp_path):  # noqa: ARG001 (the table's column)
     torch.manual_seed(0)
     base = MODELS[model]().eval()
     # (see peft_pin: PEFT 0.21.2's MultiheadAttention adds the out_proj update twice; its 1x1x1
     # Conv3d merge fails)
     with peft_mha_out_proj_once() if model == "MHA" else contextlib.nullcontext():
         pin(
-            base, kwargs, _inputs(model), tmp_path, feature=feature,
+            base, kwargs, _inputs(model), tmp_path,
             mergeable=not model.startswith("Conv2dGroups"), peft_merges=model != "Conv3d1x1",
         )  # fmt: skip
 

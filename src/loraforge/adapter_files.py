@@ -36,7 +36,6 @@ from .injection import (
     inject,
     lora_layers,
     name_matches,
-    refuse_unbuilt,
     remove_modules,
     saved_modules,
 )
@@ -213,10 +212,6 @@ def load_adapter(
     weights = adapter_dir(path, adapter) / WEIGHTS_NAME
     method = None if isinstance(cfg, LoraConfig) else method_of(cfg)
     if method is None:
-        try:
-            refuse_unbuilt(cfg)
-        except ValueError as e:
-            raise ValueError(f"{weights.parent / CONFIG_NAME}: {e}") from None
         bad = [k for k in tensors if not k.startswith(PREFIX)]
         if bad:
             raise ValueError(f"{weights}: tensor keys must start with {PREFIX!r}; found {bad[:3]}")

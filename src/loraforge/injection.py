@@ -248,7 +248,6 @@ def inject(model: nn.Module, cfg, adapter: str = "default", strict: bool = False
         reg.add(adapter, cfg, targets)
         set_trainable(model)
         return model
-    refuse_unbuilt(cfg)
     if cfg.bias != "none" and any(getattr(c, "bias", "none") != "none" for c in reg.configs.values()):
         # Biases belong to the base layers, so they are shared: only one adapter may own them (as in PEFT).
         raise ValueError("only one adapter may train biases; use bias='none' for the others")
@@ -308,17 +307,6 @@ def inject(model: nn.Module, cfg, adapter: str = "default", strict: bool = False
     reg.add(adapter, cfg, targets)
     set_trainable(model)
     return model
-
-
-# LoraConfig options that the config and the PEFT mapping know but the layers do not build yet:
-# refused here, before the model changes, rather than silently trained as plain LoRA.
-_UNBUILT: dict = {}  # (empty: every option is built)
-
-
-def refuse_unbuilt(cfg: LoraConfig) -> None:
-    for key, used in _UNBUILT.items():
-        if used(cfg):
-            raise ValueError(f"loraforge does not support {key}={getattr(cfg, key)!r} yet")
 
 
 def add_adapter(model: nn.Module, adapter: str, cfg: LoraConfig, strict: bool = False) -> nn.Module:

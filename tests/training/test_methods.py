@@ -44,6 +44,7 @@ def test_loraplus_moves_b_ratio_times_faster(tmp_path, ratio):
         ("p_tuning", {"num_virtual_tokens": 4, "encoder_hidden_size": 16}, "prompt_encoder."),
         ("ia3", {}, ".ia3_l."),
         ("bottleneck", {"placement": "houlsby", "reduction_factor": 8}, "_adapters.adapter_"),
+        ("dora", None, ".lora_"),
     ],
 )
 def test_every_method_trains_saves_and_resumes(tmp_path, method, section, trained):

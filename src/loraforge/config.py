@@ -205,11 +205,7 @@ class LoraConfig:
     def from_dict(cls, data: dict[str, Any], source: str = "LoraConfig") -> LoraConfig:
         """Build from a plain dict (YAML): PEFT's names are accepted (see :meth:`canonical_keys`);
         unknown keys and bad values raise ``ValueError``."""
-        kwargs = cls.canonical_keys(data, source)
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {str(e).replace('LoraConfig.', '')}") from e
+        return build(cls, cls.canonical_keys(data, source), source)
 
     @classmethod
     def canonical_keys(cls, data: dict[str, Any], source: str = "LoraConfig") -> dict[str, Any]:
@@ -297,7 +293,7 @@ class LoraConfig:
         if "r" not in data:
             raise ValueError(f"{source}: required key 'r' (the LoRA rank) is missing")
         kwargs: dict[str, Any] = {}
-        unknown, unsupported, ignored = [], [], []
+        others: dict[str, Any] = {}
         for key, value in data.items():
             if key == "peft_type":
                 continue
@@ -313,37 +309,11 @@ class LoraConfig:
                     if sub not in ("loftq_bits", "loftq_iter"):
                         raise ValueError(f"{source}: unknown loftq_config key {sub!r}")
                     kwargs[sub] = sub_value
-            elif key in _METADATA:
-                if value is not None and not isinstance(value, _METADATA[key]):
-                    kind = {str: "a string", bool: "true or false", dict: "an object"}[_METADATA[key]]
-                    raise ValueError(f"{source}: {key} must be {kind} or null, got {value!r}")
-            elif key in _PEFT_DEFAULTS:
-                default = _PEFT_DEFAULTS[key]
-                if not (_is_unset(value) or (value == default and type(value) is type(default))):
-                    unsupported.append(f"{key}={value!r}")
-            elif _is_unset(value):
-                ignored.append(key)
             else:
-                unknown.append(f"{key}={value!r}")
-        if unknown:
-            raise ValueError(
-                f"{source}: unknown config key(s) {', '.join(sorted(unknown))}: loraforge cannot honour "
-                "them (a newer PEFT's feature?)"
-            )
-        if unsupported:
-            raise ValueError(f"{source}: loraforge does not support {', '.join(unsupported)}")
-        if ignored:
-            warnings.warn(
-                f"{source}: ignoring unknown key(s) {sorted(ignored)} (null/false/empty, as a newer PEFT "
-                "writes features that are off)",
-                stacklevel=2,
-            )
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as e:
-            # name the field as the file spells it (lora_alpha, not LoraConfig.alpha)
-            msg = re.sub(r"LoraConfig\.(\w+)", lambda m: _peft(m.group(1)), str(e))
-            raise ValueError(f"{source}: {msg}") from e
+                others[key] = value
+        check_file_keys(others, source, _PEFT_DEFAULTS)
+        # (a bad value names the field as the file spells it: lora_alpha, not LoraConfig.alpha)
+        return build(cls, kwargs, source, rename=_peft)
 
 
 # PEFT's names for LoraConfig fields, accepted wherever a LoraConfig is built from a mapping.
@@ -440,6 +410,66 @@ def _check_token_indices(value: Any) -> list[int] | dict[str, list[int]] | None:
             raise ValueError(f"LoraConfig.trainable_token_indices keys must be module names, got {value!r}")
         return {k: ids(v, f"[{k!r}]") for k, v in value.items()}
     return ids(value, "")
+
+
+# -- shared by every method's config (LoraConfig here; methods/ for the others) -----------------
+
+
+def check_dict_keys(data: dict[str, Any], known: list[str], source: str, what: str, aliases=()) -> None:
+    """Refuse a key of a config dict (YAML, kwargs) that is not a field: ValueError naming the
+    closest known one (``aliases``: other accepted spellings, e.g. PEFT's)."""
+    for key in data:
+        if key not in known and key not in aliases:
+            raise ValueError(
+                f"{source}: unknown {what} key {key!r}{_suggestion(str(key), [*known, *aliases])}; "
+                f"known keys: {', '.join(known)}"
+            )
+
+
+def check_file_keys(others: dict[str, Any], source: str, peft_defaults: dict[str, Any] | None = None) -> None:
+    """Check the ``adapter_config.json`` keys a config class does not map onto a field: keys that
+    describe the file (``_METADATA``) are type-checked; a key PEFT knows for this method
+    (``peft_defaults``) is refused unless it holds its default; any other key is ignored with a
+    warning when null / false / empty (PEFT's way of writing "off", as a newer PEFT writes its
+    features) and refused otherwise, since silently dropping it could give wrong outputs."""
+    unknown, unsupported, ignored = [], [], []
+    for key, value in others.items():
+        if key in _METADATA:
+            if value is not None and not isinstance(value, _METADATA[key]):
+                kind = {str: "a string", bool: "true or false", dict: "an object"}[_METADATA[key]]
+                raise ValueError(f"{source}: {key} must be {kind} or null, got {value!r}")
+        elif peft_defaults is not None and key in peft_defaults:
+            default = peft_defaults[key]
+            if not (_is_unset(value) or (value == default and type(value) is type(default))):
+                unsupported.append(f"{key}={value!r}")
+        elif _is_unset(value):
+            ignored.append(key)
+        else:
+            unknown.append(f"{key}={value!r}")
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown config key(s) {', '.join(sorted(unknown))}: loraforge cannot honour "
+            "them (a newer PEFT's feature?)"
+        )
+    if unsupported:
+        raise ValueError(f"{source}: loraforge does not support {', '.join(unsupported)}")
+    if ignored:
+        warnings.warn(
+            f"{source}: ignoring unknown key(s) {sorted(ignored)} (null/false/empty, as a newer PEFT "
+            "writes features that are off)",
+            stacklevel=3,
+        )
+
+
+def build(cls: type, kwargs: dict[str, Any], source: str, rename=None):
+    """``cls(**kwargs)``; a bad value is one ValueError starting with ``source`` that names the
+    field without the class (``rename``: a field's name as the file spells it)."""
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        name = rename or (lambda field_name: field_name)
+        msg = re.sub(rf"{cls.__name__}\.(\w+)", lambda m: name(m.group(1)), str(e))
+        raise ValueError(f"{source}: {msg}") from e
 
 
 def _is_int(value: Any) -> bool:

@@ -134,8 +134,10 @@ def _stamp(*items) -> tuple:
 
 
 def _fresh(cached, stamp: tuple) -> bool:
-    return cached is not None and len(cached[0]) == len(stamp) and all(
-        x is y if isinstance(x, torch.Tensor) else x == y for x, y in zip(cached[0], stamp)
+    return (
+        cached is not None
+        and len(cached[0]) == len(stamp)
+        and all(x is y if isinstance(x, torch.Tensor) else x == y for x, y in zip(cached[0], stamp))
     )
 
 

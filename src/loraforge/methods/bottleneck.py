@@ -21,7 +21,6 @@ import json
 import math
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import _METADATA, _is_int, _is_number, _is_unset, _suggestion
+from ..config import _is_int, _is_number, build, check_dict_keys, check_file_keys
 from .bottleneck_layer import INITS, NONLINEARITIES, PLACEMENTS, BottleneckLayer
 
 PREFIX = "base_model.model."
@@ -117,17 +116,8 @@ class BottleneckConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "BottleneckConfig") -> BottleneckConfig:
         """Build from a plain dict (YAML); unknown keys and bad values raise ``ValueError``."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in known:
-                raise ValueError(
-                    f"{source}: unknown bottleneck config key {key!r}{_suggestion(str(key), known)}; "
-                    f"known keys: {', '.join(known)}"
-                )
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {str(e).replace('BottleneckConfig.', '')}") from e
+        check_dict_keys(data, [f.name for f in dataclasses.fields(cls)], source, "bottleneck config")
+        return build(cls, data, source)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -151,32 +141,9 @@ class BottleneckConfig:
         if data.get("peft_type") != cls.peft_type:
             raise ValueError(f"{source}: peft_type is {data.get('peft_type')!r}; expected 'BOTTLENECK'")
         known = {f.name for f in dataclasses.fields(cls)}
-        kwargs, unknown, ignored = {}, [], []
-        for key, value in data.items():
-            if key == "peft_type":
-                continue
-            if key in known:
-                kwargs[key] = value
-            elif key in _METADATA:
-                if value is not None and not isinstance(value, _METADATA[key]):
-                    kind = {str: "a string", bool: "true or false", dict: "an object"}[_METADATA[key]]
-                    raise ValueError(f"{source}: {key} must be {kind} or null, got {value!r}")
-            elif _is_unset(value):
-                ignored.append(key)
-            else:
-                unknown.append(f"{key}={value!r}")
-        if unknown:
-            raise ValueError(
-                f"{source}: unknown config key(s) {', '.join(sorted(unknown))}: loraforge cannot honour them"
-            )
-        if ignored:
-            warnings.warn(
-                f"{source}: ignoring unknown key(s) {sorted(ignored)} (null/false/empty)", stacklevel=2
-            )
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {str(e).replace('BottleneckConfig.', '')}") from e
+        kwargs = {k: v for k, v in data.items() if k in known}
+        check_file_keys({k: v for k, v in data.items() if k not in known and k != "peft_type"}, source)
+        return build(cls, kwargs, source)
 
     @classmethod
     def from_adapterhub(cls, config: dict[str, Any], source: str = "AdapterHub config") -> BottleneckConfig:

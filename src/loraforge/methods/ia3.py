@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from ..config import _METADATA, _is_unset, _suggestion
+from ..config import build, check_dict_keys, check_file_keys
 from ..injection import _find_saved, _output_head_names, candidates, name_matches
 from ..kinds import replace_module
 from ..layers import AdapterLayer, ModulesToSave, is_linear_like
@@ -126,17 +125,8 @@ class IA3Config:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "IA3Config") -> IA3Config:
         """Build from a plain dict (YAML); unknown keys and bad values raise ``ValueError``."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in known:
-                raise ValueError(
-                    f"{source}: unknown IA3 config key {key!r}{_suggestion(str(key), known)}; "
-                    f"known keys: {', '.join(known)}"
-                )
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {str(e).replace('IA3Config.', '')}") from e
+        check_dict_keys(data, [f.name for f in dataclasses.fields(cls)], source, "IA3 config")
+        return build(cls, data, source)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -175,33 +165,9 @@ class IA3Config:
         an unknown key ignored with a warning when null / false / empty, refused otherwise."""
         if data.get("peft_type") != "IA3":
             raise ValueError(f"{source}: peft_type is {data.get('peft_type')!r}; expected 'IA3'")
-        kwargs, unknown, ignored = {}, [], []
-        for key, value in data.items():
-            if key == "peft_type":
-                continue
-            if key in _FIELDS:
-                kwargs[key] = value
-            elif key in _METADATA:
-                if value is not None and not isinstance(value, _METADATA[key]):
-                    kind = {str: "a string", bool: "true or false", dict: "an object"}[_METADATA[key]]
-                    raise ValueError(f"{source}: {key} must be {kind} or null, got {value!r}")
-            elif _is_unset(value):
-                ignored.append(key)
-            else:
-                unknown.append(f"{key}={value!r}")
-        if unknown:
-            raise ValueError(
-                f"{source}: unknown config key(s) {', '.join(sorted(unknown))}: loraforge cannot honour "
-                "them (a newer PEFT's feature?)"
-            )
-        if ignored:
-            warnings.warn(
-                f"{source}: ignoring unknown key(s) {sorted(ignored)} (null/false/empty)", stacklevel=2
-            )
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {str(e).replace('IA3Config.', '')}") from e
+        kwargs = {k: v for k, v in data.items() if k in _FIELDS}
+        check_file_keys({k: v for k, v in data.items() if k not in _FIELDS and k != "peft_type"}, source)
+        return build(cls, kwargs, source)
 
 
 CONFIGS = (IA3Config,)

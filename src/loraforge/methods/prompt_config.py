@@ -15,29 +15,12 @@ MLP or LSTM). Every adapter loaded from a file is in this mode, as PEFT loads on
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
-# adapter_config.json keys that describe the file, not the adapter: type-checked, else unused.
-_METADATA = {
-    "base_model_name_or_path": str,
-    "revision": str,
-    "peft_version": str,
-    "auto_mapping": dict,
-    "inference_mode": bool,
-    "task_type": str,
-}
+from ..config import _METADATA, _is_int, build, check_dict_keys, check_file_keys
+
 _DERIVED = ("token_dim", "num_layers", "num_attention_heads", "num_transformer_submodules")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_unset(v: Any) -> bool:
-    return v is None or v is False or (isinstance(v, (dict, list)) and not v)
 
 
 @dataclass
@@ -124,22 +107,14 @@ class _PromptLearning:
         source = source or cls.__name__
         known = cls._fields()
         peft_to_ours = {v: k for k, v in cls.PEFT_NAMES.items()}
+        check_dict_keys(data, known, source, cls.__name__, aliases=peft_to_ours)
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             name = peft_to_ours.get(key, key)
-            if name not in known:
-                close = difflib.get_close_matches(str(key), known + list(peft_to_ours), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(
-                    f"{source}: unknown {cls.__name__} key {key!r}{hint}; known keys: {', '.join(known)}"
-                )
             if name in kwargs:
                 raise ValueError(f"{source}: {name!r} is given twice (as {name!r} and as PEFT's {key!r})")
             kwargs[name] = value
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {str(e).replace(cls.__name__ + '.', '')}") from e
+        return build(cls, kwargs, source)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -189,38 +164,19 @@ class _PromptLearning:
         peft_to_ours = {v: k for k, v in cls.PEFT_NAMES.items()}
         known = set(cls._fields())
         kwargs: dict[str, Any] = {}
-        unknown, ignored = [], []
+        others: dict[str, Any] = {}
         for key, value in data.items():
             name = peft_to_ours.get(key, key)
             if key in ("peft_type", "modules_to_save"):
                 continue
-            if key in _METADATA:
-                if value is not None and not isinstance(value, _METADATA[key]):
-                    raise ValueError(
-                        f"{source}: {key} must be a {_METADATA[key].__name__} or null, got {value!r}"
-                    )
-            elif name in known:
+            if name in known and key not in _METADATA:
                 kwargs[name] = cls._value_from_peft(key, value, source)
-            elif _is_unset(value):
-                ignored.append(key)
             else:
-                unknown.append(f"{key}={value!r}")
-        if unknown:
-            raise ValueError(
-                f"{source}: unknown config key(s) {', '.join(sorted(unknown))}: loraforge cannot honour them"
-            )
-        if ignored:
-            warnings.warn(
-                f"{source}: ignoring unknown key(s) {sorted(ignored)} (null/false/empty)", stacklevel=2
-            )
+                others[key] = value
+        check_file_keys(others, source)
         kwargs["inference_mode"] = True
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as e:
-            msg = str(e).replace(cls.__name__ + ".", "")
-            for ours, theirs in cls.PEFT_NAMES.items():
-                msg = msg.replace(f"{ours} must", f"{theirs} must")
-            raise ValueError(f"{source}: {msg}") from e
+        # (a bad value names the field as the file spells it: prompt_tuning_init, not init)
+        return build(cls, kwargs, source, rename=lambda name: cls.PEFT_NAMES.get(name, name))
 
 
 @dataclass

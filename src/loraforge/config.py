@@ -145,19 +145,7 @@ class LoraConfig:
             )
         self.trainable_token_indices = _check_token_indices(self.trainable_token_indices)
         for name in ("target_modules", "exclude_modules", "layers_pattern"):
-            value = getattr(self, name)
-            if isinstance(value, (tuple, set)):
-                value = sorted(value) if isinstance(value, set) else list(value)
-                setattr(self, name, value)
-            if value is not None and not isinstance(value, (str, list)):
-                raise ValueError(f"LoraConfig.{name} must be a string, a list of strings or None")
-            if isinstance(value, list) and not all(isinstance(v, str) for v in value):
-                raise ValueError(f"LoraConfig.{name} must hold strings, got {value!r}")
-            if isinstance(value, str) and value != "all-linear":
-                try:
-                    re.compile(value)
-                except re.error as e:
-                    raise ValueError(f"LoraConfig.{name} is not a valid regex: {value!r} ({e})") from e
+            setattr(self, name, module_spec(self, name))
         if _is_int(self.layers_to_transform):
             self.layers_to_transform = [self.layers_to_transform]
         if isinstance(self.layers_to_transform, tuple):
@@ -413,6 +401,25 @@ def _check_token_indices(value: Any) -> list[int] | dict[str, list[int]] | None:
 
 
 # -- shared by every method's config (LoraConfig here; methods/ for the others) -----------------
+
+
+def module_spec(config: Any, name: str) -> list[str] | str | None:
+    """A config's field that names modules, checked: a list of names (a tuple or set becomes a
+    list), a regex string (compiled to check it), "all-linear", or None."""
+    value = getattr(config, name)
+    where = f"{type(config).__name__}.{name}"
+    if isinstance(value, (tuple, set)):
+        value = sorted(value) if isinstance(value, set) else list(value)
+    if value is not None and not isinstance(value, (str, list)):
+        raise ValueError(f"{where} must be a string, a list of strings or None, got {value!r}")
+    if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{where} must hold strings, got {value!r}")
+    if isinstance(value, str) and value != "all-linear":
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"{where} is not a valid regex: {value!r} ({e})") from None
+    return value
 
 
 def check_dict_keys(data: dict[str, Any], known: list[str], source: str, what: str, aliases=()) -> None:

@@ -69,17 +69,48 @@ class AdapterLayer(nn.Module):
         return out
 
     # -- merge -------------------------------------------------------------------------------
+    # A mergeable holder implements ``_merge_from_base(names)`` (the base ← W0 with ``names``
+    # folded in, keeping what gives W0 back) and ``_restore_base()`` (W0 again, bit for bit; returns
+    # the adapters whose parameters changed while merged). Merging or unmerging one adapter of
+    # several restores W0 and merges the others again, so the base never accumulates rounding.
     def merge(self, name: str | list[str]) -> None:
+        """Fold the adapter(s) into the base weights; idempotent (merged ones are skipped)."""
         if self.cannot_merge:
             raise TypeError(
                 f"{self.method} adapters cannot be merged into the base weights ({self.cannot_merge})"
             )
-        raise NotImplementedError
+        new = self.to_merge(name)
+        if not new:
+            return
+        keep = list(self.merged_adapters)
+        self._restore_base()
+        self._merge_from_base(keep + new)
+
+    def to_merge(self, name: str | list[str]) -> list[str]:
+        """The adapters among ``name`` that a merge would add (not merged yet); KeyError for one
+        this holder does not have (subclasses add their refusals: nothing changes)."""
+        names = [name] if isinstance(name, str) else list(name)
+        for n in names:
+            if n not in self.adapters:
+                raise KeyError(n)
+        return [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
 
     def unmerge(self, name: str | None = None) -> list[str]:
-        """Take merged adapter(s) out; returns those whose parameters changed while merged."""
-        if self.cannot_merge or not self.merged_adapters:
+        """Take merged adapter(s) (default: all) out of the base weights, which then equal their
+        values before the merge bit for bit. Returns the adapters whose parameters changed while
+        merged (the merged weights carried their values from merge time)."""
+        if not self.merged_adapters or (name is not None and name not in self.merged_adapters):
             return []
+        keep = [] if name is None else [n for n in self.merged_adapters if n != name]
+        changed = self._restore_base()
+        if keep:
+            self._merge_from_base(keep)
+        return changed
+
+    def _merge_from_base(self, names: list[str]) -> None:
+        raise NotImplementedError
+
+    def _restore_base(self) -> list[str]:
         raise NotImplementedError
 
     def check_merged_training(self) -> None:

@@ -105,16 +105,10 @@ class LoraLayer(AdapterLayer):
             self.active_adapters = [name]
 
     def delete(self, name: str) -> None:
-        if name in self.merged_adapters:
-            self.unmerge(name)
-        for attr in self.adapter_param_names:
-            container = getattr(self, attr)
-            if name in container:
-                del container[name]
+        super().delete(name)
         del self.lora_dropout[name]
         for d in (self.r, self.alpha, self.scaling, self.lora_bias):
             d.pop(name, None)
-        self.active_adapters = [a for a in self.active_adapters if a != name]
         self.__dict__.pop("_stack_cache", None)  # (mixed batches' stacked factors: see _stacks)
         self.__dict__.pop("_concat_cache", None)  # (serving's concatenated factors: see _concat)
 
@@ -242,24 +236,12 @@ class LoraLayer(AdapterLayer):
     # The base holds W0 + Σ ΔW of ``merged_adapters``, always formed from W0 in one rounding;
     # ``_merge_record`` (see ``merge.py``) holds what gives W0 back bit for bit. Merging or
     # unmerging one adapter of several restores W0 and merges the others again.
-    def merge(self, name: str | list[str]) -> None:
-        """Add ΔW of the adapter(s) to the base weight (and s·bias of B to the base bias, for
-        ``lora_bias``); idempotent (merged ones are skipped)."""
-        new = self.to_merge(name)
-        if not new:
-            return
-        keep = list(self.merged_adapters)
-        self._restore_base()
-        self._merge_from_base(keep + new)
-
+    # (merge / unmerge: AdapterLayer's, over _merge_from_base and _restore_base below. The base
+    # gets ΔW of each adapter, and s·bias of B for lora_bias.)
     def to_merge(self, name: str | list[str]) -> list[str]:
         """The adapters among ``name`` that a merge would add (not merged yet); raises
         ValueError where they cannot merge into this layer (nothing changes)."""
-        names = [name] if isinstance(name, str) else list(name)
-        for n in names:
-            if n not in self.r:
-                raise KeyError(n)
-        new = [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
+        new = super().to_merge(name)
         biased = [n for n in new if self.lora_bias_param(n) is not None]
         if biased and getattr(self.base_layer, "bias", None) is None:
             raise ValueError(
@@ -303,18 +285,6 @@ class LoraLayer(AdapterLayer):
         for b, s in terms[1:]:
             delta = delta + b * s
         return delta
-
-    def unmerge(self, name: str | None = None) -> list[str]:
-        """Take merged adapter(s) (default: all) out of the base weight, which then equals its
-        value before the merge bit for bit. Returns the adapters whose factors changed while
-        merged (the merged weights carried their values from merge time)."""
-        if name is not None and name not in self.merged_adapters:
-            return []
-        keep = [] if name is None else [n for n in self.merged_adapters if n != name]
-        changed = self._restore_base()
-        if keep:
-            self._merge_from_base(keep)
-        return changed
 
     def _merge_from_base(self, names: list[str]) -> None:
         """W ← W0 + Σ ΔW of ``names``, with W0 the unmerged base; keeps the record to undo it."""

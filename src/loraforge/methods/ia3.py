@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from ..config import build, check_dict_keys, check_file_keys
+from ..config import build, check_dict_keys, check_file_keys, module_spec
 from ..injection import _find_saved, _output_head_names, candidates, name_matches
 from ..kinds import replace_module
 from ..layers import AdapterLayer, ModulesToSave, is_linear_like
@@ -87,21 +87,7 @@ class IA3Config:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"IA3Config.{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("target_modules", "feedforward_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if isinstance(value, (tuple, set)):
-                value = sorted(value) if isinstance(value, set) else list(value)
-                setattr(self, name, value)
-            if value is not None and not isinstance(value, (str, list)):
-                raise ValueError(
-                    f"IA3Config.{name} must be a string, a list of strings or None, got {value!r}"
-                )
-            if isinstance(value, list) and not all(isinstance(v, str) for v in value):
-                raise ValueError(f"IA3Config.{name} must hold strings, got {value!r}")
-            if isinstance(value, str) and value != "all-linear":
-                try:
-                    re.compile(value)
-                except re.error as e:
-                    raise ValueError(f"IA3Config.{name} is not a valid regex: {value!r} ({e})") from None
+            setattr(self, name, module_spec(self, name))
         if self.feedforward_modules == "all-linear":
             raise ValueError(
                 "IA3Config.feedforward_modules must name modules; 'all-linear' is for target_modules"

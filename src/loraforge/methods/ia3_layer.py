@@ -150,31 +150,8 @@ class IA3Layer(AdapterLayer):
         return rows.view(rows.shape[0], *ones, -1) if not self.is_conv else rows.view(*rows.shape, *ones)
 
     # -- merge -------------------------------------------------------------------------------
-    def merge(self, name: str | list[str]) -> None:
-        """Scale the base weight (and, for output vectors, the bias) by the adapter(s)' vectors;
-        idempotent (merged ones are skipped)."""
-        names = [name] if isinstance(name, str) else list(name)
-        for n in names:
-            if n not in self.ia3_l:
-                raise KeyError(n)
-        new = [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
-        if not new:
-            return
-        keep = list(self.merged_adapters)
-        self._restore_base()
-        self._merge_from_base(keep + new)
-
-    def unmerge(self, name: str | None = None) -> list[str]:
-        """Take merged adapter(s) (default: all) out; the base weight and bias then equal their
-        values before the merge bit for bit. Returns the adapters whose vectors changed while
-        merged (the merged weights carried their values from merge time)."""
-        if not self.merged_adapters or (name is not None and name not in self.merged_adapters):
-            return []
-        keep = [] if name is None else [n for n in self.merged_adapters if n != name]
-        changed = self._restore_base()
-        if keep:
-            self._merge_from_base(keep)
-        return changed
+    # (merge / unmerge: AdapterLayer's, over _merge_from_base and _restore_base: the base weight,
+    # and for output vectors the bias, scaled by the adapters' vectors.)
 
     def nonfinite_merge(self, name: str | list[str]) -> str | None:
         """Which of the base weight / bias would hold NaN or Inf once the adapter(s) are merged

@@ -352,6 +352,17 @@ def test_register_refuses_what_does_not_fit(llama, tmp_path):
     eng.register_adapter("small", paths["small"])
     with pytest.raises(engine_mod.AdapterError, match="taken"):
         eng.register_adapter("small", paths["small"])
+    # other methods' adapters load in the library but the engine's per-token adapters are LoRA's
+    for name, method_cfg in (
+        ("ia3", lf.IA3Config()),
+        ("prefix", lf.PrefixTuningConfig(num_virtual_tokens=2)),
+    ):
+        m = lf.inject(_fresh(cfg, state), method_cfg, adapter=name)
+        saved = lf.save_adapter(m, tmp_path / name, adapter=name)
+        with pytest.raises(
+            engine_mod.AdapterError, match=f"a {method_cfg.peft_type} adapter; loraforge serve serves LoRA"
+        ):
+            eng.register_adapter(name, saved)
     assert list(eng.adapters) == ["small"]
 
 

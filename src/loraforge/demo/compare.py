@@ -9,8 +9,9 @@ parameters (about 16 k, the demo LoRA's; IA3 has a fixed size, far smaller: see 
 - held-out loss and the demo's style / content scores (greedy answers to held-out questions);
 - training time;
 - decoding latency at batch 1 and 32 (ms per generated token, greedy) with the adapter kept
-  apart, and merged into the weights where the method allows it, each as a ratio to the base
-  model timed in the same loop;
+  apart, and merged where the method allows it (``merge_and_unload``: the adapter in the weights,
+  the original module classes, as one deploys it), each as a ratio to the base model timed in the
+  same loop;
 - the context each method consumes (virtual tokens put before every prompt).
 - how the seeds differ: a seed changes the initialisation, the batch order and the answers'
   phrasings (``loraforge demo``'s data), not the base or the held-out questions.
@@ -141,9 +142,9 @@ def measure(name: str, run: dict, base_dir: Path, s: Settings, args) -> dict:
     out = {"style": scores["style"], "content": scores["content"]}
     for merged in (False, True):
         if merged:
-            try:
-                lf.merge(model)
-            except ValueError:  # prefix / prompt / bottleneck: nothing to merge into
+            try:  # the deployed form: the adapter in the weights, the original module classes
+                model = lf.merge_and_unload(model)
+            except ValueError:  # prefix / prompt / bottleneck: nothing to merge into (model unchanged)
                 break
         for batch in (1, 32):
             prompts = (questions * (batch // len(questions) + 1))[:batch]

@@ -76,8 +76,8 @@ def parse_args(argv):
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1; each cell is mean ± spread")
     p.add_argument("--quick", action="store_true", help="90 training steps instead of 160")
     p.add_argument("--steps", type=int, default=None, help="training steps per run")
-    p.add_argument("--latency-tokens", type=int, default=16, help="tokens generated per latency measurement")
-    p.add_argument("--latency-reps", type=int, default=5, help="timed repetitions (the median is kept)")
+    p.add_argument("--latency-tokens", type=int, default=32, help="tokens generated per latency measurement")
+    p.add_argument("--latency-reps", type=int, default=11, help="timed repetitions (the median is kept)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (see loraforge demo --help)")
     return p.parse_args(argv)
 

@@ -181,6 +181,7 @@ def run(argv=None) -> int:
     say(f"\ndone in {elapsed:.0f} s. Next, try:")
     say(f"  loraforge chat --demo {out}")
     say(f"  loraforge serve --demo {out}     # the characters over an OpenAI-compatible API + a chat page")
+    say("  loraforge compare                # DoRA, IA3, prefix/prompt tuning, bottleneck adapters vs LoRA")
     adapter = results[(s.characters[0], "lora")]["weights"]
     first = s.characters[0]
     say(

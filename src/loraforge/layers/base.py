@@ -403,18 +403,6 @@ class LoraLayer(AdapterLayer):
         return same and scaling == self.scaling[name]
 
     # -- forward -----------------------------------------------------------------------------
-    def _check_merged_training(self) -> None:
-        if self.training and torch.is_grad_enabled():
-            for n in self.merged_adapters:
-                if any(p.requires_grad for p in self._params_of(n)):
-                    raise RuntimeError(
-                        f"adapter {n!r} is merged into the base weights; call lf.unmerge(model) before "
-                        "training it (gradients would not reach the merged copy)"
-                    )
-
-    def _params_of(self, name: str) -> list[nn.Parameter]:
-        return list(self.factors(name)) + dora.params(self, name)
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled:
             return self.base_layer(x, *args, **kwargs)
@@ -426,7 +414,7 @@ class LoraLayer(AdapterLayer):
                 return dora.rescale_tokens(self, result, self.token_plan)
             result = self._forward_mixed(x, self.batch_adapters, *args, **kwargs)
             return dora.rescale_rows(self, result, self.batch_adapters)
-        self._check_merged_training()
+        self.check_merged_training()
         result = self.base_layer(x, *args, **kwargs)
         for name in self.live_adapters():
             result = self._add_adapter(result, x, name)

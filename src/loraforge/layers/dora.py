@@ -86,10 +86,6 @@ def is_dora(layer: nn.Module, name: str) -> bool:
     return name in layer._modules.get(MAGNITUDE, ())
 
 
-def params(layer: nn.Module, name: str) -> list[nn.Parameter]:
-    return [layer.lora_magnitude_vector[name].weight] if is_dora(layer, name) else []
-
-
 def add_magnitude(layer: nn.Module, name: str) -> None:
     """Give adapter ``name`` of ``layer`` its magnitude m = ‖W0 + ΔW‖ (the current factors)."""
     if not supported(layer.base_layer):

@@ -161,7 +161,7 @@ class LoraLinear(LoraLayer):
         name = self._fusable(x)
         if name is None:
             return self._forward_unfused(x, *args, **kwargs)
-        self._check_merged_training()
+        self.check_merged_training()
         base = self.base_layer
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         out = _FusedLoraLinear.apply(x, base.weight, base.bias, a, b, self.scaling[name], self.fan_in_fan_out)
@@ -177,7 +177,7 @@ class LoraLinear(LoraLayer):
             or torch.compiler.is_compiling() or not self._owns_output()
         ):  # fmt: skip
             return super().forward(x, *args, **kwargs)
-        self._check_merged_training()
+        self.check_merged_training()
         x2 = x.reshape(-1, x.shape[-1])
         result = self.base_layer(x2)
         for name in self.live_adapters():

@@ -77,9 +77,6 @@ class LoraMultiheadAttention(LoraLayer):
         """(A', B') of the output projection."""
         return self.out_proj_lora_A[name].weight, self.out_proj_lora_B[name].weight
 
-    def _params_of(self, name: str) -> list[nn.Parameter]:
-        return [*self.factors(name), *self.out_factors(name)]
-
     def reset(self, name: str, init: str | bool) -> None:
         if init is False:
             return super().reset(name, init)
@@ -167,7 +164,7 @@ class LoraMultiheadAttention(LoraLayer):
             raise RuntimeError(
                 "LoRA on nn.MultiheadAttention does not support mixed-adapter batches (nor PEFT)"
             )
-        self._check_merged_training()
+        self.check_merged_training()
         live = self.live_adapters()
         if not live:
             return base(query, *args, **kwargs)

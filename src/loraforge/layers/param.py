@@ -131,7 +131,7 @@ class LoraParam(LoraLayer):
         live = [] if self.disabled else self.live_adapters()
         if not live:
             return self.base_layer(*args, **kwargs)
-        self._check_merged_training()
+        self.check_merged_training()
         key, module = self.parameter_name, self.base_layer
         while isinstance(module, LoraParam):  # (the path to the parameter through nested wrappers)
             key, module = "base_layer." + key, module.base_layer

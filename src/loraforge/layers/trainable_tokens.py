@@ -96,7 +96,7 @@ class TrainableTokens(LoraLayer):
             self.token_indices.pop(name, None)
             delattr(self.token_adapter.trainable_tokens_original, name)
 
-    def _params_of(self, name: str) -> list[nn.Parameter]:
+    def params_of(self, name: str) -> list[nn.Parameter]:
         return [self.rows(name)[1]]
 
     def factors(self, name: str):
@@ -158,7 +158,7 @@ class TrainableTokens(LoraLayer):
             if self.merged_adapters:
                 raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call lf.unmerge(model)")
             return self._forward_rows(x, *args, **kwargs)
-        self._check_merged_training()
+        self.check_merged_training()
         live = self.live_adapters()
         if not live:
             return self.base_layer(x, *args, **kwargs)

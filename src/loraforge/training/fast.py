@@ -195,7 +195,7 @@ def _mlp_fast(self, x: torch.Tensor) -> torch.Tensor:
     name = _live_lora(down)
     if name is None:  # plain nn.Linear, merged / disabled adapters, dropout, mixed batch, ...
         return down(_SwiGLU.apply(g, u))
-    down._check_merged_training()
+    down.check_merged_training()
     a, b = down.compute_factors(name, g.dtype)  # (cast to a half-precision input, as the layer does)
     p, xa = _SwiGLULora.apply(g, u, a)
     return dora.finish(down, down.add_low_rank(down.base_layer(p), xa, b, down.scaling[name]), name)

@@ -98,6 +98,18 @@ def logits(model, ids):
         return model(ids).logits
 
 
+def snapshot(model):
+    """What a refused operation must leave as it was: every state tensor (cloned) and module type."""
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+def assert_unchanged(model, snap) -> None:
+    state, types = snap
+    assert [type(m) for m in model.modules()] == types
+    now = model.state_dict()
+    assert set(now) == set(state) and all(torch.equal(now[k], state[k]) for k in state)
+
+
 @pytest.fixture
 def ids():
     return torch.randint(0, 96, (3, 9), generator=torch.Generator().manual_seed(7))

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import logits, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import assert_unchanged, logits, randomize_lora, snapshot, tiny_bert, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file, save_file
 
 import loraforge as lf
@@ -98,17 +98,6 @@ def test_peft_multi_adapter_subfolder_and_modules_to_save_roundtrip(tmp_path, id
     torch.testing.assert_close(logits(back, ids), logits(theirs, ids), rtol=0, atol=1e-5)
 
 
-def _snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
-
-
-def _unchanged(model, snap):
-    state, types = snap
-    assert [type(m) for m in model.modules()] == types
-    now = model.state_dict()
-    assert set(now) == set(state) and all(torch.equal(now[k], state[k]) for k in state)
-
-
 def test_adapter_for_another_base_is_refused_and_model_untouched(tmp_path):
     small = lf.inject(tiny_llama(), lf.LoraConfig(r=4, target_modules=["q_proj"]))
     lf.save_adapter(small, tmp_path)
@@ -124,12 +113,12 @@ def test_adapter_for_another_base_is_refused_and_model_untouched(tmp_path):
             num_key_value_heads=2,
         )
     )
-    snap = _snapshot(other)
+    snap = snapshot(other)
     with pytest.raises(ValueError) as e:
         lf.load_adapter(other, tmp_path)
     msg = str(e.value)
     assert "model.layers.0.self_attn.q_proj" in msg and "(4, 32)" in msg and "(4, 48)" in msg
-    _unchanged(other, snap)
+    assert_unchanged(other, snap)
 
 
 def test_second_load_error_leaves_existing_adapters(tmp_path):
@@ -141,13 +130,13 @@ def test_second_load_error_leaves_existing_adapters(tmp_path):
     (tmp_path / "b").mkdir()
     save_file(tensors, tmp_path / "b" / "adapter_model.safetensors")
     (tmp_path / "b" / "adapter_config.json").write_text((tmp_path / "a" / "adapter_config.json").read_text())
-    snap = _snapshot(m)
+    snap = snapshot(m)
     with pytest.raises(ValueError, match="missing"):
         lf.load_adapter(m, tmp_path / "b", adapter="b")
-    _unchanged(m, snap)
+    assert_unchanged(m, snap)
     with pytest.raises(ValueError, match=r"already exists; known adapters: \['a'\]"):
         lf.load_adapter(m, tmp_path / "a", adapter="a")
-    _unchanged(m, snap)
+    assert_unchanged(m, snap)
 
 
 @pytest.mark.parametrize(
@@ -196,10 +185,10 @@ def test_missing_or_corrupt_files_are_clear(tmp_path, damage):
         cfg.update({"unknown_key": {"surprise": 1}, "r_zero": {"r": 0}, "dora": {"use_dora": True}}[damage])
         (d / "adapter_config.json").write_text(json.dumps(cfg))
     fresh = tiny_llama()
-    snap = _snapshot(fresh)
+    snap = snapshot(fresh)
     with pytest.raises(expect[0], match=expect[1]):
         lf.load_adapter(fresh, d)
-    _unchanged(fresh, snap)
+    assert_unchanged(fresh, snap)
 
 
 def test_writes_are_atomic(tmp_path, monkeypatch):

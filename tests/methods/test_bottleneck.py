@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import logits, randomize_lora, tiny_gpt2, tiny_llama
+from conftest import assert_unchanged, logits, randomize_lora, snapshot, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -111,7 +111,7 @@ def test_adapterhub_configs_loraforge_cannot_build_are_refused(tmp_path):
     with pytest.raises(ValueError, match="none of seq_bn, double_seq_bn, par_bn"):
         lf.BottleneckConfig.from_adapterhub({**pfeiffer, "mh_adapter": True})
     d = hub_dir(tmp_path, tensors, hub_configs, "seq_bn")
-    snap = _snapshot(base)
+    snap = snapshot(base)
     (d / "adapter_config.json").write_text(
         json.dumps({**hub_configs["seq_bn"], "config": {**pfeiffer, "ln_after": True}})
     )
@@ -303,15 +303,8 @@ def test_files_roundtrip_and_layout(tmp_path, ids):
     )
 
 
-def _snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
-
-
 def _unchanged(model, snap):
-    state, types = snap
-    assert [type(m) for m in model.modules()] == types
-    now = model.state_dict()
-    assert set(now) == set(state) and all(torch.equal(now[k], state[k]) for k in state)
+    assert_unchanged(model, snap)
     assert not any(mod._forward_pre_hooks or mod._forward_hooks for mod in model.modules())
 
 
@@ -347,7 +340,7 @@ def test_bad_files_are_refused_and_model_untouched(tmp_path, damage):
     save_file(tensors, weights)
     config.write_text(json.dumps(cfg))
     fresh = tiny_llama()
-    snap = _snapshot(fresh)
+    snap = snapshot(fresh)
     with pytest.raises(ValueError, match=expect) as e:
         lf.load_adapter(fresh, tmp_path)
     assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
@@ -429,7 +422,7 @@ def test_a_load_failing_after_injection_is_rolled_back(tmp_path, ids, monkeypatc
     m = lf.inject(tiny_llama(), lf.BottleneckConfig(placement="parallel"), adapter="a")
     randomize(m)
     lf.save_adapter(lf.inject(tiny_llama(), lf.BottleneckConfig(placement="houlsby")), tmp_path)
-    expected, snap = logits(m, ids), _snapshot(m)
+    expected, snap = logits(m, ids), snapshot(m)
     hooks = {
         name: (dict(mod._forward_hooks), dict(mod._forward_pre_hooks)) for name, mod in m.named_modules()
     }

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import logits, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import assert_unchanged, logits, snapshot, tiny_bert, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -440,15 +440,6 @@ def test_4bit_base_forward_merge_unmerge(ids):
 
 
 # -- bad files ----------------------------------------------------------------------------------
-def _snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
-
-
-def _unchanged(model, snap):
-    state, types = snap
-    assert [type(m) for m in model.modules()] == types
-    now = model.state_dict()
-    assert set(now) == set(state) and all(torch.equal(now[k], state[k]) for k in state)
 
 
 @pytest.mark.parametrize("damage", ["shape", "nan", "missing", "extra", "int", "config"])
@@ -481,11 +472,11 @@ def test_bad_files_are_refused_and_model_untouched(tmp_path, damage):
         cfg["feedforward_modules"] = 7
         (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
     save_file(tensors, weights)
-    snap = _snapshot(m)
+    snap = snapshot(m)
     with pytest.raises(ValueError, match=expect) as e:
         lf.load_adapter(m, tmp_path, adapter="b")
     assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
-    _unchanged(m, snap)
+    assert_unchanged(m, snap)
     assert lf.list_adapters(m) == ["a"]
 
 
@@ -497,10 +488,10 @@ def test_modules_to_save_tensor_missing_is_one_clear_line(tmp_path):
     tensors = load_file(weights)
     del tensors["base_model.model.classifier.bias"]
     save_file(tensors, weights)
-    snap = _snapshot(base)
+    snap = snapshot(base)
     with pytest.raises(ValueError, match=r"lacks tensors its config implies.*classifier\.bias"):
         lf.load_adapter(base, tmp_path)
-    _unchanged(base, snap)
+    assert_unchanged(base, snap)
 
 
 def test_lora_and_ia3_on_one_module_is_refused():

@@ -37,6 +37,11 @@ ADAPTER_SECTIONS = {"lora": "lora", "qlora": "lora", "dora": "lora"}
 ADAPTER_SECTIONS |= {m: m for m in ("ia3", "prefix", "prompt", "p_tuning", "bottleneck")}
 
 
+# methods train.distributed: fsdp supports (their trainable tensors are ordinary parameters of the
+# wrapped layers; the prompt methods' hooks and virtual tokens are not sharded)
+FSDP_METHODS = ("lora", "qlora", "dora", "full")
+
+
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and its source."""
 
@@ -92,6 +97,19 @@ class DataSection:
 
 
 @dataclass
+class FsdpSection:
+    reshard_after_forward: bool = True
+    """Free each decoder layer's gathered weights after its forward and gather them again for its
+    backward (less memory, one more all-gather per layer and step); false keeps them to the backward."""
+    cpu_offload: bool = False
+    """Keep the sharded parameters, gradients and optimizer state in host memory, copied to the GPU per
+    layer (torch's CPUOffloadPolicy): for a model whose shards still do not fit; no effect on a CPU run."""
+    mixed_precision: Literal["none", "bfloat16", "float16"] = "none"
+    """Gather floating parameters in this dtype for compute (gradients are reduced in float32; 4-bit
+    packed weights and their quantization constants are never cast); none = the model's dtype."""
+
+
+@dataclass
 class TrainSection:
     epochs: int = 1
     """Passes over the training data (train.max_steps > 0 overrides it)."""
@@ -139,6 +157,15 @@ class TrainSection:
     """Seed of the LoRA initialisation, dropout and data order."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: ddp = every process holds the whole model, the trainable gradients are
+    all-reduced; fsdp = the model (the frozen base included, 4-bit or not) is sharded over the
+    processes with PyTorch's FSDP2 (fully_shard per decoder layer), each holding about 1/world of it."""
+    fsdp: FsdpSection = field(default_factory=FsdpSection)
+    """Options of train.distributed: fsdp."""
+    dist_timeout: float = 600.0
+    """Seconds a process waits for the others in a collective before the run stops with an error (a
+    process that died or hangs); also bounds start-up."""
     loss_chunk_size: int = 0
     """Tokens per LM-head chunk of the loss; 0 = automatic."""
     log_every: int = 1
@@ -315,6 +342,14 @@ class TrainConfig:
             )
         if not t.lr > 0:
             raise bad("train.lr", f"must be > 0, got {t.lr}")
+        if not t.dist_timeout > 0:
+            raise bad("train.dist_timeout", f"must be > 0 seconds, got {t.dist_timeout}")
+        if t.distributed == "fsdp" and self.method not in FSDP_METHODS:
+            raise bad(
+                "train.distributed",
+                f"fsdp shards lora, qlora, dora and full runs; method {self.method!r} adds hooks and "
+                "virtual tokens FSDP does not shard: use ddp",
+            )
         if not 0 <= t.min_lr_ratio <= 1:
             raise bad("train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
         if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):

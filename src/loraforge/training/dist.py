@@ -1,14 +1,17 @@
 """torch.distributed set-up for ``torchrun``: one process per device, NCCL on GPUs, gloo on CPU.
 
-Only the trainable tensors take part in DistributedDataParallel's gradient all-reduce; the
-frozen base is identical on every process by construction (same files, same seed) and is never
-sent.
+Under DDP only the trainable tensors take part in DistributedDataParallel's gradient all-reduce;
+the frozen base is identical on every process by construction (same files, same seed) and is
+never sent. Under FSDP (``train.distributed: fsdp``, see ``fsdp.py``) every process holds a shard
+of the model instead; a single process then still forms a process group of one (FSDP2 needs a
+device mesh), without torchrun.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as td
@@ -24,6 +27,12 @@ class DistInfo:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    mode: str = "ddp"  # ddp | fsdp (train.distributed)
+    mesh: object = None  # FSDP's 1-D DeviceMesh over every process; None under DDP
+
+    @property
+    def fsdp(self) -> bool:
+        return self.mode == "fsdp"
 
     @property
     def is_main(self) -> bool:
@@ -45,16 +54,30 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def setup(device_name: str = "auto") -> DistInfo:
-    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1)."""
+def setup(device_name: str = "auto", mode: str = "ddp", timeout_s: float = 600.0) -> DistInfo:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1), or, for FSDP in a
+    single process, form a group of one. ``timeout_s`` bounds every collective: a process whose
+    peer died or hangs stops with an error instead of waiting forever."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_name, local_rank)
-    if world > 1 and not td.is_initialized():
+    needs_group = world > 1 or mode == "fsdp"
+    if needs_group and not td.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        td.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(rank, local_rank, world, device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=timeout_s)
+        if world > 1 or "MASTER_ADDR" in os.environ:
+            td.init_process_group(backend=backend, timeout=timeout)
+        else:  # one process, no torchrun: an in-memory store, nothing listens on a port
+            store = td.HashStore()
+            td.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
+    info = DistInfo(rank, local_rank, world, device, mode)
+    if mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        info.mesh = init_device_mesh(device.type, (world,))
+    return info
 
 
 def cleanup(info: DistInfo) -> None:
@@ -62,7 +85,7 @@ def cleanup(info: DistInfo) -> None:
     the results first, and a rank that tore down its gloo connections meanwhile was seen to abort
     ("terminate called without an active exception") in one CI run out of several. (Were the main
     process to fail before this point, torchrun stops the others: nobody waits here forever.)"""
-    if info.enabled and td.is_initialized():
+    if (info.enabled or info.fsdp) and td.is_initialized():
         td.barrier()
         td.destroy_process_group()
 

@@ -306,6 +306,13 @@ def dequantize_4bit(
     multiply by the block scales, one cast. On CUDA, one Triton kernel (``_triton``) when Triton
     is importable, else the PyTorch path. All give the same bits.
     """
+    if hasattr(packed, "to_local"):
+        # a tensor subclass (an FSDP DTensor shard: its numel is the whole tensor's, its memory a
+        # slice) would send the C loop past the end of its buffer
+        raise TypeError(
+            f"dequantize_4bit: the packed weight is a {type(packed).__name__} shard, not a plain tensor "
+            "(a sharded weight is dequantized inside its FSDP unit's forward, where it is gathered)"
+        )
     if packed.dtype != torch.uint8:
         packed = packed.view(torch.uint8)  # bitsandbytes' quant_storage may be another dtype
     if state.shape is None:

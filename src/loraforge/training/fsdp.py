@@ -157,15 +157,27 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def for_each_unit(model: nn.Module, root: nn.Module, fn) -> int:
+    """Run ``fn(module)`` on each decoder layer while its unit is gathered, then on ``model`` while
+    the root is (for code that runs submodules outside the model's forward, such as the fast
+    kernels' probe); returns the sum of the results."""
+    total = 0
+    for layer in decoder_layers(model):
+        with unsharded(layer):
+            total += fn(layer)
+    with unsharded(root):
+        total += fn(model)
+    return total
+
+
 @contextlib.contextmanager
-def unsharded_root(root: nn.Module):
-    """Gather the root unit's parameters (embeddings, final norm, head) for code that calls into the
-    model outside the root's forward (the packing check); the layers gather their own."""
-    if not is_sharded(root):
+def unsharded(unit: nn.Module):
+    """Gather one unit's own parameters (not its sub-units') for the block; as is when not sharded."""
+    if not is_sharded(unit):
         yield
         return
-    root.unshard()
+    unit.unshard()
     try:
         yield
     finally:
-        root.reshard()
+        unit.reshard()

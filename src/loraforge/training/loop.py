@@ -25,6 +25,8 @@ from ..adapters import set_compute
 from ..injection import count_parameters
 from ..optim import build_optimizer, loraplus_param_groups
 from . import checkpoint as ckpt
+from . import fsdp
+from . import sharded_checkpoint as sharded_ckpt
 from .config import ConfigError, TrainConfig, TrainSection
 from .console import Console, Phase, StopRequest
 from .data import BatchPlan, check_data, collate, load_datasets
@@ -54,7 +56,7 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
     # unknown format, a bad row among the first ones).
     check_device(cfg.train.device)
     check_data(cfg.data)
-    dist = setup(cfg.train.device)
+    dist = setup(cfg.train.device, cfg.train.distributed, cfg.train.dist_timeout)
     out = Path(cfg.output)
     console = Console(dist.is_main)
     lock = OutputLock(out) if dist.is_main else None  # also the probe that `out` is writable
@@ -95,6 +97,9 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
     train_rows, eval_rows = load_datasets(cfg.data, tokenizer, t.seed, say)
     if cfg.data.packing:
         check_packed_attention(model)
+    core = CausalLMLoss(model, t.loss_chunk_size)
+    if dist.fsdp:  # shard before the optimizer sees the parameters (they become DTensor shards)
+        fsdp.shard_model(model, core, t.fsdp, dist.mesh, dist.device)
     plan = BatchPlan(len(train_rows), t.batch_size, t.grad_accum, dist.world_size, t.seed)
     row_targets = [r.n_targets for r in train_rows]  # trained tokens per row
     row_tokens = [len(r.input_ids) for r in train_rows]
@@ -110,10 +115,12 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
     scheduler = LambdaLR(optimizer, _lr_lambda(t, total_steps))
     step = 0
     if resume_dir is not None:
-        step = _load_checkpoint(resume_dir, model, optimizer, scheduler, changed, plan, total_steps, say)
-    compiled = _speed_up(model, cfg, dist.device, passes=(total_steps - step) * t.grad_accum, say=say)
-    core = CausalLMLoss(model, t.loss_chunk_size)
-    loss_model = wrap_ddp(core, dist)  # DDP over the trainable tensors when torchrun started us
+        step = _load_checkpoint(
+            resume_dir, model, optimizer, scheduler, changed, plan, total_steps, dist, say
+        )
+    compiled = _speed_up(model, core, cfg, dist, passes=(total_steps - step) * t.grad_accum, say=say)
+    # DDP over the trainable tensors when torchrun started us; FSDP's root unit is the loss module
+    loss_model = core if dist.fsdp else wrap_ddp(core, dist)
     counts = _announce(cfg, model, trainable, plan, total_steps, dist, say)
     log = _start_log(cfg, out, dist.is_main, step if resume_dir else None, changed)
     pad_id = tokenizer.pad_token_id
@@ -141,6 +148,7 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
             # sync), with one small all-reduce of the loss and of whether any process was asked to
             # stop. A NaN/Inf loss or norm skips the optimizer update: the weights stay finite.
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm or float("inf"))
+            grad_norm = fsdp.full_tensor(grad_norm)  # FSDP: the norm over every shard (a DTensor)
             local_loss, norm = torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist()
             loss_total, stop_votes = all_reduce_sum(dist, local_loss, float(stop.requested))
             loss = loss_total / n_targets
@@ -246,12 +254,23 @@ def _lr_lambda(t: TrainSection, total_steps: int):
 
 
 def _load_checkpoint(
-    resume_dir: Path, model, optimizer, scheduler, changed: dict, plan: BatchPlan, total_steps: int, say
+    resume_dir: Path,
+    model,
+    optimizer,
+    scheduler,
+    changed: dict,
+    plan: BatchPlan,
+    total_steps: int,
+    dist,
+    say,
 ) -> int:
     """Weights, optimizer and scheduler state from ``resume_dir``; returns its step. With
     ``changed`` (resume_changes: apply), this config's optimizer settings apply from there on."""
     settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    state = ckpt.load_checkpoint(resume_dir, model, optimizer, scheduler)
+    if sharded_ckpt.is_sharded_checkpoint(resume_dir):
+        state = sharded_ckpt.load(resume_dir, model, optimizer, scheduler, dist)
+    else:
+        state = ckpt.load_checkpoint(resume_dir, model, optimizer, scheduler)
     step = state["step"]
     if changed:
         use_settings(optimizer, scheduler, settings)
@@ -264,18 +283,22 @@ def _load_checkpoint(
     return step
 
 
-def _speed_up(model, cfg: TrainConfig, device: torch.device, passes: int, say) -> bool:
+def _speed_up(model, core, cfg: TrainConfig, dist, passes: int, say) -> bool:
     """The LoRA branch's compute mode, then either the exact fast MLP / RMSNorm forwards or
     torch.compile per decoder layer (``passes`` forward+backward passes to come decide "auto");
     returns whether the layers were compiled. :func:`_undo_speed_up` removes both."""
     t = cfg.train
     if cfg.method != "full":
         set_compute(model, t.lora_compute)
-    compiled, why = should_compile(t.compile, device, t.gradient_checkpointing, passes)
+    compiled, why = should_compile(t.compile, dist.device, t.gradient_checkpointing, passes)
+    if compiled and dist.fsdp:
+        compiled = False  # FSDP2's hooks per layer; not combined with per-layer compilation here
+        say("torch.compile: off under train.distributed=fsdp")
     # Not the fast forwards under torch.compile, which fuses and recomputes those ops itself, and
     # whose CUDA backend gave wrong gradients for the hand-written backward (BENCHMARKS.md).
     if t.fast_kernels and not compiled:
-        n_fast = patch_model(model)
+        # (the probe runs the MLPs and norms on their own: under FSDP, inside a gathered unit)
+        n_fast = fsdp.for_each_unit(model, core, patch_model) if dist.fsdp else patch_model(model)
         if n_fast:
             say(f"fast kernels: {n_fast} MLP / RMSNorm modules")
     if compiled:
@@ -292,7 +315,14 @@ def _announce(cfg: TrainConfig, model, trainable: list, plan: BatchPlan, total_s
         f"steps: {total_steps} ({plan.steps_per_epoch} per epoch) x global batch {plan.global_batch} rows "
         f"= {t.batch_size} x {t.grad_accum} accumulation x {dist.world_size} processes; device {dist.device}"
     )
-    if dist.enabled:
+    if dist.fsdp:
+        mine, whole = fsdp.local_bytes(model)
+        say(
+            f"fsdp: {len(fsdp.decoder_layers(model))} layer units + root over {dist.world_size} "
+            f"process(es); parameters held here {mine / 1e6:,.1f} MB of {whole / 1e6:,.1f} MB "
+            f"({mine / max(whole, 1):.3f}; 1/world = {1 / dist.world_size:.3f})"
+        )
+    elif dist.enabled:
         say(communication_report(model, dist.world_size))
     comm = sum(p.numel() * p.element_size() for p in trainable) if dist.enabled else 0
     return {"trainable_params": n_train, "total_params": n_total, "allreduce_bytes_per_step": comm}
@@ -320,10 +350,15 @@ def _evaluator(model, core: CausalLMLoss, rows: list, batch_size: int, pad_id: i
         total, count = 0.0, 0.0
         with torch.no_grad():
             mine = rows[dist.rank :: dist.world_size]
-            for i in range(0, len(mine), batch_size):
-                batch = _to(collate(mine[i : i + batch_size], pad_id), dist.device)
+            n_rows = len(mine)
+            if dist.fsdp:  # every process runs as many forwards (each one gathers shards from all)
+                n_rows = math.ceil(len(rows) / dist.world_size)
+            for i in range(0, n_rows, batch_size):
+                part = mine[i : i + batch_size]
+                batch = _to(collate(part or rows[:1], pad_id), dist.device)
                 loss_sum, n = core(**batch)
-                total, count = total + loss_sum.item(), count + n.item()
+                if part:  # (an empty share ran a stand-in row, not counted)
+                    total, count = total + loss_sum.item(), count + n.item()
         total, count = all_reduce_sum(dist, total, count)
         model.train()
         loss = total / max(count, 1)
@@ -349,8 +384,11 @@ def _forward_backward(loss_model, micro_batches: list, n_targets: int, pad_id: i
     for i, rows in enumerate(micro_batches):
         batch = _to(collate(rows, pad_id), dist.device)
         last = i == len(micro_batches) - 1
-        no_sync = loss_model.no_sync() if dist.enabled and not last else contextlib.nullcontext()
-        with no_sync:
+        if dist.fsdp:
+            sync = fsdp.gradient_sync(loss_model, last)
+        else:
+            sync = loss_model.no_sync() if dist.enabled and not last else contextlib.nullcontext()
+        with sync:
             part, _ = loss_model(**batch)
             (part * (dist.world_size / n_targets)).backward()
         loss_sum += part.detach()
@@ -381,8 +419,9 @@ def _save_checkpoint(
     optimizer,
     scheduler,
 ) -> Path | None:
-    """A checkpoint at ``step`` (written by the main process; None on the others)."""
-    if not dist.is_main:
+    """A checkpoint at ``step`` (written by the main process, or under FSDP by every process
+    together; None on the others)."""
+    if not dist.is_main and not dist.fsdp:
         return None
     state = {
         "epoch": plan.epoch_of(step),
@@ -396,10 +435,32 @@ def _save_checkpoint(
     }
     save_adapter = None
     if cfg.method != "full":
-        save_adapter = lambda d: save_trained(model, tokenizer, d, cfg.method)  # noqa: E731
+        save_adapter = lambda d: _save_result(model, tokenizer, d, cfg.method, dist)  # noqa: E731
+    if dist.fsdp:
+        keep = cfg.train.keep_checkpoints
+        path = sharded_ckpt.save(out, step, model, optimizer, scheduler, state, dist, save_adapter, keep)
+        return path if dist.is_main else None
     return ckpt.save_checkpoint(
         out, step, model, optimizer, scheduler, state, save_adapter, cfg.train.keep_checkpoints
     )
+
+
+def _save_result(model, tokenizer, directory: Path, method: str, dist) -> None:
+    """``save_trained`` by the main process. Under FSDP every process takes part in gathering
+    what is saved: only the trainable tensors for an adapter (the base stays sharded), the whole
+    model, one tensor at a time onto the main process's CPU, for full fine-tuning."""
+    if not dist.fsdp:
+        if dist.is_main:
+            save_trained(model, tokenizer, directory, method)
+        return
+    if method == "full":
+        state = fsdp.full_state_dict(model)
+        if dist.is_main:
+            save_trained(model, tokenizer, directory, method, state_dict=state)
+        return
+    with fsdp.gathered_trainable(model):
+        if dist.is_main:
+            save_trained(model, tokenizer, directory, method)
 
 
 # -- tear-down ----------------------------------------------------------------------------------
@@ -425,8 +486,8 @@ def _results(
 ) -> dict:
     """Save the adapter (or model) and the loss plot; the run's metrics, also logged as its end."""
     final_dir = out / ("model" if cfg.method == "full" else "adapter")
+    _save_result(model, tokenizer, final_dir, cfg.method, dist)
     if dist.is_main:
-        save_trained(model, tokenizer, final_dir, cfg.method)
         plot_losses(log, out / "loss.png", title=f"{cfg.method} fine-tune of {cfg.model.path}")
     _, train_losses = log.series("loss")
     _, eval_losses = log.series("eval_loss")

@@ -219,11 +219,13 @@ def enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def save_trained(model, tokenizer, directory: Path, method: str) -> None:
-    """User-facing result: a PEFT adapter directory (lora/qlora) or a full model directory."""
+def save_trained(model, tokenizer, directory: Path, method: str, state_dict=None) -> None:
+    """User-facing result: a PEFT adapter directory (lora/qlora) or a full model directory
+    (``state_dict``: the weights to write instead of the model's own, e.g. gathered from FSDP
+    shards)."""
     directory = Path(directory)
     if method == "full":
-        model.save_pretrained(directory, safe_serialization=True)
+        model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
     else:
         save_adapter(model, directory)
     tokenizer.save_pretrained(directory)

@@ -315,8 +315,10 @@ def _announce(cfg: TrainConfig, model, trainable: list, plan: BatchPlan, total_s
         f"steps: {total_steps} ({plan.steps_per_epoch} per epoch) x global batch {plan.global_batch} rows "
         f"= {t.batch_size} x {t.grad_accum} accumulation x {dist.world_size} processes; device {dist.device}"
     )
+    sharded = {}
     if dist.fsdp:
         mine, whole = fsdp.local_bytes(model)
+        sharded = {"param_bytes_per_process": mine, "param_bytes_total": whole}
         say(
             f"fsdp: {len(fsdp.decoder_layers(model))} layer units + root over {dist.world_size} "
             f"process(es); parameters held here {mine / 1e6:,.1f} MB of {whole / 1e6:,.1f} MB "
@@ -324,8 +326,8 @@ def _announce(cfg: TrainConfig, model, trainable: list, plan: BatchPlan, total_s
         )
     elif dist.enabled:
         say(communication_report(model, dist.world_size))
-    comm = sum(p.numel() * p.element_size() for p in trainable) if dist.enabled else 0
-    return {"trainable_params": n_train, "total_params": n_total, "allreduce_bytes_per_step": comm}
+    comm = sum(p.numel() * p.element_size() for p in trainable) if dist.enabled and not dist.fsdp else 0
+    return {"trainable_params": n_train, "total_params": n_total, "allreduce_bytes_per_step": comm, **sharded}
 
 
 def _start_log(
@@ -359,6 +361,8 @@ def _evaluator(model, core: CausalLMLoss, rows: list, batch_size: int, pad_id: i
                 loss_sum, n = core(**batch)
                 if part:  # (an empty share ran a stand-in row, not counted)
                     total, count = total + loss_sum.item(), count + n.item()
+        if dist.fsdp:  # the root keeps its gathered weights after a forward without backward
+            core.reshard()
         total, count = all_reduce_sum(dist, total, count)
         model.train()
         loss = total / max(count, 1)

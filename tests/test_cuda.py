@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from conftest import logits, randomize_lora
 from quant.util import tiny_llama  # hidden 64, vocab 128, 2 layers
+from safetensors.torch import load_file
 from torch import nn
 from training.util import QA_EVAL, losses, tiny_config
 
@@ -492,6 +493,23 @@ def test_train_on_device_writes_an_adapter_that_loads_on_cpu(tmp_path, method):
         _, m2 = train({**cfg, "output": str(again), "resume": "auto"})
         assert m2["steps"] == 8
         assert losses(again) == pytest.approx(losses(out), rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_fsdp_of_one_process_equals_the_plain_loop_on_device(tmp_path, method):
+    """train.distributed=fsdp on one device (a process group of one: NCCL on CUDA, gloo on the
+    CPU) trains as the plain loop: the same losses and adapter (issue 19's one-device check)."""
+    pytest.importorskip("datasets")
+    run = {"device": DEVICE, "max_steps": 4, "batch_size": 8}
+    train(tiny_config(tmp_path / "plain", method=method, data={"eval": QA_EVAL}, train=run))
+    cfg = tiny_config(tmp_path / "fsdp", method=method, data={"eval": QA_EVAL}, train=run)
+    cfg["train"]["distributed"] = "fsdp"
+    train(cfg)
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
+    a, b = (load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in ("plain", "fsdp"))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert_close(b[key], a[key], what=key)
 
 
 # -- (9) bitsandbytes' CUDA kernels ----------------------------------------------------------------

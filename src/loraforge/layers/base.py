@@ -6,6 +6,7 @@ sibling files (``linear``, ``embedding``, ``conv``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -35,6 +36,31 @@ def lora_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype of the LoRA factors on a base weight of this dtype: fp32 over a half-precision
     or packed (integer) weight, else the weight's own."""
     return torch.float32 if (weight.dtype in _UPCAST or not weight.is_floating_point()) else weight.dtype
+
+
+# Where adapters added to a layer whose base weight is still on the meta device get their factors
+# (a skeleton whose weights are loaded afterwards: training/sharded_load.py); None: on meta too.
+_META_FACTORS_DEVICE: torch.device | None = None
+
+
+@contextlib.contextmanager
+def factors_on(device: torch.device):
+    """Within the block, adapters added over a base weight on the meta device get real factors on
+    ``device``, initialised there as over a loaded base: the same random draws in the same order
+    (the default inits never read the base weight)."""
+    global _META_FACTORS_DEVICE
+    previous, _META_FACTORS_DEVICE = _META_FACTORS_DEVICE, torch.device(device)
+    try:
+        yield
+    finally:
+        _META_FACTORS_DEVICE = previous
+
+
+def factor_device(weight: torch.Tensor) -> torch.device:
+    """The device of new LoRA factors over a base weight: the weight's (see ``factors_on``)."""
+    if weight.device.type == "meta" and _META_FACTORS_DEVICE is not None:
+        return _META_FACTORS_DEVICE
+    return weight.device
 
 
 COMPUTE_MODES = ("input", "adapter")

@@ -162,6 +162,20 @@ def test_prequantized_directory_loads_as_stored(llama_dir, group, tmp_path):
     assert all(torch.equal(ours[n], p) for n, p in single.named_parameters() if p.requires_grad)
 
 
+def test_tied_head_stays_tied(group, tmp_path):
+    """A checkpoint that stores the embedding once (tie_word_embeddings): the head is tied to it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    single, sharded, root = load_both(make_config(tmp_path, "qlora"), group)
+    assert sharded.lm_head.weight is sharded.model.embed_tokens.weight
+    ids, labels, pos = batch()
+    assert root(ids, labels, pos)[0].item() == CausalLMLoss(single)(ids, labels, pos)[0].item()
+
+
 def test_builtin_model_is_sharded_too(group):
     cfg = make_config("builtin:tiny-llama", "qlora")
     single, sharded, _ = load_both(cfg, group)
@@ -184,6 +198,22 @@ def test_missing_weight_is_named(llama_dir, group, tmp_path):
         with pytest.raises(KeyError, match=r"lacks weights for \['model\.layers\.1\.mlp\.up_proj") as e:
             prepare_model(make_config(broken, method), CPU, dist=group)
         assert isinstance(e.value, ValueError) and str(broken) in str(e.value)
+
+
+def test_unused_and_misshapen_tensors_are_reported(llama_dir, group, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(llama_dir / "model.safetensors")
+    for f in llama_dir.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    save_file({**tensors, "model.extra.weight": torch.zeros(3)}, tmp_path / "model.safetensors")
+    with pytest.warns(UserWarning, match=r"1 checkpoint tensors unused: \['model\.extra\.weight'\]"):
+        prepare_model(make_config(tmp_path, "lora"), CPU, dist=group)
+    tensors["model.layers.0.post_attention_layernorm.weight"] = torch.ones(5)
+    save_file(tensors, tmp_path / "model.safetensors")
+    bad_shape = r"model\.safetensors: model\.layers\.0\.post_attention_layernorm\.weight: .*shape \(5,\)"
+    with pytest.raises(ValueError, match=bad_shape + r", model expects \(32,\)"):
+        prepare_model(make_config(tmp_path, "lora"), CPU, dist=group)
 
 
 @pytest.mark.parametrize(

@@ -296,6 +296,19 @@ if info is not None:  # the small qlora model: gathered adapter, 4-bit bytes and
     result["loss"] = root(ids, labels, torch.arange(12)[None].expand(2, -1))[0].item()
     if info.rank == 0:
         save_file(tensors, out + "/gathered.safetensors")
+    # bf16 mixed precision: after a forward and backward every rank's shards of the 4-bit bytes are
+    # still uint8, and gathered they are the same bytes
+    cfg = config(small, "qlora", "fsdp")
+    cfg.train.fsdp.mixed_precision = "bfloat16"
+    torch.manual_seed(1)
+    model, _ = prepare_model(cfg, info.device, log=lambda *_: None, dist=info)
+    root = CausalLMLoss(model)
+    fsdp.shard_model(model, root, cfg.train.fsdp, info.mesh, info.device)
+    root(ids, labels, torch.arange(12)[None].expand(2, -1))[0].backward()
+    packed = {n + ".weight": m.weight for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    result["bf16_uint8"] = all(fsdp.local_tensor(w).dtype == torch.uint8 for w in packed.values())
+    same = [torch.equal(fsdp.full_tensor(w.detach()), tensors[n]) for n, w in packed.items()]
+    result["bf16_same_bytes"] = bool(same) and all(same)
     result["rank"] = info.rank
     D.cleanup(info)
 rank = info.rank if info is not None else 0
@@ -361,3 +374,4 @@ def test_two_processes_hold_half_and_gather_the_single_process_tensors(llama_dir
     ids, labels, pos = batch()
     loss = CausalLMLoss(single)(ids, labels, pos)[0].item()
     assert all(abs(r["loss"] - loss) <= 1e-6 * abs(loss) for r in ranks)
+    assert all(r["bf16_uint8"] and r["bf16_same_bytes"] for r in ranks)

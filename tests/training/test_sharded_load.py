@@ -107,9 +107,12 @@ def assert_same_4bit(single, sharded) -> None:
         ("qlora", {}, {}),
         ("qlora", {"use_dora": True, "dropout": 0.1, "init": "gaussian"}, {}),
         ("lora", {"lora_bias": True, "use_rslora": True}, {"gradient_checkpointing": True}),
+        ("lora", {"init": "pissa"}, {}),
+        ("dora", {"init": "olora"}, {}),
         ("full", {}, {}),
     ],
-    ids=["lora", "qlora", "qdora-gaussian-dropout", "lora-bias-rslora-checkpointed", "full"],
+    ids=["lora", "qlora", "qdora-gaussian-dropout", "lora-bias-rslora-checkpointed", "pissa", "dora-olora",
+         "full"],  # fmt: skip
 )
 def test_sharded_load_equals_single_process(llama_dir, group, method, lora, train):
     cfg = make_config(llama_dir, method, lora, train)
@@ -133,9 +136,9 @@ def test_sharded_load_equals_single_process(llama_dir, group, method, lora, trai
     loss_sharded = root(ids, labels, pos)[0]
     loss_sharded.backward()
     assert loss_sharded.item() == loss_single.item()
-    for name, p in sharded.named_parameters():
+    for name, p in sharded.named_parameters():  # (FSDP's gathered weights may sum in another order)
         if p.requires_grad:
-            torch.testing.assert_close(fsdp.full_tensor(p.grad), ref[name].grad, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(fsdp.full_tensor(p.grad), ref[name].grad, rtol=1e-5, atol=1e-6)
 
 
 def test_packed_bytes_stay_uint8_under_bf16_mixed_precision(llama_dir, group):
@@ -218,10 +221,10 @@ def test_unused_and_misshapen_tensors_are_reported(llama_dir, group, tmp_path):
 
 @pytest.mark.parametrize(
     "lora, key",
-    [({"init": "pissa"}, "lora.init"), ({"init": "olora"}, "lora.init"),
-     ({"modules_to_save": ["lm_head"]}, "lora.modules_to_save")],
+    [({"init": "loftq"}, "lora.init"), ({"modules_to_save": ["lm_head"]}, "lora.modules_to_save"),
+     ({"trainable_token_indices": [1, 2]}, "lora.trainable_token_indices")],
 )  # fmt: skip
-def test_inits_from_the_base_weights_are_refused(llama_dir, group, lora, key):
+def test_options_that_need_the_base_at_injection_are_refused(llama_dir, group, lora, key):
     with pytest.raises(ConfigError, match=rf"^{key}: .*train.distributed: ddp"):
         prepare_model(make_config(llama_dir, "lora", lora), CPU, dist=group)
 

@@ -186,10 +186,16 @@ class LoraLayer(AdapterLayer):
                 # Kaiming-uniform with a=√5 is nn.Linear's default; B = 0 makes ΔW = 0 at the start.
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             nn.init.zeros_(b)
-        if init == "pissa":
-            self._init_pissa(name)
-        elif init == "olora":
-            self._init_olora(name)
+        if init in ("pissa", "olora"):
+            self.__dict__.setdefault("pending_init", {})[name] = init
+            if self.base_layer.weight.device.type != "meta":  # (else once the base is loaded:
+                self.init_from_base()  # training/sharded_load.py)
+
+    def init_from_base(self) -> None:
+        """Compute the factors of the inits that read the base weight (PiSSA, OLoRA), which
+        ``reset`` leaves pending while that weight is still on the meta device."""
+        for name, init in self.__dict__.pop("pending_init", {}).items():
+            self._init_pissa(name) if init == "pissa" else self._init_olora(name)
 
     def _init_olora(self, name: str) -> None:
         # OLoRA (PEFT's olora_init): W = Q·R (fp32); B = Q[:, :r], A = R[:r] unscaled, and W keeps

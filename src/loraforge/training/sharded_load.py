@@ -36,10 +36,10 @@ from . import builtin, fsdp
 from .config import ConfigError, TrainConfig
 from .dist import DistInfo
 
-# LoRA inits that compute the factors from the base weights (and change them) at injection, which
-# here happens before any weight is read. (DoRA's magnitude, a norm of the weights with no random
-# draw, is computed once each layer's weights are in: _dora_magnitudes.)
-_FROM_WEIGHTS = ("pissa", "olora", "loftq")
+# LoRA inits refused: LoftQ replaces each base weight by its quantization at injection and checks
+# every target first. (PiSSA / OLoRA, an SVD / QR of each weight, and DoRA's magnitude, its norm, are
+# computed once each layer's weights are in, before it is sharded: _init_from_base.)
+_FROM_WEIGHTS = ("loftq",)
 
 
 def peak_host_bytes() -> int:
@@ -76,9 +76,9 @@ def check_supported(cfg: TrainConfig) -> None:
     lora = cfg.lora
     if lora.init in _FROM_WEIGHTS:
         raise ConfigError(
-            f"lora.init: {lora.init!r} computes the adapter from each base weight (and changes the base), "
-            "which train.distributed: fsdp never holds whole in one process; initialise it in one "
-            "process first (train.distributed: ddp), or use init default or gaussian"
+            f"lora.init: {lora.init!r} replaces every base weight by its quantization at injection, "
+            "before train.distributed: fsdp has loaded any; initialise in one process first "
+            "(train.distributed: ddp), or use init default, gaussian, pissa or olora"
         )
     for key in ("modules_to_save", "trainable_token_indices", "target_parameters"):
         if getattr(lora, key, None):
@@ -124,7 +124,7 @@ def load_sharded(cfg: TrainConfig, dist: DistInfo, log=print) -> nn.Module:
     for i, layer in enumerate(layers):
         for file, key in groups[i]:
             stream.put(file, key, _read_tensor(file, key))
-        _dora_magnitudes(layer)
+        _init_from_base(layer)
         _check_loaded(layer, names[id(layer)] + ".", path)
         fsdp.shard_layer(layer, cfg.train.fsdp, dist.mesh, device)
     for file, key in groups[-1]:
@@ -136,7 +136,7 @@ def load_sharded(cfg: TrainConfig, dist: DistInfo, log=print) -> nn.Module:
         )
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    _dora_magnitudes(model)  # (an adapted module outside the layers, e.g. the head)
+    _init_from_base(model)  # (an adapted module outside the layers, e.g. the head)
     _check_loaded(model, "", path)
     for module in model.modules():  # the buffers built at construction (a layer's moved with it)
         for name, b in module._buffers.items():
@@ -172,12 +172,16 @@ def _adapt(model: nn.Module, cfg: TrainConfig, adapter_config, device: torch.dev
         )
 
 
-def _dora_magnitudes(layer: nn.Module) -> None:
-    """DoRA's magnitudes m = ‖W0 + s·B·A‖ of the adapters in ``layer``, now that its base weights
-    are loaded (injection left them on meta: no random draw is involved, so nothing is lost)."""
+def _init_from_base(layer: nn.Module) -> None:
+    """What injection could not compute over the meta base, now that ``layer``'s base weights are
+    loaded, in injection's order: PiSSA / OLoRA factors (and residual base weights), then DoRA's
+    magnitudes m = ‖W0 + s·B·A‖. Neither makes a random draw, so the values are a single
+    process's."""
     for module in layer.modules():
-        magnitudes = module._modules.get(dora.MAGNITUDE) if isinstance(module, LoraLayer) else None
-        for name, mag in list((magnitudes or {}).items()):
+        if not isinstance(module, LoraLayer):
+            continue
+        module.init_from_base()
+        for name, mag in list((module._modules.get(dora.MAGNITUDE) or {}).items()):
             if mag.weight.device.type == "meta":
                 dora.add_magnitude(module, name)
                 module.lora_magnitude_vector[name].weight.requires_grad_(mag.weight.requires_grad)

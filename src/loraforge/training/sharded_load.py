@@ -3,12 +3,14 @@
 Every process runs the same sequence::
 
     skeleton: parameters on the meta device (4-bit: empty Linear4bit shells), no memory
-    adapter injected: real factors, drawn as a single-process load draws them (same seed, same
-        order: the default inits never read the base weight)
+    adapter injected: real factors on the device (``layers.base.factors_on``), drawn as a
+        single-process load draws them (same seed, same order: the random draws never read the
+        base weight)
     for each decoder layer, in order:
         read its tensors one at a time (4-bit targets quantized on arrival; a bitsandbytes 4-bit
-        directory installed as stored), then shard it (``fsdp.shard_layer``): the process keeps
-        1/W of each tensor and the full ones are freed
+        directory installed as stored); what injection computes from the weights, without any
+        random draw (PiSSA / OLoRA factors, DoRA magnitudes), is computed now; then shard it
+        (``fsdp.shard_layer``): the process keeps 1/W of each tensor and the full ones are freed
     the root tensors (embeddings, final norm, head) whole; the caller shards the root
         (``fsdp.shard_model`` skips the layers sharded here)
 

@@ -312,12 +312,9 @@ def _owner(name: str, modules: dict[str, nn.Module]) -> str | None:
     return None
 
 
-def _set_tensor(model: nn.Module, name: str, t: torch.Tensor, dtype, device) -> bool:
-    module_name, _, attr = name.rpartition(".")
-    try:
-        module = model.get_submodule(module_name) if module_name else model
-    except AttributeError:
-        return False
+def _set_tensor(module: nn.Module, attr: str, t: torch.Tensor, dtype, device, name: str) -> bool:
+    """Install ``t`` as ``module``'s parameter or buffer ``attr`` (checkpoint name ``name``); False
+    when the module has no such tensor."""
     if t.is_floating_point() and dtype is not None:
         t = t.to(dtype)
     if attr in module._parameters and module._parameters[attr] is not None:
@@ -332,28 +329,10 @@ def _set_tensor(model: nn.Module, name: str, t: torch.Tensor, dtype, device) -> 
     return False
 
 
-def load_model(path, quantization: QuantConfig | dict | None = None, dtype=None, device=None) -> nn.Module:
-    """Load a transformers model directory (``config.json`` + safetensors, sharded or not).
-
-    Args:
-        path: the directory, a hub id (``org/name``: its cached snapshot, else downloaded), a
-            ``.gguf`` file or ``builtin:smollm2-135m-instruct`` (converted once, then cached).
-        quantization: a :class:`QuantConfig` (or its kwargs) to quantize every linear layer but
-            ``skip_modules`` while streaming. A directory saved in bitsandbytes 4-bit is loaded as
-            stored whatever this says (its compute dtype is taken from here when given).
-        dtype: cast floating weights to this dtype (quantization then happens from it).
-        device: where the model lives (weights are quantized there, e.g. on the GPU).
-
-    Returns the model in eval mode. Raises :class:`ModelNotFoundError` (a ``FileNotFoundError``)
-    when there is no such directory or hub model; ``ValueError`` naming the file and tensor/field
-    when a file is unreadable or a quantized checkpoint's state is missing or inconsistent;
-    ``KeyError`` (also a ``ValueError``) listing weights the checkpoint lacks.
-    """
-    source, path = str(path), model_dir(path)
-    if isinstance(quantization, dict):
-        quantization = QuantConfig(**quantization)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+def _skeleton(path: Path, quantization: QuantConfig | None, dtype, device):
+    """(files with their keys, the model skeleton, a :class:`_Stream` to install its tensors):
+    parameters on meta, linear layers swapped for empty ``Linear4bit`` shells where the checkpoint
+    is bitsandbytes 4-bit (its own settings) or ``quantization`` asks for it."""
     files = _keys_by_file(_checkpoint_files(path))
     all_keys = [k for _, keys in files for k in keys]
 
@@ -390,43 +369,103 @@ def load_model(path, quantization: QuantConfig | dict | None = None, dtype=None,
         quantize(model, quantization)
         lin4 = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
     own = dict(model.state_dict(keep_vars=True))  # names after the swap
+    return files, model, _Stream(model, lin4, resolve, all_keys, dtype, device)
 
-    # Stream: plain tensors are installed at once; a Linear4bit's tensors are gathered until all of
-    # its keys have arrived (they may sit in different shards), then quantized or unpacked.
-    expected: dict[str, set] = {}
-    for key in all_keys:
-        name = resolve(key)
-        owner = _owner(name, lin4)
+
+class _Stream:
+    """Installs a skeleton's checkpoint tensors one at a time, by checkpoint key: plain tensors at
+    once; a ``Linear4bit``'s tensors are gathered until all of its keys have arrived (they may sit in
+    different shards), then quantized or unpacked. The modules are looked up by the names they had
+    when the stream was made, so adapters may wrap them meanwhile (``training/sharded_load.py``)."""
+
+    def __init__(self, model: nn.Module, lin4: dict, resolve, all_keys: list[str], dtype, device) -> None:
+        self.model, self.lin4, self.resolve, self.dtype, self.device = model, lin4, resolve, dtype, device
+        self.modules = dict(model.named_modules())
+        self.expected: dict[str, set] = {}
+        for key in all_keys:
+            owner = self.owner(key)
+            if owner is not None:
+                self.expected.setdefault(owner, set()).add(self.resolve(key)[len(owner) + 1 :])
+        self.pending: dict[str, dict] = {}
+        self.sources: dict[str, list[str]] = {}  # the files a pending 4-bit layer's tensors came from
+        self.unexpected: list[str] = []
+
+    def owner(self, key: str) -> str | None:
+        """The ``Linear4bit`` (its name) checkpoint ``key`` belongs to, or None."""
+        return _owner(self.resolve(key), self.lin4)
+
+    def module_of(self, key: str) -> nn.Module | None:
+        """The module checkpoint ``key`` is installed into (None: no such module)."""
+        owner = self.owner(key)
         if owner is not None:
-            expected.setdefault(owner, set()).add(name[len(owner) + 1 :])
-    pending: dict[str, dict] = {}
-    sources: dict[str, list[str]] = {}  # the files a pending 4-bit layer's tensors came from
-    unexpected = []
+            return self.lin4[owner]
+        module_name = self.resolve(key).rpartition(".")[0]
+        return self._module(module_name)
+
+    def _module(self, name: str) -> nn.Module | None:
+        if name in self.modules:
+            return self.modules[name]
+        try:  # (a module shared under two names is listed once by named_modules)
+            return self.model.get_submodule(name)
+        except AttributeError:
+            return None
+
+    def put(self, file: Path, key: str, t: torch.Tensor) -> None:
+        name = self.resolve(key)
+        owner = _owner(name, self.lin4)
+        dtype, device = self.dtype, self.device
+        if owner is None:
+            module_name, _, attr = name.rpartition(".")
+            module = self._module(module_name)
+            try:
+                if module is None or not _set_tensor(module, attr, t, dtype, device, name):
+                    self.unexpected.append(key)
+            except ValueError as e:
+                raise ValueError(f"{file}: {e}") from None
+            return
+        rel = name[len(owner) + 1 :]
+        if rel == "weight" and t.is_floating_point():
+            t = t.to(device, dtype) if dtype is not None else t.to(device)
+        elif rel == "bias" and dtype is not None:
+            t = t.to(dtype)
+        self.pending.setdefault(owner, {})[rel] = t
+        if str(file) not in self.sources.setdefault(owner, []):
+            self.sources[owner].append(str(file))
+        if self.pending[owner].keys() == self.expected[owner]:
+            try:
+                _fill_linear4bit(self.lin4[owner], self.pending.pop(owner), owner, device)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{', '.join(self.sources[owner])}: {e}") from None
+
+
+def load_model(path, quantization: QuantConfig | dict | None = None, dtype=None, device=None) -> nn.Module:
+    """Load a transformers model directory (``config.json`` + safetensors, sharded or not).
+
+    Args:
+        path: the directory, a hub id (``org/name``: its cached snapshot, else downloaded), a
+            ``.gguf`` file or ``builtin:smollm2-135m-instruct`` (converted once, then cached).
+        quantization: a :class:`QuantConfig` (or its kwargs) to quantize every linear layer but
+            ``skip_modules`` while streaming. A directory saved in bitsandbytes 4-bit is loaded as
+            stored whatever this says (its compute dtype is taken from here when given).
+        dtype: cast floating weights to this dtype (quantization then happens from it).
+        device: where the model lives (weights are quantized there, e.g. on the GPU).
+
+    Returns the model in eval mode. Raises :class:`ModelNotFoundError` (a ``FileNotFoundError``)
+    when there is no such directory or hub model; ``ValueError`` naming the file and tensor/field
+    when a file is unreadable or a quantized checkpoint's state is missing or inconsistent;
+    ``KeyError`` (also a ``ValueError``) listing weights the checkpoint lacks.
+    """
+    source, path = str(path), model_dir(path)
+    if isinstance(quantization, dict):
+        quantization = QuantConfig(**quantization)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    files, model, stream = _skeleton(path, quantization, dtype, device)
     for file, keys in files:
         for key in keys:
-            name = resolve(key)
-            t = _read_tensor(file, key)
-            owner = _owner(name, lin4)
-            if owner is None:
-                try:
-                    if not _set_tensor(model, name, t, dtype, device):
-                        unexpected.append(key)
-                except ValueError as e:
-                    raise ValueError(f"{file}: {e}") from None
-                continue
-            rel = name[len(owner) + 1 :]
-            if rel == "weight" and t.is_floating_point():
-                t = t.to(device, dtype) if dtype is not None else t.to(device)
-            elif rel == "bias" and dtype is not None:
-                t = t.to(dtype)
-            pending.setdefault(owner, {})[rel] = t
-            if str(file) not in sources.setdefault(owner, []):
-                sources[owner].append(str(file))
-            if pending[owner].keys() == expected[owner]:
-                try:
-                    _fill_linear4bit(lin4[owner], pending.pop(owner), owner, device)
-                except (ValueError, TypeError) as e:
-                    raise ValueError(f"{', '.join(sources[owner])}: {e}") from None
+            stream.put(file, key, _read_tensor(file, key))
+    unexpected = stream.unexpected
+    lin4 = stream.lin4
     if unexpected:
         warnings.warn(
             f"load_model: {len(unexpected)} checkpoint tensors unused: {unexpected[:8]}", stacklevel=2

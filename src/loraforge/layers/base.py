@@ -6,6 +6,7 @@ sibling files (``linear``, ``embedding``, ``conv``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -35,6 +36,31 @@ def lora_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype of the LoRA factors on a base weight of this dtype: fp32 over a half-precision
     or packed (integer) weight, else the weight's own."""
     return torch.float32 if (weight.dtype in _UPCAST or not weight.is_floating_point()) else weight.dtype
+
+
+# Where adapters added to a layer whose base weight is still on the meta device get their factors
+# (a skeleton whose weights are loaded afterwards: training/sharded_load.py); None: on meta too.
+_META_FACTORS_DEVICE: torch.device | None = None
+
+
+@contextlib.contextmanager
+def factors_on(device: torch.device):
+    """Within the block, adapters added over a base weight on the meta device get real factors on
+    ``device``, initialised there as over a loaded base: the same random draws in the same order
+    (the default inits never read the base weight)."""
+    global _META_FACTORS_DEVICE
+    previous, _META_FACTORS_DEVICE = _META_FACTORS_DEVICE, torch.device(device)
+    try:
+        yield
+    finally:
+        _META_FACTORS_DEVICE = previous
+
+
+def factor_device(weight: torch.Tensor) -> torch.device:
+    """The device of new LoRA factors over a base weight: the weight's (see ``factors_on``)."""
+    if weight.device.type == "meta" and _META_FACTORS_DEVICE is not None:
+        return _META_FACTORS_DEVICE
+    return weight.device
 
 
 COMPUTE_MODES = ("input", "adapter")
@@ -160,10 +186,16 @@ class LoraLayer(AdapterLayer):
                 # Kaiming-uniform with a=√5 is nn.Linear's default; B = 0 makes ΔW = 0 at the start.
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             nn.init.zeros_(b)
-        if init == "pissa":
-            self._init_pissa(name)
-        elif init == "olora":
-            self._init_olora(name)
+        if init in ("pissa", "olora"):
+            self.__dict__.setdefault("pending_init", {})[name] = init
+            if self.base_layer.weight.device.type != "meta":  # (else once the base is loaded:
+                self.init_from_base()  # training/sharded_load.py)
+
+    def init_from_base(self) -> None:
+        """Compute the factors of the inits that read the base weight (PiSSA, OLoRA), which
+        ``reset`` leaves pending while that weight is still on the meta device."""
+        for name, init in self.__dict__.pop("pending_init", {}).items():
+            self._init_pissa(name) if init == "pissa" else self._init_olora(name)
 
     def _init_olora(self, name: str) -> None:
         # OLoRA (PEFT's olora_init): W = Q·R (fp32); B = Q[:, :r], A = R[:r] unscaled, and W keeps

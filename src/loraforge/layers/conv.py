@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import LoraLayer, lora_dtype
+from .base import LoraLayer, factor_device, lora_dtype
 
 _CONV = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}  # by the dimension of the weight
 
@@ -54,7 +54,7 @@ class LoraConv(LoraLayer):
     def _create(self, name: str, r: int) -> None:
         base = self.base_layer
         conv = _CONV[base.weight.dim()]
-        kw = {"device": base.weight.device, "dtype": lora_dtype(base.weight)}
+        kw = {"device": factor_device(base.weight), "dtype": lora_dtype(base.weight)}
         ones = (1,) * len(base.kernel_size)
         # (dilation and padding mode as the base's, so that the branch is the conv by ΔW that merges)
         self.lora_A[name] = conv(

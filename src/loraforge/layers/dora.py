@@ -95,7 +95,11 @@ def add_magnitude(layer: nn.Module, name: str) -> None:
         # (an instance attribute: the layers' bookkeeping, set_trainable and the files iterate it)
         layer.adapter_param_names = tuple(layer.adapter_param_names) + (MAGNITUDE,)
     a, b = layer.factors(name)
-    norm = weight_norm(layer, a, b, layer.scaling[name])
+    if layer.base_layer.weight.device.type == "meta":
+        # a skeleton whose weights come later (training/sharded_load.py calls this again then)
+        norm = torch.empty(magnitude_shape(layer.base_layer), device="meta")
+    else:
+        norm = weight_norm(layer, a, b, layer.scaling[name])
     mag = Magnitude(norm.to(a.dtype).reshape(magnitude_shape(layer.base_layer)))
     layer.lora_magnitude_vector[name] = mag.train(layer.training)
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LoraLayer, lora_dtype
+from .base import LoraLayer, factor_device, lora_dtype
 
 
 class LoraEmbedding(LoraLayer):
@@ -32,7 +32,7 @@ class LoraEmbedding(LoraLayer):
 
     def _create(self, name: str, r: int) -> None:
         w = self.base_layer.weight
-        kw = {"device": w.device, "dtype": lora_dtype(w)}
+        kw = {"device": factor_device(w), "dtype": lora_dtype(w)}
         num, dim = w.shape
         self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, num, **kw))
         self.lora_embedding_B[name] = nn.Parameter(torch.empty(dim, r, **kw))

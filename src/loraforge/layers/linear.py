@@ -10,7 +10,7 @@ from torch import nn
 from ..kinds import is_4bit, is_conv1d
 from ..quant.linear4bit import Linear4bit
 from . import dora
-from .base import LoraLayer, lora_dtype
+from .base import LoraLayer, factor_device, lora_dtype
 from .tokens import tokens_first
 
 # The fused base+LoRA autograd function is used where it is exact (see LoraLinear.forward);
@@ -101,7 +101,7 @@ class LoraLinear(LoraLayer):
 
     def _create(self, name: str, r: int) -> None:
         w = self.base_layer.weight
-        kw = {"device": w.device, "dtype": lora_dtype(w)}
+        kw = {"device": factor_device(w), "dtype": lora_dtype(w)}
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=self.lora_bias.get(name, False), **kw)
 

@@ -167,19 +167,27 @@ def load_base_model(cfg: ModelSection, device: torch.device, quantize: bool = Fa
     return model.to(device)
 
 
-def prepare_model(cfg: TrainConfig, device: torch.device, log=print):
-    """(model, tokenizer) ready to train: LoRA injected (base frozen), or everything trainable."""
+def prepare_model(cfg: TrainConfig, device: torch.device, log=print, dist=None):
+    """(model, tokenizer) ready to train: LoRA injected (base frozen), or everything trainable.
+    Under FSDP (``dist.fsdp``) each decoder layer is loaded and sharded in turn (``sharded_load``):
+    no process holds the whole model; the caller shards the root (``fsdp.shard_model``)."""
     if not builtin.is_builtin(cfg.model.path):
         check_causal_lm(cfg.model.path)  # from config.json, before the tokenizer and the weights
     elif cfg.model.path[len(builtin.PREFIX) :] not in builtin.MODELS:
         raise ConfigError(f"model.path: {unknown_builtin(cfg.model.path)}")
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    model = load_base_model(cfg.model, device, quantize=cfg.method == "qlora")
+    sharded = dist is not None and dist.fsdp
+    if sharded:  # (the adapter is injected there, before the layers are loaded and sharded)
+        from .sharded_load import load_sharded
+
+        model = load_sharded(cfg, dist, log)
+    else:
+        model = load_base_model(cfg.model, device, quantize=cfg.method == "qlora")
     model.config.use_cache = False
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
-    else:
+    elif not sharded:
         inject(model, adapter_config(cfg))
         model.to(device)  # the new adapter tensors
     if cfg.train.gradient_checkpointing:

@@ -37,6 +37,7 @@ from .loss import CausalLMLoss
 from .modeling import check_device, check_packed_attention, prepare_model, save_trained
 from .report import MetricsLog, plot_losses
 from .resume import resume_changes, use_settings
+from .sharded_load import peak_host_bytes
 
 
 def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Module, dict]:
@@ -93,7 +94,7 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
     resume_dir = _resume_dir(cfg, out, dist.is_main, say)
     changed = resume_changes(cfg, resume_dir, say)  # refuses what would silently not apply
     _seed_everything(t.seed)
-    model, tokenizer = prepare_model(cfg, dist.device, say)
+    model, tokenizer = prepare_model(cfg, dist.device, say, dist=dist)
     train_rows, eval_rows = load_datasets(cfg.data, tokenizer, t.seed, say)
     if cfg.data.packing:
         check_packed_attention(model)
@@ -318,11 +319,17 @@ def _announce(cfg: TrainConfig, model, trainable: list, plan: BatchPlan, total_s
     sharded = {}
     if dist.fsdp:
         mine, whole = fsdp.local_bytes(model)
-        sharded = {"param_bytes_per_process": mine, "param_bytes_total": whole}
+        peak = peak_host_bytes()
+        sharded = {
+            "param_bytes_per_process": mine,
+            "param_bytes_total": whole,
+            "peak_host_bytes_at_start": peak,
+        }
         say(
             f"fsdp: {len(fsdp.decoder_layers(model))} layer units + root over {dist.world_size} "
             f"process(es); parameters held here {mine / 1e6:,.1f} MB of {whole / 1e6:,.1f} MB "
-            f"({mine / max(whole, 1):.3f}; 1/world = {1 / dist.world_size:.3f})"
+            f"({mine / max(whole, 1):.3f}; 1/world = {1 / dist.world_size:.3f}); "
+            f"peak host memory so far {peak / 1e6:,.0f} MB"
         )
     elif dist.enabled:
         say(communication_report(model, dist.world_size))

@@ -5,6 +5,13 @@ the frozen base is identical on every process by construction (same files, same 
 never sent. Under FSDP (``train.distributed: fsdp``, see ``fsdp.py``) every process holds a shard
 of the model instead; a single process then still forms a process group of one (FSDP2 needs a
 device mesh), without torchrun.
+
+Failures. ``train.dist_timeout`` bounds every collective and the start-up rendezvous. A process
+that dies (kill -9, OOM) closes its connections: the others' next collective fails at once; one
+that hangs makes them fail after the timeout; one that never starts makes the others' start-up
+fail after it. ``lost_contact`` recognises these errors (whatever class gloo, NCCL or the store
+raise) and the loop turns them into one line per surviving process (``lost_contact_error``),
+after leaving the group without a barrier (``abort``). ``comm.py`` measures what a step sends.
 """
 
 from __future__ import annotations
@@ -72,7 +79,7 @@ def setup(device_name: str = "auto", mode: str = "ddp", timeout_s: float = 600.0
         if world > 1 or "MASTER_ADDR" in os.environ:
             try:
                 td.init_process_group(backend=backend, timeout=timeout)
-            except (RuntimeError, ValueError) as e:  # DistStoreError / DistNetworkError: nobody came
+            except RuntimeError as e:  # DistStoreError / DistNetworkError: somebody never came
                 where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
                 raise RunError(
                     f"rank {rank} of {world}: the {world} processes did not all join at {where} within "
@@ -93,8 +100,9 @@ def setup(device_name: str = "auto", mode: str = "ddp", timeout_s: float = 600.0
 def cleanup(info: DistInfo) -> None:
     """Leave the process group at the end of a run, all processes together: the main one writes
     the results first, and a rank that tore down its gloo connections meanwhile was seen to abort
-    ("terminate called without an active exception") in one CI run out of several. (Were the main
-    process to fail before this point, torchrun stops the others: nobody waits here forever.)"""
+    ("terminate called without an active exception") in one CI run out of several. (Were a process
+    to fail before this point, the barrier fails on the others, at once or after train.dist_timeout:
+    nobody waits here forever.)"""
     if (info.enabled or info.fsdp) and td.is_initialized():
         td.barrier()
         td.destroy_process_group()

@@ -11,8 +11,8 @@ its payload, the bytes of the *whole* tensor the collective is about:
     all-reduce       the tensor reduced (DDP: its gradient buckets)
 
 The loop measures the forward/backward of the first step only (a Python hook per op: ~0.1 s on
-a 1.3 s SmolLM2-135M step), and not under torch.compile (a dispatch mode would keep that step
-eager). A process sends and receives about ``(W-1)/W`` of the payload in an all-gather or a
+a 1.3 s SmolLM2-135M step), and not under torch.compile (not tried together with a dispatch
+mode). A process sends and receives about ``(W-1)/W`` of the payload in an all-gather or a
 reduce-scatter and ``2(W-1)/W`` of it in an all-reduce (ring / bandwidth-optimal algorithms; gloo
 and NCCL pick their own, so this is the textbook figure, not a packet count).
 

@@ -25,12 +25,21 @@ from ..adapters import set_compute
 from ..injection import count_parameters
 from ..optim import build_optimizer, loraplus_param_groups
 from . import checkpoint as ckpt
-from . import fsdp
+from . import comm, fsdp
 from . import sharded_checkpoint as sharded_ckpt
 from .config import ConfigError, TrainConfig, TrainSection
 from .console import Console, Phase, StopRequest
 from .data import BatchPlan, check_data, collate, load_datasets
-from .dist import all_reduce_sum, cleanup, communication_report, setup, wrap_ddp
+from .dist import (
+    abort,
+    all_reduce_sum,
+    cleanup,
+    communication_report,
+    lost_contact,
+    lost_contact_error,
+    setup,
+    wrap_ddp,
+)
 from .fast import compile_layers, patch_model, should_compile, uncompile_layers, unpatch_model
 from .lock import OutputLock, RunError, describe_holder
 from .loss import CausalLMLoss
@@ -80,6 +89,15 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
             f"output {out}: a write failed at step {phase.step} ({e}); "
             f"newest complete checkpoint: {newest or 'none'}"
         ) from e
+    except BaseException as e:  # (DCP's CheckpointException is a BaseException)
+        if not lost_contact(dist, e):
+            raise
+        abort(dist)  # no barrier, no goodbye: the peer is gone; leave at once
+        where = {"training": f"after step {phase.step}", "start-up": "during start-up"}.get(
+            phase.name, f"while {phase.name}"
+        )
+        newest = ckpt.latest_checkpoint(out)
+        raise lost_contact_error(dist, where, e, newest, cfg.train.dist_timeout) from None
     finally:
         if lock is not None:
             lock.release()
@@ -134,6 +152,7 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
     console.open_bar(total_steps, step, t.progress_bar)
     model.train()
     run_start, run_tokens, nonfinite = time.perf_counter(), 0, 0
+    meter = comm.CommMeter() if dist.enabled and not compiled else None  # the first step's collectives
     phase.name, phase.step = "training", step
     try:
         while step < total_steps:
@@ -143,7 +162,8 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
             n_tokens = sum(row_tokens[j] for j in rows)
 
             micro_batches = [[train_rows[j] for j in b] for b in plan.micro_batches(step, dist.rank)]
-            loss_sum = _forward_backward(loss_model, micro_batches, n_targets, pad_id, dist)
+            with meter or contextlib.nullcontext():
+                loss_sum = _forward_backward(loss_model, micro_batches, n_targets, pad_id, dist)
 
             # clip; the loss and gradient norm come to the host together (the step's one device
             # sync), with one small all-reduce of the loss and of whether any process was asked to
@@ -174,6 +194,10 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
                     step=step, epoch=plan.epoch_of(step - 1), **row, tokens_per_s=tokens_per_s, **skipped
                 )
             console.advance(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            if meter is not None:  # measured once: said, and in the metrics
+                counts["comm_bytes_per_step"] = dict(meter.bytes)
+                say(comm.describe(meter.bytes, step, dist.world_size))
+                meter = None
             if nonfinite >= t.max_nonfinite_steps:
                 raise _nonfinite_stop(step, loss, norm, nonfinite, t, out, log)
 

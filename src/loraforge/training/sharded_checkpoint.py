@@ -40,6 +40,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -149,7 +150,8 @@ def save(output, step: int, model, optimizer, scheduler, state: dict, dist, save
         if dist.is_main:
             (tmp / "optimizer.json").write_text(json.dumps(_groups(optimizer)))
             ckpt.save_state(scheduler.state_dict(), tmp, "scheduler")
-            (tmp / "state.json").write_text(json.dumps({**state, "step": step, "time": time.time()}, indent=2))
+            state = {**state, "step": step, "time": time.time()}
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
             ckpt._fsync_dir(tmp)
             _rename_into_place(tmp, final)
             ckpt._fsync_dir(root)
@@ -213,7 +215,8 @@ def load(directory: Path, model, optimizer, scheduler, dist) -> dict:
         _mismatch(directory, wanted, {k for k in saved if k.startswith("model.")})
     _init_optimizer_state(optimizer)  # targets to load into; state the checkpoint lacks goes below
     flat = {k: v for k, v in _flat_state(model, optimizer).items() if k in saved}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")  # one process, no group: meant
         dcp.load(flat, storage_reader=reader, no_dist=not td.is_initialized())
     for p in list(optimizer.state):
         if not any(k.startswith(f"optim.{names[id(p)]}.") for k in flat):

@@ -1,13 +1,18 @@
 """FSDP checkpoints (training/sharded_checkpoint.py): atomic, exact resume, either format either way,
 the optimizer state as it is, and the saved adapter usable (PEFT, merge).
 
-Runs here use FSDP in one process (a group of one, no torchrun); test_fsdp_resume.py has the
-torchrun runs (kill -9, another world size)."""
+Most runs here use FSDP in one process (a group of one, no torchrun); the two slow tests at the end
+launch torchrun (kill -9 of a rank then --resume; another world size)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +27,7 @@ from loraforge.training import fsdp, train
 from loraforge.training import sharded_checkpoint as sharded
 from loraforge.training.lock import RunError
 
-from .util import losses, tiny_config
+from .util import losses, subprocess_env, tiny_config
 
 STEPS = 6
 
@@ -168,7 +173,7 @@ def trainable(model) -> dict:
     return {n: p.full_tensor().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
 def test_state_that_does_not_exist_is_not_invented(group, tmp_path):
     """A step skipped (non-finite loss) before the first optimizer step leaves no Adam state: a
     checkpoint then must not create any (it would count a step Adam never took)."""
@@ -296,3 +301,131 @@ def test_files_are_safetensors_and_json(runs):
     suffixes = {p.suffix for p in path.rglob("*") if p.is_file()}
     assert suffixes == {".json", ".safetensors"}
     assert json.loads((path / "state.json").read_text())["world_size"] == 1
+
+
+# -- torchrun: 2 processes (and 4) ----------------------------------------------------------------
+
+
+def torchrun(tmp_path: Path, n: int, cfg: dict, *overrides: str, wait: bool = True):
+    config = tmp_path / f"run-{len(list(tmp_path.glob('run-*.yaml')))}.yaml"
+    config.write_text(lf.training.TrainConfig.from_dict(cfg).to_yaml())
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+        "-m", "loraforge", "train", str(config), *overrides,
+    ]  # fmt: skip
+    kw = dict(cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return subprocess.Popen(cmd, **kw)
+    done = subprocess.run(cmd, timeout=600, **kw)
+    assert done.returncode == 0, done.stdout[-3000:]
+    return done
+
+
+def workers(agent: int) -> dict[int, int]:
+    """``{rank: pid}`` of the processes a torchrun agent started."""
+    import psutil
+
+    found = {}
+    for child in psutil.Process(agent).children(recursive=True):
+        rank = child.environ().get("RANK")
+        if rank is not None:
+            found[int(rank)] = child.pid
+    return found
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_rank_then_resume_is_bit_exact(tmp_path):
+    """2 processes, QLoRA with dropout: kill -9 of rank 1 after the step-4 checkpoint; torchrun
+    fails; --resume on 2 processes gives the uninterrupted run's losses and adapter bit for bit."""
+    pytest.importorskip("psutil")
+    cfg = qlora_config(
+        tmp_path / "unused", distributed="fsdp", max_steps=12, batch_size=2, keep_checkpoints=2
+    )
+    torchrun(tmp_path, 2, cfg, f"output={tmp_path / 'ref'}")
+    reference = losses(tmp_path / "ref")
+    assert len(reference) == 12
+
+    out = tmp_path / "killed"
+    proc = torchrun(tmp_path, 2, cfg, f"output={out}", wait=False)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "step-000004" / "state.json").exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.kill(workers(proc.pid)[1], signal.SIGKILL)
+    said, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, said[-3000:]
+    assert 4 <= len(losses(out)) < 12  # killed before the end
+
+    resumed = torchrun(tmp_path, 2, cfg, f"output={out}", "resume=auto")
+    assert "resumed from" in resumed.stdout
+    assert losses(out) == reference
+    assert_same(adapter(out), adapter(tmp_path / "ref"))
+
+
+@pytest.mark.slow
+def test_another_world_size_resumes_the_same_run(tmp_path):
+    """A 2-process FSDP run (no dropout) equals one process (adapter within 1e-5); its step-2
+    checkpoint continues on 1 process (FSDP and plain) and on 4 (torchrun) with the same losses."""
+    cfg = tiny_config(
+        tmp_path / "unused", method="qlora",
+        train={"max_steps": STEPS, "save_every": 2, "keep_checkpoints": 3, "distributed": "fsdp"},
+    )  # fmt: skip
+    torchrun(tmp_path, 2, cfg, f"output={tmp_path / 'two'}", "train.batch_size=2")
+    two = losses(tmp_path / "two")
+    train({**cfg, "output": str(tmp_path / "one")})
+    assert two == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    assert_same(adapter(tmp_path / "two"), adapter(tmp_path / "one"), tol=1e-5)
+    assert_same(
+        adapter(tmp_path / "two"),
+        load_file(str(tmp_path / "two/checkpoints/step-000006/adapter/adapter_model.safetensors")),
+    )
+
+    step2 = tmp_path / "two" / "checkpoints" / "step-000002"
+    for distributed in ("fsdp", "ddp"):  # 2 -> 1, under FSDP and without
+        out = tmp_path / f"to-one-{distributed}"
+        shutil.copytree(step2, out / "checkpoints" / step2.name)
+        train(
+            {
+                **cfg,
+                "output": str(out),
+                "resume": "auto",
+                "train": {**cfg["train"], "distributed": distributed},
+            }
+        )
+        assert losses(out) == pytest.approx(two[2:], abs=1e-5)
+        assert_same(adapter(out), adapter(tmp_path / "two"), tol=1e-5)
+
+    out = tmp_path / "to-four"  # 2 -> 4 (ranks 2 and 3 take the random state of ranks 0 and 1)
+    shutil.copytree(step2, out / "checkpoints" / step2.name)
+    torchrun(tmp_path, 4, cfg, f"output={out}", "resume=auto", "train.batch_size=1")
+    assert losses(out) == pytest.approx(two[2:], abs=1e-5)
+    assert_same(adapter(out), adapter(tmp_path / "two"), tol=1e-5)
+
+    broken = tmp_path / "broken" / "checkpoints" / step2.name  # a shard missing: refused, not zeros
+    shutil.copytree(step2, broken)
+    (broken / "sharded" / "shard-00002-model-00001-of-00001.safetensors").unlink()
+    with pytest.raises(
+        ValueError, match=r"in .*sharded, this model \(4, 64\): the sharded checkpoint is incomplete"
+    ):
+        train({**cfg, "output": str(broken.parent.parent), "resume": "auto"})
+    if td.is_initialized():  # (the failed run's group of one)
+        td.destroy_process_group()
+
+
+def test_a_failing_shard_write_is_one_clear_error(group, tmp_path, monkeypatch):
+    """DCP's own failure (a BaseException carrying every process's traceback) becomes a RunError;
+    the .tmp goes, the earlier checkpoint stays."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    model, opt, sched = small(group)
+    step(model, opt, sched, 1)
+    save(group, tmp_path, 1, model, opt, sched)
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(HuggingFaceStorageWriter, "write_data", full_disk)
+    with pytest.raises(RunError, match=r"step 2: writing the sharded checkpoint failed: process 0: OSError"):
+        save(group, tmp_path, 2, model, opt, sched)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as td
+from torch.distributed.checkpoint.api import CheckpointException
 
 from . import checkpoint as ckpt
 from .dist import all_reduce_sum
@@ -143,12 +144,12 @@ def save(output, step: int, model, optimizer, scheduler, state: dict, dist, save
         if save_adapter is not None:
             save_adapter(tmp / "adapter")  # gathers the adapter on every process, the main one writes
         _fsync_tree(tmp)  # on the server before the main process renames (NFS: close-to-open)
-    except Exception as e:
+    except (Exception, CheckpointException) as e:
         error = e
     _finish_phase(dist, error, tmp, step)
     try:  # the main process alone: JSON, state.json last, rename, prune
         if dist.is_main:
-            (tmp / "optimizer.json").write_text(json.dumps(_groups(optimizer)))
+            ckpt.save_state(_groups(optimizer), tmp, "optimizer")  # (JSON; tuples kept)
             ckpt.save_state(scheduler.state_dict(), tmp, "scheduler")
             state = {**state, "step": step, "time": time.time()}
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
@@ -170,9 +171,17 @@ def _finish_phase(dist, error: Exception | None, tmp: Path, step: int) -> None:
         return
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(error, CheckpointException):  # (a BaseException, with every process's traceback)
+        raise RunError(f"step {step}: writing the sharded checkpoint failed: {_first(error)}") from None
     if error is not None:
         raise error
     raise RunError(f"step {step}: saving the checkpoint failed on {failed} other process(es); nothing saved")
+
+
+def _first(e: CheckpointException) -> str:
+    """One line for DCP's exception: the first failing process's error."""
+    rank, (exc, _) = next(iter(e.failures.items()))
+    return f"process {rank}: {type(exc).__name__}: {exc}"
 
 
 def _rename_into_place(tmp: Path, final: Path) -> None:
@@ -208,21 +217,24 @@ def load(directory: Path, model, optimizer, scheduler, dist) -> dict:
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     reader = HuggingFaceStorageReader(str(directory / "sharded"))
-    saved = _check_complete(directory, reader.read_metadata().state_dict_metadata)
+    metadata = reader.read_metadata().state_dict_metadata
     names = _trainable_names(model)
     wanted = {f"model.{n}" for n in names.values()}
-    if not wanted <= saved:
-        _mismatch(directory, wanted, {k for k in saved if k.startswith("model.")})
+    if not wanted <= set(metadata):
+        _mismatch(directory, wanted, {k for k in metadata if k.startswith("model.")})
     _init_optimizer_state(optimizer)  # targets to load into; state the checkpoint lacks goes below
-    flat = {k: v for k, v in _flat_state(model, optimizer).items() if k in saved}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "torch.distributed is disabled")  # one process, no group: meant
-        dcp.load(flat, storage_reader=reader, no_dist=not td.is_initialized())
+    flat = {k: v for k, v in _flat_state(model, optimizer).items() if k in metadata}
+    _check_complete(directory, metadata, flat)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")  # one process, no group: meant
+            dcp.load(flat, storage_reader=reader, no_dist=not td.is_initialized())
+    except CheckpointException as e:  # (a BaseException, with every process's traceback)
+        raise ValueError(f"{directory}: reading the sharded checkpoint failed: {_first(e)}") from None
     for p in list(optimizer.state):
         if not any(k.startswith(f"optim.{names[id(p)]}.") for k in flat):
             del optimizer.state[p]  # no optimizer step had reached it when saved
-    groups = json.loads((directory / "optimizer.json").read_text())
-    for group, values in zip(optimizer.param_groups, groups):
+    for group, values in zip(optimizer.param_groups, ckpt.load_state(directory, "optimizer")):
         group.update(values)
     scheduler.load_state_dict(ckpt.load_state(directory, "scheduler"))
     was = int(state.get("world_size", 1))
@@ -230,17 +242,18 @@ def load(directory: Path, model, optimizer, scheduler, dist) -> dict:
     return state
 
 
-def _check_complete(directory: Path, metadata: dict) -> set[str]:
-    """The keys of a sharded checkpoint, each checked to be covered whole by the shards present
-    (DCP's reader would leave a missing slice as it was)."""
-    for key, md in metadata.items():
+def _check_complete(directory: Path, metadata: dict, flat: dict) -> None:
+    """Each tensor to load has its shape in the shards present and is covered whole by them
+    (DCP's reader takes the shape from the pieces it finds, and would leave a missing one as is)."""
+    for key, target in flat.items():
+        md = metadata[key]
         have = sum(math.prod(c.sizes) for c in md.chunks)
-        if have != math.prod(md.size):
+        if tuple(md.size) != tuple(target.shape) or have != math.prod(md.size):
             raise ValueError(
-                f"{directory}: sharded checkpoint is incomplete: {key} has {have} of "
-                f"{math.prod(md.size)} elements in {directory / 'sharded'}; resume from another checkpoint"
+                f"{directory}: {key} has {have} elements of shape {tuple(md.size)} in "
+                f"{directory / 'sharded'}, this model {tuple(target.shape)}: the sharded checkpoint is "
+                "incomplete (a shard file missing) or from another model; resume from another checkpoint"
             )
-    return set(metadata)
 
 
 def _mismatch(directory: Path, wanted: set, have: set) -> None:

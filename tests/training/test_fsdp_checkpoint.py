@@ -365,15 +365,17 @@ def test_kill_9_of_one_rank_then_resume_is_bit_exact(tmp_path):
 
 @pytest.mark.slow
 def test_another_world_size_resumes_the_same_run(tmp_path):
-    """A 2-process FSDP run (no dropout) equals one process (adapter within 1e-5); its step-2
-    checkpoint continues on 1 process (FSDP and plain) and on 4 (torchrun) with the same losses."""
+    """A 2-process FSDP run (no dropout) equals a plain 1-process run (adapter within 1e-5); its
+    step-2 checkpoint continues on 1 process (FSDP and plain) and on 4 (torchrun) with the same
+    losses, and the 1-process run's on 2 (FSDP)."""
     cfg = tiny_config(
         tmp_path / "unused", method="qlora",
         train={"max_steps": STEPS, "save_every": 2, "keep_checkpoints": 3, "distributed": "fsdp"},
     )  # fmt: skip
     torchrun(tmp_path, 2, cfg, f"output={tmp_path / 'two'}", "train.batch_size=2")
     two = losses(tmp_path / "two")
-    train({**cfg, "output": str(tmp_path / "one")})
+    plain = {**cfg["train"], "distributed": "ddp"}
+    train({**cfg, "output": str(tmp_path / "one"), "train": plain})  # one process, no FSDP
     assert two == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
     assert_same(adapter(tmp_path / "two"), adapter(tmp_path / "one"), tol=1e-5)
     assert_same(
@@ -402,6 +404,14 @@ def test_another_world_size_resumes_the_same_run(tmp_path):
     assert losses(out) == pytest.approx(two[2:], abs=1e-5)
     assert_same(adapter(out), adapter(tmp_path / "two"), tol=1e-5)
 
+    out = tmp_path / "one-to-two"  # 1 -> 2, from a single-process checkpoint (trainable.safetensors)
+    step2_one = tmp_path / "one" / "checkpoints" / "step-000002"
+    assert (step2_one / "trainable.safetensors").is_file()
+    shutil.copytree(step2_one, out / "checkpoints" / step2_one.name)
+    torchrun(tmp_path, 2, cfg, f"output={out}", "resume=auto", "train.batch_size=2")
+    assert losses(out) == pytest.approx(losses(tmp_path / "one")[2:], abs=1e-5)
+    assert_same(adapter(out), adapter(tmp_path / "one"), tol=1e-5)
+
     broken = tmp_path / "broken" / "checkpoints" / step2.name  # a shard missing: refused, not zeros
     shutil.copytree(step2, broken)
     (broken / "sharded" / "shard-00002-model-00001-of-00001.safetensors").unlink()
@@ -429,3 +439,19 @@ def test_a_failing_shard_write_is_one_clear_error(group, tmp_path, monkeypatch):
     with pytest.raises(RunError, match=r"step 2: writing the sharded checkpoint failed: process 0: OSError"):
         save(group, tmp_path, 2, model, opt, sched)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_on_two_processes_equals_one(tmp_path):
+    """method full under FSDP on 2 processes: OUTPUT/model (gathered) loads with transformers and
+    equals a plain 1-process run's within 1e-5."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(tmp_path / "one", method="full", train={"max_steps": 3, "lr": 1e-3})
+    train(cfg)
+    fsdp_two = [f"output={tmp_path / 'two'}", "train.distributed=fsdp", "train.batch_size=2"]
+    torchrun(tmp_path, 2, cfg, *fsdp_two)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "model").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "model").state_dict()
+    assert_same(a, b, tol=1e-5)

@@ -104,9 +104,7 @@ def _fsync_tree(path: Path) -> None:
 
 def _vote(dist, failed: bool) -> int:
     """How many processes failed (an all-reduce; also the barrier between the phases)."""
-    if not td.is_initialized():
-        return int(failed)
-    return int(all_reduce_sum(dist, float(failed))[0]) if dist.enabled else int(failed)
+    return int(all_reduce_sum(dist, float(failed))[0])
 
 
 def _check_finite(model, step: int, output, dist) -> None:
@@ -130,12 +128,15 @@ def save(output, step: int, model, optimizer, scheduler, state: dict, dist, save
     _check_finite(model, step, output, dist)
     root = ckpt.checkpoint_root(output)
     final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
-    if dist.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    td.barrier()
     error = None
+    try:
+        if dist.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+    except Exception as e:
+        error = e
+    _finish_phase(dist, error, tmp, step)  # (the barrier: the directory exists before anyone writes)
     try:  # every process its part (dcp.save raises on every process when one fails)
         (tmp / "sharded").mkdir(parents=True, exist_ok=True)  # (another node may not see it yet)
         flat = _flat_state(model, optimizer)

@@ -125,6 +125,56 @@ def test_full_fine_tuning_model_equals_plain_run(tmp_path):
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "plain"), abs=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
+def test_a_skipped_first_step_changes_nothing_by_saving(tmp_path, monkeypatch):
+    """Step 1's loss is NaN (skipped: no optimizer step yet, no Adam state). Saving a checkpoint
+    then must not give Adam a step count: the run with a checkpoint every step equals the one
+    without, and resuming from the step-1 checkpoint continues it exactly."""
+    import math
+
+    from loraforge.training import loop
+
+    class Poisoned(loop.CausalLMLoss):
+        calls = 0
+
+        def forward(self, **batch):
+            loss_sum, n = super().forward(**batch)
+            Poisoned.calls += 1
+            return (loss_sum * math.nan if Poisoned.calls == 1 else loss_sum), n
+
+    def run(name, save_every, poisoned=True, **kw):
+        monkeypatch.setattr(loop, "CausalLMLoss", Poisoned if poisoned else loop.CausalLMLoss)
+        Poisoned.calls = 0
+        t = {"max_steps": 4, "save_every": save_every, "keep_checkpoints": 5, "max_nonfinite_steps": 2}
+        cfg = tiny_config(tmp_path / name, train={**t, "distributed": "fsdp"}, **kw)
+        train(cfg)
+        monkeypatch.undo()
+        return losses(tmp_path / name)
+
+    straight, saving = run("straight", 0), run("saving", 1)
+    assert math.isnan(saving[0]) and saving[1:] == straight[1:]
+    assert_same(adapter(tmp_path / "saving"), adapter(tmp_path / "straight"))
+    step1 = tmp_path / "saving" / "checkpoints" / "step-000001"
+    shutil.copytree(step1, tmp_path / "resumed" / "checkpoints" / step1.name)
+    assert run("resumed", 1, poisoned=False, resume="auto") == straight[1:]
+    assert_same(adapter(tmp_path / "resumed"), adapter(tmp_path / "straight"))
+
+
+def test_another_world_size_with_the_same_global_batch_is_no_batch_change(tmp_path, monkeypatch):
+    """2 processes x 2 rows saved, 1 process x 4 rows resumes: the same global batch, not refused."""
+    from loraforge.training import ConfigError, TrainConfig
+    from loraforge.training.resume import resume_changes
+
+    saved = TrainConfig.from_dict(tiny_config(tmp_path, train={"batch_size": 2}))
+    (tmp_path / "state.json").write_text(json.dumps({"global_batch": 4, "config": saved.to_dict()}))
+    now = TrainConfig.from_dict(tiny_config(tmp_path, train={"batch_size": 4}))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert resume_changes(now, tmp_path, print) == {}
+    monkeypatch.setenv("WORLD_SIZE", "2")  # 2 x 4 = 8 rows per step: another run
+    with pytest.raises(ConfigError, match=r"train.batch_size \(2 -> 4\)"):
+        resume_changes(now, tmp_path, print)
+
+
 # -- library level: an FSDP group of one and a small model -------------------------------------------
 
 

@@ -115,14 +115,20 @@ def test_saved_adapter_loads_in_peft_and_merges(runs):
 def test_full_fine_tuning_model_equals_plain_run(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    t = {"max_steps": 3, "lr": 1e-3, "distributed": "fsdp"}
+    def weights(output: Path) -> dict:
+        return AutoModelForCausalLM.from_pretrained(output / "model").state_dict()
+
+    t = {"max_steps": 3, "lr": 1e-3, "distributed": "fsdp", "save_every": 1, "keep_checkpoints": 3}
     cfg = tiny_config(tmp_path / "fsdp", method="full", train=t)
     train(cfg)
     train({**cfg, "output": str(tmp_path / "plain"), "train": {**cfg["train"], "distributed": "ddp"}})
-    a = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "model").state_dict()
-    b = AutoModelForCausalLM.from_pretrained(tmp_path / "plain" / "model").state_dict()
-    assert_same(a, b, tol=1e-5)
+    assert_same(weights(tmp_path / "fsdp"), weights(tmp_path / "plain"), tol=1e-5)
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "plain"), abs=1e-5)
+    step1 = tmp_path / "fsdp" / "checkpoints" / "step-000001"  # every weight and its Adam moments
+    shutil.copytree(step1, tmp_path / "resumed" / "checkpoints" / step1.name)
+    train({**cfg, "output": str(tmp_path / "resumed"), "resume": "auto"})
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "fsdp")[1:]
+    assert_same(weights(tmp_path / "resumed"), weights(tmp_path / "fsdp"))
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")

@@ -1,18 +1,13 @@
 """FSDP checkpoints (training/sharded_checkpoint.py): atomic, exact resume, either format either way,
 the optimizer state as it is, and the saved adapter usable (PEFT, merge).
 
-Most runs here use FSDP in one process (a group of one, no torchrun); the two slow tests at the end
-launch torchrun (kill -9 of a rank then --resume; another world size)."""
+Runs here use FSDP in one process (a group of one, no torchrun); test_fsdp_resume.py has the
+torchrun runs (kill -9 of a rank then --resume; another world size)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +22,7 @@ from loraforge.training import fsdp, train
 from loraforge.training import sharded_checkpoint as sharded
 from loraforge.training.lock import RunError
 
-from .util import losses, subprocess_env, tiny_config
+from .util import losses, tiny_config
 
 STEPS = 6
 
@@ -359,126 +354,6 @@ def test_files_are_safetensors_and_json(runs):
     assert json.loads((path / "state.json").read_text())["world_size"] == 1
 
 
-# -- torchrun: 2 processes (and 4) ----------------------------------------------------------------
-
-
-def torchrun(tmp_path: Path, n: int, cfg: dict, *overrides: str, wait: bool = True):
-    config = tmp_path / f"run-{len(list(tmp_path.glob('run-*.yaml')))}.yaml"
-    config.write_text(lf.training.TrainConfig.from_dict(cfg).to_yaml())
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-        "-m", "loraforge", "train", str(config), *overrides,
-    ]  # fmt: skip
-    kw = dict(cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if not wait:
-        return subprocess.Popen(cmd, **kw)
-    done = subprocess.run(cmd, timeout=600, **kw)
-    assert done.returncode == 0, done.stdout[-3000:]
-    return done
-
-
-def workers(agent: int) -> dict[int, int]:
-    """``{rank: pid}`` of the processes a torchrun agent started."""
-    import psutil
-
-    found = {}
-    for child in psutil.Process(agent).children(recursive=True):
-        rank = child.environ().get("RANK")
-        if rank is not None:
-            found[int(rank)] = child.pid
-    return found
-
-
-@pytest.mark.slow
-def test_kill_9_of_one_rank_then_resume_is_bit_exact(tmp_path):
-    """2 processes, QLoRA with dropout: kill -9 of rank 1 after the step-4 checkpoint; torchrun
-    fails; --resume on 2 processes gives the uninterrupted run's losses and adapter bit for bit."""
-    pytest.importorskip("psutil")
-    cfg = qlora_config(
-        tmp_path / "unused", distributed="fsdp", max_steps=12, batch_size=2, keep_checkpoints=2
-    )
-    torchrun(tmp_path, 2, cfg, f"output={tmp_path / 'ref'}")
-    reference = losses(tmp_path / "ref")
-    assert len(reference) == 12
-
-    out = tmp_path / "killed"
-    proc = torchrun(tmp_path, 2, cfg, f"output={out}", wait=False)
-    deadline = time.monotonic() + 300
-    while not (out / "checkpoints" / "step-000004" / "state.json").exists():
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    os.kill(workers(proc.pid)[1], signal.SIGKILL)
-    said, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0, said[-3000:]
-    assert 4 <= len(losses(out)) < 12  # killed before the end
-
-    resumed = torchrun(tmp_path, 2, cfg, f"output={out}", "resume=auto")
-    assert "resumed from" in resumed.stdout
-    assert losses(out) == reference
-    assert_same(adapter(out), adapter(tmp_path / "ref"))
-
-
-@pytest.mark.slow
-def test_another_world_size_resumes_the_same_run(tmp_path):
-    """A 2-process FSDP run (no dropout) equals a plain 1-process run (adapter within 1e-5); its
-    step-2 checkpoint continues on 1 process (FSDP and plain) and on 4 (torchrun) with the same
-    losses, and the 1-process run's on 2 (FSDP)."""
-    cfg = tiny_config(
-        tmp_path / "unused", method="qlora",
-        train={"max_steps": STEPS, "save_every": 2, "keep_checkpoints": 3, "distributed": "fsdp"},
-    )  # fmt: skip
-    torchrun(tmp_path, 2, cfg, f"output={tmp_path / 'two'}", "train.batch_size=2")
-    two = losses(tmp_path / "two")
-    plain = {**cfg["train"], "distributed": "ddp"}
-    train({**cfg, "output": str(tmp_path / "one"), "train": plain})  # one process, no FSDP
-    assert two == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
-    assert_same(adapter(tmp_path / "two"), adapter(tmp_path / "one"), tol=1e-5)
-    assert_same(
-        adapter(tmp_path / "two"),
-        load_file(str(tmp_path / "two/checkpoints/step-000006/adapter/adapter_model.safetensors")),
-    )
-
-    step2 = tmp_path / "two" / "checkpoints" / "step-000002"
-    for distributed in ("fsdp", "ddp"):  # 2 -> 1, under FSDP and without
-        out = tmp_path / f"to-one-{distributed}"
-        shutil.copytree(step2, out / "checkpoints" / step2.name)
-        train(
-            {
-                **cfg,
-                "output": str(out),
-                "resume": "auto",
-                "train": {**cfg["train"], "distributed": distributed},
-            }
-        )
-        assert losses(out) == pytest.approx(two[2:], abs=1e-5)
-        assert_same(adapter(out), adapter(tmp_path / "two"), tol=1e-5)
-
-    out = tmp_path / "to-four"  # 2 -> 4 (ranks 2 and 3 take the random state of ranks 0 and 1)
-    shutil.copytree(step2, out / "checkpoints" / step2.name)
-    torchrun(tmp_path, 4, cfg, f"output={out}", "resume=auto", "train.batch_size=1")
-    assert losses(out) == pytest.approx(two[2:], abs=1e-5)
-    assert_same(adapter(out), adapter(tmp_path / "two"), tol=1e-5)
-
-    out = tmp_path / "one-to-two"  # 1 -> 2, from a single-process checkpoint (trainable.safetensors)
-    step2_one = tmp_path / "one" / "checkpoints" / "step-000002"
-    assert (step2_one / "trainable.safetensors").is_file()
-    shutil.copytree(step2_one, out / "checkpoints" / step2_one.name)
-    torchrun(tmp_path, 2, cfg, f"output={out}", "resume=auto", "train.batch_size=2")
-    assert losses(out) == pytest.approx(losses(tmp_path / "one")[2:], abs=1e-5)
-    assert_same(adapter(out), adapter(tmp_path / "one"), tol=1e-5)
-
-    broken = tmp_path / "broken" / "checkpoints" / step2.name  # a shard missing: refused, not zeros
-    shutil.copytree(step2, broken)
-    (broken / "sharded" / "shard-00002-model-00001-of-00001.safetensors").unlink()
-    with pytest.raises(
-        ValueError, match=r"in .*sharded, this model \(4, 64\): the sharded checkpoint is incomplete"
-    ):
-        train({**cfg, "output": str(broken.parent.parent), "resume": "auto"})
-    if td.is_initialized():  # (the failed run's group of one)
-        td.destroy_process_group()
-
-
 def test_a_failing_shard_write_is_one_clear_error(group, tmp_path, monkeypatch):
     """DCP's own failure (a BaseException carrying every process's traceback) becomes a RunError;
     the .tmp goes, the earlier checkpoint stays."""
@@ -495,19 +370,3 @@ def test_a_failing_shard_write_is_one_clear_error(group, tmp_path, monkeypatch):
     with pytest.raises(RunError, match=r"step 2: writing the sharded checkpoint failed: process 0: OSError"):
         save(group, tmp_path, 2, model, opt, sched)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]
-
-
-@pytest.mark.slow
-def test_full_fine_tuning_on_two_processes_equals_one(tmp_path):
-    """method full under FSDP on 2 processes: OUTPUT/model (gathered) loads with transformers and
-    equals a plain 1-process run's within 1e-5."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = tiny_config(tmp_path / "one", method="full", train={"max_steps": 3, "lr": 1e-3})
-    train(cfg)
-    fsdp_two = [f"output={tmp_path / 'two'}", "train.distributed=fsdp", "train.batch_size=2"]
-    torchrun(tmp_path, 2, cfg, *fsdp_two)
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
-    a = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "model").state_dict()
-    b = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "model").state_dict()
-    assert_same(a, b, tol=1e-5)

@@ -21,16 +21,20 @@ loads under FSDP: each process keeps its slice of every tensor.
 
 Atomicity across processes (the output directory may be shared by several nodes, e.g. NFS):
 
-    1. the main process creates ``.tmp-step-*``; barrier
+    1. the main process creates ``.tmp-step-*``
     2. every process writes its shards, its random state (the main one the adapter), fsyncs them
-    3. a vote (all-reduce of failures): if any process failed, the main one deletes the ``.tmp``
-       and every process raises
-    4. the main process alone writes the JSON files, ``state.json`` last, fsyncs, renames the
+    3. the main process alone writes the JSON files, ``state.json`` last, fsyncs, renames the
        directory into place (an older one of the same step swapped out via ``.old-*``), fsyncs
-       the parent, and prunes with ``checkpoint._remove`` (rename first); a second vote
+       the parent, and prunes with ``checkpoint._remove`` (rename first)
 
-A kill -9 of any process at any moment leaves the earlier checkpoints intact plus a ``.tmp-*`` /
-``.old-*`` that ``checkpoint.clean_partial`` removes, or the new checkpoint complete.
+Each phase ends with a vote (an all-reduce of failures, also the barrier): if any process failed,
+the main one deletes the ``.tmp`` and every process raises, none is left waiting. A kill -9 of
+any process at any moment leaves the earlier checkpoints intact plus a ``.tmp-*`` / ``.old-*``
+that ``checkpoint.clean_partial`` removes, or the new checkpoint complete (a same-step swap cut
+between its two renames loses that step's older copy only). Under FSDP a run refuses to save
+NaN/Inf trainable tensors, as checkpoint.py does, and saves the optimizer state that exists: a
+step skipped before the first optimizer step leaves Adam without state, and inventing zeros
+would count a step Adam never took.
 """
 
 from __future__ import annotations

@@ -292,7 +292,7 @@ def _load_checkpoint(
     """Weights, optimizer and scheduler state from ``resume_dir``; returns its step. With
     ``changed`` (resume_changes: apply), this config's optimizer settings apply from there on."""
     settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    if sharded_ckpt.is_sharded_checkpoint(resume_dir):
+    if dist.fsdp or sharded_ckpt.is_sharded_checkpoint(resume_dir):  # (either format, either way)
         state = sharded_ckpt.load(resume_dir, model, optimizer, scheduler, dist)
     else:
         state = ckpt.load_checkpoint(resume_dir, model, optimizer, scheduler)

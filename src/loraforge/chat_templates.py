@@ -125,13 +125,19 @@ def read_template_file(path: str | Path) -> str:
 
 
 def check_syntax(template: str, where: str) -> None:
-    """ValueError naming ``where`` and the line when ``template`` is not valid Jinja (parsed by the
-    sandboxed environment transformers renders with; nothing is rendered here)."""
+    """ValueError naming ``where`` and the line when ``template`` is not valid Jinja, compiled as
+    transformers compiles chat templates (its sandbox, with its ``{% generation %}`` tag); nothing
+    is rendered here."""
     from jinja2 import TemplateSyntaxError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     try:
-        ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+        from transformers.utils.chat_template_utils import _compile_jinja_template as compile_template
+    except ImportError:  # (a private name: should it move, parse in the same kind of sandbox)
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        compile_template = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse
+    try:
+        compile_template(template)
     except TemplateSyntaxError as e:
         raise ValueError(f"{where}:{e.lineno}: not a valid Jinja template ({e.message})") from None
 

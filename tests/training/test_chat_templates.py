@@ -189,6 +189,18 @@ def test_jinja_file_template(tmp_path, smollm2_dir, which, request):
         tok.chat_template = saved
 
 
+def test_jinja_file_with_generation_markers(tmp_path):
+    """A TRL-style training template ({% generation %} tags, which transformers' own Jinja
+    environment knows) is accepted, and its own assistant mask agrees with ours."""
+    path = tmp_path / "chatml-generation.jinja"
+    path.write_text(TWINS["chatml"], encoding="utf-8")
+    tok = builtin_tokenizer(True)
+    ct.apply_setting(tok, str(path), log=lambda _: None)
+    example = encode(tok, CONVERSATIONS[0])
+    twin = tok.apply_chat_template(CONVERSATIONS[0], return_dict=True, return_assistant_tokens_mask=True)
+    assert trained_positions(example) == [i for i, m in enumerate(twin["assistant_masks"]) if m]
+
+
 def test_markers_the_tokenizer_lacks_are_text_with_one_note(smollm2_tokenizer):
     notes = []
     tok = builtin_tokenizer(False)

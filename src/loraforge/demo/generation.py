@@ -77,8 +77,12 @@ def stream_answer(
     tokens need not be whole characters, so decoding token by token could split a UTF-8 sequence.
     Uses the KV cache: one forward of the prompt, then one token per step.
     """
+    from ..chat_templates import turn_end_id
+
     model.eval()
     text = prompt_text(tokenizer, question, history, chat_template)
+    # EOS, and the template's end-of-turn token when it is another (llama3's <|eot_id|>)
+    stop = {tokenizer.eos_token_id, turn_end_id(tokenizer, chat_template)} - {None}
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     new: list[int] = []
     shown = ""
@@ -89,7 +93,7 @@ def stream_answer(
         out = model(input_ids=step_input, use_cache=True, **{cache_name: past})
         past = getattr(out, cache_name)
         token = int(out.logits[0, -1].argmax())
-        if token == tokenizer.eos_token_id:
+        if token in stop:
             break
         new.append(token)
         text = tokenizer.decode(new, skip_special_tokens=True).lstrip()

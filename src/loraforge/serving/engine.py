@@ -190,12 +190,23 @@ class Engine:
         with self._tok_lock:
             return encode_prompt(self.tokenizer, text)
 
-    def encode_chat(self, messages: list[dict], adapter: str | None = None) -> list[int]:
-        """The prompt for a chat: the template saved with the adapter, else the base's."""
+    def _chat_template(self, adapter: str | None) -> str:
         template = self._templates.get(adapter) if adapter else None
         template = template or self._base_template or next((t for t in self._templates.values() if t), None)
-        if template is None:
-            template = FALLBACK_CHAT_TEMPLATE
+        return FALLBACK_CHAT_TEMPLATE if template is None else template
+
+    def chat_stop_ids(self, adapter: str | None = None) -> list[int]:
+        """The chat template's end-of-turn token when it is a token other than EOS (llama3's
+        <|eot_id|> on a Llama 3 base, whose EOS is <|end_of_text|>): a chat answer stops there."""
+        from ..chat_templates import turn_end_id
+
+        with self._tok_lock:
+            end = turn_end_id(self.tokenizer, self._chat_template(adapter))
+        return [] if end is None or end in self._eos else [end]
+
+    def encode_chat(self, messages: list[dict], adapter: str | None = None) -> list[int]:
+        """The prompt for a chat: the template saved with the adapter, else the base's."""
+        template = self._chat_template(adapter)
         with self._tok_lock:
             text = self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True, chat_template=template

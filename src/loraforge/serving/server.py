@@ -23,7 +23,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -256,6 +256,8 @@ def _add_routes(app: FastAPI, state: State) -> None:
             max_tokens = max(config.max_total_tokens - len(ids), 1)
         _check_length(config, ids, max_tokens, "messages")
         params = responses.chat_params(req, max_tokens)
+        if turn_end := await asyncio.to_thread(state.engine.chat_stop_ids, adapter):  # the template's
+            params = replace(params, stop_token_ids=[*params.stop_token_ids, *turn_end])
         builder = responses.ChatBuilder(req, _new_id("chatcmpl"))
         return await _respond(request, state, adapter, req.sampling, [(ids, params)], builder)
 

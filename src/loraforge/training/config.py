@@ -379,6 +379,10 @@ class TrainConfig:
             )
         if isinstance(t.compile, str) and t.compile != "auto":
             raise bad("train.compile", f"expected true, false or auto, got {t.compile!r}")
+        from .. import chat_templates  # (no import cycle: that module imports nothing of ours)
+
+        if (why := chat_templates.problem(d.chat_template)) is not None:
+            raise bad("data.chat_template", why)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?", t.device):
             raise bad("train.device", f"expected auto, cpu, cuda or cuda:N, got {t.device!r}")
 

@@ -13,9 +13,10 @@ Formats (``data.format``; ``auto`` picks from the columns):
 * ``text``: ``{"text": ...}``; every token is trained.
 * ``prompt_completion``: ``{"prompt": ..., "completion": ...}``; with ``completion_only`` the
   prompt tokens are masked. EOS is appended so the model learns to stop.
-* ``chat``: ``{"messages": [{"role": ..., "content": ...}, ...]}`` rendered with the tokenizer's
-  chat template (``FALLBACK_CHAT_TEMPLATE`` when it has none); with ``completion_only`` only the
-  assistant turns are trained.
+* ``chat``: ``{"messages": [{"role": ..., "content": ...}, ...]}`` rendered with the template
+  ``data.chat_template`` names (``loraforge.chat_templates``; ``tokenizer``: the tokenizer's own,
+  ``FALLBACK_CHAT_TEMPLATE`` when it has none); with ``completion_only`` only the assistant turns
+  are trained.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import DataSection
+from .config import ConfigError, DataSection
 from .datafiles import DataError, peek_rows, read_rows
 
 IGNORE = -100
@@ -123,7 +124,12 @@ def chat_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
 
     def render(msgs, gen):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        from jinja2 import TemplateError
+
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        except TemplateError as e:  # e.g. raise_exception: roles that do not alternate (mistral)
+            raise DataError(f"the chat template refuses this conversation: {e}") from None
 
     full = render(messages, False)
     segments, pos = [], 0
@@ -311,7 +317,14 @@ def collate(rows: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def load_datasets(cfg: DataSection, tokenizer, seed: int, log=print) -> tuple[list[Example], list[Example]]:
-    """(train rows, eval rows), packed if ``cfg.packing``; eval may be empty."""
+    """(train rows, eval rows), packed if ``cfg.packing``; eval may be empty. The template
+    ``cfg.chat_template`` names is set on the tokenizer first (saved with the adapter from there)."""
+    from .. import chat_templates
+
+    try:
+        chat_templates.apply_setting(tokenizer, cfg.chat_template, log)
+    except ValueError as e:  # the .jinja file changed since the config was checked
+        raise ConfigError(f"data.chat_template: {e}") from None
     train = load_examples(cfg.train, cfg, tokenizer, log)
     if cfg.eval:
         evals = load_examples(cfg.eval, cfg, tokenizer, log)

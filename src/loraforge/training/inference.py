@@ -90,6 +90,12 @@ def generate(
     """The model's continuation of ``prompt`` (greedy when temperature is 0)."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids(tokenizer, prompt, chat)], device=device)
+    stop = [tokenizer.eos_token_id]
+    if chat and getattr(tokenizer, "chat_template", None):
+        from ..chat_templates import turn_end_id
+
+        # the template's end-of-turn token too (llama3's <|eot_id|> is not a Llama 3 base's EOS)
+        stop += [i for i in [turn_end_id(tokenizer)] if i is not None and i not in stop]
     torch.manual_seed(seed)
     sample = temperature > 0
     out = model.generate(
@@ -101,7 +107,7 @@ def generate(
         top_p=top_p if sample else None,
         top_k=None,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop if len(stop) > 1 else stop[0],
     )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 

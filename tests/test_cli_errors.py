@@ -31,7 +31,7 @@ def no_training(monkeypatch):
 
     calls = []
 
-    def fake_prepare_model(cfg, device, say):
+    def fake_prepare_model(cfg, device, say, dist=None):
         calls.append(cfg)
         raise KeyboardInterrupt("stopped by the test")
 

@@ -100,7 +100,11 @@ def _rope_theta(config) -> float:
 def _rope_scaling(config) -> tuple[str, float]:
     """("none" | "linear", factor); ExportError for the kinds not written here."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    kind = (params.get("rope_type") or params.get("type") or "default") if isinstance(params, dict) else "default"
+    kind = (
+        (params.get("rope_type") or params.get("type") or "default")
+        if isinstance(params, dict)
+        else "default"
+    )
     if kind == "default":
         return "none", 1.0
     if kind == "linear":
@@ -296,7 +300,9 @@ def _lora_layers(model, adapter_name: str):
         elif tied and path == "lm_head":
             why = "LoRA on a tied output head"
         if why is not None or not isinstance(layer, LoraLayer):
-            raise ExportError(f"layer {path!r}: {why or layer.method} has no llama.cpp LoRA GGUF form; export merged")
+            raise ExportError(
+                f"layer {path!r}: {why or layer.method} has no llama.cpp LoRA GGUF form; export merged"
+            )
         a, b = layer.factors(adapter_name)
         yield path, a.detach().float(), b.detach().float(), float(layer.scaling[adapter_name])
 
@@ -338,7 +344,9 @@ def export_lora(base: str, adapter: str, out, type: str = "f16") -> Path:
     return _finish(writer, out)
 
 
-def export_gguf(base: str, out, adapter: str | None = None, type: str = "f16", lora_only: bool = False) -> Path:
+def export_gguf(
+    base: str, out, adapter: str | None = None, type: str = "f16", lora_only: bool = False
+) -> Path:
     """``loraforge export --format gguf``: the merged model, or with ``lora_only`` the adapter alone."""
     if lora_only:
         if adapter is None:

@@ -52,7 +52,11 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+    if (
+        kinds == ["Digits", "ByteLevel"]
+        and steps[0].get("individual_digits")
+        and steps[1].get("use_regex", True)
+    ):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
         pattern = (steps[0].get("pattern") or {}).get("Regex")
@@ -74,8 +78,10 @@ def add_vocab(writer, tokenizer, vocab_size: int) -> None:
         raise VocabError(f"tokenizer {type(tokenizer).__name__} is not a fast (tokenizers) tokenizer")
     spec = json.loads(backend.to_str())
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or "ByteLevel" not in json.dumps(
-        spec.get("pre_tokenizer")
+    if (
+        model.get("type") != "BPE"
+        or model.get("byte_fallback")
+        or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer"))
     ):
         raise VocabError(
             f"tokenizer model {model.get('type')!r} (byte_fallback={model.get('byte_fallback')}) is not a "

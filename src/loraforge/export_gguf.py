@@ -348,6 +348,10 @@ def export_gguf(
     base: str, out, adapter: str | None = None, type: str = "f16", lora_only: bool = False
 ) -> Path:
     """``loraforge export --format gguf``: the merged model, or with ``lora_only`` the adapter alone."""
+    try:
+        import gguf  # noqa: F401
+    except ModuleNotFoundError:
+        raise ExportError("GGUF export needs the gguf package (pip install gguf)") from None
     if lora_only:
         if adapter is None:
             raise ExportError("--lora-only needs --adapter")

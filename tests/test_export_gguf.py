@@ -327,7 +327,7 @@ def test_refusals(tiny, tmp_path):
     raw = json.loads((q4 / "config.json").read_text())
     raw["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (q4 / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(ExportError, match="base is quantized"):
+    with pytest.raises(ExportError, match="base is saved quantized"):
         export_gguf(str(q4), tmp_path / "x.gguf")
     dora = _save_adapter(
         load_with_adapters(tiny["base"], {}, "float32", "cpu")[0], tmp_path / "dora", use_dora=True
@@ -446,3 +446,47 @@ def test_llama_cpp_smollm2(smollm2):
     base = export_gguf(smollm2["dir"], smollm2["root"] / "base-f16.gguf", type="f16")
     got = _llama_cpp_logits(llama_cpp, base, ids, smollm2["lora"])
     assert _rel(got[-1], want[-1]) <= 1e-2
+
+
+def test_llama_cpp_llama3_rope(tmp_path):
+    """Llama 3 RoPE scaling (Llama 3.1 / 3.2) goes as llama.cpp's rope_freqs tensor: llama.cpp's logits
+    equal transformers' (a short original context, so that the scaled frequencies matter at 24
+    tokens), and differ without the scaling."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraforge.training.builtin import build_tokenizer
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=128, rope_parameters=rope, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "m")
+    build_tokenizer().save_pretrained(tmp_path / "m")
+    out = export_gguf(str(tmp_path / "m"), tmp_path / "m.gguf", type="f32")
+    factors = {t.name: _values(t) for t in gguf.GGUFReader(out).tensors}["rope_freqs.weight"]
+    assert factors.shape == (16,) and 1.0 < factors[0] < 8.0 == factors[-1]  # (smoothed .. factor)
+    ids = [(7 * i + 3) % 500 for i in range(24)]
+    got = _llama_cpp_logits(llama_cpp, out, ids)
+    assert _rel(got, _logits(model, ids).numpy()) <= 1e-3
+    plain = LlamaForCausalLM(LlamaConfig(**{**cfg.to_dict(), "rope_parameters": {"rope_type": "default",
+                                            "rope_theta": 500000.0}})).eval()  # fmt: skip
+    plain.load_state_dict(model.state_dict())
+    assert _rel(got, _logits(plain, ids).numpy()) > 1e-2
+
+
+def test_adapter_tokenizer_and_chat_template(tiny, tmp_path):
+    """The tokenizer saved with the adapter (its chat template: what training used) is the one written."""
+    from transformers import AutoTokenizer
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny["lora"], adapter)
+    tok = AutoTokenizer.from_pretrained(tiny["base"])
+    tok.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    tok.save_pretrained(adapter)
+    out = export_gguf(tiny["base"], tmp_path / "m.gguf", adapter=str(adapter), type="f16")
+    assert _field(gguf.GGUFReader(out), "tokenizer.chat_template") == tok.chat_template

@@ -98,18 +98,43 @@ def _rope_theta(config) -> float:
 
 
 def _rope_scaling(config) -> tuple[str, float]:
-    """("none" | "linear", factor); ExportError for the kinds not written here."""
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    kind = (
-        (params.get("rope_type") or params.get("type") or "default")
-        if isinstance(params, dict)
-        else "default"
-    )
+    """("none" | "linear" | "llama3", factor); ExportError for the kinds not written here."""
+    params = _rope_params(config)
+    kind = params.get("rope_type") or params.get("type") or "default"
     if kind == "default":
         return "none", 1.0
-    if kind == "linear":
-        return "linear", float(params["factor"])
-    raise ExportError(f"RoPE scaling {kind!r} is not supported by loraforge's GGUF export (none, linear)")
+    if kind in ("linear", "llama3"):
+        return kind, float(params.get("factor", 8.0 if kind == "llama3" else 1.0))
+    raise ExportError(
+        f"RoPE scaling {kind!r} is not supported by loraforge's GGUF export (none, linear, llama3)"
+    )
+
+
+def _rope_params(config) -> dict:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return params if isinstance(params, dict) else {}
+
+
+def rope_freq_factors(config) -> torch.Tensor | None:
+    """Llama 3's RoPE scaling as llama.cpp takes it: a ``rope_freqs`` tensor of head_dim / 2
+    divisors of the rotation frequencies ``theta^(-2i/d)``. With wavelength ``2 pi / freq`` and the
+    pre-extension context ``L``: 1 where the wavelength < L / high_freq_factor, ``factor`` where it
+    > L / low_freq_factor, and in between ``1 / ((1 - s) / factor + s)``, ``s = (L / wavelength -
+    low) / (high - low)`` (transformers' ``_compute_llama3_parameters``). None for other models."""
+    params = _rope_params(config)
+    if (params.get("rope_type") or params.get("type")) != "llama3":
+        return None
+    dim = _head_dim(config)
+    freqs = 1.0 / (_rope_theta(config) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    factor = float(params.get("factor", 8.0))
+    low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0))
+    old = float(params.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / freqs
+    smooth = (old / wavelen - low) / (high - low)
+    out = 1 / ((1 - smooth) / factor + smooth)
+    out = torch.where(wavelen < old / high, torch.ones_like(out), out)
+    out = torch.where(wavelen > old / low, torch.full_like(out, factor), out)
+    return out.to(torch.float32)
 
 
 def _head_dim(config) -> int:
@@ -218,11 +243,13 @@ def _refuse_4bit(base: str) -> None:
             raw = json.loads(cfg.read_text())
         except ValueError:
             return  # (load_with_adapters names the bad file)
-        if isinstance(raw, dict) and raw.get("quantization_config"):
+        qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+        if qc:
+            method = qc.get("quant_method", "4-bit") if isinstance(qc, dict) else "4-bit"
             raise ExportError(
-                f"{cfg}: the base is quantized ({raw['quantization_config'].get('quant_method', '4-bit')}); "
-                "GGUF export needs full-precision weights: merge with `loraforge merge` (which dequantizes) "
-                "or export from the full-precision base"
+                f"{cfg}: the base is saved quantized ({method}); GGUF export needs "
+                "full-precision weights: export from the full-precision base (a QLoRA adapter applies to "
+                "it as well)"
             )
 
 
@@ -264,12 +291,15 @@ def export_model(base: str, out, adapter: str | None = None, type: str = "f16") 
         if tied and name == "lm_head.weight":
             continue  # (llama.cpp uses token_embd where there is no output.weight)
         if "rotary_emb" in name:
-            continue
+            continue  # (computed from the hyperparameters; Llama 3 scaling: rope_freqs below)
         data = tensor
         heads = _q_or_k(name, config) if permute else None
         if heads is not None:
             data = permute_rows(data, heads)
         _encode(writer, _gguf_name(name_map, name), data, qtype)
+    factors = rope_freq_factors(config)
+    if factors is not None:
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.numpy())
     return _finish(writer, out)
 
 

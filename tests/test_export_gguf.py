@@ -490,3 +490,23 @@ def test_adapter_tokenizer_and_chat_template(tiny, tmp_path):
     tok.save_pretrained(adapter)
     out = export_gguf(tiny["base"], tmp_path / "m.gguf", adapter=str(adapter), type="f16")
     assert _field(gguf.GGUFReader(out), "tokenizer.chat_template") == tok.chat_template
+
+
+def test_mistral_as_llama(tmp_path):
+    """Mistral is written as llama.cpp's ``llama`` (as its converter does); transformers reads it back."""
+    from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+
+    from loraforge.training.builtin import build_tokenizer
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = MistralForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "m")
+    build_tokenizer().save_pretrained(tmp_path / "m")
+    out = export_gguf(str(tmp_path / "m"), tmp_path / "m.gguf", type="f32")
+    assert _field(gguf.GGUFReader(out), "general.architecture") == "llama"
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
+    assert _rel(_logits(back.eval()), _logits(model)) <= 1e-5

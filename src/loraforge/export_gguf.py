@@ -253,11 +253,11 @@ def _refuse_4bit(base: str) -> None:
             )
 
 
-def _load(base: str, adapter: str | None):
+def _load(base: str, adapter: str | None, dtype: str = "float32"):
     from .training.inference import load_with_adapters
 
     _refuse_4bit(base)
-    return load_with_adapters(base, {"default": adapter} if adapter else {}, "float32", "cpu")
+    return load_with_adapters(base, {"default": adapter} if adapter else {}, dtype, "cpu")
 
 
 def export_model(base: str, out, adapter: str | None = None, type: str = "f16") -> Path:
@@ -344,7 +344,9 @@ def export_lora(base: str, adapter: str, out, type: str = "f16") -> Path:
 
     qtype, file_type = _types(type)
     out = _check_out(out)
-    model, _ = _load(base, adapter)
+    # (the base's weights only carry the factors: bf16 halves the memory; the factors over a
+    # half-precision weight are fp32, loaded exactly: layers.base.lora_dtype)
+    model, _ = _load(base, adapter, "bfloat16")
     config = model.config
     arch, permute = _arch(config)
     layers = list(_lora_layers(model, "default"))

@@ -20,7 +20,8 @@ head counts, RoPE dimension and base, RMS-norm epsilon, vocabulary size), the to
 llama.cpp's ``convert_hf_to_gguf.py`` picks them: 1-D tensors (norms, biases) F32; matrices F32,
 F16 or Q8_0 (blocks of 32 values ``d * q``, int8 ``q``, fp16 ``d = max|x| / 127``; a matrix whose
 rows are not a multiple of 32 long falls back to F16). A tied output head is not written
-(llama.cpp reuses ``token_embd``).
+(llama.cpp reuses ``token_embd``). Llama 3's RoPE scaling becomes llama.cpp's ``rope_freqs``
+tensor (:func:`rope_freq_factors`), linear scaling the ``rope.scaling.*`` keys.
 
 **LoRA adapter** (:func:`export_lora`): llama.cpp's adapter GGUF (``general.type = adapter``,
 ``adapter.type = lora``, ``adapter.lora.alpha``), tensors ``<name>.lora_a`` (A, r x in: GGUF
@@ -35,8 +36,8 @@ reorders the rows of ``q_proj`` / ``k_proj`` within each head, ``(2, d/2) -> (d/
 its pairs are Hugging Face's halves; a LoRA B of those layers gets the same row order (its A is
 unchanged). transformers undoes it when it reads a llama GGUF.
 
-Refused in one line, nothing written: other architectures, RoPE scaling other than none / linear,
-a 4-bit base (merge with ``dequantize`` or save full precision first), and for the LoRA GGUF:
+Refused in one line, nothing written: other architectures, other RoPE scalings (YaRN, dynamic,
+...), a base saved quantized (export from its full-precision original), and for the LoRA GGUF:
 DoRA, ``lora_bias``, ``modules_to_save``, LoRA on embeddings or a tied output head, other methods.
 The file is written beside ``out`` and renamed into place; an existing ``out`` is not overwritten.
 """

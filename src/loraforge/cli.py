@@ -5,6 +5,7 @@ loraforge train CONFIG.yaml [key=value ...] [--resume]
 loraforge merge --base DIR --adapter DIR --out DIR
 loraforge generate --base DIR [--adapter NAME=DIR ...] --prompt "..."
 loraforge inspect DIR
+loraforge export --format gguf --base DIR [--adapter DIR] --out FILE.gguf [--type f16|q8_0|f32] [--lora-only]
 loraforge demo ... | loraforge compare ... | loraforge chat ... | loraforge serve ...
 """
 
@@ -142,9 +143,38 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path", help="directory to inspect")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
 
+    _add_export_parser(sub)
     for name, (_, text) in DELEGATED.items():
         sub.add_parser(name, help=text, add_help=False)
     return p
+
+
+def _add_export_parser(sub) -> None:
+    x = sub.add_parser(
+        "export",
+        help="export a merged model or a LoRA adapter as GGUF for llama.cpp / Ollama",
+        description="Write GGUF (llama.cpp's format, also read by Ollama): the base with the adapter merged "
+        "in (or the base alone), or with --lora-only the adapter as llama.cpp's LoRA-adapter GGUF "
+        "(llama-cli -m BASE.gguf --lora ADAPTER.gguf). Llama, Mistral and Qwen2 models.",
+        formatter_class=_Formatter,
+    )
+    x.add_argument("--format", default="gguf", choices=["gguf"], help="file format")
+    x.add_argument("--base", required=True, help="base model: directory, hub id, .gguf file or builtin:NAME")
+    x.add_argument("--adapter", default=None, help="adapter directory (PEFT format) to merge or export")
+    x.add_argument("--out", required=True, help="output .gguf file (must not exist)")
+    x.add_argument(
+        "--type", default="f16", choices=["f16", "q8_0", "f32"], help="tensor type of the weight matrices"
+    )
+    x.add_argument("--lora-only", action="store_true", help="write the adapter alone (llama.cpp LoRA GGUF)")
+
+
+def _export(args) -> int:
+    from .export_gguf import export_gguf
+
+    out = export_gguf(args.base, args.out, adapter=args.adapter, type=args.type, lora_only=args.lora_only)
+    what = "LoRA adapter" if args.lora_only else ("merged model" if args.adapter else "model")
+    print(f"{what} written to {out} (GGUF, {args.type})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,6 +226,7 @@ def _main(argv: list[str] | None) -> int:
             "merge": _merge,
             "generate": _generate,
             "inspect": _inspect,
+            "export": _export,
         }[args.command](args)
     except BrokenPipeError:
         raise

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("lm_eval")
 
@@ -219,6 +220,24 @@ def test_4bit_base_is_close_not_equal(tiny, tasks_dir, ours):
     assert got == pytest.approx(full, rel=0.05)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_cuda_bf16_close_to_cpu_fp32(tiny, tasks_dir, ours, quantize):
+    base, a, _ = tiny
+    (r,) = evaluate(
+        str(base),
+        {"a": str(a)},
+        ["tiny_mc"],
+        include_path=[str(tasks_dir)],
+        quantize=quantize,
+        dtype="bfloat16",
+        device="cuda",
+        log_samples=True,
+    )
+    assert r["loraforge"]["device"].startswith("cuda") and r["loraforge"]["dtype"] == "bfloat16"
+    assert _loglikelihoods(r)["tiny_mc"] == pytest.approx(_loglikelihoods(ours["a"])["tiny_mc"], rel=0.05)
+
+
 def test_unknown_task_is_one_line(tasks_dir, monkeypatch):
     # lm-eval's ~15,000 built-in task files take 20-45 s to index on 2 busy cores: index only the
     # local directory, so that the error path is what is tested
@@ -277,14 +296,22 @@ def test_cli_eval_writes_json_and_table(tiny, tasks_dir, tmp_path):
         (["--tasks", "missing.yaml"], "error: --tasks missing.yaml: no such task file"),
         (["--use", "zzz", "--tasks", "x"], "error: --use zzz: unknown adapter(s) ['zzz']"),
         (["--adapter", "{a}", "--tasks", "tiny_mc", "--include-path", "nowhere"], "error: --include-path"),
+        # an adapter trained on another base: named, with the first module whose shape differs
+        (["--adapter", "{other}", "--tasks", "tiny_mc", "--include-path", "{tasks}"], "error: {other}"),
     ],
 )
-def test_cli_errors_are_one_line(tiny, args, message, capsys):
+def test_cli_errors_are_one_line(tiny, tasks_dir, args, message, capsys):
     from loraforge.cli import main
+    from loraforge.training.builtin import build_model
 
-    assert main(["eval", str(tiny[0]), *[a.format(a=tiny[1]) for a in args]]) == 2
+    other = tasks_dir.parent / "other-adapter"
+    if not other.exists():
+        _adapter(build_model("builtin:small-llama"), other, seed=4)
+    paths = dict(a=tiny[1], other=other, tasks=tasks_dir)
+    assert main(["eval", str(tiny[0]), *[a.format(**paths) for a in args]]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(message), err
+    lines = [ln for ln in err.splitlines() if ln and not ln.startswith("Loading weights")]  # its bar
+    assert len(lines) == 1 and lines[0].startswith(message.format(**paths)), err
 
 
 def test_cli_without_lm_eval_names_the_extra(monkeypatch, capsys):

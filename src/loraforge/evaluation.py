@@ -108,12 +108,13 @@ def _match(manager, tasks: list[str]) -> tuple[list[str], list[str]]:
     return names, missing
 
 
-class _DropModelArgWarning(logging.Filter):
-    """HFLM warns that a model object (not a name) makes "many other model arguments" ignored:
-    that is the point here, and none of them is passed."""
+class _DropModelObjectWarnings(logging.Filter):
+    """HFLM warns that a model object (not a name) makes "many other model arguments" ignored
+    and that it assumes a single process: both are the point here (no such argument is passed)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "is not of type `str`" not in record.getMessage()
+        message = record.getMessage()
+        return "is not of type `str`" not in message and "already-initialized model" not in message
 
 
 def evaluate_model(
@@ -138,7 +139,7 @@ def evaluate_model(
     from lm_eval.models.huggingface import HFLM
 
     log = logging.getLogger("lm_eval.models.huggingface")
-    quiet = _DropModelArgWarning()
+    quiet = _DropModelObjectWarnings()
     log.addFilter(quiet)
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)

@@ -295,7 +295,13 @@ def test_cli_eval_writes_json_and_table(tiny, tasks_dir, tmp_path):
         (["--adapter", "nowhere", "--tasks", "x"], "error: nowhere: not an adapter directory"),
         (["--tasks", "missing.yaml"], "error: --tasks missing.yaml: no such task file"),
         (["--use", "zzz", "--tasks", "x"], "error: --use zzz: unknown adapter(s) ['zzz']"),
+        (["--tasks", "x", "--output", "{tasks}"], "error: --output {tasks}: a directory"),
         (["--adapter", "{a}", "--tasks", "tiny_mc", "--include-path", "nowhere"], "error: --include-path"),
+        # a local task whose data file is missing: before the model loads
+        (
+            ["--tasks", "{broken}"],
+            "error: --tasks {broken}: Unable to find",
+        ),
         # an adapter trained on another base: named, with the first module whose shape differs
         (["--adapter", "{other}", "--tasks", "tiny_mc", "--include-path", "{tasks}"], "error: {other}"),
     ],
@@ -304,10 +310,13 @@ def test_cli_errors_are_one_line(tiny, tasks_dir, args, message, capsys):
     from loraforge.cli import main
     from loraforge.training.builtin import build_model
 
+    broken = MC_YAML.format(data=tasks_dir / "nothere.jsonl").replace("tiny_mc", "broken_mc")
+    (tasks_dir.parent / "broken").mkdir(exist_ok=True)
+    (tasks_dir.parent / "broken" / "broken.yaml").write_text(broken)
     other = tasks_dir.parent / "other-adapter"
     if not other.exists():
         _adapter(build_model("builtin:small-llama"), other, seed=4)
-    paths = dict(a=tiny[1], other=other, tasks=tasks_dir)
+    paths = dict(a=tiny[1], other=other, tasks=tasks_dir, broken=(tasks_dir.parent / "broken/broken.yaml"))
     assert main(["eval", str(tiny[0]), *[a.format(**paths) for a in args]]) == 2
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln and not ln.startswith("Loading weights")]  # its bar

@@ -83,6 +83,8 @@ def resolve_tasks(tasks: list[str], include_path: list[str] | None = None):
             raise EvalError(f"--include-path {p}: no such directory")
     manager = TaskManager(include_path=paths or None, include_defaults=False)
     names, missing = _match(manager, tasks)
+    if not missing:
+        missing = _unbuildable(manager, names)
     if missing:
         manager = TaskManager(include_path=paths or None)
         names, missing = _match(manager, tasks)
@@ -93,6 +95,21 @@ def resolve_tasks(tasks: list[str], include_path: list[str] | None = None):
             f"tasks{where}, nor a task YAML file (local tasks: --include-path DIR)"
         )
     return names, manager
+
+
+def _unbuildable(manager, names: list[str]) -> list[str]:
+    """Build each local task now (its YAML and data file are read: cheap, and a missing file is
+    an error before the model loads); the names that need lm-eval's built-in tasks (a local group
+    over them) are returned, to be resolved with those indexed."""
+    need_defaults = []
+    for name in names:
+        try:
+            manager.load([name])
+        except OSError as e:  # the data file is missing or unreadable
+            raise EvalError(f"--tasks {name}: {' '.join(str(e).split())}") from None
+        except Exception:  # a name the local index lacks (lm-eval raises KeyError, TypeError, ...)
+            need_defaults.append(name)
+    return need_defaults
 
 
 def _match(manager, tasks: list[str]) -> tuple[list[str], list[str]]:
@@ -309,8 +326,7 @@ def write_results(evaluations: list[dict], path: str | Path) -> Path:
 
     path = Path(path)
     text = json.dumps({"evaluations": evaluations}, indent=2, default=handle_non_serializable)
-    if path.parent != Path(""):
-        path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text + "\n")
     return path
 
@@ -378,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     """``loraforge eval ...``: 0, or 2 with one line on stderr for a bad argument, task or file."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        if args.output:  # found out now, not after the evaluation
+            if Path(args.output).is_dir():
+                raise EvalError(f"--output {args.output}: a directory; give a file name (results.json)")
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         evaluations = evaluate(
             args.base,
             parse_adapters(args.adapter),

@@ -319,8 +319,32 @@ def test_cli_errors_are_one_line(tiny, tasks_dir, args, message, capsys):
     paths = dict(a=tiny[1], other=other, tasks=tasks_dir, broken=(tasks_dir.parent / "broken/broken.yaml"))
     assert main(["eval", str(tiny[0]), *[a.format(**paths) for a in args]]) == 2
     err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln and not ln.startswith("Loading weights")]  # its bar
-    assert len(lines) == 1 and lines[0].startswith(message.format(**paths)), err
+    # (progress bars of datasets and transformers may come first)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert [ln for ln in lines if ln.startswith("error")] == lines[-1:] and "Traceback" not in err
+    assert lines[-1].startswith(message.format(**paths)), err
+
+
+def test_help_lists_options_and_eval_is_a_command(capsys):
+    from loraforge.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for option in (
+        "BASE",
+        "--adapter",
+        "--use",
+        "--tasks",
+        "--include-path",
+        "--quantize",
+        "--limit",
+        "--output",
+    ):
+        assert option in text, option
+    assert "(default: float32)" in text and "(default: None)" not in text and "(default: [])" not in text
+    assert main([]) == 2 and "lm-evaluation-harness" in capsys.readouterr().out
 
 
 def test_cli_without_lm_eval_names_the_extra(monkeypatch, capsys):

@@ -332,12 +332,14 @@ def write_results(evaluations: list[dict], path: str | Path) -> Path:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    from .cli import _Formatter  # the other commands' help style: defaults shown, empty ones not
+
     p = argparse.ArgumentParser(
         prog="loraforge eval",
-        description="Score a base model and its adapters on lm-evaluation-harness tasks, with the model as "
-        "loraforge runs it (adapters unmerged, 4-bit bases) through lm-eval's HFLM. Prints lm-eval's "
-        "tables; --output writes the results as JSON.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Score a base model and its adapters on lm-evaluation-harness tasks, with the model\n"
+        "as loraforge runs it (adapters unmerged, 4-bit bases) through lm-eval's HFLM.\n"
+        "Prints lm-eval's tables; --output writes the results as JSON.",
+        formatter_class=_Formatter,
     )
     p.add_argument("base", metavar="BASE", help="base model: directory, hub id, .gguf file or builtin:NAME")
     p.add_argument(

@@ -115,6 +115,7 @@ def _hf(pretrained: Path, tasks_dir: Path, peft: Path | None = None, **kwargs) -
     args = {"pretrained": str(pretrained), "dtype": "float32", "device": "cpu"}
     if peft is not None:
         args["peft"] = str(peft)
+    kwargs.setdefault("batch_size", 4)
     return lm_eval.simple_evaluate(
         model="hf",
         model_args=args,
@@ -165,6 +166,7 @@ def ours(tiny, tasks_dir):
         include_path=[str(tasks_dir)],
         device="cpu",
         log_samples=True,
+        batch_size=4,
     )
     return {r["loraforge"]["name"]: r for r in runs}
 
@@ -275,6 +277,8 @@ def test_cli_eval_writes_json_and_table(tiny, tasks_dir, tmp_path):
         "cpu",
         "--limit",
         "3",
+        "--num-fewshot",
+        "1",
         "--output",
         str(out),
         cwd=tmp_path,
@@ -284,7 +288,7 @@ def test_cli_eval_writes_json_and_table(tiny, tasks_dir, tmp_path):
     assert f"results written to {out}" in r.stdout
     (run,) = json.loads(out.read_text())["evaluations"]
     assert run["loraforge"]["adapters"] == {"a": str(a)} and run["loraforge"]["name"] == "a"
-    assert run["n-samples"]["tiny_mc"]["effective"] == 3
+    assert run["n-samples"]["tiny_mc"]["effective"] == 3 and run["n-shot"]["tiny_mc"] == 1
     assert 0.0 <= run["results"]["tiny_mc"]["acc,none"] <= 1.0
     assert math.isfinite(run["results"]["tiny_mc"]["acc_stderr,none"])
 
@@ -365,13 +369,14 @@ def test_smollm2_adapter_matches_lm_eval_hf_peft(smollm2_dir, tasks_dir, tmp_pat
         AutoModelForCausalLM.from_pretrained(smollm2_dir), tmp_path / "adapter", seed=3, scale=0.02
     )
     (ours,) = evaluate(
-        str(smollm2_dir),
+        "builtin:smollm2",  # the name, resolved to smollm2_dir as everywhere in loraforge
         {"a": str(adapter)},
         TASKS,
         include_path=[str(tasks_dir)],
         device="cpu",
         log_samples=True,
         limit=3,
+        batch_size=4,
     )
     theirs = _hf(smollm2_dir, tasks_dir, peft=adapter, limit=3)
     _assert_same(ours, theirs)

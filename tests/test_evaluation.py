@@ -204,6 +204,33 @@ def test_summed_adapters_equal_both_merged(tiny, tasks_dir, ours):
     assert got["tiny_mc"] != pytest.approx(_loglikelihoods(ours["a"])["tiny_mc"], abs=1e-3)
 
 
+def test_prompt_tuning_scores_only_the_input_positions(tiny, tasks_dir, tmp_path):
+    """Prompt tuning's virtual tokens initialised from a text's embeddings are that text put before
+    the input: the adapter scores as the base does on the same task with the text in front. (The
+    logits have n extra rows in front, as PEFT's do; HFLM's causal slicing discards them.)"""
+    import loraforge as lf
+    from loraforge.training.builtin import build_model, build_tokenizer
+
+    base, _, _ = tiny
+    prefix = "Answer the question.\n"
+    n = len(build_tokenizer()(prefix, add_special_tokens=False)["input_ids"])
+    model = build_model("builtin:tiny-llama")
+    cfg = lf.PromptTuningConfig(num_virtual_tokens=n, init="text", init_text=prefix, tokenizer=str(base))
+    lf.inject(model, cfg)
+    lf.save_adapter(model, tmp_path / "prompt")
+    d = tmp_path / "prefixed"
+    d.mkdir()
+    text = MC_YAML.format(data=tasks_dir / "mc.jsonl").replace("tiny_mc", "tiny_mc_prefixed")
+    (d / "prefixed.yaml").write_text(
+        text.replace('doc_to_text: "', 'doc_to_text: "' + prefix.replace("\n", "\\n"))
+    )
+    kwargs = dict(include_path=[str(tasks_dir), str(d)], device="cpu", log_samples=True)
+    (tuned,) = evaluate(str(base), {"p": str(tmp_path / "prompt")}, ["tiny_mc"], **kwargs)
+    (plain,) = evaluate(str(base), {}, ["tiny_mc_prefixed"], **kwargs)
+    got, want = _loglikelihoods(tuned)["tiny_mc"], _loglikelihoods(plain)["tiny_mc_prefixed"]
+    assert got == pytest.approx(want, abs=1e-5)
+
+
 def test_4bit_base_is_close_not_equal(tiny, tasks_dir, ours):
     base, a, _ = tiny
     (q,) = evaluate(

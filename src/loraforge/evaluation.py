@@ -4,13 +4,15 @@
     loraforge eval BASE --adapter a=DIR --adapter b=DIR --use base,a,b,a+b --tasks my_task \\
         --include-path my_tasks/ --quantize nf4 --output results.json
 
-The model is the one loraforge runs: the base loaded as ``generate`` (or, with ``--quantize``, as
-QLoRA training) loads it, the adapters in loraforge's own layers, unmerged; lm-eval's ``HFLM`` is
-handed that ``nn.Module`` and its tokenizer (``HFLM(pretrained=model, tokenizer=...)``), and
-``lm_eval.simple_evaluate`` runs the tasks. So a 4-bit base, several adapters summed (``a+b``) or
-a bf16 base with fp32 adapters are scored exactly as loraforge computes them; with one adapter on
-a full-precision base the numbers are lm-eval's ``--model hf --model_args pretrained=BASE,peft=DIR``
-ones (same log-likelihoods to rounding).
+The model is the one loraforge runs: the base loaded as ``generate`` loads it (with
+``--quantize``, as QLoRA training does with the default ``model.quantization``: double
+quantization, blocks of 64, lm_head kept, matmuls in ``--dtype``), the adapters in loraforge's
+own layers, unmerged. lm-eval's ``HFLM`` is handed that ``nn.Module`` and its tokenizer
+(``HFLM(pretrained=model, tokenizer=...)``), and ``lm_eval.simple_evaluate`` runs the tasks. So a
+4-bit base, several adapters summed (``a+b``) or a bf16 base with fp32 adapters are scored exactly
+as loraforge computes them; with one adapter on a full-precision base the numbers are lm-eval's
+``--model hf --model_args pretrained=BASE,peft=DIR`` ones (the same log-likelihoods to rounding).
+The results are JSON (``{"evaluations": [...]}``) with ``--output``.
 
 Tasks are lm-eval's names (globs such as ``mmlu_*`` expand), YAML files, or tasks defined under
 ``--include-path`` directories; a local task is a YAML over a local file, e.g.::
@@ -26,7 +28,8 @@ Tasks are lm-eval's names (globs such as ``mmlu_*`` expand), YAML files, or task
     metric_list: [{metric: acc}, {metric: acc_norm}]
 
 When every task is found under ``--include-path`` (or given as a YAML file) lm-eval's ~15,000
-built-in task files are not indexed (that takes ~20 s).
+built-in task files are not indexed (that takes 20-45 s on 2 cores), and the local tasks are built
+(their files read) before the model loads, so a missing data file is reported at once.
 
 Results: one lm-eval results dict per evaluated setting (its ``results``, ``groups``,
 ``versions``, ``n-shot``, ``configs``, ...), with a ``loraforge`` entry saying which base,

@@ -38,6 +38,10 @@ DELEGATED = {
         "loraforge.serving.cli",
         "OpenAI-compatible server for a base model and many adapters (see loraforge serve --help)",
     ),
+    "eval": (
+        "loraforge.evaluation",
+        "score a base model and its adapters on lm-evaluation-harness tasks (see loraforge eval --help)",
+    ),
 }
 
 

@@ -46,7 +46,9 @@ from .loss import CausalLMLoss
 from .modeling import check_device, check_packed_attention, prepare_model, save_trained
 from .report import MetricsLog, plot_losses
 from .resume import resume_changes, use_settings
+from .samples import Sampler
 from .sharded_load import peak_host_bytes
+from .trackers import Trackers, check_trackers
 
 
 def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Module, dict]:
@@ -66,6 +68,7 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
     # unknown format, a bad row among the first ones).
     check_device(cfg.train.device)
     check_data(cfg.data)
+    check_trackers(cfg.train.report_to)  # a missing tracker library: the extra to install
     dist = setup(cfg.train.device, cfg.train.distributed, cfg.train.dist_timeout)
     out = Path(cfg.output)
     console = Console(dist.is_main)
@@ -75,8 +78,11 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
             f"output {out}: took over the lock of a run that has ended ({describe_holder(lock.previous)})"
         )
     phase = Phase()
+    finished = False
     try:
-        return _train(cfg, dist, out, console, phase)
+        result = _train(cfg, dist, out, console, phase)
+        finished = True
+        return result
     except KeyboardInterrupt as e:
         if e.args:  # the loop's own stop (checkpoint saved) or a second Ctrl-C: it says what happened
             raise
@@ -99,6 +105,8 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
         newest = ckpt.latest_checkpoint(out)
         raise lost_contact_error(dist, where, e, newest, cfg.train.dist_timeout) from None
     finally:
+        if phase.trackers is not None:  # a run that stopped early: its tracker runs end too
+            phase.trackers.finish(None, failed=not finished)
         if lock is not None:
             lock.release()
 
@@ -142,10 +150,18 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
     loss_model = core if dist.fsdp else wrap_ddp(core, dist)
     counts = _announce(cfg, model, trainable, plan, total_steps, dist, say)
     log = _start_log(cfg, out, dist.is_main, step if resume_dir else None, changed)
+    phase.trackers = log.trackers
+    sampler = None
+    if t.sample_every and dist.is_main:  # (the unwrapped model: no collective runs; not under FSDP)
+        sampler = Sampler(model, tokenizer, t.sample_prompts, t.sample_max_new_tokens,
+                          out / "samples.jsonl", log.trackers, step if resume_dir else None)
     pad_id = tokenizer.pad_token_id
     evaluate = _evaluator(model, core, eval_rows, t.batch_size, pad_id, dist, log, say)
+    early = EarlyStopping(t.early_stopping_patience, out, log, step if resume_dir else None)
     if step == 0 and eval_rows:
-        evaluate(step)
+        early.update(step, evaluate(step))  # (the start's loss is a reference, saved nowhere)
+    if step == 0 and sampler is not None:
+        sampler(step)  # what the model answers before training
 
     # -- the loop ---------------------------------------------------------------------------------
     stop = StopRequest(console)
@@ -189,6 +205,7 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
             tokens_per_s = run_tokens / (time.perf_counter() - run_start)
             if step % t.log_every == 0 or step == total_steps or not finite:
                 row = dict(loss=loss, lr=lr, grad_norm=norm, tokens=n_tokens, step_time_s=elapsed)
+                row.update(_memory(dist.device))
                 skipped = {} if finite else {"skipped": True}
                 log.write(
                     step=step, epoch=plan.epoch_of(step - 1), **row, tokens_per_s=tokens_per_s, **skipped
@@ -201,14 +218,24 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
             if nonfinite >= t.max_nonfinite_steps:
                 raise _nonfinite_stop(step, loss, norm, nonfinite, t, out, log)
 
-            # eval; save every save_every steps, at the end, and when asked to stop
+            # eval (early stopping's decision is the same on every process: the loss is all-reduced);
+            # samples; save every save_every steps, at the end, at a new best and when asked to stop
+            best = False
             if eval_rows and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
-                evaluate(step)
+                best = early.update(step, evaluate(step))
+            if sampler is not None and step % t.sample_every == 0:
+                sampler(step)
             stopping = stop_votes > 0
-            if (t.save_every and step % t.save_every == 0) or step == total_steps or stopping:
+            last = step == total_steps or early.stop
+            if (t.save_every and step % t.save_every == 0) or last or stopping or best:
                 saved = _save_checkpoint(
                     cfg, out, step, loss, plan, dist, model, tokenizer, optimizer, scheduler
                 )
+                if best and dist.is_main:
+                    early.saved(saved)
+            if early.stop and not stopping:
+                say(f"early stopping at step {step}: no new best eval loss in {early.patience} evaluations")
+                break
             if stopping:  # saved first, then reported (printing may fail: stdout's reader may be gone)
                 console.close_bar()
                 say(f"stopped at step {step}; checkpoint saved: {saved or out / 'checkpoints'}")
@@ -219,8 +246,11 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
 
     # -- results ------------------------------------------------------------------------------------
     phase.name = "writing the results"
+    if sampler is not None:
+        sampler(step)  # the end's answers (nothing new when the last step was a sampling step)
     _undo_speed_up(model, compiled)  # the caller gets the model with its own forwards
     run_time = time.perf_counter() - run_start
+    counts.update(early.results(say))
     metrics = _results(cfg, out, dist, model, tokenizer, log, step, run_tokens, run_time, counts)
     cleanup(dist)
     return model, metrics
@@ -374,6 +404,9 @@ def _start_log(
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
     log = MetricsLog(out / "metrics.jsonl", is_main, resume_step=resume_step)
+    if is_main and cfg.train.report_to:  # every record written from here on reaches them too
+        config = cfg.to_dict()
+        log.trackers = Trackers(cfg.train.report_to, config, out, resume_step is not None, cfg.to_yaml())
     if changed:
         log.write(step=resume_step, event="resume", changed={k: list(v) for k, v in changed.items()})
     return log
@@ -405,8 +438,62 @@ def _evaluator(model, core: CausalLMLoss, rows: list, batch_size: int, pad_id: i
         ppl = math.exp(min(loss, 50))
         log.write(step=step, eval_loss=loss, eval_ppl=ppl)
         say(f"step {step}: eval loss {loss:.4f}, perplexity {ppl:.2f}")
+        return loss
 
     return evaluate
+
+
+class EarlyStopping:
+    """``train.early_stopping_patience``: after each evaluation, ``update(step, eval_loss)`` says
+    whether it is a new best (strictly lower); ``stop`` turns true once ``patience`` evaluations in a
+    row brought none. The loop saves a checkpoint at each new best and ``saved`` names it in
+    ``checkpoints/best.json``, which exempts it from pruning. Off (never a best, never a stop) when
+    patience is 0. A resumed run recomputes its state from the metrics kept up to the checkpoint."""
+
+    def __init__(self, patience: int, out: Path, log: MetricsLog, resume_step: int | None):
+        self.patience, self.out = patience, out
+        self.best_loss, self.best_step, self.since_best, self.checkpoint = math.inf, None, 0, None
+        self.stop = False
+        if patience and resume_step is not None:
+            for s, value in zip(*log.series("eval_loss")):
+                self.update(s, value)
+            found = ckpt.best_checkpoint(out)
+            self.checkpoint = found if found is not None and found.is_dir() else None
+
+    def update(self, step: int, loss: float) -> bool:
+        if not self.patience:
+            return False
+        if loss < self.best_loss:
+            self.best_loss, self.best_step, self.since_best = loss, step, 0
+            return step > 0  # the loss before training: nothing to save
+        self.since_best += 1
+        self.stop = self.since_best >= self.patience
+        return False
+
+    def saved(self, checkpoint: Path | None) -> None:
+        if checkpoint is not None:
+            ckpt.mark_best(self.out, checkpoint, self.best_step, self.best_loss)
+            self.checkpoint = checkpoint
+
+    def results(self, say) -> dict:
+        if not self.patience:
+            return {}
+        where = self.checkpoint or "the start (no step improved on it; no checkpoint)"
+        say(f"best eval loss {self.best_loss:.4f} at step {self.best_step}: {where}")
+        return {
+            "best_eval_loss": self.best_loss,
+            "best_step": self.best_step,
+            "best_checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "early_stopped": self.stop,
+        }
+
+
+def _memory(device: torch.device) -> dict:
+    """The main process's peak host memory so far, and on CUDA the peak memory its tensors took."""
+    memory = {"peak_host_bytes": peak_host_bytes()}
+    if device.type == "cuda":
+        memory["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return memory
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -548,4 +635,6 @@ def _results(
         "result_dir": str(final_dir),
     }
     log.write(step=step, event="end", **{k: v for k, v in metrics.items() if k != "train_loss"})
+    if log.trackers is not None:  # the final adapter (or model) as an artifact, then the runs end
+        log.trackers.finish(final_dir)
     return metrics

@@ -1,0 +1,85 @@
+"""Sample generations during training (``train.sample_every`` / ``train.sample_prompts``).
+
+Every ``sample_every`` steps and at the end, the model answers each prompt greedily (a user turn in
+the tokenizer's chat template when it has one, as ``loraforge generate`` does) and the answers go to
+``OUTPUT/samples.jsonl`` (one ``{"step", "prompt", "answer"}`` object per line) and the trackers.
+
+Sampling leaves training exactly as it was: greedy decoding in eval mode (no dropout) under
+``torch.no_grad``, inside ``torch.random.fork_rng`` so no random state moves, and the model back in
+train mode afterwards; a run with samples gives bit-identical losses and weights to one without.
+Only the main process generates (under DDP from the unwrapped model, so no collective runs);
+``TrainConfig.validate`` refuses sampling under FSDP, where every process would have to run every
+forward of the generation together.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .inference import prompt_ids
+
+
+@torch.no_grad()
+def answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """The greedy answer to ``prompt`` (new tokens only, special tokens dropped)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+class Sampler:
+    """``sampler(step)`` writes the answers at ``step`` to samples.jsonl and the trackers."""
+
+    def __init__(self, model, tokenizer, prompts: list[str], max_new_tokens: int, path: Path,
+                 trackers=None, resume_step: int | None = None):
+        self.model, self.tokenizer, self.prompts = model, tokenizer, list(prompts)
+        self.max_new_tokens, self.path, self.trackers = max_new_tokens, Path(path), trackers
+        self.done: set[int] = set()
+        kept = []
+        if resume_step is not None and self.path.is_file():  # answers after the checkpoint: redone
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill
+                if row.get("step", 0) <= resume_step:
+                    kept.append(row)
+                    self.done.add(row["step"])
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def __call__(self, step: int) -> list[dict]:
+        if step in self.done:  # (the last step is also a multiple of sample_every)
+            return []
+        self.done.add(step)
+        was_training = self.model.training
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                rows = [
+                    {"step": step, "prompt": p, "answer": answer(self.model, self.tokenizer, p,
+                                                                 self.max_new_tokens)}
+                    for p in self.prompts
+                ]
+        finally:
+            self.model.train(was_training)
+        with open(self.path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        if self.trackers is not None:
+            self.trackers.samples(step, [{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
+        return rows

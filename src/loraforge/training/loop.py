@@ -157,7 +157,8 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
                           out / "samples.jsonl", log.trackers, step if resume_dir else None)
     pad_id = tokenizer.pad_token_id
     evaluate = _evaluator(model, core, eval_rows, t.batch_size, pad_id, dist, log, say)
-    early = EarlyStopping(t.early_stopping_patience, out, log, step if resume_dir else None)
+    resume_step = step if resume_dir else None
+    early = EarlyStopping(t.early_stopping_patience, t.keep_checkpoints, out, log, resume_step)
     if step == 0 and eval_rows:
         early.update(step, evaluate(step))  # (the start's loss is a reference, saved nowhere)
     if step == 0 and sampler is not None:
@@ -450,8 +451,8 @@ class EarlyStopping:
     ``checkpoints/best.json``, which exempts it from pruning. Off (never a best, never a stop) when
     patience is 0. A resumed run recomputes its state from the metrics kept up to the checkpoint."""
 
-    def __init__(self, patience: int, out: Path, log: MetricsLog, resume_step: int | None):
-        self.patience, self.out = patience, out
+    def __init__(self, patience: int, keep: int, out: Path, log: MetricsLog, resume_step: int | None):
+        self.patience, self.keep, self.out = patience, keep, out
         self.best_loss, self.best_step, self.since_best, self.checkpoint = math.inf, None, 0, None
         self.stop = False
         if patience and resume_step is not None:
@@ -474,6 +475,8 @@ class EarlyStopping:
         if checkpoint is not None:
             ckpt.mark_best(self.out, checkpoint, self.best_step, self.best_loss)
             self.checkpoint = checkpoint
+            for stale in ckpt.prunable(self.out, self.keep):  # the previous best, now unprotected
+                ckpt._remove(stale)
 
     def results(self, say) -> dict:
         if not self.patience:

@@ -82,13 +82,15 @@ def test_early_stopping_needs_evaluations_during_the_run(tmp_path):
         TrainConfig.load(tiny_config(tmp_path, data={"eval": QA_EVAL}, train={"early_stopping_patience": 2}))
 
 
-def test_early_stopping_keeps_and_names_the_best_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_early_stopping_keeps_and_names_the_best_checkpoint(tmp_path, capsys, distributed):
     """lr 0.2 on the tiny model: the eval loss falls until step 7, then rises; patience 2 stops the
-    run at step 9. The best checkpoint survives keep_checkpoints=1 and is named everywhere."""
+    run at step 9. The best checkpoint survives keep_checkpoints=1 and is named everywhere (also
+    with FSDP's sharded checkpoints, here in a group of one process)."""
     out = tmp_path / "out"
     _, metrics = train(tiny_config(out, data={"eval": QA_EVAL}, train={
         "lr": 0.2, "schedule": "constant", "max_steps": 12, "eval_every": 1, "save_every": 1,
-        "keep_checkpoints": 1, "early_stopping_patience": 2}))
+        "keep_checkpoints": 1, "early_stopping_patience": 2, "distributed": distributed}))
     evals = [(r["step"], r["eval_loss"]) for r in read_jsonl(out / "metrics.jsonl") if "eval_loss" in r]
     best_step, best_loss = min(evals, key=lambda e: e[1])
     assert metrics["steps"] == best_step + 2 < 12 and metrics["early_stopped"] is True

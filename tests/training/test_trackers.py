@@ -187,3 +187,37 @@ def test_unknown_or_repeated_tracker_is_a_config_error(tmp_path):
         TrainConfig.load(run_config(tmp_path, ["tensorboard", "comet"]))
     with pytest.raises(ConfigError, match=r"train.report_to: a tracker is named twice"):
         TrainConfig.load(run_config(tmp_path, ["mlflow", "mlflow"]))
+
+
+@pytest.mark.slow
+def test_only_the_main_process_reports_under_torchrun(tmp_path):
+    """2 DDP processes: one TensorBoard event file and one MLflow run holding each step once, one
+    set of samples per sampling step, as a 1-process run writes them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from .util import subprocess_env
+
+    cfg = run_config(tmp_path / "two", ["tensorboard", "mlflow"])
+    config = tmp_path / "run.yaml"
+    config.write_text(TrainConfig.from_dict(cfg).to_yaml())
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith("MLFLOW_")}
+    two = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "loraforge", "train", str(config), "train.batch_size=2",
+        ],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    out = tmp_path / "two"
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    for key, want in expected(out).items():
+        assert close([(e.step, e.value) for e in acc.Scalars(key)], want, rel=1e-6), key
+    client = mlflow_client(out)
+    run_id = json.loads((out / "trackers.json").read_text())["mlflow"]
+    assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4]
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["prompt"]) for r in rows] == [(s, p) for s in (0, 2, 4) for p in PROMPTS]

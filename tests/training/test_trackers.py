@@ -221,3 +221,21 @@ def test_only_the_main_process_reports_under_torchrun(tmp_path):
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4]
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [(r["step"], r["prompt"]) for r in rows] == [(s, p) for s in (0, 2, 4) for p in PROMPTS]
+
+
+def test_a_run_that_fails_ends_its_tracker_runs_as_failed(tmp_path, monkeypatch):
+    import loraforge.training.loop as loop
+
+    def broken_plot(*args, **kwargs):
+        raise RuntimeError("plot failed")
+
+    monkeypatch.setattr(loop, "plot_losses", broken_plot)
+    out = tmp_path / "out"
+    with mock.patch.dict(os.environ, offline_env(tmp_path), clear=True):
+        with pytest.raises(RuntimeError, match="plot failed"):
+            train(run_config(out, ["mlflow"], sample_every=0))
+    client = mlflow_client(out)
+    run = client.get_run(json.loads((out / "trackers.json").read_text())["mlflow"])
+    assert run.info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert client.list_artifacts(run.info.run_id, "adapter") == []  # no final adapter uploaded

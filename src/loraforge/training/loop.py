@@ -105,8 +105,10 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
         newest = ckpt.latest_checkpoint(out)
         raise lost_contact_error(dist, where, e, newest, cfg.train.dist_timeout) from None
     finally:
-        if phase.trackers is not None:  # a run that stopped early: its tracker runs end too
-            phase.trackers.finish(None, failed=not finished)
+        if phase.trackers is not None:  # a run that stopped early: its tracker runs end too (marked
+            # failed); an error there must not hide the one that stopped the run
+            with contextlib.suppress(Exception):
+                phase.trackers.finish(None, failed=not finished)
         if lock is not None:
             lock.release()
 
@@ -151,18 +153,14 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
     counts = _announce(cfg, model, trainable, plan, total_steps, dist, say)
     log = _start_log(cfg, out, dist.is_main, step if resume_dir else None, changed)
     phase.trackers = log.trackers
-    sampler = None
-    if t.sample_every and dist.is_main:  # (the unwrapped model: no collective runs; not under FSDP)
-        sampler = Sampler(model, tokenizer, t.sample_prompts, t.sample_max_new_tokens,
-                          out / "samples.jsonl", log.trackers, step if resume_dir else None)
+    # (the main process samples from the unwrapped model: no collective runs; not under FSDP)
+    sampler = Sampler(model, tokenizer, t, out, log.trackers, dist.is_main, step if resume_dir else None)
     pad_id = tokenizer.pad_token_id
     evaluate = _evaluator(model, core, eval_rows, t.batch_size, pad_id, dist, log, say)
-    resume_step = step if resume_dir else None
-    early = EarlyStopping(t.early_stopping_patience, t.keep_checkpoints, out, log, resume_step)
+    early = EarlyStopping(t, out, log, step if resume_dir else None)
     if step == 0 and eval_rows:
         early.update(step, evaluate(step))  # (the start's loss is a reference, saved nowhere)
-    if step == 0 and sampler is not None:
-        sampler(step)  # what the model answers before training
+    sampler.at(step)  # at 0: what the model answers before training
 
     # -- the loop ---------------------------------------------------------------------------------
     stop = StopRequest(console)
@@ -172,7 +170,7 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
     meter = comm.CommMeter() if dist.enabled and not compiled else None  # the first step's collectives
     phase.name, phase.step = "training", step
     try:
-        while step < total_steps:
+        while step < total_steps and not early.stop:
             step_start = time.perf_counter()
             rows = plan.step_rows(step)
             n_targets = sum(row_targets[j] for j in rows)  # global, known to every process
@@ -205,8 +203,8 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
             run_tokens += n_tokens
             tokens_per_s = run_tokens / (time.perf_counter() - run_start)
             if step % t.log_every == 0 or step == total_steps or not finite:
+                log.write(step=step, **_memory(dist.device))  # (its own record: the row's names are kept)
                 row = dict(loss=loss, lr=lr, grad_norm=norm, tokens=n_tokens, step_time_s=elapsed)
-                row.update(_memory(dist.device))
                 skipped = {} if finite else {"skipped": True}
                 log.write(
                     step=step, epoch=plan.epoch_of(step - 1), **row, tokens_per_s=tokens_per_s, **skipped
@@ -219,25 +217,16 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
             if nonfinite >= t.max_nonfinite_steps:
                 raise _nonfinite_stop(step, loss, norm, nonfinite, t, out, log)
 
-            # eval (early stopping's decision is the same on every process: the loss is all-reduced);
-            # samples; save every save_every steps, at the end, at a new best and when asked to stop
-            best = False
+            # eval, samples; save every save_every steps, at the end, at a new best, when asked to stop
             if eval_rows and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
-                best = early.update(step, evaluate(step))
-            if sampler is not None and step % t.sample_every == 0:
-                sampler(step)
-            stopping = stop_votes > 0
-            last = step == total_steps or early.stop
-            if (t.save_every and step % t.save_every == 0) or last or stopping or best:
+                early.update(step, evaluate(step))  # (the same on every process: the loss is all-reduced)
+            sampler.at(step)
+            if (t.save_every and step % t.save_every == 0) or step == total_steps or stop_votes or early.save:
                 saved = _save_checkpoint(
                     cfg, out, step, loss, plan, dist, model, tokenizer, optimizer, scheduler
                 )
-                if best and dist.is_main:
-                    early.saved(saved)
-            if early.stop and not stopping:
-                say(f"early stopping at step {step}: no new best eval loss in {early.patience} evaluations")
-                break
-            if stopping:  # saved first, then reported (printing may fail: stdout's reader may be gone)
+                early.saved(saved)
+            if stop_votes:  # saved first, then reported (printing may fail: stdout's reader may be gone)
                 console.close_bar()
                 say(f"stopped at step {step}; checkpoint saved: {saved or out / 'checkpoints'}")
                 raise KeyboardInterrupt(f"training stopped at step {step}; resume with resume: auto")
@@ -247,11 +236,10 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
 
     # -- results ------------------------------------------------------------------------------------
     phase.name = "writing the results"
-    if sampler is not None:
-        sampler(step)  # the end's answers (nothing new when the last step was a sampling step)
+    sampler.at(step, end=True)  # the end's answers (nothing new when the last step was a sampling step)
     _undo_speed_up(model, compiled)  # the caller gets the model with its own forwards
     run_time = time.perf_counter() - run_start
-    counts.update(early.results(say))
+    counts.update(early.results(step, say))
     metrics = _results(cfg, out, dist, model, tokenizer, log, step, run_tokens, run_time, counts)
     cleanup(dist)
     return model, metrics
@@ -445,42 +433,51 @@ def _evaluator(model, core: CausalLMLoss, rows: list, batch_size: int, pad_id: i
 
 
 class EarlyStopping:
-    """``train.early_stopping_patience``: after each evaluation, ``update(step, eval_loss)`` says
-    whether it is a new best (strictly lower); ``stop`` turns true once ``patience`` evaluations in a
-    row brought none. The loop saves a checkpoint at each new best and ``saved`` names it in
-    ``checkpoints/best.json``, which exempts it from pruning. Off (never a best, never a stop) when
-    patience is 0. A resumed run recomputes its state from the metrics kept up to the checkpoint."""
+    """``train.early_stopping_patience``: ``update(step, eval_loss)`` after each evaluation notes a
+    new best (strictly lower) and sets ``stop`` once ``patience`` evaluations in a row brought none;
+    ``save`` says a checkpoint is due (a new best, or the stop). After the loop's save, ``saved``
+    names a new best's checkpoint in ``checkpoints/best.json``, which exempts it from pruning. Off
+    (never a save, never a stop) when patience is 0. A resumed run recomputes its state from the
+    metrics kept up to the checkpoint."""
 
-    def __init__(self, patience: int, keep: int, out: Path, log: MetricsLog, resume_step: int | None):
-        self.patience, self.keep, self.out = patience, keep, out
+    def __init__(self, t: TrainSection, out: Path, log: MetricsLog, resume_step: int | None):
+        self.patience, self.keep, self.out = t.early_stopping_patience, t.keep_checkpoints, out
         self.best_loss, self.best_step, self.since_best, self.checkpoint = math.inf, None, 0, None
-        self.stop = False
-        if patience and resume_step is not None:
+        self.stop = self.save = self.new_best = False  # save: a checkpoint is due (a new best, the stop)
+        if self.patience and resume_step is not None:
             for s, value in zip(*log.series("eval_loss")):
                 self.update(s, value)
+            self.save = self.new_best = False
             found = ckpt.best_checkpoint(out)
             self.checkpoint = found if found is not None and found.is_dir() else None
 
-    def update(self, step: int, loss: float) -> bool:
+    def update(self, step: int, loss: float) -> None:
         if not self.patience:
-            return False
-        if loss < self.best_loss:
+            return
+        best = loss < self.best_loss
+        if best:
             self.best_loss, self.best_step, self.since_best = loss, step, 0
-            return step > 0  # the loss before training: nothing to save
-        self.since_best += 1
-        self.stop = self.since_best >= self.patience
-        return False
+        else:
+            self.since_best += 1
+            self.stop = self.since_best >= self.patience
+        self.new_best = best and step > 0  # (the loss before training: nothing to save)
+        self.save = self.new_best or self.stop
 
     def saved(self, checkpoint: Path | None) -> None:
-        if checkpoint is not None:
+        """After a save: a new best's ``checkpoint`` (None on the processes other than the main
+        one) becomes the named best."""
+        new_best, self.save, self.new_best = self.new_best, False, False
+        if new_best and checkpoint is not None:
             ckpt.mark_best(self.out, checkpoint, self.best_step, self.best_loss)
             self.checkpoint = checkpoint
             for stale in ckpt.prunable(self.out, self.keep):  # the previous best, now unprotected
                 ckpt._remove(stale)
 
-    def results(self, say) -> dict:
+    def results(self, step: int, say) -> dict:
         if not self.patience:
             return {}
+        if self.stop:
+            say(f"early stopping at step {step}: no new best eval loss in {self.patience} evaluations")
         where = self.checkpoint or "the start (no step improved on it; no checkpoint)"
         say(f"best eval loss {self.best_loss:.4f} at step {self.best_step}: {where}")
         return {

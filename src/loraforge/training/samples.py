@@ -42,13 +42,17 @@ def answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
 
 
 class Sampler:
-    """``sampler(step)`` writes the answers at ``step`` to samples.jsonl and the trackers."""
+    """``at(step)``: at a multiple of ``train.sample_every`` (or with ``end``), the answers go to
+    ``OUTPUT/samples.jsonl`` and the trackers. Does nothing when sampling is off or on the processes
+    other than the main one."""
 
-    def __init__(self, model, tokenizer, prompts: list[str], max_new_tokens: int, path: Path,
-                 trackers=None, resume_step: int | None = None):
-        self.model, self.tokenizer, self.prompts = model, tokenizer, list(prompts)
-        self.max_new_tokens, self.path, self.trackers = max_new_tokens, Path(path), trackers
+    def __init__(self, model, tokenizer, t, out: Path, trackers, is_main: bool, resume_step: int | None):
+        self.model, self.tokenizer, self.prompts = model, tokenizer, list(t.sample_prompts)
+        self.every, self.max_new_tokens = t.sample_every if is_main else 0, t.sample_max_new_tokens
+        self.path, self.trackers = Path(out) / "samples.jsonl", trackers
         self.done: set[int] = set()
+        if not self.every:
+            return
         kept = []
         if resume_step is not None and self.path.is_file():  # answers after the checkpoint: redone
             for line in self.path.read_text().splitlines():
@@ -62,8 +66,8 @@ class Sampler:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
-    def __call__(self, step: int) -> list[dict]:
-        if step in self.done:  # (the last step is also a multiple of sample_every)
+    def at(self, step: int, end: bool = False) -> list[dict]:
+        if not self.every or step in self.done or not (end or step % self.every == 0):
             return []
         self.done.add(step)
         was_training = self.model.training

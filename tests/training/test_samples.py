@@ -121,3 +121,22 @@ def test_no_step_better_than_the_start_names_no_checkpoint(tmp_path):
         "lr": 1.0, "schedule": "constant", "max_steps": 12, "eval_every": 1, "early_stopping_patience": 2}))
     assert metrics["early_stopped"] and metrics["best_step"] == 0 and metrics["best_checkpoint"] is None
     assert metrics["steps"] == 2
+
+
+def test_a_resumed_run_stops_where_the_uninterrupted_one_does(tmp_path):
+    """Early stopping's state (best, evaluations since) and the samples continue across a resume."""
+    section = {"lr": 0.2, "schedule": "constant", "eval_every": 1, "early_stopping_patience": 2,
+               "sample_every": 3, "sample_prompts": PROMPTS[:1], "sample_max_new_tokens": 3}
+    _, straight = train(tiny_config(tmp_path / "straight", data={"eval": QA_EVAL},
+                                    train={**section, "max_steps": 12}))
+    out = tmp_path / "resumed"
+    train(tiny_config(out, data={"eval": QA_EVAL}, train={**section, "max_steps": 8}))
+    _, resumed = train({**tiny_config(out, data={"eval": QA_EVAL}, train={**section, "max_steps": 12}),
+                        "resume": "auto"})
+    keys = ("steps", "best_step", "best_eval_loss", "early_stopped")
+    assert {k: resumed[k] for k in keys} == {k: straight[k] for k in keys}
+    assert resumed["best_checkpoint"] == str(ckpt.checkpoint_root(out) / f"step-{straight['best_step']:06d}")
+    # the same answers, plus those at the first run's end (step 8)
+    rows = read_jsonl(out / "samples.jsonl")
+    assert [r["step"] for r in rows] == [0, 3, 6, 8, 9]
+    assert [r for r in rows if r["step"] != 8] == read_jsonl(tmp_path / "straight" / "samples.jsonl")

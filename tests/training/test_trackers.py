@@ -82,8 +82,9 @@ def test_tensorboard_event_files_hold_metrics_jsonl(tracked):
 
 
 def wandb_records(out: Path) -> list[dict]:
-    """The offline run's .wandb log, read by wandb's own reader (``wandb leet inspect --json``)."""
-    [log] = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    """The offline run's .wandb log (``out``: the output directory or the file), read by wandb's own
+    reader (``wandb leet inspect --json``)."""
+    [log] = [out] if out.is_file() else (out / "wandb").glob("offline-run-*/run-*.wandb")
     wandb_cli = Path(sys.executable).with_name("wandb")
     done = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(log)], capture_output=True,
                           text=True, timeout=120, check=True)
@@ -149,14 +150,15 @@ def test_mlflow_file_store_holds_metrics_params_samples_and_adapter(tracked):
 
 def test_resume_continues_the_same_tracker_runs(tmp_path):
     """Stopped after 2 steps, resumed to 4: one MLflow run with every step; TensorBoard's reader
-    gives each step once; the ids in trackers.json unchanged."""
+    gives each step once; wandb's second offline directory continues the same run id (``wandb sync``
+    uploads both into one run); the ids in trackers.json unchanged."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "out"
     with mock.patch.dict(os.environ, offline_env(tmp_path), clear=True):
-        train(run_config(out, ["tensorboard", "mlflow"], max_steps=2, save_every=1))
+        train(run_config(out, ["tensorboard", "mlflow", "wandb"], max_steps=2, save_every=1, sample_every=0))
         first = json.loads((out / "trackers.json").read_text())
-        cfg = run_config(out, ["tensorboard", "mlflow"], max_steps=4, save_every=1)
+        cfg = run_config(out, ["tensorboard", "mlflow", "wandb"], max_steps=4, save_every=1, sample_every=0)
         train({**cfg, "resume": "auto"})
     assert json.loads((out / "trackers.json").read_text()) == first
     client = mlflow_client(out)
@@ -167,6 +169,12 @@ def test_resume_continues_the_same_tracker_runs(tmp_path):
     acc.Reload()
     got = [(e.step, e.value) for e in acc.Scalars("loss")]
     assert close(got, expected(out)["loss"], rel=1e-6)
+    runs = []
+    for log in sorted((out / "wandb").glob("offline-run-*/run-*.wandb")):
+        records = wandb_records(log)
+        [run] = [r["run"]["run_id"] for r in records if r["type"] == "run"]
+        runs.append((run, [r["history"]["step"]["num"] for r in records if r["type"] == "history"]))
+    assert runs == [(first["wandb"], [0, 1, 2]), (first["wandb"], [3, 4])]
 
 
 def test_missing_library_named_before_the_model_loads(tmp_path, monkeypatch):

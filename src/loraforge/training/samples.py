@@ -71,19 +71,23 @@ class Sampler:
             return []
         self.done.add(step)
         was_training = self.model.training
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         self.model.eval()
         try:
-            with torch.random.fork_rng(devices=devices):
-                rows = [
-                    {"step": step, "prompt": p, "answer": answer(self.model, self.tokenizer, p,
-                                                                 self.max_new_tokens)}
-                    for p in self.prompts
-                ]
+            with torch.random.fork_rng(devices=_cuda_devices(self.model)):
+                answers = [answer(self.model, self.tokenizer, p, self.max_new_tokens) for p in self.prompts]
         finally:
             self.model.train(was_training)
+        rows = [{"step": step, "prompt": p, "answer": a} for p, a in zip(self.prompts, answers)]
         with open(self.path, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         if self.trackers is not None:
             self.trackers.samples(step, [{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
         return rows
+
+
+def _cuda_devices(model) -> list[int]:
+    """The CUDA device the model is on (its generator is the one dropout draws from), if any."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]

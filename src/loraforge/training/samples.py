@@ -19,26 +19,13 @@ from pathlib import Path
 
 import torch
 
-from .inference import prompt_ids
+from .inference import generate
 
 
-@torch.no_grad()
 def answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    """The greedy answer to ``prompt`` (new tokens only, special tokens dropped)."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device)
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    """The greedy answer to ``prompt``: ``loraforge generate``'s (the same prompt template and
+    stop tokens). It seeds the global generator, which the sampler's ``fork_rng`` restores."""
+    return generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.0)
 
 
 class Sampler:

@@ -202,9 +202,34 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(root)
-    for stale in list_checkpoints(output)[:-keep]:
+    for stale in prunable(output, keep):
         _remove(stale)
     return final
+
+
+def prunable(output: str | Path, keep: int) -> list[Path]:
+    """The checkpoints beyond the newest ``keep``, except the best one (early stopping marks it in
+    ``checkpoints/best.json``): those pruning removes."""
+    best = best_checkpoint(output)
+    return [d for d in list_checkpoints(output)[:-keep] if d != best]
+
+
+def best_checkpoint(output: str | Path) -> Path | None:
+    """The checkpoint ``checkpoints/best.json`` names (early stopping's best eval loss), if any."""
+    marker = checkpoint_root(output) / "best.json"
+    try:
+        return checkpoint_root(output) / json.loads(marker.read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def mark_best(output: str | Path, checkpoint: Path, step: int, eval_loss: float) -> None:
+    """Name ``checkpoint`` the best one (exempt from pruning), atomically."""
+    root = checkpoint_root(output)
+    tmp = root / f".best.json.tmp-{os.getpid()}"
+    record = {"checkpoint": Path(checkpoint).name, "step": step, "eval_loss": eval_loss}
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(root / "best.json")
 
 
 def _remove(directory: Path) -> None:

@@ -385,6 +385,35 @@ class TrainConfig:
             raise bad("data.chat_template", why)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?", t.device):
             raise bad("train.device", f"expected auto, cpu, cuda or cuda:N, got {t.device!r}")
+        self._validate_tracking(bad)
+
+    def _validate_tracking(self, bad) -> None:
+        """train.report_to, the samples and early stopping (issue 20)."""
+        t, d = self.train, self.data
+        known = ("tensorboard", "wandb", "mlflow")
+        for name in t.report_to:
+            if name not in known:
+                raise bad("train.report_to", f"unknown tracker {name!r}; expected any of {', '.join(known)}")
+        if len(set(t.report_to)) != len(t.report_to):
+            raise bad("train.report_to", f"a tracker is named twice: {t.report_to}")
+        for key in ("sample_every", "early_stopping_patience"):
+            if getattr(t, key) < 0:
+                raise bad(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+        if t.sample_max_new_tokens <= 0:
+            raise bad("train.sample_max_new_tokens", f"must be > 0, got {t.sample_max_new_tokens}")
+        if t.sample_every and not t.sample_prompts:
+            raise bad("train.sample_prompts", "train.sample_every is set: give at least one prompt")
+        if t.sample_every and t.distributed == "fsdp":
+            raise bad(
+                "train.sample_every",
+                "sample generations are not run under train.distributed: fsdp (every process would have "
+                "to run every generation step together); use ddp or generate from a checkpoint's adapter",
+            )
+        patience = "train.early_stopping_patience"
+        if t.early_stopping_patience and not (d.eval or d.eval_fraction):
+            raise bad(patience, "needs eval data (data.eval or data.eval_fraction)")
+        if t.early_stopping_patience and not t.eval_every:
+            raise bad(patience, "needs train.eval_every > 0 (evaluations during the run)")
 
 
 # -- YAML --------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ class Phase:
 
     name: str = "start-up"  # then "training", then "writing the results"
     step: int = 0
+    trackers: object = None  # the experiment trackers, ended by ``train`` whatever happens
 
     def interrupted(self, out: Path) -> str:
         if self.name == "start-up":

@@ -46,7 +46,9 @@ from .loss import CausalLMLoss
 from .modeling import check_device, check_packed_attention, prepare_model, save_trained
 from .report import MetricsLog, plot_losses
 from .resume import resume_changes, use_settings
+from .samples import Sampler
 from .sharded_load import peak_host_bytes
+from .trackers import Trackers, check_trackers
 
 
 def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Module, dict]:
@@ -66,6 +68,7 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
     # unknown format, a bad row among the first ones).
     check_device(cfg.train.device)
     check_data(cfg.data)
+    check_trackers(cfg.train.report_to)  # a missing tracker library: the extra to install
     dist = setup(cfg.train.device, cfg.train.distributed, cfg.train.dist_timeout)
     out = Path(cfg.output)
     console = Console(dist.is_main)
@@ -75,8 +78,11 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
             f"output {out}: took over the lock of a run that has ended ({describe_holder(lock.previous)})"
         )
     phase = Phase()
+    finished = False
     try:
-        return _train(cfg, dist, out, console, phase)
+        result = _train(cfg, dist, out, console, phase)
+        finished = True
+        return result
     except KeyboardInterrupt as e:
         if e.args:  # the loop's own stop (checkpoint saved) or a second Ctrl-C: it says what happened
             raise
@@ -99,6 +105,10 @@ def train(config: TrainConfig | dict | str, overrides=()) -> tuple[torch.nn.Modu
         newest = ckpt.latest_checkpoint(out)
         raise lost_contact_error(dist, where, e, newest, cfg.train.dist_timeout) from None
     finally:
+        if phase.trackers is not None:  # a run that stopped early: its tracker runs end too (marked
+            # failed); an error there must not hide the one that stopped the run
+            with contextlib.suppress(Exception):
+                phase.trackers.finish(None, failed=not finished)
         if lock is not None:
             lock.release()
 
@@ -142,10 +152,15 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
     loss_model = core if dist.fsdp else wrap_ddp(core, dist)
     counts = _announce(cfg, model, trainable, plan, total_steps, dist, say)
     log = _start_log(cfg, out, dist.is_main, step if resume_dir else None, changed)
+    phase.trackers = log.trackers
+    # (the main process samples from the unwrapped model: no collective runs; not under FSDP)
+    sampler = Sampler(model, tokenizer, t, out, log.trackers, dist.is_main, step if resume_dir else None)
     pad_id = tokenizer.pad_token_id
     evaluate = _evaluator(model, core, eval_rows, t.batch_size, pad_id, dist, log, say)
+    early = EarlyStopping(t, out, log, step if resume_dir else None)
     if step == 0 and eval_rows:
-        evaluate(step)
+        early.update(step, evaluate(step))  # (the start's loss is a reference, saved nowhere)
+    sampler.at(step)  # at 0: what the model answers before training
 
     # -- the loop ---------------------------------------------------------------------------------
     stop = StopRequest(console)
@@ -155,7 +170,7 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
     meter = comm.CommMeter() if dist.enabled and not compiled else None  # the first step's collectives
     phase.name, phase.step = "training", step
     try:
-        while step < total_steps:
+        while step < total_steps and not early.stop:
             step_start = time.perf_counter()
             rows = plan.step_rows(step)
             n_targets = sum(row_targets[j] for j in rows)  # global, known to every process
@@ -188,6 +203,7 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
             run_tokens += n_tokens
             tokens_per_s = run_tokens / (time.perf_counter() - run_start)
             if step % t.log_every == 0 or step == total_steps or not finite:
+                log.write(step=step, **_memory(dist.device))  # (its own record: the row's names are kept)
                 row = dict(loss=loss, lr=lr, grad_norm=norm, tokens=n_tokens, step_time_s=elapsed)
                 skipped = {} if finite else {"skipped": True}
                 log.write(
@@ -201,15 +217,16 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
             if nonfinite >= t.max_nonfinite_steps:
                 raise _nonfinite_stop(step, loss, norm, nonfinite, t, out, log)
 
-            # eval; save every save_every steps, at the end, and when asked to stop
+            # eval, samples; save every save_every steps, at the end, at a new best, when asked to stop
             if eval_rows and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
-                evaluate(step)
-            stopping = stop_votes > 0
-            if (t.save_every and step % t.save_every == 0) or step == total_steps or stopping:
+                early.update(step, evaluate(step))  # (the same on every process: the loss is all-reduced)
+            sampler.at(step)
+            if (t.save_every and step % t.save_every == 0) or step == total_steps or stop_votes or early.save:
                 saved = _save_checkpoint(
                     cfg, out, step, loss, plan, dist, model, tokenizer, optimizer, scheduler
                 )
-            if stopping:  # saved first, then reported (printing may fail: stdout's reader may be gone)
+                early.saved(saved)
+            if stop_votes:  # saved first, then reported (printing may fail: stdout's reader may be gone)
                 console.close_bar()
                 say(f"stopped at step {step}; checkpoint saved: {saved or out / 'checkpoints'}")
                 raise KeyboardInterrupt(f"training stopped at step {step}; resume with resume: auto")
@@ -219,8 +236,10 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
 
     # -- results ------------------------------------------------------------------------------------
     phase.name = "writing the results"
+    sampler.at(step, end=True)  # the end's answers (nothing new when the last step was a sampling step)
     _undo_speed_up(model, compiled)  # the caller gets the model with its own forwards
     run_time = time.perf_counter() - run_start
+    counts.update(early.results(step, say))
     metrics = _results(cfg, out, dist, model, tokenizer, log, step, run_tokens, run_time, counts)
     cleanup(dist)
     return model, metrics
@@ -374,6 +393,9 @@ def _start_log(
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
     log = MetricsLog(out / "metrics.jsonl", is_main, resume_step=resume_step)
+    if is_main and cfg.train.report_to:  # every record written from here on reaches them too
+        config = cfg.to_dict()
+        log.trackers = Trackers(cfg.train.report_to, config, out, resume_step is not None, cfg.to_yaml())
     if changed:
         log.write(step=resume_step, event="resume", changed={k: list(v) for k, v in changed.items()})
     return log
@@ -405,8 +427,73 @@ def _evaluator(model, core: CausalLMLoss, rows: list, batch_size: int, pad_id: i
         ppl = math.exp(min(loss, 50))
         log.write(step=step, eval_loss=loss, eval_ppl=ppl)
         say(f"step {step}: eval loss {loss:.4f}, perplexity {ppl:.2f}")
+        return loss
 
     return evaluate
+
+
+class EarlyStopping:
+    """``train.early_stopping_patience``: ``update(step, eval_loss)`` after each evaluation notes a
+    new best (strictly lower) and sets ``stop`` once ``patience`` evaluations in a row brought none;
+    ``save`` says a checkpoint is due (a new best, or the stop). After the loop's save, ``saved``
+    names a new best's checkpoint in ``checkpoints/best.json``, which exempts it from pruning. Off
+    (never a save, never a stop) when patience is 0. A resumed run recomputes its state from the
+    metrics kept up to the checkpoint."""
+
+    def __init__(self, t: TrainSection, out: Path, log: MetricsLog, resume_step: int | None):
+        self.patience, self.keep, self.out = t.early_stopping_patience, t.keep_checkpoints, out
+        self.best_loss, self.best_step, self.since_best, self.checkpoint = math.inf, None, 0, None
+        self.stop = self.save = self.new_best = False  # save: a checkpoint is due (a new best, the stop)
+        if self.patience and resume_step is not None:
+            for s, value in zip(*log.series("eval_loss")):
+                self.update(s, value)
+            self.save = self.new_best = False
+            found = ckpt.best_checkpoint(out)
+            self.checkpoint = found if found is not None and found.is_dir() else None
+
+    def update(self, step: int, loss: float) -> None:
+        if not self.patience:
+            return
+        best = loss < self.best_loss
+        if best:
+            self.best_loss, self.best_step, self.since_best = loss, step, 0
+        else:
+            self.since_best += 1
+            self.stop = self.since_best >= self.patience
+        self.new_best = best and step > 0  # (the loss before training: nothing to save)
+        self.save = self.new_best or self.stop
+
+    def saved(self, checkpoint: Path | None) -> None:
+        """After a save: a new best's ``checkpoint`` (None on the processes other than the main
+        one) becomes the named best."""
+        new_best, self.save, self.new_best = self.new_best, False, False
+        if new_best and checkpoint is not None:
+            ckpt.mark_best(self.out, checkpoint, self.best_step, self.best_loss)
+            self.checkpoint = checkpoint
+            for stale in ckpt.prunable(self.out, self.keep):  # the previous best, now unprotected
+                ckpt._remove(stale)
+
+    def results(self, step: int, say) -> dict:
+        if not self.patience:
+            return {}
+        if self.stop:
+            say(f"early stopping at step {step}: no new best eval loss in {self.patience} evaluations")
+        where = self.checkpoint or "the start (no step improved on it; no checkpoint)"
+        say(f"best eval loss {self.best_loss:.4f} at step {self.best_step}: {where}")
+        return {
+            "best_eval_loss": self.best_loss,
+            "best_step": self.best_step,
+            "best_checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "early_stopped": self.stop,
+        }
+
+
+def _memory(device: torch.device) -> dict:
+    """The main process's peak host memory so far, and on CUDA the peak memory its tensors took."""
+    memory = {"peak_host_bytes": peak_host_bytes()}
+    if device.type == "cuda":
+        memory["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return memory
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -548,4 +635,6 @@ def _results(
         "result_dir": str(final_dir),
     }
     log.write(step=step, event="end", **{k: v for k, v in metrics.items() if k != "train_loss"})
+    if log.trackers is not None:  # the final adapter (or model) as an artifact, then the runs end
+        log.trackers.finish(final_dir)
     return metrics

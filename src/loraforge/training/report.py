@@ -7,10 +7,14 @@ from pathlib import Path
 
 
 class MetricsLog:
-    """Appends records to ``metrics.jsonl`` (main process only) and keeps them in memory."""
+    """Appends records to ``metrics.jsonl`` (main process only) and keeps them in memory.
+
+    ``trackers`` (set by the loop, main process only): every record written is also handed to its
+    ``write(record)``, so the experiment trackers get each metric at the same step as the file."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None = None):
         self.path, self.enabled, self.records = Path(path), enabled, []
+        self.trackers = None
         if resume_step is not None and self.path.exists():
             # Records after the checkpoint will be recomputed by the resumed run: drop them.
             for line in self.path.read_text().splitlines():
@@ -30,6 +34,8 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.trackers is not None:
+                self.trackers.write(record)
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         points = [(r["step"], r[key]) for r in self.records if key in r]

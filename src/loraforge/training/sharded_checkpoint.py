@@ -161,7 +161,7 @@ def save(output, step: int, model, optimizer, scheduler, state: dict, dist, save
             ckpt._fsync_dir(tmp)
             _rename_into_place(tmp, final)
             ckpt._fsync_dir(root)
-            for stale in ckpt.list_checkpoints(output)[:-keep]:
+            for stale in ckpt.prunable(output, keep):  # (never the best)
                 ckpt._remove(stale)
     except Exception as e:
         error = e

@@ -6,7 +6,7 @@ loraforge merge --base DIR --adapter DIR --out DIR
 loraforge generate --base DIR [--adapter NAME=DIR ...] --prompt "..."
 loraforge inspect DIR
 loraforge export --format gguf --base DIR [--adapter DIR] --out FILE.gguf [--type f16|q8_0|f32] [--lora-only]
-loraforge demo ... | loraforge compare ... | loraforge chat ... | loraforge serve ...
+loraforge demo ... | loraforge compare ... | loraforge chat ... | loraforge serve ... | loraforge eval ...
 """
 
 from __future__ import annotations

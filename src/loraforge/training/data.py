@@ -316,6 +316,11 @@ def collate(rows: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": as_tensor(ids), "labels": as_tensor(labels), "position_ids": as_tensor(pos)}
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated batch on ``device`` (copied asynchronously where the device allows)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def load_datasets(cfg: DataSection, tokenizer, seed: int, log=print) -> tuple[list[Example], list[Example]]:
     """(train rows, eval rows), packed if ``cfg.packing``; eval may be empty. The template
     ``cfg.chat_template`` names is set on the tokenizer first (saved with the adapter from there)."""

@@ -29,7 +29,7 @@ from . import comm, fsdp
 from . import sharded_checkpoint as sharded_ckpt
 from .config import ConfigError, TrainConfig, TrainSection
 from .console import Console, Phase, StopRequest
-from .data import BatchPlan, check_data, collate, load_datasets
+from .data import BatchPlan, check_data, collate, load_datasets, to_device
 from .dist import (
     abort,
     all_reduce_sum,
@@ -40,11 +40,13 @@ from .dist import (
     setup,
     wrap_ddp,
 )
+from .evaluating import EarlyStopping, evaluator
 from .fast import compile_layers, patch_model, should_compile, uncompile_layers, unpatch_model
 from .lock import OutputLock, RunError, describe_holder
 from .loss import CausalLMLoss
-from .modeling import check_device, check_packed_attention, prepare_model, save_trained
-from .report import MetricsLog, plot_losses
+from .modeling import check_device, check_packed_attention, prepare_model
+from .outputs import results, save_checkpoint
+from .report import MetricsLog
 from .resume import resume_changes, use_settings
 from .samples import Sampler
 from .sharded_load import peak_host_bytes
@@ -156,7 +158,7 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
     # (the main process samples from the unwrapped model: no collective runs; not under FSDP)
     sampler = Sampler(model, tokenizer, t, out, log.trackers, dist.is_main, step if resume_dir else None)
     pad_id = tokenizer.pad_token_id
-    evaluate = _evaluator(model, core, eval_rows, t.batch_size, pad_id, dist, log, say)
+    evaluate = evaluator(model, core, eval_rows, t.batch_size, pad_id, dist, log, say)
     early = EarlyStopping(t, out, log, step if resume_dir else None)
     if step == 0 and eval_rows:
         early.update(step, evaluate(step))  # (the start's loss is a reference, saved nowhere)
@@ -222,7 +224,7 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
                 early.update(step, evaluate(step))  # (the same on every process: the loss is all-reduced)
             sampler.at(step)
             if (t.save_every and step % t.save_every == 0) or step == total_steps or stop_votes or early.save:
-                saved = _save_checkpoint(
+                saved = save_checkpoint(
                     cfg, out, step, loss, plan, dist, model, tokenizer, optimizer, scheduler
                 )
                 early.saved(saved)
@@ -240,7 +242,7 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
     _undo_speed_up(model, compiled)  # the caller gets the model with its own forwards
     run_time = time.perf_counter() - run_start
     counts.update(early.results(step, say))
-    metrics = _results(cfg, out, dist, model, tokenizer, log, step, run_tokens, run_time, counts)
+    metrics = results(cfg, out, dist, model, tokenizer, log, step, run_tokens, run_time, counts)
     cleanup(dist)
     return model, metrics
 
@@ -401,103 +403,12 @@ def _start_log(
     return log
 
 
-def _evaluator(model, core: CausalLMLoss, rows: list, batch_size: int, pad_id: int, dist, log, say):
-    """``evaluate(step)``: the mean token loss over the eval rows (split over processes) and its
-    perplexity, logged and said."""
-
-    def evaluate(step: int) -> None:
-        model.eval()
-        total, count = 0.0, 0.0
-        with torch.no_grad():
-            mine = rows[dist.rank :: dist.world_size]
-            n_rows = len(mine)
-            if dist.fsdp:  # every process runs as many forwards (each one gathers shards from all)
-                n_rows = math.ceil(len(rows) / dist.world_size)
-            for i in range(0, n_rows, batch_size):
-                part = mine[i : i + batch_size]
-                batch = _to(collate(part or rows[:1], pad_id), dist.device)
-                loss_sum, n = core(**batch)
-                if part:  # (an empty share ran a stand-in row, not counted)
-                    total, count = total + loss_sum.item(), count + n.item()
-        if dist.fsdp:  # the root keeps its gathered weights after a forward without backward
-            core.reshard()
-        total, count = all_reduce_sum(dist, total, count)
-        model.train()
-        loss = total / max(count, 1)
-        ppl = math.exp(min(loss, 50))
-        log.write(step=step, eval_loss=loss, eval_ppl=ppl)
-        say(f"step {step}: eval loss {loss:.4f}, perplexity {ppl:.2f}")
-        return loss
-
-    return evaluate
-
-
-class EarlyStopping:
-    """``train.early_stopping_patience``: ``update(step, eval_loss)`` after each evaluation notes a
-    new best (strictly lower) and sets ``stop`` once ``patience`` evaluations in a row brought none;
-    ``save`` says a checkpoint is due (a new best, or the stop). After the loop's save, ``saved``
-    names a new best's checkpoint in ``checkpoints/best.json``, which exempts it from pruning. Off
-    (never a save, never a stop) when patience is 0. A resumed run recomputes its state from the
-    metrics kept up to the checkpoint."""
-
-    def __init__(self, t: TrainSection, out: Path, log: MetricsLog, resume_step: int | None):
-        self.patience, self.keep, self.out = t.early_stopping_patience, t.keep_checkpoints, out
-        self.best_loss, self.best_step, self.since_best, self.checkpoint = math.inf, None, 0, None
-        self.stop = self.save = self.new_best = False  # save: a checkpoint is due (a new best, the stop)
-        if self.patience and resume_step is not None:
-            for s, value in zip(*log.series("eval_loss")):
-                self.update(s, value)
-            self.save = self.new_best = False
-            found = ckpt.best_checkpoint(out)
-            self.checkpoint = found if found is not None and found.is_dir() else None
-
-    def update(self, step: int, loss: float) -> None:
-        if not self.patience:
-            return
-        best = loss < self.best_loss
-        if best:
-            self.best_loss, self.best_step, self.since_best = loss, step, 0
-        else:
-            self.since_best += 1
-            self.stop = self.since_best >= self.patience
-        self.new_best = best and step > 0  # (the loss before training: nothing to save)
-        self.save = self.new_best or self.stop
-
-    def saved(self, checkpoint: Path | None) -> None:
-        """After a save: a new best's ``checkpoint`` (None on the processes other than the main
-        one) becomes the named best."""
-        new_best, self.save, self.new_best = self.new_best, False, False
-        if new_best and checkpoint is not None:
-            ckpt.mark_best(self.out, checkpoint, self.best_step, self.best_loss)
-            self.checkpoint = checkpoint
-            for stale in ckpt.prunable(self.out, self.keep):  # the previous best, now unprotected
-                ckpt._remove(stale)
-
-    def results(self, step: int, say) -> dict:
-        if not self.patience:
-            return {}
-        if self.stop:
-            say(f"early stopping at step {step}: no new best eval loss in {self.patience} evaluations")
-        where = self.checkpoint or "the start (no step improved on it; no checkpoint)"
-        say(f"best eval loss {self.best_loss:.4f} at step {self.best_step}: {where}")
-        return {
-            "best_eval_loss": self.best_loss,
-            "best_step": self.best_step,
-            "best_checkpoint": str(self.checkpoint) if self.checkpoint else None,
-            "early_stopped": self.stop,
-        }
-
-
 def _memory(device: torch.device) -> dict:
     """The main process's peak host memory so far, and on CUDA the peak memory its tensors took."""
     memory = {"peak_host_bytes": peak_host_bytes()}
     if device.type == "cuda":
         memory["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     return memory
-
-
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 # -- in the loop --------------------------------------------------------------------------------
@@ -509,7 +420,7 @@ def _forward_backward(loss_model, micro_batches: list, n_targets: int, pad_id: i
     returns the summed token loss ``Σ CE``, still on the device."""
     loss_sum = torch.zeros((), device=dist.device)
     for i, rows in enumerate(micro_batches):
-        batch = _to(collate(rows, pad_id), dist.device)
+        batch = to_device(collate(rows, pad_id), dist.device)
         last = i == len(micro_batches) - 1
         if dist.fsdp:
             sync = fsdp.gradient_sync(loss_model, last)
@@ -534,62 +445,6 @@ def _nonfinite_stop(step: int, loss: float, norm: float, n: int, t: TrainSection
     )
 
 
-def _save_checkpoint(
-    cfg: TrainConfig,
-    out: Path,
-    step: int,
-    loss: float,
-    plan: BatchPlan,
-    dist,
-    model,
-    tokenizer,
-    optimizer,
-    scheduler,
-) -> Path | None:
-    """A checkpoint at ``step`` (written by the main process, or under FSDP by every process
-    together; None on the others)."""
-    if not dist.is_main and not dist.fsdp:
-        return None
-    state = {
-        "epoch": plan.epoch_of(step),
-        "step_in_epoch": step % plan.steps_per_epoch,  # the data position
-        "rows_seen": step * plan.global_batch,
-        "global_batch": plan.global_batch,
-        "world_size": dist.world_size,
-        "loss": loss,
-        "method": cfg.method,
-        "config": cfg.to_dict(),
-    }
-    save_adapter = None
-    if cfg.method != "full":
-        save_adapter = lambda d: _save_result(model, tokenizer, d, cfg.method, dist)  # noqa: E731
-    if dist.fsdp:
-        keep = cfg.train.keep_checkpoints
-        path = sharded_ckpt.save(out, step, model, optimizer, scheduler, state, dist, save_adapter, keep)
-        return path if dist.is_main else None
-    return ckpt.save_checkpoint(
-        out, step, model, optimizer, scheduler, state, save_adapter, cfg.train.keep_checkpoints
-    )
-
-
-def _save_result(model, tokenizer, directory: Path, method: str, dist) -> None:
-    """``save_trained`` by the main process. Under FSDP every process takes part in gathering
-    what is saved: only the trainable tensors for an adapter (the base stays sharded), the whole
-    model, one tensor at a time onto the main process's CPU, for full fine-tuning."""
-    if not dist.fsdp:
-        if dist.is_main:
-            save_trained(model, tokenizer, directory, method)
-        return
-    if method == "full":
-        state = fsdp.full_state_dict(model)
-        if dist.is_main:
-            save_trained(model, tokenizer, directory, method, state_dict=state)
-        return
-    with fsdp.gathered_trainable(model):
-        if dist.is_main:
-            save_trained(model, tokenizer, directory, method)
-
-
 # -- tear-down ----------------------------------------------------------------------------------
 
 
@@ -597,44 +452,3 @@ def _undo_speed_up(model, compiled: bool) -> None:
     unpatch_model(model)
     if compiled:
         uncompile_layers(model)
-
-
-def _results(
-    cfg: TrainConfig,
-    out: Path,
-    dist,
-    model,
-    tokenizer,
-    log,
-    step: int,
-    run_tokens: int,
-    run_time: float,
-    counts: dict,
-) -> dict:
-    """Save the adapter (or model) and the loss plot; the run's metrics, also logged as its end."""
-    final_dir = out / ("model" if cfg.method == "full" else "adapter")
-    _save_result(model, tokenizer, final_dir, cfg.method, dist)
-    if dist.is_main:
-        plot_losses(log, out / "loss.png", title=f"{cfg.method} fine-tune of {cfg.model.path}")
-    _, train_losses = log.series("loss")
-    _, eval_losses = log.series("eval_loss")
-    metrics = {
-        "method": cfg.method,
-        "steps": step,
-        "train_loss": train_losses,
-        "final_train_loss": train_losses[-1] if train_losses else None,
-        "initial_eval_loss": eval_losses[0] if eval_losses else None,
-        "final_eval_loss": eval_losses[-1] if eval_losses else None,
-        "final_eval_ppl": math.exp(min(eval_losses[-1], 50)) if eval_losses else None,
-        "tokens_per_s": run_tokens / run_time if run_tokens else None,
-        "train_time_s": run_time,
-        **counts,
-        "world_size": dist.world_size,
-        "peak_host_bytes": peak_host_bytes(),  # this (the main) process's, over the whole run
-        "output_dir": str(out),
-        "result_dir": str(final_dir),
-    }
-    log.write(step=step, event="end", **{k: v for k, v in metrics.items() if k != "train_loss"})
-    if log.trackers is not None:  # the final adapter (or model) as an artifact, then the runs end
-        log.trackers.finish(final_dir)
-    return metrics

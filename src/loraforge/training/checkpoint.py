@@ -187,17 +187,7 @@ def save_checkpoint(
         save_state(rng_state(), tmp, "rng")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "time": time.time()}, indent=2))
         _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (a resumed run): swap it out
-            old = root / f".old-step-{step:06d}-{os.getpid()}"
-            final.rename(old)
-            try:
-                tmp.rename(final)
-            except BaseException:
-                old.rename(final)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        rename_into_place(tmp, final)
     except BaseException:  # a full disk, a second Ctrl-C: leave no half-written directory behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -230,6 +220,22 @@ def mark_best(output: str | Path, checkpoint: Path, step: int, eval_loss: float)
     record = {"checkpoint": Path(checkpoint).name, "step": step, "eval_loss": eval_loss}
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(root / "best.json")
+
+
+def rename_into_place(tmp: Path, final: Path) -> None:
+    """``tmp`` -> ``final``; an existing ``final`` (the same step saved again) is swapped out
+    through ``.old-*`` and deleted after, so ``final`` is always either the old or the new one."""
+    if not final.exists():
+        tmp.rename(final)
+        return
+    old = final.with_name(f".old-{final.name}-{os.getpid()}")
+    final.rename(old)
+    try:
+        tmp.rename(final)
+    except BaseException:
+        old.rename(final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove(directory: Path) -> None:

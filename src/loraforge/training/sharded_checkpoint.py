@@ -159,7 +159,7 @@ def save(output, step: int, model, optimizer, scheduler, state: dict, dist, save
             state = {**state, "step": step, "time": time.time()}
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
             ckpt._fsync_dir(tmp)
-            _rename_into_place(tmp, final)
+            ckpt.rename_into_place(tmp, final)
             ckpt._fsync_dir(root)
             for stale in ckpt.prunable(output, keep):  # (never the best)
                 ckpt._remove(stale)
@@ -187,22 +187,6 @@ def _first(e: CheckpointException) -> str:
     """One line for DCP's exception: the first failing process's error."""
     rank, (exc, _) = next(iter(e.failures.items()))
     return f"process {rank}: {type(exc).__name__}: {exc}"
-
-
-def _rename_into_place(tmp: Path, final: Path) -> None:
-    """``tmp`` -> ``final``; an existing ``final`` (the same step saved again) is swapped out
-    through ``.old-*`` and deleted after, so ``final`` is always either the old or the new one."""
-    if not final.exists():
-        tmp.rename(final)
-        return
-    old = final.with_name(f".old-{final.name}-{os.getpid()}")
-    final.rename(old)
-    try:
-        tmp.rename(final)
-    except BaseException:
-        old.rename(final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # -- loading ----------------------------------------------------------------------------------------

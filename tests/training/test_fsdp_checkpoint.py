@@ -284,7 +284,7 @@ def saved_keys(path: Path) -> set[str]:
     [
         "checkpoint.save_state",  # while the processes write their parts
         "_fsync_tree",  # before the vote
-        "_rename_into_place",  # after state.json, before the rename
+        "checkpoint.rename_into_place",  # after state.json, before the rename
         "checkpoint.list_checkpoints",  # after the rename, before pruning
         "rmtree_while_pruning",  # deleting the oldest checkpoint
     ],

@@ -232,12 +232,12 @@ def test_only_the_main_process_reports_under_torchrun(tmp_path):
 
 
 def test_a_run_that_fails_ends_its_tracker_runs_as_failed(tmp_path, monkeypatch):
-    import loraforge.training.loop as loop
+    import loraforge.training.outputs as outputs
 
     def broken_plot(*args, **kwargs):
         raise RuntimeError("plot failed")
 
-    monkeypatch.setattr(loop, "plot_losses", broken_plot)
+    monkeypatch.setattr(outputs, "plot_losses", broken_plot)
     out = tmp_path / "out"
     with mock.patch.dict(os.environ, offline_env(tmp_path), clear=True):
         with pytest.raises(RuntimeError, match="plot failed"):

@@ -129,7 +129,7 @@ def test_survivor_stops_with_a_clear_line(tmp_path, mode, victim, sig):
             time.sleep(0.2)
         os.kill(procs[victim].pid, sig)
         stopped = time.monotonic()
-        _, err = survivor.communicate(timeout=3 * timeout)  # would raise TimeoutExpired on a hang
+        _, err = survivor.communicate(timeout=5 * timeout)  # would raise TimeoutExpired on a hang
         waited = time.monotonic() - stopped
     finally:
         for p in procs:
@@ -144,7 +144,7 @@ def test_survivor_stops_with_a_clear_line(tmp_path, mode, victim, sig):
     newest = line.rsplit("resume with --resume from ", 1)[1]
     assert json.loads((Path(tmp_path) / newest / "state.json").read_text())["step"] >= 2
     if sig == signal.SIGSTOP:  # nothing closed the connection: the timeout did it
-        assert timeout * 0.8 < waited < 2.5 * timeout, waited
+        assert timeout * 0.8 < waited < 3 * timeout, waited  # (~1.2x on an idle 2-core machine)
         assert "timed out" in line.lower()
     else:
         assert waited < timeout, waited

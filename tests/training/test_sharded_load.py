@@ -241,7 +241,7 @@ from loraforge.training import dist as D, fsdp
 from loraforge.training.config import TrainConfig
 from loraforge.training.loss import CausalLMLoss
 from loraforge.training.modeling import check_causal_lm, prepare_model
-from loraforge.training.sharded_load import peak_host_bytes, reset_peak_host
+from loraforge.training.report import peak_host_bytes, reset_peak_host
 
 mode, big, small, out = sys.argv[1:5]
 

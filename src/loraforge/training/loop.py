@@ -46,10 +46,9 @@ from .lock import OutputLock, RunError, describe_holder
 from .loss import CausalLMLoss
 from .modeling import check_device, check_packed_attention, prepare_model
 from .outputs import results, save_checkpoint
-from .report import MetricsLog
+from .report import MetricsLog, peak_host_bytes
 from .resume import resume_changes, use_settings
 from .samples import Sampler
-from .sharded_load import peak_host_bytes
 from .trackers import Trackers, check_trackers
 
 

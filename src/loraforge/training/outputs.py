@@ -12,8 +12,7 @@ from . import sharded_checkpoint as sharded_ckpt
 from .config import TrainConfig
 from .data import BatchPlan
 from .modeling import save_trained
-from .report import plot_losses
-from .sharded_load import peak_host_bytes
+from .report import peak_host_bytes, plot_losses
 
 
 def save_checkpoint(

@@ -1,9 +1,39 @@
-"""Metrics: one JSON object per line in ``OUTPUT/metrics.jsonl``, and the loss-curve PNG."""
+"""Metrics: one JSON object per line in ``OUTPUT/metrics.jsonl``, the loss-curve PNG, and the
+process's peak host memory that the metrics report."""
 
 from __future__ import annotations
 
 import json
+import resource
+import sys
 from pathlib import Path
+
+
+def peak_host_bytes() -> int:
+    """This process's peak resident memory so far, in bytes: on Linux the high-water mark of its own
+    address space (``VmHWM``, which ``reset_peak_host`` restarts), elsewhere ``ru_maxrss`` (KiB;
+    bytes on macOS). (Linux's ``ru_maxrss`` also keeps the peak of the process image before
+    ``exec``, a fork of the parent: under pytest, the parent's size.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def reset_peak_host() -> bool:
+    """Start ``peak_host_bytes`` afresh from the current resident size (Linux: ``/proc/self/clear_refs``
+    resets ``VmHWM``); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 class MetricsLog:

@@ -15,13 +15,11 @@ Every process runs the same sequence::
         (``fsdp.shard_model`` skips the layers sharded here)
 
 so a process's peak is its shards + one full-precision decoder layer + the root tensors, not the
-whole model (``peak_host_bytes``; the test measures it against a whole load).
+whole model (``report.peak_host_bytes``; the test measures it against a whole load).
 """
 
 from __future__ import annotations
 
-import resource
-import sys
 import warnings
 from pathlib import Path
 
@@ -42,33 +40,6 @@ from .dist import DistInfo
 # every target first. (PiSSA / OLoRA, an SVD / QR of each weight, and DoRA's magnitude, its norm, are
 # computed once each layer's weights are in, before it is sharded: _init_from_base.)
 _FROM_WEIGHTS = ("loftq",)
-
-
-def peak_host_bytes() -> int:
-    """This process's peak resident memory so far, in bytes: on Linux the high-water mark of its own
-    address space (``VmHWM``, which ``reset_peak_host`` restarts), elsewhere ``ru_maxrss`` (KiB;
-    bytes on macOS). (Linux's ``ru_maxrss`` also keeps the peak of the process image before
-    ``exec``, a fork of the parent: under pytest, the parent's size.)"""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def reset_peak_host() -> bool:
-    """Start ``peak_host_bytes`` afresh from the current resident size (Linux: ``/proc/self/clear_refs``
-    resets ``VmHWM``); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def check_supported(cfg: TrainConfig) -> None:

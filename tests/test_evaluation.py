@@ -16,6 +16,7 @@ import torch
 
 pytest.importorskip("lm_eval")
 
+from conftest import randomize_lora  # noqa: E402
 from training.util import cli, write_jsonl  # noqa: E402
 
 from loraforge.evaluation import EvalError, evaluate, resolve_tasks  # noqa: E402
@@ -80,16 +81,10 @@ def tasks_dir(tmp_path_factory) -> Path:
 
 def _adapter(model, path: Path, seed: int, scale: float = 0.5) -> Path:
     """A LoRA adapter on q/v/o with random A and B (ΔW ≠ 0), saved in PEFT's format."""
-    import torch
-
     import loraforge as lf
 
     lf.inject(model, lf.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], init=False))
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(seed)
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    randomize_lora(model, std=scale, seed=seed)
     lf.save_adapter(model, path)
     return path
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_lora
 
 import loraforge as lf
 
@@ -31,11 +32,7 @@ def _threads(one_thread):
 
 def _save_adapter(model, path, seed=1, std=0.2, **cfg):
     lf.inject(model, lf.LoraConfig(**{"r": 4, "alpha": 8, "target_modules": TARGETS, **cfg}))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+    randomize_lora(model, std=std, seed=seed)
     lf.save_adapter(model, path)
     return path
 

@@ -343,3 +343,13 @@ def test_embedding_init_draws_as_peft_does():
     assert torch.equal(after_ours, torch.rand(4))
     for key, (mine, peft_t) in _new_factors(ours, theirs, "default").items():
         assert torch.equal(mine, peft_t), key
+
+
+def test_ia3_adapters_refuse_the_pruning_merges():
+    cfg = lf.IA3Config(target_modules=["k_proj"], feedforward_modules=[])
+    m = lf.inject(tiny_llama(), cfg, adapter="one")
+    lf.add_adapter(m, "two", cfg)
+    snap = snapshot(m)
+    with pytest.raises(ValueError, match=r"\['one', 'two'\] combine linearly only.*got combination='ties'"):
+        lf.add_weighted_adapter(m, ["one", "two"], [0.5, 0.5], "mix", "ties", density=0.5)
+    assert_unchanged(m, snap)

@@ -32,7 +32,11 @@ only, so that a negative weight flips ΔW instead of cancelling out) and √|w�
 rank, but B·A is not Σ wᵢΔWᵢ even for ``linear`` (cross terms), and pruning a factor is not
 pruning ΔW. They need equal ranks. The ``_svd`` forms (and ``svd``) merge the full ΔWᵢ, then keep
 the top ``svd_rank`` singular triplets: B = U·S, A = Vᵀ (PEFT's split), optionally clamped to
-±q, q the ``svd_clamp`` quantile of the entries of B and A together. Any ranks.
+±q, q the ``svd_clamp`` quantile of the entries of B and A together. Any ranks. TIES and DARE
+were designed for full weight deltas, so the ``_svd`` forms are the faithful ones (the price: one
+dense ΔW per adapter and layer, and an SVD); on the factors, "small" and "sign conflict" concern
+entries of A and B, whose meaning depends on each adapter's own basis. With one adapter every
+combination is ``linear`` (PEFT's rule).
 """
 
 from __future__ import annotations
@@ -119,7 +123,7 @@ def check_options(combination, density, majority_sign_method, svd_clamp, svd_dri
         )
     if combination.removesuffix("_svd") in WITH_DENSITY:
         bad = isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 <= density <= 1
-        if bad:  # (not math.isnan-safe otherwise: NaN fails 0 <= d too)
+        if bad:  # (NaN fails 0 <= d <= 1 too)
             got = "it is missing" if density is None else f"got {density!r}"
             raise ValueError(
                 f"add_weighted_adapter: combination={combination!r} needs density, the fraction of "

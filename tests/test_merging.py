@@ -353,3 +353,21 @@ def test_ia3_adapters_refuse_the_pruning_merges():
     with pytest.raises(ValueError, match=r"\['one', 'two'\] combine linearly only.*got combination='ties'"):
         lf.add_weighted_adapter(m, ["one", "two"], [0.5, 0.5], "mix", "ties", density=0.5)
     assert_unchanged(m, snap)
+
+
+def test_a_failure_while_combining_leaves_no_half_made_adapter(monkeypatch):
+    ours, _, _ = _build("llama", with_peft=False)
+    snap = snapshot(ours)
+    real, calls = merging.combine_layer, []
+
+    def fail_on_third(layer, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return real(layer, *args, **kwargs)
+
+    monkeypatch.setattr(merging, "combine_layer", fail_on_third)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        lf.add_weighted_adapter(ours, ["a", "b"], [0.5, 0.5], "mix", "ties_svd", density=0.5)
+    assert lf.list_adapters(ours) == ["a", "b", "c"]
+    assert_unchanged(ours, snap)

@@ -47,6 +47,20 @@ def delta_of(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     return scale * (as_matrix(b) @ as_matrix(a))
 
 
+def factored(
+    a: torch.Tensor, b: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ΔW = scale·B·A as Qb·C·Qaᵀ, never forming ΔW: (Qb (out, p), C (p, q), Qa (in_flat, q)) in float64.
+
+    From the reduced QR factorisations B = Qb·Rb and Aᵀ = Qa·Ra (p, q ≤ r): C = scale·Rb·Raᵀ.
+    Qb and Qa have orthonormal columns, so ΔW's singular values are C's, and a truncation
+    (b', a') of C is one of ΔW: B' = Qb·b', A' = a'·Qaᵀ, at O((out + in)·r²) cost.
+    """
+    qb, rb = torch.linalg.qr(as_matrix(b, torch.float64))
+    qa, ra = torch.linalg.qr(as_matrix(a, torch.float64).T)
+    return qb, scale * (rb @ ra.T), qa
+
+
 def check_request(rank: int | None, energy: float | None, where: str = "") -> None:
     """Exactly one of ``rank`` (an integer ≥ 1) and ``energy`` (in (0, 1]) must be given."""
     at = f"{where}: " if where else ""

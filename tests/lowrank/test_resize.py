@@ -238,3 +238,28 @@ def test_bad_inputs_are_one_line_errors(llama, tmp_path, capsys):
     assert cli.main(["resize", str(src), "--rank", "2", str(tmp_path / "full")]) == 2
     assert "not an empty directory" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_energy_one_is_exact(llama, tmp_path):
+    base, src, ids, expected = llama
+    report = lf.resize_adapter(src, tmp_path / "out", energy=1.0)
+    assert all(r["new_rank"] == r["old_rank"] for r in report.layers)  # random factors: full rank
+    _close(_logits(base, tmp_path / "out", ids), expected)
+
+
+def test_trainable_tokens_copied_unchanged(tmp_path):
+    base = tiny_llama()
+    ids = torch.randint(0, 96, (2, 6))
+    cfg = lf.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[3, 5])
+    model = _saved(base, cfg, tmp_path / "src")
+    with torch.no_grad():
+        expected = model(ids).logits
+    lf.resize_adapter(tmp_path / "src", tmp_path / "out", rank=4)
+    old, new = load_file(str(tmp_path / "src" / WEIGHTS)), load_file(str(tmp_path / "out" / WEIGHTS))
+    tokens = [k for k in old if "trainable_tokens" in k]
+    assert tokens and all(torch.equal(old[k], new[k]) for k in tokens)
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["trainable_token_indices"] == [
+        3,
+        5,
+    ]
+    _close(_logits(base, tmp_path / "out", ids), expected)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import loraforge as lf
@@ -263,3 +263,15 @@ def test_trainable_tokens_copied_unchanged(tmp_path):
         5,
     ]
     _close(_logits(base, tmp_path / "out", ids), expected)
+
+
+def test_bfloat16_factors_stay_bfloat16(llama, tmp_path):
+    _, src, _, _ = llama
+    (tmp_path / "bf16").mkdir()
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(str(src / WEIGHTS)).items()}
+    save_file(tensors, str(tmp_path / "bf16" / WEIGHTS))
+    (tmp_path / "bf16" / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    lf.resize_adapter(tmp_path / "bf16", tmp_path / "out", rank=3)
+    new = load_file(str(tmp_path / "out" / WEIGHTS))
+    assert {t.dtype for t in new.values()} == {torch.bfloat16}
+    assert new[f"{P}model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (3, 32)

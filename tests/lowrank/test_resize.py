@@ -275,3 +275,22 @@ def test_bfloat16_factors_stay_bfloat16(llama, tmp_path):
     new = load_file(str(tmp_path / "out" / WEIGHTS))
     assert {t.dtype for t in new.values()} == {torch.bfloat16}
     assert new[f"{P}model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (3, 32)
+
+
+def test_factored_is_the_update_without_forming_it():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 7, 2, 2, generator=g), torch.randn(5, 3, 1, 1, generator=g)  # a conv pair
+    qb, core, qa = spectra.factored(a, b, 0.7)
+    full = 0.7 * spectra.as_matrix(b, torch.float64) @ spectra.as_matrix(a, torch.float64)
+    _close(qb @ core @ qa.T, full)
+    _close(torch.linalg.svdvals(core), torch.linalg.svdvals(full)[:3])
+
+
+def test_factored_amplification_matches_the_dense_one():
+    g = torch.Generator().manual_seed(1)
+    a, b, w = torch.randn(4, 9, generator=g), torch.randn(6, 4, generator=g), torch.randn(6, 9, generator=g)
+    dense = spectra.amplification_factor(spectra.delta_of(a, b, 0.3), w)
+    assert spectra.factored_amplification(a, b, 0.3, w) == pytest.approx(dense, rel=1e-6)
+    b[:, 2:] = 0  # numerical rank 2: the same rule
+    dense = spectra.amplification_factor(spectra.delta_of(a, b, 0.3), w)
+    assert spectra.factored_amplification(a, b, 0.3, w) == pytest.approx(dense, rel=1e-6)

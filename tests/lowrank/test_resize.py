@@ -144,6 +144,10 @@ def test_conv_embedding_linear_layouts_and_modules_to_save(tmp_path):
     old, new = load_file(str(tmp_path / "src2" / WEIGHTS)), load_file(str(tmp_path / "full" / WEIGHTS))
     saved = [k for k in old if "head" in k]
     assert saved and all(torch.equal(old[k], new[k]) for k in saved)
+    peft = pytest.importorskip("peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "full")).eval()
+    with torch.no_grad():
+        _close(theirs(ids), expected)
     lf.resize_adapter(tmp_path / "src2", tmp_path / "r1", rank=1)
     small = load_file(str(tmp_path / "r1" / WEIGHTS))
     assert small[f"{P}conv.lora_A.weight"].shape == (1, 6, 3, 3)

@@ -298,3 +298,23 @@ def test_factored_amplification_matches_the_dense_one():
     b[:, 2:] = 0  # numerical rank 2: the same rule
     dense = spectra.amplification_factor(spectra.delta_of(a, b, 0.3), w)
     assert spectra.factored_amplification(a, b, 0.3, w) == pytest.approx(dense, rel=1e-6)
+
+
+def test_sv_ratio_keeps_singular_values_above_max_over_ratio(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(32, 4, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(32, 4, generator=g, dtype=torch.float64))[0]
+    model = lf.inject(tiny_llama(), lf.LoraConfig(r=4, alpha=4, target_modules=["q_proj"]))
+    with torch.no_grad():  # ΔW's singular values 4, 2, 1, 0.5 in every layer
+        for i in range(2):
+            layer = model.get_submodule(f"model.layers.{i}.self_attn.q_proj")
+            layer.lora_A["default"].weight.copy_(v.T)
+            layer.lora_B["default"].weight.copy_(u * torch.tensor([4, 2, 1, 0.5], dtype=torch.float64))
+    lf.save_adapter(model, tmp_path / "src")
+    for ratio, kept in ((3, 2), (1, 1), (100, 4)):
+        report = lf.resize_adapter(tmp_path / "src", tmp_path / f"r{ratio}", sv_ratio=ratio)
+        assert {r["new_rank"] for r in report.layers} == {kept}, ratio
+    assert cli.main(["resize", str(tmp_path / "src"), "--sv-ratio", "0.5", str(tmp_path / "x")]) == 2
+    assert "sv_ratio must be a number >= 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="exactly one of rank, energy and sv_ratio"):
+        lf.resize_adapter(tmp_path / "src", tmp_path / "y", rank=2, sv_ratio=3)

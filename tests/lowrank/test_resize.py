@@ -318,3 +318,42 @@ def test_sv_ratio_keeps_singular_values_above_max_over_ratio(tmp_path, capsys):
     assert "sv_ratio must be a number >= 1" in capsys.readouterr().err
     with pytest.raises(ValueError, match="exactly one of rank, energy and sv_ratio"):
         lf.resize_adapter(tmp_path / "src", tmp_path / "y", rank=2, sv_ratio=3)
+
+
+class Nested(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.block = nn.Module()
+        self.block.lin = nn.Linear(6, 6)
+        self.c = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.c(self.block.lin(self.lin(x)))
+
+
+def test_rank_pattern_keys_that_would_match_another_layer_are_anchored(tmp_path):
+    torch.manual_seed(0)
+    base = Nested().eval()
+    model = lf.inject(copy.deepcopy(base), lf.LoraConfig(r=2, alpha=2, target_modules=["lin", "c"]))
+    randomize_lora(model)
+    with torch.no_grad():
+        model.lin.lora_B["default"].weight[:, 1] = 0  # `lin` has rank 1, `block.lin` and `c` rank 2
+    lf.save_adapter(model.eval(), tmp_path / "src")
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        expected = model(x)
+    report = lf.resize_adapter(tmp_path / "src", tmp_path / "out", energy=1.0)
+    assert {r["name"]: r["new_rank"] for r in report.layers} == {"lin": 1, "block.lin": 2, "c": 2}
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] == {"^lin": 1}  # (a plain "lin" would also match block.lin)
+    out = lf.load_adapter(copy.deepcopy(base), tmp_path / "out").eval()
+    with torch.no_grad():
+        _close(out(x), expected)
+    peft = pytest.importorskip("peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "out")).eval()
+    assert (
+        theirs.base_model.model.block.lin.r["default"] == 2 and theirs.base_model.model.lin.r["default"] == 1
+    )
+    with torch.no_grad():
+        _close(theirs(x), expected)

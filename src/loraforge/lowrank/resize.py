@@ -2,8 +2,8 @@
 
 Each adapted layer's update ΔW = s·B·A (s = alpha/r or alpha/√r with rsLoRA, after
 ``rank_pattern`` / ``alpha_pattern``) is truncated to its best rank-R approximation, or to the
-smallest rank keeping a fraction E of its Frobenius energy (never above the layer's current
-rank), and written back as B' = U·√S, A' = √S·Vᵀ with scale 1: the new config gives each layer
+smallest rank keeping a fraction E of its Frobenius energy, or to the singular values above
+σ_max / X (kohya's sv_ratio) — never above the layer's current rank — and written back as B' = U·√S, A' = √S·Vᵀ with scale 1: the new config gives each layer
 alpha = r (``rank_pattern`` / ``alpha_pattern`` for layers whose rank differs from the most
 common one). The SVD never forms ΔW: from the QR factors of B and Aᵀ (``spectra.factored``)
 only an r × r matrix is decomposed, so R ≥ the current rank reproduces ΔW to float rounding.
@@ -215,12 +215,19 @@ def _check_request(rank, energy, sv_ratio) -> None:
 
 
 def _config(cfg: LoraConfig, ranks: dict[str, int]) -> LoraConfig:
-    """``cfg`` with each layer's rank from ``ranks`` and alpha = r (scale 1): the most common rank
-    as r, the others in rank_pattern / alpha_pattern keyed by the module path."""
+    r"""``cfg`` with each layer's rank from ``ranks`` and alpha = r (scale 1): the most common rank
+    as r, the others in rank_pattern / alpha_pattern keyed by the module path.
+
+    PEFT (and loraforge) read a key as the regex ``(.*\.)?(key)$`` and take the first match in
+    file order (sorted): a plain path ``lin`` also matches ``block.lin``. Where that would give
+    some layer a wrong rank, the keys are anchored, ``^`` + the escaped path: exactly one layer each.
+    """
     common = Counter(ranks.values()).most_common(1)[0][0]
-    for escape in (False, True):
-        # (a path is a regex to PEFT: escaped only if it would also match another layer)
-        pattern = {re.escape(n) if escape else n: k for n, k in ranks.items() if k != common}
+    for anchored in (False, True):
+        pattern = {
+            ("^" + re.escape(n)) if anchored else n: k for n, k in sorted(ranks.items()) if k != common
+        }
+        pattern = dict(sorted(pattern.items()))  # (the order the saved JSON has)
         new = dataclasses.replace(
             cfg,
             r=common,
@@ -232,7 +239,7 @@ def _config(cfg: LoraConfig, ranks: dict[str, int]) -> LoraConfig:
         )
         if all(new.rank_and_alpha(n) == (k, k) for n, k in ranks.items()):
             return new
-    raise AssertionError("rank_pattern does not resolve to the new ranks")  # (cannot happen: escaped keys)
+    raise AssertionError("rank_pattern does not resolve to the new ranks")  # (anchored keys always do)
 
 
 def _write(out: Path, cfg: LoraConfig, raw: dict, tensors: dict) -> None:

@@ -1,12 +1,13 @@
 """``loraforge resize``: change a LoRA adapter's rank, per layer, by SVD (as kohya's resize_lora.py).
 
 Each adapted layer's update ΔW = s·B·A (s = alpha/r or alpha/√r with rsLoRA, after
-``rank_pattern`` / ``alpha_pattern``) is truncated to its best rank-R approximation, or to the
+``rank_pattern`` / ``alpha_pattern``) is truncated to its best rank-R approximation, to the
 smallest rank keeping a fraction E of its Frobenius energy, or to the singular values above
-σ_max / X (kohya's sv_ratio) — never above the layer's current rank — and written back as B' = U·√S, A' = √S·Vᵀ with scale 1: the new config gives each layer
-alpha = r (``rank_pattern`` / ``alpha_pattern`` for layers whose rank differs from the most
-common one). The SVD never forms ΔW: from the QR factors of B and Aᵀ (``spectra.factored``)
-only an r × r matrix is decomposed, so R ≥ the current rank reproduces ΔW to float rounding.
+σ_max / X (kohya's sv_ratio), never above the layer's current rank, and written back as
+B' = U·√S, A' = √S·Vᵀ with scale 1: the new config gives each layer alpha = r (``rank_pattern``
+/ ``alpha_pattern`` for layers whose rank differs from the most common one). The SVD never
+forms ΔW: from the QR factors of B and Aᵀ (``spectra.factored``) only an r × r matrix is
+decomposed, so R ≥ the current rank reproduces ΔW to float rounding.
 
 Layouts (PEFT's file keys, the module path after ``base_model.model.``):
   Linear / GPT-2 Conv1D  ``lora_A.weight`` (r, in), ``lora_B.weight`` (out, r)

@@ -175,7 +175,13 @@ def amplification(found: list[Factors], base, fan_in_fan_out: bool = False, seed
     out = {}
     for f in found:
         key = _weight_key(f.name, where, base)
-        w = _read_tensor(where[key], key).to(torch.float64)
+        w = _read_tensor(where[key], key)
+        if not w.is_floating_point():  # (a bitsandbytes 4-bit checkpoint stores packed uint8)
+            raise ValueError(
+                f"{base}: weight {key!r} is {str(w.dtype).removeprefix('torch.')} (a quantized checkpoint?); "
+                "the amplification factor needs the floating-point base weights"
+            )
+        w = w.to(torch.float64)
         if f.a_key.endswith("lora_embedding_A") or _stored_transposed(skeleton, f.name, fan_in_fan_out):
             w = w.T  # (ΔW of an Embedding is (dim, num); a Conv1D stores (in, out))
         w = spectra.as_matrix(w, torch.float64)

@@ -51,6 +51,8 @@ _LAZY = {
     "train": ("loraforge.training", "train"),
     "TrainConfig": ("loraforge.training", "TrainConfig"),
     "build_optimizer": ("loraforge.optim", "build_optimizer"),
+    "resize_adapter": ("loraforge.lowrank.resize", "resize_adapter"),
+    "analyze_adapter": ("loraforge.lowrank.analyze", "analyze_adapter"),
 }
 __all__ = sorted(_LAZY)
 

@@ -42,6 +42,14 @@ DELEGATED = {
         "loraforge.evaluation",
         "score a base model and its adapters on lm-evaluation-harness tasks (see loraforge eval --help)",
     ),
+    "resize": (
+        "loraforge.lowrank.resize",
+        "change a LoRA adapter's rank by SVD of each layer's update (see loraforge resize --help)",
+    ),
+    "analyze": (
+        "loraforge.lowrank.analyze",
+        "an adapter's spectra, effective rank, subspace similarity, amplification (loraforge analyze --help)",
+    ),
 }
 
 

@@ -47,6 +47,20 @@ def delta_of(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     return scale * (as_matrix(b) @ as_matrix(a))
 
 
+def factored(
+    a: torch.Tensor, b: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ΔW = scale·B·A as Qb·C·Qaᵀ, never forming ΔW: (Qb (out, p), C (p, q), Qa (in_flat, q)) in float64.
+
+    From the reduced QR factorisations B = Qb·Rb and Aᵀ = Qa·Ra (p, q ≤ r): C = scale·Rb·Raᵀ.
+    Qb and Qa have orthonormal columns, so ΔW's singular values are C's, and a truncation
+    (b', a') of C is one of ΔW: B' = Qb·b', A' = a'·Qaᵀ, at O((out + in)·r²) cost.
+    """
+    qb, rb = torch.linalg.qr(as_matrix(b, torch.float64))
+    qa, ra = torch.linalg.qr(as_matrix(a, torch.float64).T)
+    return qb, scale * (rb @ ra.T), qa
+
+
 def check_request(rank: int | None, energy: float | None, where: str = "") -> None:
     """Exactly one of ``rank`` (an integer ≥ 1) and ``energy`` (in (0, 1]) must be given."""
     at = f"{where}: " if where else ""
@@ -213,3 +227,19 @@ def amplification_factor(delta: torch.Tensor, w: torch.Tensor, r: int | None = N
         return 0.0
     proj = u[:, :r].T @ w @ vh[:r].T
     return float(delta.norm() / proj.norm())
+
+
+def factored_amplification(a: torch.Tensor, b: torch.Tensor, scale: float, w: torch.Tensor) -> float:
+    """:func:`amplification_factor` of ΔW = scale·B·A (r its numerical rank, the same rule), from
+    ``factored``: U_r = Qb·U_C, V_r = Qa·V_C, so only the r × r core is decomposed and W is
+    multiplied by thin matrices (O(out·in·r), not an SVD of the full out × in ΔW)."""
+    qb, core, qa = factored(a, b, scale)
+    w = as_matrix(w, torch.float64)
+    if (qb.shape[0], qa.shape[0]) != tuple(w.shape):
+        raise ValueError(f"ΔW {(qb.shape[0], qa.shape[0])} and W {tuple(w.shape)} differ in shape")
+    u, s, vh = torch.linalg.svd(core)
+    r = int((s > s[0] * 1e-6).sum()) if s.numel() and float(s[0]) > 0 else 0
+    if r == 0:
+        return 0.0
+    proj = (qb @ u[:, :r]).T @ w @ (qa @ vh[:r].T)
+    return float(core.norm() / proj.norm())

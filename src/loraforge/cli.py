@@ -42,6 +42,7 @@ DELEGATED = {
         "loraforge.evaluation",
         "score a base model and its adapters on lm-evaluation-harness tasks (see loraforge eval --help)",
     ),
+    "plan": ("loraforge.planning.cli", "will a fine-tune fit: peak memory, time per step, what makes it fit"),
 }
 
 

@@ -69,6 +69,7 @@ class _Linear:
     rank: int  # 0: no LoRA
     trains: bool  # the weight itself (full fine-tuning)
     needs_input_grad: bool
+    attention_out: bool = False  # the attention block's output projection (reads the attention output)
 
 
 def _blocks(layer: nn.Module) -> list[list[tuple[str, nn.Module]]]:
@@ -102,7 +103,7 @@ def linears(model: nn.Module, cfg: TrainConfig) -> list[_Linear]:
     stream = full or cfg.train.gradient_checkpointing
     out: list[_Linear] = []
     for index, layer in enumerate(decoder_layers(model)):
-        for block in _blocks(layer):
+        for nth, block in enumerate(_blocks(layer)):
             *inputs, last = block
             produced = stream
             for _, module in inputs:
@@ -112,7 +113,7 @@ def linears(model: nn.Module, cfg: TrainConfig) -> list[_Linear]:
                 produced = produced or full or full_name in targets
             full_name = path[id(last[1])]
             fin, fout = LoraLinear.features(last[1])
-            out.append(_Linear(full_name, index, fin, fout, rank.get(full_name, 0), full, produced or stream))
+            out.append(_Linear(full_name, index, fin, fout, rank.get(full_name, 0), full, produced, nth == 0))
             stream = stream or produced or full or full_name in targets
     return out
 
@@ -130,8 +131,9 @@ def step_flops(cfg: TrainConfig, model: nn.Module, model_config) -> StepFlops:
         terms[key] = terms.get(key, 0) + int(value)
 
     layer_forward = 0
-    last_of_layer = {}  # the layer's last LoRA product, x·Aᵀ·Bᵀ's Bᵀ, which no backward needs
-    for lin in linears(model, cfg):
+    last_of_layer = {}  # the layer's last product (down_proj's, or its LoRA's ·Bᵀ): no backward needs it
+    lins = linears(model, cfg)
+    for lin in lins:
         mm = 2 * n * lin.fan_in * lin.fan_out
         add("linear forward", mm)
         layer_forward += mm
@@ -145,16 +147,19 @@ def step_flops(cfg: TrainConfig, model: nn.Module, model_config) -> StepFlops:
             layer_forward += lora_fwd
             backward = 2 * lin.fan_out + lin.fan_in * (1 + lin.needs_input_grad)
             add("LoRA backward", 2 * n * lin.rank * backward)
-        last_of_layer[lin.layer] = 2 * n * lin.rank * lin.fan_out
+        last_of_layer[lin.layer] = 2 * n * lin.rank * lin.fan_out if lin.rank else mm
 
     heads = model_config.num_attention_heads
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-    n_layers = model_config.num_hidden_layers
-    attention = 4 * b * s * s * heads * head_dim * n_layers
+    per_layer = 4 * b * s * s * heads * head_dim
+    attention = per_layer * model_config.num_hidden_layers
     add("attention forward", attention)
     layer_forward += attention
     impl = cfg.model.attn_implementation or "sdpa"
-    add("attention backward", attention * ATTENTION_BACKWARD.get(impl, 2.5))
+    # backward only where the attention's output needs a gradient (not the first layers of a run
+    # whose adapter starts further up)
+    with_grad = sum(1 for lin in lins if lin.attention_out and lin.needs_input_grad)
+    add("attention backward", per_layer * with_grad * ATTENTION_BACKWARD.get(impl, 2.5))
 
     head = 2 * n * model_config.hidden_size * model_config.vocab_size
     add("LM head forward", head)
@@ -163,7 +168,7 @@ def step_flops(cfg: TrainConfig, model: nn.Module, model_config) -> StepFlops:
         add("LM head weight gradient", head)
     if t.gradient_checkpointing:
         # non-reentrant checkpointing stops recomputing a layer once it has every tensor the
-        # backward needs: the last LoRA product of each layer is not run again
+        # backward needs: the layer's last product is not run again
         add("recompute (activation checkpointing)", layer_forward - sum(last_of_layer.values()))
     steps = t.grad_accum
     return StepFlops(tokens=n * steps, terms={k: v * steps for k, v in terms.items()})

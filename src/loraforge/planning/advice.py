@@ -263,11 +263,20 @@ def _stack(plan, trial: _Trial, singles: list[Suggestion]) -> Suggestion:
             chosen.pop(4, None)
             so_far = [o for _, _, own, _ in chosen.values() for o in own]
         chosen[s.rank] = (s.change, s.cost, [o for o in s.overrides if o not in so_far], s.world_size)
-        steps = [chosen[r] for r in sorted(chosen)]
-        overrides = list(dict.fromkeys(o for _, _, own, _ in steps for o in own))
-        world = max(w for *_, w in steps)
-        last = trial.run(" + ".join(c for c, *_ in steps), "; ".join(c for _, c, *_ in steps), s.rank,
-                         overrides, world)  # fmt: skip
+        last = _run_stack(trial, chosen, s.rank)
         if last.fits:
             break
+    if last is not None and last.fits:  # drop what the fit does not need, dearest first
+        for rank in sorted(chosen, reverse=True)[1:]:
+            fewer = {r: c for r, c in chosen.items() if r != rank}
+            if fewer and (trial_fit := _run_stack(trial, fewer, max(fewer))).fits:
+                chosen, last = fewer, trial_fit
     return last
+
+
+def _run_stack(trial: _Trial, chosen: dict, rank: int) -> Suggestion:
+    steps = [chosen[r] for r in sorted(chosen)]
+    overrides = list(dict.fromkeys(o for _, _, own, _ in steps for o in own))
+    world = max(w for *_, w in steps)
+    change = " + ".join(c for c, *_ in steps)
+    return trial.run(change, "; ".join(c for _, c, *_ in steps), rank, overrides, world)

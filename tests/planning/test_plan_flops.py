@@ -46,8 +46,8 @@ def counted(cfg: TrainConfig) -> int:
     model.train()
     rng = random.Random(0)
     s, b = cfg.data.max_length, cfg.train.batch_size
-    row = lambda: Example([rng.randrange(3, 512) for _ in range(s)], [rng.randrange(3, 512) for _ in range(s)])
-    micro = [[row() for _ in range(b)] for _ in range(cfg.train.grad_accum)]
+    ids = lambda: [rng.randrange(3, 512) for _ in range(s)]
+    micro = [[Example(ids(), ids()) for _ in range(b)] for _ in range(cfg.train.grad_accum)]
     n_targets = s * b * cfg.train.grad_accum
     with FlopCounterMode(display=False, custom_mapping=ADDMM_) as counter:
         _forward_backward(core, micro, n_targets, tokenizer.pad_token_id, dist)
@@ -88,7 +88,7 @@ def test_the_count_is_flop_counter_modes_on_the_real_step(one_thread, method, tr
 def test_lora_skips_the_frozen_weights_gradients_and_checkpointing_adds_a_forward():
     lora, full = analytic(config("lora")), analytic(config("full"))
     ckpt = analytic(config("lora", gradient_checkpointing=True))
-    terms = step_flops(config("full"), meta_model(model_config_of("builtin:tiny-llama")), None or _cfg()).terms
+    terms = step_flops(config("full"), meta_model(model_config_of("builtin:tiny-llama")), _cfg()).terms
     assert terms["linear weight gradients"] == terms["linear forward"]  # full: dW costs a forward
     assert lora < full and ckpt > lora
 

@@ -177,3 +177,15 @@ def test_the_api_refuses_a_world_size_below_one(run_yaml):
         plan(run_yaml, world_size=0)
     with pytest.raises(ConfigError, match="memory"):
         plan(run_yaml, memory="24 parsecs")
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        loraforge_main(["plan", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--device", "--memory", "--world-size", "--gemm-tflops", "--json", "KEY=VALUE", "GiB",
+                   "llama-3-70b"):  # fmt: skip
+        assert option in text, option
+    assert loraforge_main([]) == 2
+    assert "plan" in capsys.readouterr().out

@@ -59,7 +59,7 @@ def evaluate(cfg: TrainConfig, model_config: dict, device: str, world_size: int)
     from .memory import estimate_memory
 
     try:
-        model = _meta(json.dumps(model_config, sort_keys=True))
+        model = _meta(json.dumps(model_config, sort_keys=True, default=str))
         memory = estimate_memory(cfg, model_config=model_config, device=device, world_size=world_size)
         flops = step_flops(cfg, model, model.config)
         total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -191,7 +191,7 @@ def _candidates(plan) -> list:
 def _flops(plan, cfg: TrainConfig) -> int:
     from .flops import step_flops
 
-    model = _meta(json.dumps(plan.model_config, sort_keys=True))
+    model = _meta(json.dumps(plan.model_config, sort_keys=True, default=str))
     return step_flops(cfg, model, model.config).total
 
 

@@ -17,6 +17,11 @@ multiply-add; norms, RoPE, SiLU, softmax and the loss's exponentials count as fr
   loss forms both in the forward); a trained head adds its weight gradient.
 * activation checkpointing runs each decoder layer's forward again in the backward.
 
+Other methods (ia3, prefix, prompt, p_tuning, bottleneck) are counted as the frozen model's forward
+and input gradients from the first layer on (some need fewer there: ~1/layers too many), their own
+small products left out, as are the prompt methods' virtual tokens. DoRA adds one ``B·A`` product
+per adapted layer and forward for its weight norm (``2·r·in·out``; the norm's backward is left out).
+
 Tokens: every sequence is taken as ``data.max_length`` long and every token as a target (packing,
 or the longest batch); shorter rows and prompt-masked tokens (the head skips them) cost less.
 """
@@ -98,9 +103,10 @@ def linears(model: nn.Module, cfg: TrainConfig) -> list[_Linear]:
     targets = set(find_targets(model, cfg.lora)) if cfg.method in LORA_METHODS else set()
     rank = {n: cfg.lora.rank_and_alpha(n)[0] for n in targets}
     path = {id(m): n for n, m in model.named_modules()}
-    # the embeddings' output needs its gradient when they train, and under activation checkpointing
-    # (transformers then makes the input embeddings require grad: enable_input_require_grads)
-    stream = full or cfg.train.gradient_checkpointing
+    # the embeddings' output needs its gradient when they train, under activation checkpointing
+    # (transformers then makes the input embeddings require grad: enable_input_require_grads), and
+    # for the other adapters (prompt tokens, prefixes, IA3 vectors from the first layer on)
+    stream = full or cfg.train.gradient_checkpointing or cfg.method not in LORA_METHODS
     out: list[_Linear] = []
     for index, layer in enumerate(decoder_layers(model)):
         for nth, block in enumerate(_blocks(layer)):
@@ -133,6 +139,7 @@ def step_flops(cfg: TrainConfig, model: nn.Module, model_config) -> StepFlops:
     layer_forward = 0
     last_of_layer = {}  # the layer's last product (down_proj's, or its LoRA's ·Bᵀ): no backward needs it
     lins = linears(model, cfg)
+    dora = cfg.method == "dora" or (cfg.method == "qlora" and cfg.lora.use_dora)
     for lin in lins:
         mm = 2 * n * lin.fan_in * lin.fan_out
         add("linear forward", mm)
@@ -147,6 +154,9 @@ def step_flops(cfg: TrainConfig, model: nn.Module, model_config) -> StepFlops:
             layer_forward += lora_fwd
             backward = 2 * lin.fan_out + lin.fan_in * (1 + lin.needs_input_grad)
             add("LoRA backward", 2 * n * lin.rank * backward)
+            if dora:  # the weight norm ||W + s·B·A|| per output row needs B·A once per forward
+                add("DoRA weight norm", 2 * lin.rank * lin.fan_in * lin.fan_out)
+                layer_forward += 2 * lin.rank * lin.fan_in * lin.fan_out
         last_of_layer[lin.layer] = 2 * n * lin.rank * lin.fan_out if lin.rank else mm
 
     heads = model_config.num_attention_heads

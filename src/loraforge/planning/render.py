@@ -5,6 +5,10 @@ from __future__ import annotations
 from . import fmt_bytes, fmt_flops, fmt_seconds
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:,.2f} B" if n >= 1e9 else f"{n / 1e6:,.1f} M"
+
+
 def _header(p) -> list[str]:
     cfg, t = p.config, p.config.train
     mc = p.model_config
@@ -16,7 +20,7 @@ def _header(p) -> list[str]:
     layers = mc.get("num_hidden_layers", mc.get("n_layer", "?"))
     attn = cfg.model.attn_implementation or "sdpa"
     return [
-        f"plan: {cfg.method} of {cfg.model.path} ({layers} layers, {total / 1e9:,.2f} B parameters"
+        f"plan: {cfg.method} of {cfg.model.path} ({layers} layers, {_count(total)} parameters"
         + (f"; {share}" if share else "") + f") on {where}",
         f"  micro-batch {t.batch_size} x {cfg.data.max_length} tokens, grad_accum {t.grad_accum}, "
         f"{cfg.model.dtype} weights, {attn} attention, optimizer {t.optimizer}, activation checkpointing "

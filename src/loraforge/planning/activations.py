@@ -52,6 +52,7 @@ class LayerShape:
     intermediate: int
     lora: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     full: bool = False
+    dora: bool = False
 
 
 @dataclass
@@ -77,30 +78,56 @@ def _trains(shape: LayerShape, names) -> bool:
     return shape.full or any(n in shape.lora for n in names)
 
 
-def saved_per_layer(shape: LayerShape, run: Run) -> dict[str, int]:
-    """Bytes kept for backward by one decoder layer, by part (the module docstring's table)."""
+def saved_per_layer(shape: LayerShape, run: Run, grad_in: bool = True) -> dict[str, int]:
+    """Bytes kept for backward by one decoder layer, by part (the module docstring's table).
+
+    ``grad_in``: whether the layer's input carries a gradient. It does not in the first layer of a
+    run whose embeddings are frozen (LoRA, QLoRA): there an op keeps nothing until the first
+    trainable module, so the first RMSNorm keeps nothing, nor does attention without a trained
+    q/k/v projection."""
     n, e = run.tokens, run.act_bytes
     h, q, kv, i = shape.hidden, shape.q_width, shape.kv_width, shape.intermediate
-    parts = {"norms": 2 * (n * h * e + n * 4)}
-    attn = n * h * e if _trains(shape, ATTENTION_PROJ) else 0
-    if run.attn == "eager":
-        attn += 3 * n * q * e + run.batch * shape.heads * run.seq * run.seq * e
-        attn += n * q * e if _trains(shape, ("o_proj",)) else 0
-    else:  # sdpa, flash_attention_2: q, k, v, out and the fp32 log-sum-exp
+    fast = run.fast
+    norm = n * h * e + n * 4  # x, rstd (fp32)
+    if shape.full and not fast:
+        norm += n * h * e  # a trained norm weight's plain autograd also keeps the normalised x
+    parts = {"norms": norm if grad_in else 0}
+
+    # attention: its input (for the trained projections), the kernel's tensors, o_proj's input
+    qkv = _trains(shape, ATTENTION_PROJ)
+    live = grad_in or qkv  # whether a gradient reaches the attention kernel
+    attn = n * h * e if qkv and not run.input_cast else 0
+    if live and run.attn == "eager":
+        probs = run.batch * shape.heads * run.seq * run.seq
+        attn += 3 * n * q * e + probs * e + (probs * 4 if e < 4 else 0)  # bf16: the fp32 softmax too
+    elif live:
         attn += 2 * n * q * e + 2 * n * kv * e + n * shape.heads * 4
+    o_trains = _trains(shape, ("o_proj",))
+    if o_trains and not run.input_cast and (run.attn == "eager" or not live):
+        attn += n * q * e  # (sdpa keeps its output, which is o_proj's input, when it is live)
     parts["attention"] = attn
-    mlp = n * h * e if _trains(shape, MLP_IN) else 0
-    mlp += (2 if run.fast else 4) * n * i * e
-    if shape.full:
-        mlp += n * i * e if run.fast else 0  # down_proj's input p (already among the four without)
+    live = live or o_trains
+    parts["norms"] += norm if live else 0
+
+    # MLP: its input (for trained gate / up), the SwiGLU's g and u, down_proj's input p
+    gate_up = _trains(shape, MLP_IN)
+    down = _trains(shape, ("down_proj",))
+    mlp = n * h * e if gate_up and not run.input_cast else 0
+    if live or gate_up:
+        mlp += (2 if fast else 3) * n * i * e  # g, u (+ silu(g) on the plain path)
+    if shape.full or (down and not fast):
+        mlp += n * i * e  # p, for down_proj's weight or LoRA A gradient
     parts["mlp"] = mlp
+
     lora = 0
-    for r, fan_in, fan_out in shape.lora.values():
+    for name, (r, fan_in, fan_out) in shape.lora.items():
         lora += n * r * run.branch_bytes
-        if run.input_cast:
+        if run.input_cast and not (fast and name == "down_proj"):  # (the fast kernel recomputes p)
             lora += n * fan_in * 4
-        if run.factor_cast:
-            lora += r * (fan_in + fan_out) * e
+        if run.factor_cast:  # B cast always; A cast only where the input carries a gradient
+            lora += r * fan_out * e + (r * fan_in * e if grad_in or name not in ATTENTION_PROJ else 0)
+        if shape.dora:  # the base output before the magnitude's rescale, and two (out,) vectors
+            lora += n * fan_out * e + 2 * fan_out * 4
     parts["lora"] = lora
     return parts
 

@@ -32,12 +32,17 @@ from ..training.config import ConfigError, TrainConfig
 from . import activations as A
 from .shape import decoder_layers, meta_model, model_config_of
 
-# What a process holds before the model is built, measured (benchmarks/bench_plan.py prints the
-# figure it measures next to this one): CPU: the resident set after importing torch, transformers
-# and loraforge (Linux, torch 2.x, transformers 5.x: 2026-11, this project's VM). CUDA: the CUDA
-# context and the cuBLAS workspace, which torch.cuda.max_memory_allocated does not count (stated:
-# ~500 MiB on recent drivers; nvidia-smi shows it as the process's usage beyond PyTorch's).
-CPU_OVERHEAD = 520 * 2**20
+# What a process holds besides the tensors, measured on this project's 2-core VM (Linux, torch 2.x,
+# transformers 5.x, 2026-11; benchmarks/bench_plan.py prints what it measures next to these):
+# CPU_OVERHEAD: the resident set once torch, transformers, loraforge's training modules and the
+# model's transformers module are imported (383 MB in a fresh interpreter). CPU_STEP_RUNTIME: the
+# resident set between two training steps minus every tensor (weights, adapter, optimizer state):
+# library code paged in by the first forward/backward (~20 MiB), the allocator's and the loaded
+# model's Python objects (55-63 MiB over the SmolLM2 rows of the benchmark). CUDA: the CUDA
+# context and cuBLAS/cuDNN handles, which torch.cuda.max_memory_allocated does not count (stated,
+# ~500 MiB on recent drivers; nvidia-smi shows it as the process's memory beyond PyTorch's pool).
+CPU_OVERHEAD = 375 * 2**20
+CPU_STEP_RUNTIME = 58 * 2**20
 CUDA_OVERHEAD = 500 * 2**20
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 BNB_MIN_8BIT = 4096  # bitsandbytes keeps 32-bit state for tensors smaller than this
@@ -200,7 +205,8 @@ def layer_shape(model: nn.Module, config) -> A.LayerShape:
                 a = m.lora_A[adapter].weight
                 lora[short] = (a.shape[0], m.in_features, m.out_features)
     full = any(p.requires_grad for n, p in layer.named_parameters() if "lora_" not in n)
-    return A.LayerShape(h, heads * head_dim, kv, heads, head_dim, inter, lora, full)
+    dora = any(getattr(m, "lora_magnitude_vector", None) for m in layer.modules())
+    return A.LayerShape(h, heads * head_dim, kv, heads, head_dim, inter, lora, full, bool(dora))
 
 
 # -- the estimate ------------------------------------------------------------------------------------
@@ -256,22 +262,26 @@ def estimate_memory(
     branch = e if (not half or t.lora_compute == "input") else 4
     run = A.Run(batch, seq, e, branch, factor_cast=half and t.lora_compute == "input" and bool(shape.lora),
                 input_cast=half and t.lora_compute == "adapter", attn="eager" if attn == "eager" else "sdpa",
-                fast=t.fast_kernels)
+                fast=t.fast_kernels and not shape.dora)  # (the fast MLP leaves a DoRA layer's own path)
     parts = A.saved_per_layer(shape, run)
     per_layer = sum(parts.values())
+    first = sum(A.saved_per_layer(shape, run, grad_in=cfg.method == "full").values())
     shared = A.shared_saved(shape, run)
     n = run.tokens
     tail = n * shape.hidden * e + n * 4 + n * 8  # final norm's input and rstd, the loss's kept indices
     if cfg.method == "full":
         tail += n * 8  # the embedding keeps the token ids for its gradient
+        tail += 0 if run.fast else n * shape.hidden * e  # the final norm's normalised x (trained weight)
     if t.gradient_checkpointing:
         kept = A.checkpointed_per_layer(shape, run)
         acts = n_layers * kept + tail
         act_detail = f"{n_layers} layers x {_gib(kept)} (checkpointed: layer inputs only)"
     else:
-        acts = n_layers * per_layer + shared + tail
+        acts = first + (n_layers - 1) * per_layer + shared + tail
         split = ", ".join(f"{k} {_gib(v)}" for k, v in parts.items() if v)
         act_detail = f"{n_layers} layers x {_gib(per_layer)} ({split}); {batch} x {seq} tokens, {attn}"
+    if shape.dora:
+        notes.append("dora: saved activations modelled as an upper bound (measured up to 19% lower)")
     if d.packing:
         acts += batch * seq * seq  # the block-diagonal bool mask transformers builds from position ids
     items.append(Item("activations", acts, act_detail))
@@ -315,16 +325,20 @@ def estimate_memory(
                           f"{world_size} processes: 2 decoder layers gathered (current + prefetched) "
                           "and the root (embeddings, norm, head) whole during the step"))
 
+    if not cuda:
+        items.append(Item("step runtime", CPU_STEP_RUNTIME,
+                          "library code paged in by a step, allocator and model objects (measured)"))
     overhead = CUDA_OVERHEAD if cuda else CPU_OVERHEAD
     items.append(Item("runtime overhead", overhead,
-                      "CUDA context + cuBLAS workspace (stated)" if cuda else
+                      "CUDA context + cuBLAS handles (stated)" if cuda else
                       "process RSS after importing torch, transformers, loraforge (measured)"))
 
-    return _peak(cfg, items, notes, cuda, state["trainable_list"])
+    return _peak(cfg, items, notes, cuda, state["trainable_list"], loss_kept)
 
 
 RESIDENT = ("base weights", "4-bit packed weights", "quantization constants", "trainable parameters",
-            "optimizer state", "runtime overhead", "DDP gradient buckets", "FSDP gathered units")
+            "optimizer state", "step runtime", "runtime overhead", "DDP gradient buckets",
+            "FSDP gathered units")
 # what coexists, beyond the resident items, at each moment of a step
 MOMENTS = {
     "forward end": ("activations", "logits and loss", "dequantization buffer"),
@@ -333,13 +347,15 @@ MOMENTS = {
 }
 
 
-def _peak(cfg: TrainConfig, items: list[Item], notes: list[str], cuda: bool, trainable) -> MemoryEstimate:
-    """The three moments of a step (module docstring) and the largest of them."""
+def _peak(cfg: TrainConfig, items: list[Item], notes: list[str], cuda: bool, trainable, loss_kept: int):
+    """The three moments of a step (module docstring) and the largest of them; ``loss_kept``: what
+    the loss keeps for backward (∂L/∂h, and the head's gradient when it trains)."""
     t = cfg.train
     size = {it.name: it.bytes for it in items}
     resident = sum(size.get(k, 0) for k in RESIDENT)
     phases = {k: resident + sum(size.get(n, 0) for n in names) for k, names in MOMENTS.items()}
     grads, acts = size["gradients"], size["activations"]
+    phases["backward"] += loss_kept
     if cfg.method == "full":
         # the gradients replace the activations layer by layer in backward: the larger end counts
         # (under checkpointing the activations are small and the gradients all exist at the end)

@@ -79,7 +79,9 @@ def test_fsdp_over_the_devices_a_ddp_run_already_has_is_cheaper_than_more_device
 
 
 def test_when_no_single_change_fits_the_cheapest_stack_does():
-    p = plan(lora(), memory=int(1.2 * GiB), **RATE)
+    # below what the shortest max_length (the change that saves most here) reaches alone
+    shortest = plan(lora(), overrides=["data.max_length=64"], **RATE).memory.peak_bytes
+    p = plan(lora(), memory=shortest - 64 * 2**20, **RATE)
     assert len(p.suggestions) == 1
     stack = p.suggestions[0]
     assert stack.fits and " + " in stack.change

@@ -57,7 +57,8 @@ def _compute(p) -> list[str]:
         f"  {split}",
         f"  time per step {fmt_seconds(p.seconds_per_step)} at {p.gemm.flops_per_s / 1e12:,.3g} TFLOP/s "
         f"({p.gemm.source}); {tok_s:,.0f} tokens/s over {p.world_size} process(es)",
-        "  (matmul FLOPs only, as torch's FlopCounterMode counts them; every row max_length long)",
+        "  (the matmuls alone, as torch's FlopCounterMode counts them, every row max_length long: a floor;"
+        " norms, softmax and the loss's exponentials add to it)",
     ]
 
 

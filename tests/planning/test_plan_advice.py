@@ -105,3 +105,11 @@ def test_the_70b_qlora_plan_takes_seconds_on_meta():
     assert packed == pytest.approx(68_451_041_280 / 2, rel=1e-6)  # the 4-bit linears' weights, 2 per byte
     assert p.params["total"] == 70_553_706_496
     assert p.fits in (True, False)
+
+
+def test_an_fsdp_run_that_does_not_fit_is_offered_more_devices_than_it_has():
+    budget = int(1.45 * GiB)
+    p = plan(full(), overrides=["train.distributed=fsdp"], world_size=2, memory=budget, **RATE)
+    assert not p.fits
+    fsdp = next(s for s in p.suggestions if s.change.startswith("FSDP"))
+    assert fsdp.world_size > 2 and fsdp.rank == 6 and f"needs {fsdp.world_size} devices" in fsdp.cost

@@ -153,9 +153,9 @@ def _candidates(plan) -> list:
     def fsdp(trial, base=cfg, extra=(), existing=True):
         if base.method not in FSDP_METHODS:
             return None
-        have = plan.world_size if base.train.distributed == "ddp" else 1
-        rank, span = (4, range(max(2, have), have + 1)) if existing else (6, range(have + 1, MAX_DEVICES + 1))
-        if existing and have < 2:
+        have = plan.world_size
+        rank, span = (4, [have]) if existing else (6, range(have + 1, MAX_DEVICES + 1))
+        if existing and (have < 2 or base.train.distributed == "fsdp"):  # (no devices to shard over)
             return None
         over = [*extra, "train.distributed=fsdp"]
 

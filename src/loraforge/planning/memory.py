@@ -131,14 +131,18 @@ def build_planned_model(cfg: TrainConfig, model_config: dict, dtype: torch.dtype
 
 # -- model state ---------------------------------------------------------------------------------
 def quant_constant_bytes(out_features: int, in_features: int, blocksize: int, double_quant: bool) -> int:
-    """Bytes of one 4-bit weight's quantization constants as ``quant.state.QuantState`` stores them:
-    ``m = ceil(n / blocksize)`` absmax values (fp32, or uint8 with double quantization plus an
-    fp32 offset, ``ceil(m / 256)`` fp32 nested absmax and the 256-entry fp32 nested code) and the
-    16-entry fp32 code."""
+    """Bytes of one 4-bit weight's own quantization constants as ``quant.state.QuantState`` holds
+    them: ``m = ceil(n / blocksize)`` absmax values, fp32, or with double quantization uint8 plus an
+    fp32 offset and ``ceil(m / 256)`` fp32 nested absmax. (The 16-entry code and the 256-entry
+    nested code are one tensor each for the whole model: ``QUANT_CODES``.)"""
     m = math.ceil(out_features * in_features / blocksize)
-    if not double_quant:
-        return 4 * m + 16 * 4
-    return m + 4 + 4 * math.ceil(m / 256) + 256 * 4 + 16 * 4
+    return m + 4 + 4 * math.ceil(m / 256) if double_quant else 4 * m
+
+
+def quant_code_bytes(double_quant: bool) -> int:
+    """The codes every 4-bit layer shares: the fp32[16] 4-bit code, and the fp32[256] dynamic map
+    of the absmax with double quantization."""
+    return 16 * 4 + (256 * 4 if double_quant else 0)
 
 
 def model_state(model: nn.Module) -> dict:
@@ -153,6 +157,8 @@ def model_state(model: nn.Module) -> dict:
             out["constants"] += quant_constant_bytes(*size, m.blocksize, m.double_quant)
             out["n_4bit"] += m.out_features * m.in_features
             out["quantized"].append(m)
+    if out["quantized"]:
+        out["constants"] += quant_code_bytes(out["quantized"][0].double_quant)
     for p in list(model.parameters()) + list(model.buffers()):
         if id(p) in seen:
             continue
@@ -174,8 +180,8 @@ def model_state(model: nn.Module) -> dict:
 def optimizer_bytes(name: str, trainable: list[torch.Tensor]) -> tuple[int, str]:
     """The optimizer's state for these tensors, and how it is made up."""
     n = sum(p.numel() for p in trainable)
-    if name == "adamw":
-        total = sum(2 * p.numel() * p.element_size() for p in trainable)
+    if name == "adamw":  # (+ a 4-byte step count per tensor)
+        total = sum(2 * p.numel() * p.element_size() + 4 for p in trainable)
         return total, "AdamW: 2 moments in the parameters' dtype"
     if name == "paged_adamw_32bit":
         return 8 * n, "2 fp32 moments (paged: in CUDA unified memory, not in max_memory_allocated)"
@@ -333,7 +339,10 @@ def estimate_memory(
                       "CUDA context + cuBLAS handles (stated)" if cuda else
                       "process RSS after importing torch, transformers, loraforge (measured)"))
 
-    return _peak(cfg, items, notes, cuda, state["trainable_list"], loss_kept)
+    out_head = model.get_output_embeddings().weight
+    tied = out_head is model.get_input_embeddings().weight
+    head = (out_head.numel() * out_head.element_size(), tied)
+    return _peak(cfg, items, notes, cuda, state["trainable_list"], loss_kept, head)
 
 
 RESIDENT = ("base weights", "4-bit packed weights", "quantization constants", "trainable parameters",
@@ -347,21 +356,27 @@ MOMENTS = {
 }
 
 
-def _peak(cfg: TrainConfig, items: list[Item], notes: list[str], cuda: bool, trainable, loss_kept: int):
-    """The three moments of a step (module docstring) and the largest of them; ``loss_kept``: what
-    the loss keeps for backward (∂L/∂h, and the head's gradient when it trains)."""
+def _peak(cfg: TrainConfig, items: list[Item], notes: list[str], cuda: bool, trainable, loss_kept: int,
+          head: tuple[int, bool]) -> MemoryEstimate:
+    """The moments of a step (module docstring) and the largest of them. ``loss_kept``: what the
+    loss keeps for backward (∂L/∂h, and the head's fp32 gradient when it trains); ``head``: the
+    head weight's bytes and whether it is tied to the input embedding."""
     t = cfg.train
     size = {it.name: it.bytes for it in items}
     resident = sum(size.get(k, 0) for k in RESIDENT)
     phases = {k: resident + sum(size.get(n, 0) for n in names) for k, names in MOMENTS.items()}
-    grads, acts = size["gradients"], size["activations"]
-    phases["backward"] += loss_kept
+    grads, work = size["gradients"], size["backward working set"]
+    head_bytes, tied = head
     if cfg.method == "full":
-        # the gradients replace the activations layer by layer in backward: the larger end counts
-        # (under checkpointing the activations are small and the gradients all exist at the end)
-        phases["backward"] += grads if t.gradient_checkpointing else max(grads - acts, 0)
+        # Backward's start: the activations, the loss's saved tensors and the head's gradient just
+        # formed; its end: every gradient, and (tied embeddings) the embedding's dense gradient
+        # being added onto the head's (the incoming V x H and their sum). The gradients grow as
+        # the activations are freed, so the largest sum is at one of the two ends.
+        start = phases["backward"] + loss_kept + head_bytes
+        end = resident + grads + (2 * head_bytes if tied else 0) + (work if t.gradient_checkpointing else 0)
+        phases["backward"] = max(start, end)
     else:
-        phases["backward"] += grads  # adapter gradients: small, allocated in the first layers' backward
+        phases["backward"] += loss_kept + grads  # adapter gradients: small
     # AdamW's temporaries: foreach (CUDA) makes one of every state tensor at once; CPU one tensor at a time
     largest = max((p.numel() * p.element_size() for p in trainable), default=0)
     phases["optimizer step"] += sum(p.numel() * p.element_size() for p in trainable) if cuda else largest

@@ -102,13 +102,14 @@ def transformers_config(model_config: dict | str | Path):
 def meta_model(model_config: dict | str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     """The causal LM of ``model_config`` on the meta device (shapes and dtypes, no storage).
 
-    ``dtype``: the parameters' dtype (default: float32, as ``model.dtype: float32`` loads)."""
+    ``dtype``: the parameters' and floating buffers' dtype (default: float32), cast as
+    ``training/builtin.py`` casts its models."""
     from transformers import AutoModelForCausalLM
 
     config = transformers_config(model_config)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
-    return model
+        model = AutoModelForCausalLM.from_config(config)
+    return model.to(dtype or torch.float32)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

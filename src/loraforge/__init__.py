@@ -53,6 +53,7 @@ _LAZY = {
     "build_optimizer": ("loraforge.optim", "build_optimizer"),
     "resize_adapter": ("loraforge.lowrank.resize", "resize_adapter"),
     "analyze_adapter": ("loraforge.lowrank.analyze", "analyze_adapter"),
+    "plan": ("loraforge.planning", "plan"),
 }
 __all__ = sorted(_LAZY)
 

@@ -50,6 +50,7 @@ DELEGATED = {
         "loraforge.lowrank.analyze",
         "an adapter's spectra, effective rank, subspace similarity, amplification (loraforge analyze --help)",
     ),
+    "plan": ("loraforge.planning.cli", "will a fine-tune fit: peak memory, time per step, what makes it fit"),
 }
 
 

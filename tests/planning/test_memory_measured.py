@@ -1,0 +1,36 @@
+"""A small subset of ``benchmarks/bench_plan.py``: the planner's peak against the measured one.
+
+Each configuration trains two steps of SmolLM2-135M (real weights) in a fresh process
+(``benchmarks.common.run_isolated``) as the training loop builds it, and the peak resident set
+above the imported libraries (the benchmarks' CPU definition) must be within 10% of
+``estimate_memory(cfg).training_bytes``. The full table (lora / qlora / full, fp32 / bf16,
+checkpointing, 128-2048 tokens, two model shapes) is the benchmark's; BENCHMARKS.md shows it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `benchmarks` sits next to `src`, not installed
+
+from benchmarks import bench_plan  # noqa: E402
+from benchmarks import common as C  # noqa: E402
+from loraforge.planning.memory import estimate_memory  # noqa: E402
+
+ROWS = {
+    "lora-fp32": ["data.max_length=64", "train.batch_size=2"],
+    "qlora-fp32-checkpointing": ["method=qlora", "data.max_length=128", "train.batch_size=1",
+                                 "train.gradient_checkpointing=true"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("row", list(ROWS))
+def test_predicted_peak_within_10_percent_of_measured(row, smollm2_dir):
+    cfg = bench_plan.train_config(str(smollm2_dir), ROWS[row])
+    predicted = estimate_memory(cfg).training_bytes
+    measured = C.run_isolated(bench_plan.measure, cfg.to_dict(), "cpu")["peak"]
+    mib = predicted / 2**20, measured / 2**20
+    assert abs(predicted / measured - 1) <= 0.10, f"{row}: predicted {mib[0]:.0f}, measured {mib[1]:.0f} MiB"

@@ -51,6 +51,7 @@ _LAZY = {
     "train": ("loraforge.training", "train"),
     "TrainConfig": ("loraforge.training", "TrainConfig"),
     "build_optimizer": ("loraforge.optim", "build_optimizer"),
+    "extract_lora": ("loraforge.lowrank.extract", "extract_lora"),
 }
 __all__ = sorted(_LAZY)
 

@@ -42,6 +42,7 @@ DELEGATED = {
         "loraforge.evaluation",
         "score a base model and its adapters on lm-evaluation-harness tasks (see loraforge eval --help)",
     ),
+    "extract": ("loraforge.lowrank.extract", "extract a LoRA adapter from a full fine-tune (SVD of its ΔW)"),
 }
 
 

@@ -204,7 +204,10 @@ def extract_lora(
     biases: dict[str, torch.Tensor] = {}  # target -> Δbias, for the layers whose bias changed
     with torch.no_grad():
         for name in targets:  # one layer at a time: two weights and one ΔW alive
-            delta = t_ck.read(f"{name}.weight").float() - b_ck.read(f"{name}.weight").float()
+            # ΔW in float64 (truncate's SVD precision), subtracted in place: the two read
+            # weights and one float64 ΔW are the peak, no float32 ΔW or float64 W beside them
+            delta = t_ck.read(f"{name}.weight").double()
+            delta -= b_ck.read(f"{name}.weight")
             if not torch.any(delta):
                 report.unchanged.append(name)
                 continue
@@ -230,7 +233,8 @@ def extract_lora(
                     f"{(b_ck if t_ck.has(pname) else t_ck).path}: no tensor {pname} in its files"
                 )
             w = b_ck.read(pname)
-            delta = t_ck.read(pname).float() - w.float()
+            delta = t_ck.read(pname).float()
+            delta -= w  # (in place: an embedding matrix is the largest tensor of many models)
             if not torch.any(delta):
                 continue
             where = "modules_to_save" if pname in saved_params else ""

@@ -217,17 +217,22 @@ def test_gpt2_conv1d_with_bias_changes_loads_in_loraforge_and_peft(tmp_path, one
     torch.testing.assert_close(peft_model(ids).logits, want, atol=1e-4, rtol=1e-4)
 
 
-def test_eval_loss_of_rows_and_file_agree_and_see_the_adapter(llama_pair, tmp_path):
+def char_tokenizer():
+    """A character-level tokenizer of a-z and space (ids < 30), built in memory."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tmp, _, _ = llama_pair
-    vocab = {chr(97 + i): i for i in range(26)} | {"<unk>": 26, "<s>": 27, "</s>": 28}
+    vocab = {chr(97 + i): i for i in range(26)} | {" ": 26, "<unk>": 27, "<s>": 28, "</s>": 29}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
     )
+
+
+def test_eval_loss_of_rows_and_file_agree_and_see_the_adapter(llama_pair, tmp_path):
+    tmp, _, _ = llama_pair
+    tokenizer = char_tokenizer()
     rows = [{"text": "hello world"}, {"prompt": "abc", "completion": "def"}][:1] + [{"text": "low rank"}]
     path = tmp_path / "eval.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -219,11 +219,14 @@ def extract_lora(
             tensors[f"{PREFIX}{name}.lora_A.weight"] = cut.a.to(DTYPES[dtype]).contiguous()
             tensors[f"{PREFIX}{name}.lora_B.weight"] = cut.b.to(DTYPES[dtype]).contiguous()
         extracted = {r.name for r in report.layers}
-        saved_params = {p for p in t_ck.params for m in saved if p.startswith(m + ".")}
+        # a saved module's parameters by its own names (a tied head's too: PEFT saves its copy)
+        saved_params = [
+            f"{m}.{p}" for m in saved for p, _ in t_ck.modules[m].named_parameters(remove_duplicate=False)
+        ]
+        for pname in saved_params:
+            tensors[PREFIX + pname] = t_ck.read(pname).to(DTYPES[dtype]).contiguous()
         for pname, shape in t_ck.params.items():
             module_name, _, attr = pname.rpartition(".")
-            if pname in saved_params:
-                tensors[PREFIX + pname] = t_ck.read(pname).to(DTYPES[dtype]).contiguous()
             if (module_name in extracted or module_name in report.unchanged) and attr == "weight":
                 continue
             if not (b_ck.has(pname) and t_ck.has(pname)):

@@ -369,3 +369,21 @@ def test_cli_bad_inputs(llama_pair, tmp_path, capsys):
         )
         == 0
     )
+
+
+def test_relative_change_read_in_blocks_equals_the_whole(tmp_path, one_thread):
+    from loraforge.lowrank.extract import _relative_change
+    from loraforge.lowrank.weights import Checkpoint
+
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    w = base.model.embed_tokens.weight.detach().clone()
+    with torch.no_grad():
+        base.model.embed_tokens.weight[[2, 50, 95]] += 0.3  # rows in different blocks
+    base.to(torch.bfloat16).save_pretrained(tmp_path / "tuned")  # (blocks of another dtype)
+    want = float((base.model.embed_tokens.weight.double() - w.double()).norm() / w.double().norm())
+    b, t = Checkpoint(tmp_path / "base"), Checkpoint(tmp_path / "tuned")
+    name = "model.embed_tokens.weight"
+    for block_bytes in (128, 1000, 1 << 20):  # 1 row, 7 rows, all 96 rows per block
+        assert _relative_change(b, t, name, (96, 32), block_bytes) == pytest.approx(want, rel=1e-6)
+    assert _relative_change(b, b, name, (96, 32), 128) == 0.0

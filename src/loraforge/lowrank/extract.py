@@ -145,9 +145,24 @@ def _saved_modules(ck: Checkpoint, modules_to_save) -> list[str]:
     return [n for n in found if not any(n.startswith(m + ".") for m in found)]  # (outermost ones)
 
 
-def _relative(delta: torch.Tensor, w: torch.Tensor) -> float:
-    norm = float(w.double().norm())
-    return float(delta.double().norm()) / norm if norm > 0 else float("inf")
+def _relative_change(b_ck: Checkpoint, t_ck: Checkpoint, name: str, shape, block_bytes=4 << 20) -> float:
+    """‖W_tuned − W_base‖_F / ‖W_base‖_F of parameter ``name`` (0: unchanged; inf: W_base = 0),
+    from blocks of rows of ~``block_bytes`` (an embedding matrix, often a model's largest tensor,
+    is never read whole)."""
+    row = 4 * max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) > 1 else 4
+    rows = max(1, block_bytes // row)
+    dd = ww = 0.0
+    if b_ck.plain(name) and t_ck.plain(name):
+        pairs = zip(b_ck.blocks(name, rows), t_ck.blocks(name, rows))
+    else:  # (a 4-bit weight beside a plain one: both whole, in one layout)
+        pairs = [(b_ck.read(name), t_ck.read(name))]
+    for w, t in pairs:
+        w = w.double()
+        dd += float((t.double() - w).square().sum())
+        ww += float(w.square().sum())
+    if dd == 0:
+        return 0.0
+    return (dd / ww) ** 0.5 if ww > 0 else float("inf")
 
 
 def _check_out(out: Path) -> None:
@@ -235,15 +250,14 @@ def extract_lora(
                 raise ValueError(
                     f"{(b_ck if t_ck.has(pname) else t_ck).path}: no tensor {pname} in its files"
                 )
-            w = b_ck.read(pname)
-            delta = t_ck.read(pname).float()
-            delta -= w  # (in place: an embedding matrix is the largest tensor of many models)
-            if not torch.any(delta):
-                continue
             where = "modules_to_save" if pname in saved_params else ""
             if module_name in extracted and attr == "bias":
-                biases[module_name], where = delta.to(DTYPES[dtype]), "lora_B.bias"
-            report.other_changes.append(ChangeRow(pname, shape, _relative(delta, w), where))
+                delta = t_ck.read(pname).float() - b_ck.read(pname).float()
+                if torch.any(delta):
+                    biases[module_name], where = delta.to(DTYPES[dtype]), "lora_B.bias"
+            change = _relative_change(b_ck, t_ck, pname, shape)
+            if change > 0:
+                report.other_changes.append(ChangeRow(pname, shape, change, where))
     if biases:  # PEFT's lora_bias gives every adapted layer a B bias: zero where nothing changed
         for r in report.layers:
             tensors[f"{PREFIX}{r.name}.lora_B.bias"] = biases.get(

@@ -101,6 +101,40 @@ class Checkpoint:
             raise ValueError(f"{self._where[name][0]}: tensor {name} is {t.dtype}, not floating point")
         return t
 
+    def plain(self, name: str) -> bool:
+        """Parameter ``name`` is stored as is (not 4-bit, not a tied head): :meth:`blocks` slices it."""
+        return name in self._where and name.rpartition(".")[0] not in self._lin4
+
+    def blocks(self, name: str, rows: int):
+        """Parameter ``name`` ``rows`` rows at a time, in its stored layout, each block through a
+        handle of its own (so only that block's file pages are resident); the whole tensor
+        (:meth:`read`) where it is not stored plainly (4-bit, a tied head) or is 0-D."""
+        from safetensors import safe_open
+
+        from ..model_files import _unreadable
+
+        if not self.plain(name):
+            yield self.read(name)
+            return
+        file, key = self._where[name]
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                n = f.get_slice(key).get_shape()[:1]
+        except Exception as e:
+            raise _unreadable(file, e, key) from None
+        if not n:
+            yield self.read(name)
+            return
+        for start in range(0, n[0], rows):
+            try:
+                with safe_open(file, framework="pt", device="cpu") as f:
+                    block = f.get_slice(key)[start : start + rows]
+            except Exception as e:
+                raise _unreadable(file, e, key) from None
+            if not block.is_floating_point():
+                raise ValueError(f"{file}: tensor {name} is {block.dtype}, not floating point")
+            yield block
+
     def _dequantize(self, name: str) -> torch.Tensor:
         """A bitsandbytes 4-bit layer's weight as float32 (out, in): its packed bytes and quant
         state loaded into a fresh shell (the skeleton's stays empty), then dequantized."""

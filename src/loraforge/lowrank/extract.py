@@ -22,6 +22,8 @@ its SVD), plus the adapter being written; never two models.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import json
 import os
 import shutil
@@ -145,6 +147,23 @@ def _saved_modules(ck: Checkpoint, modules_to_save) -> list[str]:
     return [n for n in found if not any(n.startswith(m + ".") for m in found)]  # (outermost ones)
 
 
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+def _trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc). Its malloc raises its mmap threshold to
+    the size of each large block freed, so the next layers' few-MB blocks come from its heap, and
+    their holes pile up: without this, ~3 MB per layer, 0.6 GB over SmolLM2-135M's 210 layers."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _relative_change(b_ck: Checkpoint, t_ck: Checkpoint, name: str, shape, block_bytes=4 << 20) -> float:
     """‖W_tuned − W_base‖_F / ‖W_base‖_F of parameter ``name`` (0: unchanged; inf: W_base = 0),
     from blocks of rows of ~``block_bytes`` (an embedding matrix, often a model's largest tensor,
@@ -228,6 +247,7 @@ def extract_lora(
                 continue
             cut = truncate(delta, rank=rank, energy=energy, max_rank=max_rank)
             del delta
+            _trim_heap()
             report.layers.append(
                 LayerRow(name, t_ck.params[f"{name}.weight"], cut.rank, cut.energy, cut.max_sv)
             )
@@ -256,6 +276,7 @@ def extract_lora(
                 if torch.any(delta):
                     biases[module_name], where = delta.to(DTYPES[dtype]), "lora_B.bias"
             change = _relative_change(b_ck, t_ck, pname, shape)
+            _trim_heap()
             if change > 0:
                 report.other_changes.append(ChangeRow(pname, shape, change, where))
     if biases:  # PEFT's lora_bias gives every adapted layer a B bias: zero where nothing changed

@@ -333,6 +333,11 @@ def test_cli_usage_errors_exit_2(llama_pair, capsys):
     assert "one of the arguments --rank --energy is required" in capsys.readouterr().err
     assert main([*common, "--rank", "2", "--energy", "0.9"]) == 2
     assert "not allowed with argument" in capsys.readouterr().err
+    from loraforge.cli import main as loraforge_main
+
+    assert loraforge_main(["extract", "--help"]) == 0  # (the `loraforge extract` command)
+    assert "--target-modules" in capsys.readouterr().out
+    assert loraforge_main(["extract", *common, "--rank", "0"]) == 2
 
 
 def test_cli_bad_inputs(llama_pair, tmp_path, capsys):

@@ -54,6 +54,7 @@ _LAZY = {
     "resize_adapter": ("loraforge.lowrank.resize", "resize_adapter"),
     "analyze_adapter": ("loraforge.lowrank.analyze", "analyze_adapter"),
     "plan": ("loraforge.planning", "plan"),
+    "extract_lora": ("loraforge.lowrank.extract", "extract_lora"),
 }
 __all__ = sorted(_LAZY)
 

@@ -51,6 +51,7 @@ DELEGATED = {
         "an adapter's spectra, effective rank, subspace similarity, amplification (loraforge analyze --help)",
     ),
     "plan": ("loraforge.planning.cli", "will a fine-tune fit: peak memory, time per step, what makes it fit"),
+    "extract": ("loraforge.lowrank.extract", "extract a LoRA adapter from a full fine-tune (SVD of its ΔW)"),
 }
 
 

@@ -106,7 +106,9 @@ def plot_pair(path: Path, key: str, pair: dict) -> Path:
     import matplotlib.pyplot as plt
 
     types = list(pair["layers"])
-    fig, axes = plt.subplots(2, len(types), figsize=(3.6 * len(types), 4.8), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(
+        2, len(types), figsize=(4.2 * len(types), 5.6), dpi=100, squeeze=False, layout="constrained"
+    )
     for col, t in enumerate(types):
         lay = pair["layers"][t]
         for row, (grid, what) in enumerate(
@@ -115,7 +117,7 @@ def plot_pair(path: Path, key: str, pair: dict) -> Path:
             ax = axes[row][col]
             g = torch.tensor(grid)
             im = ax.imshow(g.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-            if g.shape[1] <= 16:
+            if g.shape[1] <= 8:  # (values written in the cells while they fit)
                 for (i, j), v in zip(
                     ((i, j) for i in range(g.shape[0]) for j in range(g.shape[1])), g.flatten()
                 ):

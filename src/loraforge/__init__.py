@@ -53,6 +53,7 @@ _LAZY = {
     "build_optimizer": ("loraforge.optim", "build_optimizer"),
     "resize_adapter": ("loraforge.lowrank.resize", "resize_adapter"),
     "analyze_adapter": ("loraforge.lowrank.analyze", "analyze_adapter"),
+    "extract_lora": ("loraforge.lowrank.extract", "extract_lora"),
 }
 __all__ = sorted(_LAZY)
 

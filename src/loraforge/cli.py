@@ -50,6 +50,7 @@ DELEGATED = {
         "loraforge.lowrank.analyze",
         "an adapter's spectra, effective rank, subspace similarity, amplification (loraforge analyze --help)",
     ),
+    "extract": ("loraforge.lowrank.extract", "extract a LoRA adapter from a full fine-tune (SVD of its ΔW)"),
 }
 
 

@@ -51,6 +51,7 @@ DELEGATED = {
         "an adapter's spectra, effective rank, subspace similarity, amplification (loraforge analyze --help)",
     ),
     "extract": ("loraforge.lowrank.extract", "extract a LoRA adapter from a full fine-tune (SVD of its ΔW)"),
+    "lowrank": ("loraforge.demo.lowrank", "the demo's fine-tune extracted, LoRAs resized, φ of two adapters"),
 }
 
 

@@ -60,6 +60,8 @@ def parse_args(argv):
     p.add_argument("--energy", type=float, default=EXTRACT_ENERGY, help="extraction energy (0 < e <= 1)")
     p.add_argument("--resize-ranks", default=",".join(map(str, RESIZE_RANKS)),
                    help="ranks to resize the trained adapters to (above its own: skipped)")  # fmt: skip
+    p.add_argument("--eval-facts", type=int, default=None,
+                   help="held-out facts to measure on (default: all 22; fewer: faster, noisier)")  # fmt: skip
     p.add_argument("--baseline-draws", type=int, default=200, help="random Gaussian pairs per layer shape")
     p.add_argument("--overwrite", action="store_true", help="retrain finished runs whose settings differ")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (see loraforge demo --help)")
@@ -78,6 +80,13 @@ def _ranks(text: str, flag: str) -> list[int]:
 
 def settings(args) -> Settings:
     s = replace(QUICK if args.quick else FULL, characters=(CHARACTER,), compare_on=CHARACTER, seed=args.seed)
+    # every model is measured afterwards: no eval curve or half-way checkpoint needed while training
+    # (neither is part of a run's spec: a demo's finished runs are still reused)
+    s = replace(s, eval_every=0, save_every=0)
+    if args.eval_facts is not None:
+        if args.eval_facts <= 0:
+            raise DemoError("--eval-facts must be positive")
+        s = replace(s, n_eval_facts=args.eval_facts)
     if args.steps is not None:
         if args.steps <= 0:
             raise DemoError("--steps must be positive")
@@ -330,7 +339,8 @@ def run(argv=None) -> int:
                      "lr_full": s.lr_full, "lora_alpha": s.lora_alpha,
                      "target_modules": list(s.target_modules),
                      "extract_ranks": ranks, "energy": args.energy, "resize_ranks": resize_ranks,
-                     "baseline_draws": args.baseline_draws, "quick": args.quick},
+                     "baseline_draws": args.baseline_draws, "quick": args.quick,
+                     "eval_facts": s.n_eval_facts, "eval_rows": len(meter.rows)},
         "runs": {n: {k: r[k] for k in ("weights", "trainable_params", "train_time_s", "final_eval_loss")}
                  for n, r in runs.items()},
         "models": models,

@@ -73,7 +73,13 @@ def test_all_of_delta_w_is_the_fine_tunes_linear_part(quick):
     assert whole["energy_kept"] == pytest.approx(1.0, abs=1e-9)
     assert whole["rank_max"] == 128  # every update of the 128-wide model is full rank numerically
     assert whole["eval_loss"] == pytest.approx(res["models"]["full-linear"]["eval_loss"], rel=1e-4)
-    # and a rank-4 truncation of it is measurably worse: the check above can fail
+    # with the changed norms and embeddings saved, and that embedding copy also as the head the base
+    # ties to it (see Meter.adapter): the full fine-tune itself
+    saved = next(e for e in res["extraction"] if "modules_to_save" in e["request"])
+    assert saved["head_from_embedding"]["eval_loss"] == pytest.approx(
+        res["models"]["full"]["eval_loss"], rel=1e-4
+    )
+    # and a rank-4 truncation of it is measurably worse: the checks above can fail
     r4 = next(e for e in res["extraction"] if e["request"] == {"rank": 4})
     assert r4["eval_loss"] > whole["eval_loss"] * 1.001
 
@@ -128,6 +134,14 @@ def test_stats_per_direction_from_a_hand_grid():
 
     s = rep.stats(subspace_similarity(va, vb))
     assert s["phi_11"] == 1.0 and s["per_direction"] == pytest.approx([1.0, 0.0]) and s["phi_all"] == 0.5
+
+
+def test_quality_lost_at_the_first_cut():
+    ref = {"eval_loss": 1.0, "style": 1.0}
+    res = [{"rank": 16, "eval_loss": 1.0, "style": 1.0}, {"rank": 8, "eval_loss": 1.0, "style": 0.85}]
+    words = rep._resize_words({"resize": {"lora-r16": res}, "models": {"lora-r16": ref}})
+    assert words == ["The trained r=16 LoRA (eval loss 1.000, style 1.00) loses quality at the first cut; "
+                     "at r=8 the eval loss is 1.000 (+0.0%), style 0.85."]  # fmt: skip
 
 
 def test_quality_drop_is_found():

@@ -154,13 +154,27 @@ class Meter:
         _, tokenizer = load_base(self.base_dir)
         return self.model(AutoModelForCausalLM.from_pretrained(model_dir).eval(), tokenizer)
 
-    def adapter(self, adapter_dir) -> dict:
+    def adapter(self, adapter_dir, head_from_embedding: bool = False) -> dict:
+        """The base with ``adapter_dir`` loaded. ``head_from_embedding``: the output head replaced by
+        the adapter's saved ``embed_tokens`` copy, as a base that ties the two would use it (a
+        modules_to_save copy replaces the embedding module only: the tied head keeps the base's
+        weight, as in PEFT without ``ensure_weight_tying``)."""
+        import torch
+
         import loraforge as lf
 
         from .evaluate import load_base
 
         model, tokenizer = load_base(self.base_dir)
         lf.load_adapter(model, str(adapter_dir))
+        if head_from_embedding:
+            from safetensors import safe_open
+
+            with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), "pt") as f:
+                key = next(k for k in f.keys() if k.endswith("embed_tokens.weight"))
+                model.get_output_embeddings().weight = torch.nn.Parameter(
+                    f.get_tensor(key), requires_grad=False
+                )
         return self.model(model, tokenizer) | adapter_size(adapter_dir)
 
 
@@ -218,12 +232,25 @@ def extract_all(
         row = {"label": req["label"], "request": dict(kw), "adapter": str(dest)}
         row["energy_kept"] = _mean(r["energy"] for r in layers)
         row["other_changes"] = len(_rows(report.other_changes))
-        rows.append(row | meter.adapter(dest))
+        row |= meter.adapter(dest)
+        if (
+            req.get("save_other")
+            and _ties_head(full_dir)
+            and any("embed_tokens" in m for m in kw["modules_to_save"])
+        ):
+            row["head_from_embedding"] = meter.adapter(dest, head_from_embedding=True)
+        rows.append(row)
         if kw == {"energy": 1.0}:
             other = _rows(report.other_changes)
             ref = linear_only(base_dir, full_dir, {r["name"] for r in layers}, out / "full-linear-only")
             reference = meter.full(ref) | {"model": str(ref)}
     return rows, reference
+
+
+def _ties_head(model_dir: Path) -> bool:
+    from transformers import AutoConfig
+
+    return bool(getattr(AutoConfig.from_pretrained(model_dir), "tie_word_embeddings", False))
 
 
 def linear_only(base_dir: Path, full_dir: Path, layers: set[str], dest: Path) -> Path:

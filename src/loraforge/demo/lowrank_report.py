@@ -174,9 +174,13 @@ def render(summary: dict) -> str:
         rows.append([label, _ranks(m) if "params" in m else "-", params, "-", _f(loss),
                      _rel(loss, full["eval_loss"]), _f(m["style"], 2), _f(m["content"], 2)])  # fmt: skip
     for e in summary["extraction"]:
-        rows.append([f"extracted {e['label']}", _ranks(e), f"{e['params']:,}", _f(e["energy_kept"]),
-                     _f(e["eval_loss"]), _rel(e["eval_loss"], full["eval_loss"]), _f(e["style"], 2),
-                     _f(e["content"], 2)])  # fmt: skip
+        versions = [(f"extracted {e['label']}", e)]
+        if "head_from_embedding" in e:  # (see lowrank.Meter.adapter)
+            versions.append(("  and its embedding as the tied head", e["head_from_embedding"]))
+        for label, m in versions:
+            rows.append([label, _ranks(m), f"{m['params']:,}", _f(e["energy_kept"]), _f(m["eval_loss"]),
+                         _rel(m["eval_loss"], full["eval_loss"]), _f(m["style"], 2),
+                         _f(m["content"], 2)])  # fmt: skip
     parts = ["the full fine-tune extracted to low rank (lf.extract_lora), against the trained adapters",
              format_table(head, rows)]  # fmt: skip
 
@@ -273,7 +277,15 @@ def _extraction_words(s: dict) -> list[str]:
     if saved:
         words.append(
             f"Saving those as modules_to_save gives {saved['eval_loss']:.3f} "
-            f"({_pct(saved['eval_loss'], full['eval_loss'])} of the full fine-tune)."
+            f"({_pct(saved['eval_loss'], full['eval_loss'])} of the full fine-tune)"
+        )
+        tied = saved.get("head_from_embedding")
+        words[-1] += (
+            "."
+            if tied is None
+            else f"; the base ties its output head to the input embeddings, which the saved copy does not "
+            f"reach: with that copy as the head too, {tied['eval_loss']:.3f} "
+            f"({_pct(tied['eval_loss'], full['eval_loss'])})."
         )
     return words
 
@@ -292,12 +304,15 @@ def _resize_words(s: dict) -> list[str]:
         label = f"The trained r={own} LoRA (eval loss {ref['eval_loss']:.3f}, style {ref['style']:.2f})"
         if drop is None:
             words.append(f"{label} keeps its quality at every rank tried, down to r={lowest}.")
-        else:
-            words.append(
-                f"{label} keeps its quality down to r={lowest}; at r={drop['rank']} the eval loss is "
-                f"{drop['eval_loss']:.3f} ({_pct(drop['eval_loss'], ref['eval_loss'])}), "
-                f"style {drop['style']:.2f}."
-            )
+            continue
+        at = (
+            f"at r={drop['rank']} the eval loss is {drop['eval_loss']:.3f} "
+            f"({_pct(drop['eval_loss'], ref['eval_loss'])}), style {drop['style']:.2f}."
+        )
+        kept_to = (
+            "loses quality at the first cut" if lowest == own else f"keeps its quality down to r={lowest}"
+        )
+        words.append(f"{label} {kept_to}; {at}")
     return words
 
 

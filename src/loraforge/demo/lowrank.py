@@ -7,9 +7,11 @@ and eval loss), with the demo's training machinery (runs in the output dir are r
    only ``r`` changed: ``lora_alpha`` stays 16, as the LoRA paper keeps α fixed when varying r),
    and an r = 4 LoRA with the next seed (initialisation and batch order; same data);
 2. extraction (``lf.extract_lora``): the full fine-tune's ΔW = W_tuned − W_base truncated per
-   layer at r = 2, 4, 8, 16 and at 90% of its Frobenius energy, plus two references: r = 4 on the
-   LoRA's own modules only (the trained LoRA's parameter budget) and energy 1 with the changed
-   non-linear tensors saved (all of the fine-tune: must reproduce its eval loss);
+   layer at r = 2, 4, 8, 16 and at 90% of its Frobenius energy, plus references: r = 4 on the
+   LoRA's own modules only (the trained LoRA's parameter budget); energy 1, all of ΔW, which must
+   reproduce the fine-tune with only its linear layers changed (``linear_only``); and energy 1 with
+   the changed norms and embeddings saved as modules_to_save, which with that embedding also as
+   the output head the base ties to it must reproduce the full fine-tune;
 3. resize (``lf.resize_adapter``): the trained r = 4 and r = 16 adapters truncated to r = 16, 8,
    4, 2, 1 (ranks up to their own), to find where quality drops;
 4. subspaces (``lf.analyze_adapter``): φ(i, j) = ‖V1[:, :i]ᵀ V2[:, :j]‖²_F / min(i, j) between the

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import warnings
 
 import torch
 from torch import nn
 
+from . import merging
 from .config import LoraConfig
 from .injection import (
     active_adapters,
@@ -320,13 +320,29 @@ def add_weighted_adapter(
     adapter_name: str,
     combination: str = "linear",
     svd_rank: int | None = None,
+    *,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+    svd_clamp: float | None = None,
+    svd_full_matrices: bool = False,
+    svd_driver: str | None = None,
 ) -> None:
     """Create ``adapter_name`` from a weighted combination of existing adapters (PEFT's rules).
 
     - "cat": A = [w₁s₁A₁; w₂s₂A₂; …], B = [B₁ B₂ …] — exactly Σ wᵢsᵢBᵢAᵢ, rank Σ rᵢ.
     - "linear": A = Σ ±√|wᵢsᵢ| Aᵢ, B = Σ √|wᵢsᵢ| Bᵢ — same rank; cross terms make it approximate.
     - "svd": the top-``svd_rank`` (default max rᵢ) SVD of Σ wᵢ ΔWᵢ.
-    The new adapter has alpha = r (scaling 1) and is not activated.
+    - "ties", "dare_linear", "dare_ties", "magnitude_prune": as "linear", the A factors and the
+      B factors merged separately, each pruned to ``density`` (magnitude or DARE's random drop
+      with 1/density rescale) and, for the TIES forms, sign-elected (``majority_sign_method``
+      "total" or "frequency") and averaged over the agreeing adapters. Equal ranks.
+    - "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd": the same merge of the
+      full ΔWᵢ, then "svd"'s truncation. Any ranks.
+    SVD options (PEFT's): ``svd_clamp`` clamps B = U·S and A = Vᵀ to the quantile's ±value;
+    ``svd_full_matrices`` (False by default: the same factors without an out × out U);
+    ``svd_driver`` (cuSOLVER's, CUDA only). See ``loraforge.merging`` for the maths and when each
+    merge helps; DARE draws from torch's global generator: ``torch.manual_seed`` before the call
+    reproduces PEFT's result. The new adapter has alpha = r (scaling 1) and is not activated.
 
     Fully trained ``modules_to_save`` copies cannot be combined: where two or more of the
     adapters have their own copy of one module this raises ValueError (as PEFT does); where one
@@ -340,7 +356,7 @@ def add_weighted_adapter(
             f"add_weighted_adapter: adapters {names} each have their own trained copy of modules_to_save "
             f"{shared}, which cannot be combined (as in PEFT); at most one of the adapters may have one"
         )
-    for path, layer in lora_layers(model):  # (what _combine's A, B algebra does not cover)
+    for path, layer in lora_layers(model):  # (what combine_layer's A, B algebra does not cover)
         mine, base, why = [n for n in names if n in layer.r], layer.base_layer, None
         if any(layer.lora_bias_param(n) is not None for n in mine):
             why = "lora_bias adapters"
@@ -352,12 +368,18 @@ def add_weighted_adapter(
             raise ValueError(f"add_weighted_adapter cannot combine {why} (layer {path!r})")
     if len(weights) != len(names):
         raise ValueError(f"got {len(weights)} weights for {len(names)} adapters")
+    merging.check_options(combination, density, majority_sign_method, svd_clamp, svd_driver)
     kinds = {type(reg.configs[n]) for n in names}
     if kinds != {LoraConfig}:  # (another method's adapters: combined by its own rule, where it has one)
         method = method_of(reg.configs[names[0]]) if len(kinds) == 1 else None
         if method is None or not hasattr(method, "add_weighted_adapter"):
             found = sorted(k.__name__ for k in kinds)
             raise ValueError(f"add_weighted_adapter combines LoRA adapters or IA3 adapters; got {found}")
+        if combination != "linear":
+            raise ValueError(
+                f"add_weighted_adapter: {names} combine linearly only (combination='linear'), "
+                f"got combination={combination!r}"
+            )
         return method.add_weighted_adapter(model, names, list(weights), adapter_name)
     odd = [n for n in names if reg.configs[n].target_parameters or reg.configs[n].trainable_token_indices]
     if odd:  # (expert-stacked factors and replaced embedding rows are no rank-r products to mix)
@@ -365,8 +387,6 @@ def add_weighted_adapter(
             f"add_weighted_adapter: adapters {odd} use target_parameters or trainable_token_indices, "
             "which cannot be combined"
         )
-    if combination not in ("linear", "cat", "svd"):
-        raise ValueError(f"combination must be 'linear', 'cat' or 'svd', got {combination!r}")
     if adapter_name in reg:
         raise ValueError(f"adapter {adapter_name!r} already exists")
     doras = [n for n in names if reg.configs[n].use_dora]
@@ -375,11 +395,9 @@ def add_weighted_adapter(
             f"add_weighted_adapter combines LoRA updates s·B·A; {doras} use DoRA, whose per-channel "
             "magnitudes do not combine that way"
         )
-    combination = "linear" if len(names) == 1 else combination
-    ranks = [max([reg.configs[n].r, *reg.configs[n].rank_pattern.values()]) for n in names]
-    if combination == "linear" and len(set(ranks)) != 1:
-        raise ValueError(f"combination='linear' needs adapters of equal rank, got {dict(zip(names, ranks))}")
-    new_rank = {"linear": ranks[0], "cat": sum(ranks), "svd": svd_rank or max(ranks)}[combination]
+    combination = "linear" if len(names) == 1 else combination  # (PEFT's rule, whatever was asked)
+    ranks = {n: max([reg.configs[n].r, *reg.configs[n].rank_pattern.values()]) for n in names}
+    new_rank = merging.new_rank(combination, ranks, svd_rank)
     targets = sorted({t for n in names for t in reg.targets[n]})
     first = reg.configs[names[0]]
     cfg = dataclasses.replace(
@@ -393,7 +411,17 @@ def add_weighted_adapter(
         init="default",
         modules_to_save=sorted({k for n in names for k in reg.configs[n].modules_to_save or []}) or None,
     )
-    inject(model, cfg, adapter=adapter_name)
+    options = dict(
+        density=density,
+        majority_sign_method=majority_sign_method,
+        svd_clamp=svd_clamp,
+        svd_full_matrices=svd_full_matrices,
+        svd_driver=svd_driver,
+    )
+    for path, layer in lora_layers(model):  # (refused before the model changes)
+        merging.check_layer(path, layer, [n for n in names if n in layer.r], combination)
+    inject(model, cfg, adapter=adapter_name)  # (draws its init from torch's generator, as PEFT's does:
+    # the DARE draws below then follow PEFT's under one seed)
     for _, module in saved_modules(model):
         if adapter_name in module.modules_to_save:  # the one adapter's trained copy (checked above)
             owner = next((n for n in names if n in module.modules_to_save), None)
@@ -401,46 +429,16 @@ def add_weighted_adapter(
                 module.modules_to_save[adapter_name].load_state_dict(
                     module.modules_to_save[owner].state_dict()
                 )
-    for _, layer in lora_layers(model):
-        if adapter_name not in layer.r:
-            continue
-        pairs = [(n, w) for n, w in zip(names, weights) if n in layer.r]
-        a, b = _combine(layer, pairs, combination, new_rank)
-        layer.set_factors(adapter_name, a, b)
-
-
-def _combine(layer: LoraLayer, pairs, combination: str, new_rank: int):
-    ref_a, ref_b = layer.factors(pairs[0][0])
-    a_shape, b_shape = (new_rank, *ref_a.shape[1:]), (ref_b.shape[0], new_rank, *ref_b.shape[2:])
-    if combination == "cat":
-        a = torch.cat([layer.factors(n)[0] * (w * layer.scaling[n]) for n, w in pairs], dim=0)
-        b = torch.cat([layer.factors(n)[1] for n, _ in pairs], dim=1)
-        a_full, b_full = ref_a.new_zeros(a_shape), ref_b.new_zeros(b_shape)
-        a_full[: a.shape[0]], b_full[:, : b.shape[1]] = a, b
-        return a_full, b_full
-    if combination == "linear":
-        a = sum(
-            layer.factors(n)[0] * (math.copysign(math.sqrt(abs(w * layer.scaling[n])), w * layer.scaling[n]))
-            for n, w in pairs
-        )
-        b = sum(layer.factors(n)[1] * math.sqrt(abs(w * layer.scaling[n])) for n, w in pairs)
-        return a, b
-    # svd of Σ wᵢ·sᵢ·BᵢAᵢ in the (out × in_flat) layout of B·A
-    delta = sum(
-        w
-        * layer.scaling[n]
-        * (
-            layer.factors(n)[1].reshape(b_shape[0], -1).float()
-            @ layer.factors(n)[0].reshape(layer.factors(n)[0].shape[0], -1).float()
-        )
-        for n, w in pairs
-    )
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    k = min(new_rank, s.numel())
-    b = torch.zeros(b_shape[0], new_rank, dtype=delta.dtype)
-    a = torch.zeros(new_rank, delta.shape[1], dtype=delta.dtype)
-    b[:, :k], a[:k] = u[:, :k] * s[:k], vh[:k]
-    return a.reshape(a_shape), b.reshape(b_shape)
+    try:
+        for _, layer in lora_layers(model):
+            if adapter_name in layer.r:
+                pairs = [(n, w) for n, w in zip(names, weights) if n in layer.r]
+                layer.set_factors(
+                    adapter_name, *merging.combine_layer(layer, pairs, combination, new_rank, **options)
+                )
+    except Exception:
+        delete_adapter(model, adapter_name)  # (no half-combined adapter left behind)
+        raise
 
 
 __all__ = [

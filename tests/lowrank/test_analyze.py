@@ -171,6 +171,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     _write(tmp_path / "k", {}, r=2, alpha=2, targets=("k_proj",))
     (tmp_path / "empty").mkdir()
     tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+    wide.save_pretrained(tmp_path / "wide_base")
     cases = [
         (["--other", str(tmp_path / "wide")], "different models"),
         (["--other", str(tmp_path / "k")], "no LoRA layer in common"),
@@ -178,6 +179,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
         (["--layers", "nothing_here"], "name no LoRA layer"),
         (["--base", str(tmp_path / "gpt2")], "not this adapter's base model"),
         (["--base", str(tmp_path / "empty")], "empty"),
+        (["--base", str(tmp_path / "wide_base")], "an adapter for another model"),
     ]
     capsys.readouterr()
     for args, message in cases:

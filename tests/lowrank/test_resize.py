@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import loraforge as lf
@@ -144,6 +144,10 @@ def test_conv_embedding_linear_layouts_and_modules_to_save(tmp_path):
     old, new = load_file(str(tmp_path / "src2" / WEIGHTS)), load_file(str(tmp_path / "full" / WEIGHTS))
     saved = [k for k in old if "head" in k]
     assert saved and all(torch.equal(old[k], new[k]) for k in saved)
+    peft = pytest.importorskip("peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "full")).eval()
+    with torch.no_grad():
+        _close(theirs(ids), expected)
     lf.resize_adapter(tmp_path / "src2", tmp_path / "r1", rank=1)
     small = load_file(str(tmp_path / "r1" / WEIGHTS))
     assert small[f"{P}conv.lora_A.weight"].shape == (1, 6, 3, 3)
@@ -238,3 +242,118 @@ def test_bad_inputs_are_one_line_errors(llama, tmp_path, capsys):
     assert cli.main(["resize", str(src), "--rank", "2", str(tmp_path / "full")]) == 2
     assert "not an empty directory" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_energy_one_is_exact(llama, tmp_path):
+    base, src, ids, expected = llama
+    report = lf.resize_adapter(src, tmp_path / "out", energy=1.0)
+    assert all(r["new_rank"] == r["old_rank"] for r in report.layers)  # random factors: full rank
+    _close(_logits(base, tmp_path / "out", ids), expected)
+
+
+def test_trainable_tokens_copied_unchanged(tmp_path):
+    base = tiny_llama()
+    ids = torch.randint(0, 96, (2, 6))
+    cfg = lf.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[3, 5])
+    model = _saved(base, cfg, tmp_path / "src")
+    with torch.no_grad():
+        expected = model(ids).logits
+    lf.resize_adapter(tmp_path / "src", tmp_path / "out", rank=4)
+    old, new = load_file(str(tmp_path / "src" / WEIGHTS)), load_file(str(tmp_path / "out" / WEIGHTS))
+    tokens = [k for k in old if "trainable_tokens" in k]
+    assert tokens and all(torch.equal(old[k], new[k]) for k in tokens)
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["trainable_token_indices"] == [
+        3,
+        5,
+    ]
+    _close(_logits(base, tmp_path / "out", ids), expected)
+
+
+def test_bfloat16_factors_stay_bfloat16(llama, tmp_path):
+    _, src, _, _ = llama
+    (tmp_path / "bf16").mkdir()
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(str(src / WEIGHTS)).items()}
+    save_file(tensors, str(tmp_path / "bf16" / WEIGHTS))
+    (tmp_path / "bf16" / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    lf.resize_adapter(tmp_path / "bf16", tmp_path / "out", rank=3)
+    new = load_file(str(tmp_path / "out" / WEIGHTS))
+    assert {t.dtype for t in new.values()} == {torch.bfloat16}
+    assert new[f"{P}model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (3, 32)
+
+
+def test_factored_is_the_update_without_forming_it():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 7, 2, 2, generator=g), torch.randn(5, 3, 1, 1, generator=g)  # a conv pair
+    qb, core, qa = spectra.factored(a, b, 0.7)
+    full = 0.7 * spectra.as_matrix(b, torch.float64) @ spectra.as_matrix(a, torch.float64)
+    _close(qb @ core @ qa.T, full)
+    _close(torch.linalg.svdvals(core), torch.linalg.svdvals(full)[:3])
+
+
+def test_factored_amplification_matches_the_dense_one():
+    g = torch.Generator().manual_seed(1)
+    a, b, w = torch.randn(4, 9, generator=g), torch.randn(6, 4, generator=g), torch.randn(6, 9, generator=g)
+    dense = spectra.amplification_factor(spectra.delta_of(a, b, 0.3), w)
+    assert spectra.factored_amplification(a, b, 0.3, w) == pytest.approx(dense, rel=1e-6)
+    b[:, 2:] = 0  # numerical rank 2: the same rule
+    dense = spectra.amplification_factor(spectra.delta_of(a, b, 0.3), w)
+    assert spectra.factored_amplification(a, b, 0.3, w) == pytest.approx(dense, rel=1e-6)
+
+
+def test_sv_ratio_keeps_singular_values_above_max_over_ratio(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(32, 4, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(32, 4, generator=g, dtype=torch.float64))[0]
+    model = lf.inject(tiny_llama(), lf.LoraConfig(r=4, alpha=4, target_modules=["q_proj"]))
+    with torch.no_grad():  # ΔW's singular values 4, 2, 1, 0.5 in every layer
+        for i in range(2):
+            layer = model.get_submodule(f"model.layers.{i}.self_attn.q_proj")
+            layer.lora_A["default"].weight.copy_(v.T)
+            layer.lora_B["default"].weight.copy_(u * torch.tensor([4, 2, 1, 0.5], dtype=torch.float64))
+    lf.save_adapter(model, tmp_path / "src")
+    for ratio, kept in ((3, 2), (1, 1), (100, 4)):
+        report = lf.resize_adapter(tmp_path / "src", tmp_path / f"r{ratio}", sv_ratio=ratio)
+        assert {r["new_rank"] for r in report.layers} == {kept}, ratio
+    assert cli.main(["resize", str(tmp_path / "src"), "--sv-ratio", "0.5", str(tmp_path / "x")]) == 2
+    assert "sv_ratio must be a number >= 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="exactly one of rank, energy and sv_ratio"):
+        lf.resize_adapter(tmp_path / "src", tmp_path / "y", rank=2, sv_ratio=3)
+
+
+class Nested(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.block = nn.Module()
+        self.block.lin = nn.Linear(6, 6)
+        self.c = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.c(self.block.lin(self.lin(x)))
+
+
+def test_rank_pattern_keys_that_would_match_another_layer_are_anchored(tmp_path):
+    torch.manual_seed(0)
+    base = Nested().eval()
+    model = lf.inject(copy.deepcopy(base), lf.LoraConfig(r=2, alpha=2, target_modules=["lin", "c"]))
+    randomize_lora(model)
+    with torch.no_grad():
+        model.lin.lora_B["default"].weight[:, 1] = 0  # `lin` has rank 1, `block.lin` and `c` rank 2
+    lf.save_adapter(model.eval(), tmp_path / "src")
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        expected = model(x)
+    report = lf.resize_adapter(tmp_path / "src", tmp_path / "out", energy=1.0)
+    assert {r["name"]: r["new_rank"] for r in report.layers} == {"lin": 1, "block.lin": 2, "c": 2}
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] == {"^lin": 1}  # (a plain "lin" would also match block.lin)
+    out = lf.load_adapter(copy.deepcopy(base), tmp_path / "out").eval()
+    with torch.no_grad():
+        _close(out(x), expected)
+    peft = pytest.importorskip("peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "out")).eval()
+    assert (
+        theirs.base_model.model.block.lin.r["default"] == 2 and theirs.base_model.model.lin.r["default"] == 1
+    )
+    with torch.no_grad():
+        _close(theirs(x), expected)

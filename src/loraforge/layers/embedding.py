@@ -42,11 +42,13 @@ class LoraEmbedding(LoraLayer):
         with torch.no_grad():
             # PEFT's embedding init: A = 0, B ~ N(0, 1) — ΔW starts at zero all the same; with
             # init=False both A and B ~ N(0, 1). ("olora" is not PEFT's on embeddings: this init too.)
-            if init is False:
-                nn.init.normal_(a)
-            else:
-                nn.init.zeros_(a)
+            # PEFT draws A, B ~ N(0, 1) when it creates them, whatever the init: drawn here too, so
+            # that the global generator (DARE merges' draws, later inits) moves as under PEFT.
+            nn.init.normal_(a)
             nn.init.normal_(b)
+            if init is not False:
+                nn.init.zeros_(a)
+                nn.init.normal_(b)
         if init == "pissa":
             self._init_pissa(name)
 

@@ -14,8 +14,9 @@ random i-dimensional subspace, and two independent ones give E‖P_i P_j‖_F² 
 E φ(i, j) = max(i, j)/n; one seeded draw is reported too.
 
 ``base``: the amplification factor ‖ΔW‖_F / ‖Uᵀ W V‖_F (section 7.3; U, V ΔW's top-r singular
-vectors, W the base weight read tensor by tensor from the safetensors), and for comparison the
-same factor for a random rank-r matrix of the same norm.
+vectors, W the base weight read tensor by tensor from the safetensors; computed from the factors,
+``spectra.factored_amplification``), and for comparison the same factor for a random rank-r
+matrix (Gaussian factors) of the same norm.
 
 ``plot``: ``singular_values.png`` (one curve per layer) and ``phi_<layer>.png`` (the φ grid as a
 heat map, i down, j across, as the paper's Figures 3-4) for the chosen layers.
@@ -174,7 +175,13 @@ def amplification(found: list[Factors], base, fan_in_fan_out: bool = False, seed
     out = {}
     for f in found:
         key = _weight_key(f.name, where, base)
-        w = _read_tensor(where[key], key).to(torch.float64)
+        w = _read_tensor(where[key], key)
+        if not w.is_floating_point():  # (a bitsandbytes 4-bit checkpoint stores packed uint8)
+            raise ValueError(
+                f"{base}: weight {key!r} is {str(w.dtype).removeprefix('torch.')} (a quantized checkpoint?); "
+                "the amplification factor needs the floating-point base weights"
+            )
+        w = w.to(torch.float64)
         if f.a_key.endswith("lora_embedding_A") or _stored_transposed(skeleton, f.name, fan_in_fan_out):
             w = w.T  # (ΔW of an Embedding is (dim, num); a Conv1D stores (in, out))
         w = spectra.as_matrix(w, torch.float64)
@@ -183,16 +190,14 @@ def amplification(found: list[Factors], base, fan_in_fan_out: bool = False, seed
                 f"{base}: weight {key!r} is {tuple(w.shape)} as a matrix, the adapter's ΔW for {f.name!r} is "
                 f"{f.shape}: an adapter for another model"
             )
-        delta = f.scale * (spectra.as_matrix(f.b, torch.float64) @ spectra.as_matrix(f.a, torch.float64))
-        norm = float(delta.norm())
-        r = f.rank
-        rand = torch.randn(f.shape[0], r, generator=g, dtype=torch.float64) @ torch.randn(
-            r, f.shape[1], generator=g, dtype=torch.float64
-        )
-        rand *= norm / float(rand.norm())
+        norm = float(spectra.factored(f.a, f.b, f.scale)[1].norm())  # ‖ΔW‖_F = ‖C‖_F
+        # a random rank-r update (Gaussian factors) of the same norm
+        ra = torch.randn(f.rank, f.shape[1], generator=g, dtype=torch.float64)
+        rb = torch.randn(f.shape[0], f.rank, generator=g, dtype=torch.float64)
+        rb *= norm / float(spectra.factored(ra, rb, 1.0)[1].norm())
         out[f.name] = {
-            "factor": spectra.amplification_factor(delta, w),
-            "random": spectra.amplification_factor(rand, w, r),
+            "factor": spectra.factored_amplification(f.a, f.b, f.scale, w),
+            "random": spectra.factored_amplification(ra, rb, 1.0, w),
             "delta_norm": norm,
             "weight_norm": float(w.norm()),
             "weight": key,

@@ -1,12 +1,13 @@
 """``loraforge resize``: change a LoRA adapter's rank, per layer, by SVD (as kohya's resize_lora.py).
 
 Each adapted layer's update ΔW = s·B·A (s = alpha/r or alpha/√r with rsLoRA, after
-``rank_pattern`` / ``alpha_pattern``) is truncated to its best rank-R approximation, or to the
-smallest rank keeping a fraction E of its Frobenius energy (never above the layer's current
-rank), and written back as B' = U·√S, A' = √S·Vᵀ with scale 1: the new config gives each layer
-alpha = r (``rank_pattern`` / ``alpha_pattern`` for layers whose rank differs from the most
-common one). The SVD never forms ΔW: from the QR factors of B and Aᵀ (``spectra.factored``)
-only an r × r matrix is decomposed, so R ≥ the current rank reproduces ΔW to float rounding.
+``rank_pattern`` / ``alpha_pattern``) is truncated to its best rank-R approximation, to the
+smallest rank keeping a fraction E of its Frobenius energy, or to the singular values above
+σ_max / X (kohya's sv_ratio), never above the layer's current rank, and written back as
+B' = U·√S, A' = √S·Vᵀ with scale 1: the new config gives each layer alpha = r (``rank_pattern``
+/ ``alpha_pattern`` for layers whose rank differs from the most common one). The SVD never
+forms ΔW: from the QR factors of B and Aᵀ (``spectra.factored``) only an r × r matrix is
+decomposed, so R ≥ the current rank reproduces ΔW to float rounding.
 
 Layouts (PEFT's file keys, the module path after ``base_model.model.``):
   Linear / GPT-2 Conv1D  ``lora_A.weight`` (r, in), ``lora_B.weight`` (out, r)
@@ -141,9 +142,13 @@ class ResizeReport:
         return "\n".join(lines)
 
 
-def resize_adapter(adapter_dir, out, *, rank: int | None = None, energy: float | None = None) -> ResizeReport:
+def resize_adapter(
+    adapter_dir, out, *, rank: int | None = None, energy: float | None = None, sv_ratio: float | None = None
+) -> ResizeReport:
     """Write adapter ``adapter_dir`` at rank ``rank`` (capped at each layer's rank), or at each
-    layer's smallest rank keeping ``energy`` of ‖ΔW‖_F², as a PEFT adapter in ``out`` (new or empty).
+    layer's smallest rank keeping ``energy`` of ‖ΔW‖_F², or keeping the singular values above
+    σ_max / ``sv_ratio`` (kohya's ``sv_ratio``; at least 1), as a PEFT adapter in ``out`` (new or empty).
+    kohya's ``--dynamic_method sv_fro --dynamic_param p`` is ``energy=p²``.
 
     Exact when ``rank`` is at least every layer's rank (or ``energy`` is 1): the model's outputs
     are unchanged up to float rounding. DoRA adapters and PiSSA / OLoRA / LoftQ ones (whose base
@@ -152,7 +157,7 @@ def resize_adapter(adapter_dir, out, *, rank: int | None = None, energy: float |
     from ..adapter_files import WEIGHTS_NAME
     from ..adapter_files import adapter_dir as find_dir
 
-    spectra.check_request(rank, energy, "resize")
+    _check_request(rank, energy, sv_ratio)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out}: exists and is not an empty directory; give a new output directory")
@@ -172,7 +177,12 @@ def resize_adapter(adapter_dir, out, *, rank: int | None = None, energy: float |
     ranks = {}
     for f in layers:
         qb, core, qa = spectra.factored(f.a, f.b, f.scale)
-        t = spectra.truncate(core, rank=rank, energy=energy, max_rank=f.rank)
+        if sv_ratio is not None:
+            s = torch.linalg.svdvals(core)
+            keep = int((s > s[0] / sv_ratio).sum()) if s.numel() else 0
+            t = spectra.truncate(core, rank=max(1, keep), max_rank=f.rank)
+        else:
+            t = spectra.truncate(core, rank=rank, energy=energy, max_rank=f.rank)
         b, a = qb @ t.b, t.a @ qa.T
         if t.rank == 0:  # ΔW = 0 (e.g. B still at its zero init): a rank-1 zero pair
             b, a = b.new_zeros(b.shape[0], 1), a.new_zeros(1, a.shape[1])
@@ -194,13 +204,31 @@ def resize_adapter(adapter_dir, out, *, rank: int | None = None, energy: float |
     return report
 
 
+def _check_request(rank, energy, sv_ratio) -> None:
+    if sv_ratio is None:
+        spectra.check_request(rank, energy, "resize")
+        return
+    if rank is not None or energy is not None:
+        raise ValueError("resize: give exactly one of rank, energy and sv_ratio")
+    ok = isinstance(sv_ratio, (int, float)) and not isinstance(sv_ratio, bool)
+    if not ok or not math.isfinite(sv_ratio) or sv_ratio < 1:
+        raise ValueError(f"resize: sv_ratio must be a number >= 1, got {sv_ratio!r}")
+
+
 def _config(cfg: LoraConfig, ranks: dict[str, int]) -> LoraConfig:
-    """``cfg`` with each layer's rank from ``ranks`` and alpha = r (scale 1): the most common rank
-    as r, the others in rank_pattern / alpha_pattern keyed by the module path."""
+    r"""``cfg`` with each layer's rank from ``ranks`` and alpha = r (scale 1): the most common rank
+    as r, the others in rank_pattern / alpha_pattern keyed by the module path.
+
+    PEFT (and loraforge) read a key as the regex ``(.*\.)?(key)$`` and take the first match in
+    file order (sorted): a plain path ``lin`` also matches ``block.lin``. Where that would give
+    some layer a wrong rank, the keys are anchored, ``^`` + the escaped path: exactly one layer each.
+    """
     common = Counter(ranks.values()).most_common(1)[0][0]
-    for escape in (False, True):
-        # (a path is a regex to PEFT: escaped only if it would also match another layer)
-        pattern = {re.escape(n) if escape else n: k for n, k in ranks.items() if k != common}
+    for anchored in (False, True):
+        pattern = {
+            ("^" + re.escape(n)) if anchored else n: k for n, k in sorted(ranks.items()) if k != common
+        }
+        pattern = dict(sorted(pattern.items()))  # (the order the saved JSON has)
         new = dataclasses.replace(
             cfg,
             r=common,
@@ -212,7 +240,7 @@ def _config(cfg: LoraConfig, ranks: dict[str, int]) -> LoraConfig:
         )
         if all(new.rank_and_alpha(n) == (k, k) for n, k in ranks.items()):
             return new
-    raise AssertionError("rank_pattern does not resolve to the new ranks")  # (cannot happen: escaped keys)
+    raise AssertionError("rank_pattern does not resolve to the new ranks")  # (anchored keys always do)
 
 
 def _write(out: Path, cfg: LoraConfig, raw: dict, tensors: dict) -> None:
@@ -251,6 +279,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     want = p.add_mutually_exclusive_group(required=True)
     want.add_argument("--rank", type=int, help="new rank R (each layer keeps at most its current rank)")
     want.add_argument(
+        "--sv-ratio",
+        type=float,
+        help="keep the singular values above the largest / SV_RATIO (kohya's sv_ratio), per layer",
+    )
+    want.add_argument(
         "--energy", type=float, help="keep this fraction of each layer's Frobenius energy, in (0, 1]"
     )
     p.add_argument("out", help="output directory (new or empty)")
@@ -264,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.energy is not None and not math.isfinite(args.energy):
             raise ValueError(f"--energy must be a number in (0, 1], got {args.energy}")
-        report = resize_adapter(args.adapter, args.out, rank=args.rank, energy=args.energy)
+        report = resize_adapter(
+            args.adapter, args.out, rank=args.rank, energy=args.energy, sv_ratio=args.sv_ratio
+        )
     except (ValueError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE

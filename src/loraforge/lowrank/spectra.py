@@ -227,3 +227,19 @@ def amplification_factor(delta: torch.Tensor, w: torch.Tensor, r: int | None = N
         return 0.0
     proj = u[:, :r].T @ w @ vh[:r].T
     return float(delta.norm() / proj.norm())
+
+
+def factored_amplification(a: torch.Tensor, b: torch.Tensor, scale: float, w: torch.Tensor) -> float:
+    """:func:`amplification_factor` of ΔW = scale·B·A (r its numerical rank, the same rule), from
+    ``factored``: U_r = Qb·U_C, V_r = Qa·V_C, so only the r × r core is decomposed and W is
+    multiplied by thin matrices (O(out·in·r), not an SVD of the full out × in ΔW)."""
+    qb, core, qa = factored(a, b, scale)
+    w = as_matrix(w, torch.float64)
+    if (qb.shape[0], qa.shape[0]) != tuple(w.shape):
+        raise ValueError(f"ΔW {(qb.shape[0], qa.shape[0])} and W {tuple(w.shape)} differ in shape")
+    u, s, vh = torch.linalg.svd(core)
+    r = int((s > s[0] * 1e-6).sum()) if s.numel() and float(s[0]) > 0 else 0
+    if r == 0:
+        return 0.0
+    proj = (qb @ u[:, :r]).T @ w @ (qa @ vh[:r].T)
+    return float(core.norm() / proj.norm())

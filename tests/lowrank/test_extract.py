@@ -217,17 +217,56 @@ def test_gpt2_conv1d_with_bias_changes_loads_in_loraforge_and_peft(tmp_path, one
     torch.testing.assert_close(peft_model(ids).logits, want, atol=1e-4, rtol=1e-4)
 
 
-def test_eval_loss_of_rows_and_file_agree_and_see_the_adapter(llama_pair, tmp_path):
+def test_tied_head_saved_whole(tmp_path, one_thread):
+    base = tiny_gpt2()  # (GPT-2 ties lm_head to wte: the files hold wte only)
+    base.save_pretrained(tmp_path / "base")
+    _add_updates(base, [1] * 8)
+    with torch.no_grad():
+        base.transformer.wte.weight[5] += 0.5
+    base.save_pretrained(tmp_path / "tuned")
+    report = extract_lora(tmp_path / "base", tmp_path / "tuned", tmp_path / "d", rank=1)
+    assert {c.name: c.saved for c in report.other_changes} == {"transformer.wte.weight": ""}
+    extract_lora(
+        tmp_path / "base", tmp_path / "tuned", tmp_path / "out", rank=1, modules_to_save=["wte", "lm_head"]
+    )
+    tensors = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    torch.testing.assert_close(tensors[P + "lm_head.weight"], base.transformer.wte.weight)
+    ids = torch.tensor([[1, 5, 5, 3, 7]])
+    model = lf.load_adapter(lf.load_model(tmp_path / "base"), tmp_path / "out")
+    torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_tensor_missing_from_the_files_is_named(llama_pair, capsys):
+    from safetensors.torch import save_file
+
+    tmp, _, _ = llama_pair
+    tensors = load_file(tmp / "tuned" / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, tmp / "tuned" / "model.safetensors", metadata={"format": "pt"})
+    assert (
+        main(["--base", str(tmp / "base"), "--tuned", str(tmp / "tuned"), "--rank", "1", str(tmp / "o")]) == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert "no tensor model.layers.1.mlp.up_proj.weight" in err and str(tmp / "tuned") in err
+    assert len(err.splitlines()) == 1 and not (tmp / "o").exists()
+
+
+def char_tokenizer():
+    """A character-level tokenizer of a-z and space (ids < 30), built in memory."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tmp, _, _ = llama_pair
-    vocab = {chr(97 + i): i for i in range(26)} | {"<unk>": 26, "<s>": 27, "</s>": 28}
+    vocab = {chr(97 + i): i for i in range(26)} | {" ": 26, "<unk>": 27, "<s>": 28, "</s>": 29}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
     )
+
+
+def test_eval_loss_of_rows_and_file_agree_and_see_the_adapter(llama_pair, tmp_path):
+    tmp, _, _ = llama_pair
+    tokenizer = char_tokenizer()
     rows = [{"text": "hello world"}, {"prompt": "abc", "completion": "def"}][:1] + [{"text": "low rank"}]
     path = tmp_path / "eval.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -204,7 +204,10 @@ def extract_lora(
     biases: dict[str, torch.Tensor] = {}  # target -> Δbias, for the layers whose bias changed
     with torch.no_grad():
         for name in targets:  # one layer at a time: two weights and one ΔW alive
-            delta = t_ck.read(f"{name}.weight").float() - b_ck.read(f"{name}.weight").float()
+            # ΔW in float64 (truncate's SVD precision), subtracted in place: the two read
+            # weights and one float64 ΔW are the peak, no float32 ΔW or float64 W beside them
+            delta = t_ck.read(f"{name}.weight").double()
+            delta -= b_ck.read(f"{name}.weight")
             if not torch.any(delta):
                 report.unchanged.append(name)
                 continue
@@ -216,11 +219,14 @@ def extract_lora(
             tensors[f"{PREFIX}{name}.lora_A.weight"] = cut.a.to(DTYPES[dtype]).contiguous()
             tensors[f"{PREFIX}{name}.lora_B.weight"] = cut.b.to(DTYPES[dtype]).contiguous()
         extracted = {r.name for r in report.layers}
-        saved_params = {p for p in t_ck.params for m in saved if p.startswith(m + ".")}
+        # a saved module's parameters by its own names (a tied head's too: PEFT saves its copy)
+        saved_params = [
+            f"{m}.{p}" for m in saved for p, _ in t_ck.modules[m].named_parameters(remove_duplicate=False)
+        ]
+        for pname in saved_params:
+            tensors[PREFIX + pname] = t_ck.read(pname).to(DTYPES[dtype]).contiguous()
         for pname, shape in t_ck.params.items():
             module_name, _, attr = pname.rpartition(".")
-            if pname in saved_params:
-                tensors[PREFIX + pname] = t_ck.read(pname).to(DTYPES[dtype]).contiguous()
             if (module_name in extracted or module_name in report.unchanged) and attr == "weight":
                 continue
             if not (b_ck.has(pname) and t_ck.has(pname)):
@@ -230,7 +236,8 @@ def extract_lora(
                     f"{(b_ck if t_ck.has(pname) else t_ck).path}: no tensor {pname} in its files"
                 )
             w = b_ck.read(pname)
-            delta = t_ck.read(pname).float() - w.float()
+            delta = t_ck.read(pname).float()
+            delta -= w  # (in place: an embedding matrix is the largest tensor of many models)
             if not torch.any(delta):
                 continue
             where = "modules_to_save" if pname in saved_params else ""

@@ -48,6 +48,9 @@ class Checkpoint:
         get_head = getattr(self.model, "get_output_embeddings", None)
         head = get_head() if callable(get_head) else None
         self.head = next((n for n, m in self.modules.items() if head is not None and m is head), None)
+        get_embed = getattr(self.model, "get_input_embeddings", None)
+        embed = get_embed() if callable(get_embed) else None
+        self.embedding = next((n for n, m in self.modules.items() if embed is not None and m is embed), None)
         self.params: dict[str, tuple[int, ...]] = {}
         for name, p in self.model.named_parameters():
             module_name, _, attr = name.rpartition(".")
@@ -80,8 +83,11 @@ class Checkpoint:
 
     def read(self, name: str) -> torch.Tensor:
         """Parameter ``name`` from the files, in its logical layout (linear weights (out, in));
-        floating, in the checkpoint's dtype (a 4-bit weight: float32). Raises ``ValueError``
+        floating, in the checkpoint's dtype (a 4-bit weight: float32); a tied head's weight is the
+        input embeddings'. Raises ``ValueError``
         naming the directory and tensor when the files lack it."""
+        if name not in self._where and self.tied(name) and self.embedding:
+            name = f"{self.embedding}.weight"  # (a tied head is stored as the input embeddings)
         module_name, _, attr = name.rpartition(".")
         module = self.modules.get(module_name)
         if attr == "weight" and module_name in self._lin4:

@@ -10,8 +10,8 @@ and eval loss), with the demo's training machinery (runs in the output dir are r
    layer at r = 2, 4, 8, 16 and at 90% of its Frobenius energy, plus references: r = 4 on the
    LoRA's own modules only (the trained LoRA's parameter budget); energy 1, all of ΔW, which must
    reproduce the fine-tune with only its linear layers changed (``linear_only``); and energy 1 with
-   the changed norms and embeddings saved as modules_to_save, which with that embedding also as
-   the output head the base ties to it must reproduce the full fine-tune;
+   the changed norms and embeddings (and the output head tied to them) saved as modules_to_save,
+   which must reproduce the full fine-tune;
 3. resize (``lf.resize_adapter``): the trained r = 4 and r = 16 adapters truncated to r = 16, 8,
    4, 2, 1 (ranks up to their own), to find where quality drops;
 4. subspaces (``lf.analyze_adapter``): φ(i, j) = ‖V1[:, :i]ᵀ V2[:, :j]‖²_F / min(i, j) between the
@@ -156,27 +156,13 @@ class Meter:
         _, tokenizer = load_base(self.base_dir)
         return self.model(AutoModelForCausalLM.from_pretrained(model_dir).eval(), tokenizer)
 
-    def adapter(self, adapter_dir, head_from_embedding: bool = False) -> dict:
-        """The base with ``adapter_dir`` loaded. ``head_from_embedding``: the output head replaced by
-        the adapter's saved ``embed_tokens`` copy, as a base that ties the two would use it (a
-        modules_to_save copy replaces the embedding module only: the tied head keeps the base's
-        weight, as in PEFT without ``ensure_weight_tying``)."""
-        import torch
-
+    def adapter(self, adapter_dir) -> dict:
         import loraforge as lf
 
         from .evaluate import load_base
 
         model, tokenizer = load_base(self.base_dir)
         lf.load_adapter(model, str(adapter_dir))
-        if head_from_embedding:
-            from safetensors import safe_open
-
-            with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), "pt") as f:
-                key = next(k for k in f.keys() if k.endswith("embed_tokens.weight"))
-                model.get_output_embeddings().weight = torch.nn.Parameter(
-                    f.get_tensor(key), requires_grad=False
-                )
         return self.model(model, tokenizer) | adapter_size(adapter_dir)
 
 
@@ -226,7 +212,7 @@ def extract_all(
     for req in reqs:
         kw = {k: req[k] for k in ("rank", "energy", "target_modules") if k in req}
         if req.get("save_other"):
-            kw["modules_to_save"] = sorted({_module_of(o["name"]) for o in other})
+            kw["modules_to_save"] = saved_modules(full_dir, other)
         dest = out / "extracted" / _slug(req["label"])
         say(f"extracting {req['label']} -> {dest}")
         report = lf.extract_lora(base_dir, full_dir, _fresh(dest), **kw)
@@ -235,12 +221,6 @@ def extract_all(
         row["energy_kept"] = _mean(r["energy"] for r in layers)
         row["other_changes"] = len(_rows(report.other_changes))
         row |= meter.adapter(dest)
-        if (
-            req.get("save_other")
-            and _ties_head(full_dir)
-            and any("embed_tokens" in m for m in kw["modules_to_save"])
-        ):
-            row["head_from_embedding"] = meter.adapter(dest, head_from_embedding=True)
         rows.append(row)
         if kw == {"energy": 1.0}:
             other = _rows(report.other_changes)
@@ -249,10 +229,20 @@ def extract_all(
     return rows, reference
 
 
-def _ties_head(model_dir: Path) -> bool:
-    from transformers import AutoConfig
+def saved_modules(full_dir: Path, other: list[dict]) -> list[str]:
+    """The modules of the changed non-linear tensors (the extraction's ``other_changes``), and the
+    output head when it is tied to a changed input embedding: a modules_to_save copy replaces one
+    module, so the head would keep the base's weight (as in PEFT without ``ensure_weight_tying``)."""
+    from transformers import AutoModelForCausalLM
 
-    return bool(getattr(AutoConfig.from_pretrained(model_dir), "tie_word_embeddings", False))
+    names = {_module_of(o["name"]) for o in other}
+    model = AutoModelForCausalLM.from_pretrained(full_dir)
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is emb.weight:  # tied
+        where = {m: n for n, m in model.named_modules()}
+        if where[emb] in names:
+            names.add(where[head])
+    return sorted(names)
 
 
 def linear_only(base_dir: Path, full_dir: Path, layers: set[str], dest: Path) -> Path:

@@ -174,13 +174,9 @@ def render(summary: dict) -> str:
         rows.append([label, _ranks(m) if "params" in m else "-", params, "-", _f(loss),
                      _rel(loss, full["eval_loss"]), _f(m["style"], 2), _f(m["content"], 2)])  # fmt: skip
     for e in summary["extraction"]:
-        versions = [(f"extracted {e['label']}", e)]
-        if "head_from_embedding" in e:  # (see lowrank.Meter.adapter)
-            versions.append(("  and its embedding as the tied head", e["head_from_embedding"]))
-        for label, m in versions:
-            rows.append([label, _ranks(m), f"{m['params']:,}", _f(e["energy_kept"]), _f(m["eval_loss"]),
-                         _rel(m["eval_loss"], full["eval_loss"]), _f(m["style"], 2),
-                         _f(m["content"], 2)])  # fmt: skip
+        rows.append([f"extracted {e['label']}", _ranks(e), f"{e['params']:,}", _f(e["energy_kept"]),
+                     _f(e["eval_loss"]), _rel(e["eval_loss"], full["eval_loss"]), _f(e["style"], 2),
+                     _f(e["content"], 2)])  # fmt: skip
     parts = ["the full fine-tune extracted to low rank (lf.extract_lora), against the trained adapters",
              format_table(head, rows)]  # fmt: skip
 
@@ -275,17 +271,12 @@ def _extraction_words(s: dict) -> list[str]:
         )
     saved = next((e for e in ex if "modules_to_save" in e["request"]), None)
     if saved:
+        mts = saved["request"]["modules_to_save"]
         words.append(
-            f"Saving those as modules_to_save gives {saved['eval_loss']:.3f} "
-            f"({_pct(saved['eval_loss'], full['eval_loss'])} of the full fine-tune)"
-        )
-        tied = saved.get("head_from_embedding")
-        words[-1] += (
-            "."
-            if tied is None
-            else f"; the base ties its output head to the input embeddings, which the saved copy does not "
-            f"reach: with that copy as the head too, {tied['eval_loss']:.3f} "
-            f"({_pct(tied['eval_loss'], full['eval_loss'])})."
+            f"Saving them as modules_to_save ({len(mts)} modules"
+            + (", the output head tied to the embeddings among them" if "lm_head" in mts else "")
+            + f") gives {saved['eval_loss']:.3f} ({_pct(saved['eval_loss'], full['eval_loss'])} of the full "
+            "fine-tune)."
         )
     return words
 

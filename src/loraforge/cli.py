@@ -52,6 +52,7 @@ DELEGATED = {
     ),
     "plan": ("loraforge.planning.cli", "will a fine-tune fit: peak memory, time per step, what makes it fit"),
     "extract": ("loraforge.lowrank.extract", "extract a LoRA adapter from a full fine-tune (SVD of its ΔW)"),
+    "lowrank": ("loraforge.demo.lowrank", "the demo's fine-tune extracted, LoRAs resized, φ of two adapters"),
 }
 
 

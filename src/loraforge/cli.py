@@ -6,7 +6,10 @@ loraforge merge --base DIR --adapter DIR --out DIR
 loraforge generate --base DIR [--adapter NAME=DIR ...] --prompt "..."
 loraforge inspect DIR
 loraforge export --format gguf --base DIR [--adapter DIR] --out FILE.gguf [--type f16|q8_0|f32] [--lora-only]
-loraforge demo ... | loraforge compare ... | loraforge chat ... | loraforge serve ... | loraforge eval ...
+loraforge extract | resize | analyze ...   low-rank tools: adapter from a full fine-tune, rank change, spectra
+loraforge plan CONFIG.yaml [--memory 24GiB] will it fit: peak memory, time per step, what makes it fit
+loraforge demo ... | loraforge compare ... | loraforge lowrank ... | loraforge chat ... | loraforge serve ...
+loraforge eval ...
 """
 
 from __future__ import annotations

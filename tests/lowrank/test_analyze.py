@@ -126,6 +126,20 @@ def test_amplification_over_a_base_directory(tmp_path):
     assert out["model.embed_tokens"]["amplification"]["factor"] == pytest.approx(expected, rel=1e-4)
 
 
+def test_amplification_over_a_4bit_base(tmp_path):
+    # a bitsandbytes-layout 4-bit checkpoint: the weights dequantized one at a time (as extract does)
+    base = tiny_llama(vocab=128)
+    model = _write(tmp_path / "a", {}, r=4, alpha=8, base=base)
+    quantized = lf.quantize(copy.deepcopy(base), lf.QuantConfig(blocksize=64))
+    lf.save_model(quantized, tmp_path / "base4")
+    out = lf.analyze_adapter(tmp_path / "a", base=tmp_path / "base4")["layers"]
+    layer = model.get_submodule(Q)
+    delta = spectra.delta_of(layer.lora_A["default"].weight, layer.lora_B["default"].weight, 2.0)
+    w = quantized.get_submodule(Q).dequantize(torch.float32)
+    expected = spectra.amplification_factor(delta, w)
+    assert out[Q]["amplification"]["factor"] == pytest.approx(expected, rel=1e-4)
+
+
 def test_amplification_reads_gpt2_conv1d_transposed(tmp_path):
     base = tiny_gpt2()
     base.save_pretrained(tmp_path / "base")

@@ -73,7 +73,7 @@ def analyze_adapter(adapter_dir, *, other=None, base=None, plot=None, layers=Non
         result["similarity"] = similarity(found, _select(theirs, layers, other), adapter_dir, other, seed)
     if base is not None:
         result["base"] = str(base)
-        for name, amp in amplification(found, base, cfg.fan_in_fan_out, seed).items():
+        for name, amp in amplification(found, base, seed).items():
             result["layers"][name]["amplification"] = amp
     if plot is not None:
         from .plots import plot_analysis
@@ -160,30 +160,22 @@ def _summary(phi: torch.Tensor) -> dict:
     }
 
 
-def amplification(found: list[Factors], base, fan_in_fan_out: bool = False, seed: int = 0) -> dict:
-    """{layer: {"factor", "random", "delta_norm", "weight_norm", "rank"}} over base model ``base``
-    (a directory, builtin:NAME or .gguf), reading only the target layers' weights."""
-    from ..model_files import _build_skeleton, _checkpoint_files, _keys_by_file, _read_tensor, model_dir
+def amplification(found: list[Factors], base, seed: int = 0) -> dict:
+    """{layer: {"factor", "random", "delta_norm", "weight_norm", "weight"}} over base model ``base``
+    (a directory, builtin:NAME or .gguf; 4-bit checkpoints dequantized), reading only the target
+    layers' weights, one at a time (``weights.Checkpoint``: linear weights as (out, in))."""
+    from .weights import Checkpoint
 
-    root = model_dir(base)
-    where = {k: file for file, keys in _keys_by_file(_checkpoint_files(root)) for k in keys}
-    try:  # (on the meta device: which layers store their weight transposed, as GPT-2's Conv1D)
-        skeleton = _build_skeleton(root)[0]
-    except Exception:  # (no usable config.json: fall back on the adapter's fan_in_fan_out flag)
-        skeleton = None
+    ckpt = Checkpoint(base)
     g = torch.Generator().manual_seed(seed)
     out = {}
     for f in found:
-        key = _weight_key(f.name, where, base)
-        w = _read_tensor(where[key], key)
-        if not w.is_floating_point():  # (a bitsandbytes 4-bit checkpoint stores packed uint8)
-            raise ValueError(
-                f"{base}: weight {key!r} is {str(w.dtype).removeprefix('torch.')} (a quantized checkpoint?); "
-                "the amplification factor needs the floating-point base weights"
-            )
-        w = w.to(torch.float64)
-        if f.a_key.endswith("lora_embedding_A") or _stored_transposed(skeleton, f.name, fan_in_fan_out):
-            w = w.T  # (ΔW of an Embedding is (dim, num); a Conv1D stores (in, out))
+        key = f"{f.name}.weight"
+        if key not in ckpt.params:
+            raise ValueError(f"{base}: no weight {key!r}: not this adapter's base model")
+        w = ckpt.read(key).to(torch.float64)
+        if f.a_key.endswith("lora_embedding_A"):
+            w = w.T  # (an Embedding's ΔW = B·A is (dim, num), its weight (num, dim))
         w = spectra.as_matrix(w, torch.float64)
         if tuple(w.shape) != f.shape:
             raise ValueError(
@@ -203,29 +195,6 @@ def amplification(found: list[Factors], base, fan_in_fan_out: bool = False, seed
             "weight": key,
         }
     return out
-
-
-def _weight_key(name: str, keys: dict, base) -> str:
-    """The checkpoint key of layer ``name``'s weight: ``name.weight``, or the one key that equals
-    it up to leading path components (a checkpoint saved without or with a ``model.`` prefix)."""
-    want = f"{name}.weight"
-    if want in keys:
-        return want
-    near = [k for k in keys if k.endswith("." + want) or want.endswith("." + k)]
-    if len(near) == 1:
-        return near[0]
-    raise ValueError(
-        f"{base}: no tensor {want!r} (nor one equal up to a prefix): not this adapter's base model"
-    )
-
-
-def _stored_transposed(skeleton, name: str, fan_in_fan_out: bool) -> bool:
-    if skeleton is None:
-        return fan_in_fan_out
-    try:
-        return type(skeleton.get_submodule(name)).__name__ == "Conv1D"
-    except AttributeError:
-        return fan_in_fan_out
 
 
 def table(result: dict) -> str:

@@ -12,6 +12,8 @@ attention input             the normed ``N·H·e``, once for q/k/v, when one of 
 rotary                      nothing per layer (the shared cos/sin ``2·B·T·head_dim·e``, once)
 SDPA / flash                q ``N·Q``, k, v ``N·K`` each, the output ``N·Q`` (``e``), and the
                             log-sum-exp ``N·heads·4``; o_proj's input is that output (no copy)
+  packed (data.packing)     the block-diagonal mask ``B·T²·4``, and k, v repeated to all heads
+                            (``N·Q`` each instead of ``N·K``)
 eager                       q, k, v repeated to all heads ``3·N·Q``, the softmax probabilities
                             ``B·heads·T²``, and o_proj's input ``N·Q`` (all ``e``)
 LoRA, per adapted linear    ``x·Aᵀ``: ``N·r`` in the branch dtype; in a half-precision model with
@@ -68,6 +70,7 @@ class Run:
     input_cast: bool = False  # lora_compute: adapter on a half-precision model
     attn: str = "sdpa"
     fast: bool = True
+    packed: bool = False  # data.packing: position ids restart inside a sequence
 
     @property
     def tokens(self) -> int:
@@ -102,6 +105,9 @@ def saved_per_layer(shape: LayerShape, run: Run, grad_in: bool = True) -> dict[s
         attn += 3 * n * q * e + probs * e + (probs * 4 if e < 4 else 0)  # bf16: the fp32 softmax too
     elif live:
         attn += 2 * n * q * e + 2 * n * kv * e + n * shape.heads * 4
+        if run.packed:  # transformers' block-diagonal mask from the position ids (float, per layer);
+            # with a mask, k and v reach the kernel repeated to every query head
+            attn += run.batch * run.seq * run.seq * 4 + 2 * n * (q - kv) * e
     o_trains = _trains(shape, ("o_proj",))
     if o_trains and not run.input_cast and (run.attn == "eager" or not live):
         attn += n * q * e  # (sdpa keeps its output, which is o_proj's input, when it is live)

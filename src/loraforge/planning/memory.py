@@ -266,9 +266,10 @@ def estimate_memory(
         notes.append(f"attention {attn!r}: counted as sdpa")
     half = e < 4
     branch = e if (not half or t.lora_compute == "input") else 4
+    # (the fast MLP leaves a DoRA layer to its own path)
     run = A.Run(batch, seq, e, branch, factor_cast=half and t.lora_compute == "input" and bool(shape.lora),
                 input_cast=half and t.lora_compute == "adapter", attn="eager" if attn == "eager" else "sdpa",
-                fast=t.fast_kernels and not shape.dora)  # (the fast MLP leaves a DoRA layer's own path)
+                fast=t.fast_kernels and not shape.dora, packed=d.packing)
     parts = A.saved_per_layer(shape, run)
     per_layer = sum(parts.values())
     first = sum(A.saved_per_layer(shape, run, grad_in=cfg.method == "full").values())
@@ -288,8 +289,6 @@ def estimate_memory(
         act_detail = f"{n_layers} layers x {_gib(per_layer)} ({split}); {batch} x {seq} tokens, {attn}"
     if shape.dora:
         notes.append("dora: saved activations modelled as an upper bound (measured up to 19% lower)")
-    if d.packing:
-        acts += batch * seq * seq  # the block-diagonal bool mask transformers builds from position ids
     items.append(Item("activations", acts, act_detail))
 
     # loss: chunked linear cross-entropy

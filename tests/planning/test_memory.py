@@ -189,3 +189,19 @@ def test_bad_world_size_and_dtype_are_named():
         estimate_memory(config([]), model_config=MODELS["tiny"], world_size=0)
     with pytest.raises(ConfigError, match="model.dtype"):
         resolve_dtype("float8", "cpu")
+
+
+def test_accumulation_keeps_the_gradients_through_the_next_micro_batch():
+    mc = MODELS["tiny"]
+    one = estimate_memory(config(["method=full"]), model_config=mc)
+    acc = estimate_memory(config(["method=full", "train.grad_accum=4"]), model_config=mc)
+    assert acc.phases["forward end"] == one.phases["forward end"] + one.bytes_of("gradients")
+    assert acc.bytes_of("activations") == one.bytes_of("activations")  # one micro-batch at a time
+
+
+def test_fsdp_mixed_precision_gathers_in_bf16():
+    mc = MODELS["tiny"]
+    plain = estimate_memory(config(["method=full", "train.distributed=fsdp"]), model_config=mc, world_size=2)
+    overrides = ["method=full", "train.distributed=fsdp", "train.fsdp.mixed_precision=bfloat16"]
+    mixed = estimate_memory(config(overrides), model_config=mc, world_size=2)
+    assert 0 < mixed.bytes_of("FSDP gathered units") < plain.bytes_of("FSDP gathered units")

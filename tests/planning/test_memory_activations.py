@@ -122,6 +122,8 @@ CASES = [
     ("mha", 2, 24, ["method=full", "train.gradient_checkpointing=true"]),
     ("gqa", 2, 24, ["method=qlora", "train.gradient_checkpointing=true"]),
     ("mha", 2, 24, ["method=dora"]),
+    ("gqa", 2, 24, ["lora.dropout=0.1"]),
+    ("mha", 2, 24, ["lora.dropout=0.1", "method=qlora", "lora.target_modules=[q_proj,v_proj,down_proj]"]),
     ("gqa", 2, 24, ["data.packing=true"]),
     ("mha", 3, 18, ["data.packing=true", "method=qlora"]),
     ("gqa", 2, 24, ["data.packing=true", "model.attn_implementation=eager"]),

@@ -272,10 +272,11 @@ def estimate_memory(
         notes.append(f"attention {attn!r}: counted as sdpa")
     half = e < 4
     branch = e if (not half or t.lora_compute == "input") else 4
-    # (the fast MLP leaves a DoRA layer to its own path)
+    # (the fast MLP leaves a DoRA layer, and LoRA with dropout, to their own paths)
+    dropout = cfg.method in ("lora", "qlora", "dora") and cfg.lora.dropout > 0
     run = A.Run(batch, seq, e, branch, factor_cast=half and t.lora_compute == "input" and bool(shape.lora),
                 input_cast=half and t.lora_compute == "adapter", attn="eager" if attn == "eager" else "sdpa",
-                fast=t.fast_kernels and not shape.dora, packed=d.packing)
+                fast=t.fast_kernels and not shape.dora and not dropout, packed=d.packing, dropout=dropout)
     parts = A.saved_per_layer(shape, run)
     per_layer = sum(parts.values())
     first = sum(A.saved_per_layer(shape, run, grad_in=cfg.method == "full").values())

@@ -44,9 +44,10 @@ from .shape import decoder_layers, meta_model, model_config_of
 # model's transformers module are imported (383 MB in a fresh interpreter). CPU_STEP_RUNTIME: the
 # resident set between two training steps minus every tensor (weights, adapter, optimizer state):
 # library code paged in by the first forward/backward (~20 MiB), the allocator's and the loaded
-# model's Python objects (55-63 MiB over the SmolLM2 rows of the benchmark). CUDA: the CUDA
-# context and cuBLAS/cuDNN handles, which torch.cuda.max_memory_allocated does not count (stated,
-# ~500 MiB on recent drivers; nvidia-smi shows it as the process's memory beyond PyTorch's pool).
+# model's Python objects (55-63 MiB over the SmolLM2 rows of the benchmark, 38-63 MiB over the
+# 6-layer model's; 58 MiB taken). CUDA: the CUDA context and cuBLAS/cuDNN handles, which
+# torch.cuda.max_memory_allocated does not count (stated, ~500 MiB on recent drivers; nvidia-smi
+# shows it as the process's memory beyond PyTorch's pool).
 CPU_OVERHEAD = 375 * 2**20
 CPU_STEP_RUNTIME = 58 * 2**20
 CUDA_OVERHEAD = 500 * 2**20

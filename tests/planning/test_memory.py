@@ -205,3 +205,16 @@ def test_fsdp_mixed_precision_gathers_in_bf16():
     overrides = ["method=full", "train.distributed=fsdp", "train.fsdp.mixed_precision=bfloat16"]
     mixed = estimate_memory(config(overrides), model_config=mc, world_size=2)
     assert 0 < mixed.bytes_of("FSDP gathered units") < plain.bytes_of("FSDP gathered units")
+
+
+def test_fsdp_cpu_offload_moves_the_shards_to_the_host():
+    mc = MODELS["tiny"]
+    overrides = ["method=qlora", "train.distributed=fsdp"]
+    on_gpu = estimate_memory(config(overrides), model_config=mc, device="cuda", world_size=2)
+    offload = estimate_memory(config([*overrides, "train.fsdp.cpu_offload=true"]), model_config=mc,
+                              device="cuda", world_size=2)
+    moved = sum(on_gpu.bytes_of(k) for k in ("base weights", "4-bit packed weights", "trainable parameters",
+                                               "optimizer state"))
+    assert offload.bytes_of("4-bit packed weights") == 0 and offload.bytes_of("quantization constants") > 0
+    assert offload.phases["forward end"] == on_gpu.phases["forward end"] - moved
+    assert any("cpu_offload" in n for n in offload.notes)

@@ -351,6 +351,16 @@ def estimate_memory(
                           f"{world_size} processes: 2 decoder layers gathered (current + prefetched) "
                           "and the root (embeddings, norm, head) whole during the step"))
 
+    if fsdp and t.fsdp.cpu_offload and cuda:
+        # CPUOffloadPolicy: the shards (weights, gradients, optimizer state) live in host memory and
+        # are copied to the GPU one unit at a time: the gathered units above stay on the device
+        host = 0
+        for it in items:
+            if it.name in OFFLOADED:
+                host += it.bytes
+                it.detail += f"; {_gib(it.bytes)} on the host (train.fsdp.cpu_offload)"
+                it.bytes = 0
+        notes.append(f"train.fsdp.cpu_offload: {_gib(host)} of shards per process in host memory")
     if not cuda:
         items.append(Item("step runtime", CPU_STEP_RUNTIME,
                           "library code paged in by a step, allocator and model objects (measured)"))
@@ -365,6 +375,7 @@ def estimate_memory(
     return _peak(cfg, items, notes, cuda, state["trainable_list"], loss_kept, head)
 
 
+OFFLOADED = ("base weights", "4-bit packed weights", "trainable parameters", "gradients", "optimizer state")
 RESIDENT = ("base weights", "4-bit packed weights", "quantization constants", "trainable parameters",
             "optimizer state", "step runtime", "runtime overhead", "DDP gradient buckets",
             "FSDP gathered units")

@@ -189,3 +189,32 @@ def test_bad_world_size_and_dtype_are_named():
         estimate_memory(config([]), model_config=MODELS["tiny"], world_size=0)
     with pytest.raises(ConfigError, match="model.dtype"):
         resolve_dtype("float8", "cpu")
+
+
+def test_accumulation_keeps_the_gradients_through_the_next_micro_batch():
+    mc = MODELS["tiny"]
+    one = estimate_memory(config(["method=full"]), model_config=mc)
+    acc = estimate_memory(config(["method=full", "train.grad_accum=4"]), model_config=mc)
+    assert acc.phases["forward end"] == one.phases["forward end"] + one.bytes_of("gradients")
+    assert acc.bytes_of("activations") == one.bytes_of("activations")  # one micro-batch at a time
+
+
+def test_fsdp_mixed_precision_gathers_in_bf16():
+    mc = MODELS["tiny"]
+    plain = estimate_memory(config(["method=full", "train.distributed=fsdp"]), model_config=mc, world_size=2)
+    overrides = ["method=full", "train.distributed=fsdp", "train.fsdp.mixed_precision=bfloat16"]
+    mixed = estimate_memory(config(overrides), model_config=mc, world_size=2)
+    assert 0 < mixed.bytes_of("FSDP gathered units") < plain.bytes_of("FSDP gathered units")
+
+
+def test_fsdp_cpu_offload_moves_the_shards_to_the_host():
+    mc = MODELS["tiny"]
+    overrides = ["method=qlora", "train.distributed=fsdp"]
+    on_gpu = estimate_memory(config(overrides), model_config=mc, device="cuda", world_size=2)
+    offload = estimate_memory(config([*overrides, "train.fsdp.cpu_offload=true"]), model_config=mc,
+                              device="cuda", world_size=2)
+    moved = sum(on_gpu.bytes_of(k) for k in ("base weights", "4-bit packed weights", "trainable parameters",
+                                               "optimizer state"))
+    assert offload.bytes_of("4-bit packed weights") == 0 and offload.bytes_of("quantization constants") > 0
+    assert offload.phases["forward end"] == on_gpu.phases["forward end"] - moved
+    assert any("cpu_offload" in n for n in offload.notes)

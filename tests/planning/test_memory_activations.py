@@ -72,7 +72,7 @@ def real_model(cfg: TrainConfig, mc: dict) -> torch.nn.Module:
     return model.train()
 
 
-def saved_bytes(model: torch.nn.Module, batch: int, seq: int) -> int:
+def saved_bytes(model: torch.nn.Module, batch: int, seq: int, packed: bool = False) -> int:
     """Bytes autograd keeps for backward at the end of one forward of the loss: every tensor a node
     saved and still holds (a node of a discarded branch frees its tensors), each storage once,
     parameters and buffers not counted."""
@@ -80,20 +80,22 @@ def saved_bytes(model: torch.nn.Module, batch: int, seq: int) -> int:
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    packed: list[weakref.ref] = []
+    refs: list[weakref.ref] = []
 
     def pack(t):
-        packed.append(weakref.ref(t))
+        refs.append(weakref.ref(t))
         return t
 
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
     labels = torch.roll(ids, -1, 1)  # every position a target
     positions = torch.arange(seq).expand(batch, seq)
+    if packed:  # two examples per sequence: the position ids restart
+        positions = torch.cat([torch.arange(seq // 3), torch.arange(seq - seq // 3)]).expand(batch, seq)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss, _ = CausalLMLoss(model)(ids, labels, positions)
     kept = {}
-    for ref in packed:
+    for ref in refs:
         t = ref()
         if t is not None and t.untyped_storage().data_ptr() not in params:
             kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
@@ -120,6 +122,11 @@ CASES = [
     ("mha", 2, 24, ["method=full", "train.gradient_checkpointing=true"]),
     ("gqa", 2, 24, ["method=qlora", "train.gradient_checkpointing=true"]),
     ("mha", 2, 24, ["method=dora"]),
+    ("gqa", 2, 24, ["lora.dropout=0.1"]),
+    ("mha", 2, 24, ["lora.dropout=0.1", "method=qlora", "lora.target_modules=[q_proj,v_proj,down_proj]"]),
+    ("gqa", 2, 24, ["data.packing=true"]),
+    ("mha", 3, 18, ["data.packing=true", "method=qlora"]),
+    ("gqa", 2, 24, ["data.packing=true", "model.attn_implementation=eager"]),
 ]
 # DoRA's rescale is modelled per module as an upper bound (some of what its forward saves belongs to
 # branches freed before the forward ends): predicted within [1, 1.25] x measured
@@ -134,7 +141,7 @@ def test_activation_formula_equals_saved_tensor_hooks(shape, batch, seq, overrid
     e = torch.empty((), dtype=resolve_dtype(cfg.model.dtype, "cpu")).element_size()
     head = mc["vocab_size"] * mc["hidden_size"] * 4 if cfg.method == "full" else 0
     predicted = est.bytes_of("activations") + batch * seq * mc["hidden_size"] * e + head
-    measured = saved_bytes(real_model(cfg, mc), batch, seq)
+    measured = saved_bytes(real_model(cfg, mc), batch, seq, cfg.data.packing)
     if APPROXIMATE & set(overrides):
         assert measured <= predicted <= 1.25 * measured
     else:

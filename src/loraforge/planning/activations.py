@@ -12,9 +12,14 @@ attention input             the normed ``N·H·e``, once for q/k/v, when one of 
 rotary                      nothing per layer (the shared cos/sin ``2·B·T·head_dim·e``, once)
 SDPA / flash                q ``N·Q``, k, v ``N·K`` each, the output ``N·Q`` (``e``), and the
                             log-sum-exp ``N·heads·4``; o_proj's input is that output (no copy)
+  packed (data.packing)     the block-diagonal mask ``B·T²·4``, and k, v repeated to all heads
+                            (``N·Q`` each instead of ``N·K``)
 eager                       q, k, v repeated to all heads ``3·N·Q``, the softmax probabilities
                             ``B·heads·T²``, and o_proj's input ``N·Q`` (all ``e``)
-LoRA, per adapted linear    ``x·Aᵀ``: ``N·r`` in the branch dtype; in a half-precision model with
+LoRA, per adapted linear    ``x·Aᵀ``: ``N·r`` in the branch dtype; with lora.dropout its dropped
+                            input and its mask ``2·N·in`` (branch dtype) instead of the shared
+                            input, and the plain MLP path (the fast one has no dropout); in a
+                            half-precision model with
                             ``lora_compute: input`` also A and B cast to it ``r·(in+out)·e``; with
                             ``lora_compute: adapter`` the input cast to fp32 ``N·in·4`` instead
 MLP input                   the normed ``N·H·e``, once for gate/up, when one of them trains
@@ -68,6 +73,8 @@ class Run:
     input_cast: bool = False  # lora_compute: adapter on a half-precision model
     attn: str = "sdpa"
     fast: bool = True
+    packed: bool = False  # data.packing: position ids restart inside a sequence
+    dropout: bool = False  # lora.dropout > 0
 
     @property
     def tokens(self) -> int:
@@ -96,14 +103,18 @@ def saved_per_layer(shape: LayerShape, run: Run, grad_in: bool = True) -> dict[s
     # attention: its input (for the trained projections), the kernel's tensors, o_proj's input
     qkv = _trains(shape, ATTENTION_PROJ)
     live = grad_in or qkv  # whether a gradient reaches the attention kernel
-    attn = n * h * e if qkv and not run.input_cast else 0
+    own_copy = run.input_cast or run.dropout  # the adapted linears keep their own copies of the input
+    attn = n * h * e if qkv and not own_copy else 0
     if live and run.attn == "eager":
         probs = run.batch * shape.heads * run.seq * run.seq
         attn += 3 * n * q * e + probs * e + (probs * 4 if e < 4 else 0)  # bf16: the fp32 softmax too
     elif live:
         attn += 2 * n * q * e + 2 * n * kv * e + n * shape.heads * 4
+        if run.packed:  # transformers' block-diagonal mask from the position ids (float, per layer);
+            # with a mask, k and v reach the kernel repeated to every query head
+            attn += run.batch * run.seq * run.seq * 4 + 2 * n * (q - kv) * e
     o_trains = _trains(shape, ("o_proj",))
-    if o_trains and not run.input_cast and (run.attn == "eager" or not live):
+    if o_trains and not own_copy and (run.attn == "eager" or not live):
         attn += n * q * e  # (sdpa keeps its output, which is o_proj's input, when it is live)
     parts["attention"] = attn
     live = live or o_trains
@@ -112,17 +123,21 @@ def saved_per_layer(shape: LayerShape, run: Run, grad_in: bool = True) -> dict[s
     # MLP: its input (for trained gate / up), the SwiGLU's g and u, down_proj's input p
     gate_up = _trains(shape, MLP_IN)
     down = _trains(shape, ("down_proj",))
-    mlp = n * h * e if gate_up and not run.input_cast else 0
+    mlp = n * h * e if gate_up and not own_copy else 0
     if live or gate_up:
-        mlp += (2 if fast else 3) * n * i * e  # g, u (+ silu(g) on the plain path)
-    if shape.full or (down and not fast):
+        # g, u (+ silu(g) on the plain path, but for dropout's, whose g the rest of the forward frees)
+        mlp += (2 if fast or run.dropout else 3) * n * i * e
+    if shape.full or (down and not fast and not run.dropout):
         mlp += n * i * e  # p, for down_proj's weight or LoRA A gradient
     parts["mlp"] = mlp
 
     lora = 0
     for name, (r, fan_in, fan_out) in shape.lora.items():
         lora += n * r * run.branch_bytes
-        if run.input_cast and not (fast and name == "down_proj"):  # (the fast kernel recomputes p)
+        if run.dropout:  # each adapted linear drops its own copy of its input (and keeps the mask
+            # where the input carries a gradient)
+            lora += (2 if grad_in or name not in ATTENTION_PROJ else 1) * n * fan_in * run.branch_bytes
+        elif run.input_cast and not (fast and name == "down_proj"):  # (the fast kernel recomputes p)
             lora += n * fan_in * 4
         if run.factor_cast:  # B cast always; A cast only where the input carries a gradient
             lora += r * fan_out * e + (r * fan_in * e if grad_in or name not in ATTENTION_PROJ else 0)

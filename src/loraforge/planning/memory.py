@@ -17,7 +17,13 @@ counts, the LoRA targets and the 4-bit storage are the training run's, exactly. 
 The peak is the largest of three moments of a step after the first (the optimizer state exists):
 the end of the forward (every saved activation + the loss's buffers), the backward of the last
 layer (its working set on top; under full fine-tuning the gradients grow as the activations are
-freed) and the optimizer step (gradients + state + AdamW's temporaries).
+freed) and the optimizer step (gradients + state + AdamW's temporaries). With ``grad_accum`` > 1
+the accumulated gradients are there through every later micro-batch's forward and backward.
+
+Per process: ``train.distributed: ddp`` replicates everything (plus DDP's gradient buckets, a copy
+of the trainable gradients); ``fsdp`` divides weights, gradients and optimizer state by the world
+size and adds the gathered units (two decoder layers, current + prefetched, and the root: the
+embeddings, final norm and head, whole for the step; quantization constants stay whole).
 """
 
 from __future__ import annotations
@@ -38,9 +44,10 @@ from .shape import decoder_layers, meta_model, model_config_of
 # model's transformers module are imported (383 MB in a fresh interpreter). CPU_STEP_RUNTIME: the
 # resident set between two training steps minus every tensor (weights, adapter, optimizer state):
 # library code paged in by the first forward/backward (~20 MiB), the allocator's and the loaded
-# model's Python objects (55-63 MiB over the SmolLM2 rows of the benchmark). CUDA: the CUDA
-# context and cuBLAS/cuDNN handles, which torch.cuda.max_memory_allocated does not count (stated,
-# ~500 MiB on recent drivers; nvidia-smi shows it as the process's memory beyond PyTorch's pool).
+# model's Python objects (55-63 MiB over the SmolLM2 rows of the benchmark, 38-63 MiB over the
+# 6-layer model's; 58 MiB taken). CUDA: the CUDA context and cuBLAS/cuDNN handles, which
+# torch.cuda.max_memory_allocated does not count (stated, ~500 MiB on recent drivers; nvidia-smi
+# shows it as the process's memory beyond PyTorch's pool).
 CPU_OVERHEAD = 375 * 2**20
 CPU_STEP_RUNTIME = 58 * 2**20
 CUDA_OVERHEAD = 500 * 2**20
@@ -266,9 +273,11 @@ def estimate_memory(
         notes.append(f"attention {attn!r}: counted as sdpa")
     half = e < 4
     branch = e if (not half or t.lora_compute == "input") else 4
+    # (the fast MLP leaves a DoRA layer, and LoRA with dropout, to their own paths)
+    dropout = cfg.method in ("lora", "qlora", "dora") and cfg.lora.dropout > 0
     run = A.Run(batch, seq, e, branch, factor_cast=half and t.lora_compute == "input" and bool(shape.lora),
                 input_cast=half and t.lora_compute == "adapter", attn="eager" if attn == "eager" else "sdpa",
-                fast=t.fast_kernels and not shape.dora)  # (the fast MLP leaves a DoRA layer's own path)
+                fast=t.fast_kernels and not shape.dora and not dropout, packed=d.packing, dropout=dropout)
     parts = A.saved_per_layer(shape, run)
     per_layer = sum(parts.values())
     first = sum(A.saved_per_layer(shape, run, grad_in=cfg.method == "full").values())
@@ -288,8 +297,12 @@ def estimate_memory(
         act_detail = f"{n_layers} layers x {_gib(per_layer)} ({split}); {batch} x {seq} tokens, {attn}"
     if shape.dora:
         notes.append("dora: saved activations modelled as an upper bound (measured up to 19% lower)")
-    if d.packing:
-        acts += batch * seq * seq  # the block-diagonal bool mask transformers builds from position ids
+    if cuda:
+        notes.append("CUDA: the caching allocator's rounding and fragmentation can add a few per cent "
+                     "(reserved > max_memory_allocated)")
+    elif not config.tie_word_embeddings and e == 4:
+        notes.append("CPU: an untied input embedding memory-mapped from an fp32 safetensors file is "
+                     "resident only for the rows the tokens use; the estimate counts it whole")
     items.append(Item("activations", acts, act_detail))
 
     # loss: chunked linear cross-entropy
@@ -323,14 +336,31 @@ def estimate_memory(
         what = "a copy of the trainable gradients for the all-reduce"
         items.append(Item("DDP gradient buckets", extra, what))
     if fsdp:
-        unit = sum(p.numel() * p.element_size() for p in decoder_layers(model)[0].parameters())
-        gathered = 2 * unit
-        root = sum(p.numel() * p.element_size() for nm, p in model.named_parameters() if ".layers." not in nm)
-        extra = gathered + root - root // shard
+        # gathered in train.fsdp.mixed_precision's dtype (floating tensors only; 4-bit bytes as they are)
+        mp = {"bfloat16": 2, "float16": 2}.get(t.fsdp.mixed_precision)
+
+        def gathered_bytes(params) -> int:
+            return sum(p.numel() * (mp if mp and p.is_floating_point() else p.element_size()) for p in params)
+
+        in_layers = {id(p) for layer in decoder_layers(model) for p in layer.parameters()}
+        unit = gathered_bytes(decoder_layers(model)[0].parameters())
+        root_params = [p for p in model.parameters() if id(p) not in in_layers]
+        root = sum(p.numel() * p.element_size() for p in root_params)
+        extra = 2 * unit + gathered_bytes(root_params) - root // shard
         items.append(Item("FSDP gathered units", extra,
                           f"{world_size} processes: 2 decoder layers gathered (current + prefetched) "
                           "and the root (embeddings, norm, head) whole during the step"))
 
+    if fsdp and t.fsdp.cpu_offload and cuda:
+        # CPUOffloadPolicy: the shards (weights, gradients, optimizer state) live in host memory and
+        # are copied to the GPU one unit at a time: the gathered units above stay on the device
+        host = 0
+        for it in items:
+            if it.name in OFFLOADED:
+                host += it.bytes
+                it.detail += f"; {_gib(it.bytes)} on the host (train.fsdp.cpu_offload)"
+                it.bytes = 0
+        notes.append(f"train.fsdp.cpu_offload: {_gib(host)} of shards per process in host memory")
     if not cuda:
         items.append(Item("step runtime", CPU_STEP_RUNTIME,
                           "library code paged in by a step, allocator and model objects (measured)"))
@@ -345,6 +375,7 @@ def estimate_memory(
     return _peak(cfg, items, notes, cuda, state["trainable_list"], loss_kept, head)
 
 
+OFFLOADED = ("base weights", "4-bit packed weights", "trainable parameters", "gradients", "optimizer state")
 RESIDENT = ("base weights", "4-bit packed weights", "quantization constants", "trainable parameters",
             "optimizer state", "step runtime", "runtime overhead", "DDP gradient buckets",
             "FSDP gathered units")
@@ -367,12 +398,14 @@ def _peak(cfg: TrainConfig, items: list[Item], notes: list[str], cuda: bool, tra
     phases = {k: resident + sum(size.get(n, 0) for n in names) for k, names in MOMENTS.items()}
     grads, work = size["gradients"], size["backward working set"]
     head_bytes, tied = head
+    if t.grad_accum > 1:  # from the second micro-batch on, the accumulated gradients exist throughout
+        phases["forward end"] += grads
     if cfg.method == "full":
         # Backward's start: the activations, the loss's saved tensors and the head's gradient just
         # formed; its end: every gradient, and (tied embeddings) the embedding's dense gradient
         # being added onto the head's (the incoming V x H and their sum). The gradients grow as
         # the activations are freed, so the largest sum is at one of the two ends.
-        start = phases["backward"] + loss_kept + head_bytes
+        start = phases["backward"] + loss_kept + head_bytes + (grads if t.grad_accum > 1 else 0)
         end = resident + grads + (2 * head_bytes if tied else 0) + (work if t.gradient_checkpointing else 0)
         phases["backward"] = max(start, end)
     else:

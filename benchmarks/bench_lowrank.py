@@ -296,6 +296,8 @@ def bench(size: str = "smollm2", tuned: str = "trained", reps: int = 3, workdir:
                 timed[n].append(run_command(*cmds[n](out), threads))
                 shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
             say(f"round {i + 1}/{reps} done")
+        if not reps:  # (--reps 0: the checking round's figures only, e.g. for the smoke test)
+            timed = {n: [checked[n]] for n in names}
     finally:
         shutil.rmtree(runs, ignore_errors=True)
     med = {n: {f: statistics.median(s[f] for s in timed[n]) for f in ("work_s", "process_s", "peak_mb")}
@@ -353,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="smollm2", choices=["smollm2", "tiny"])
     ap.add_argument("--tuned", default="trained", choices=["trained", "random"],
                     help="smollm2's fine-tune: 4 lf.train full steps, or a random update")  # fmt: skip
-    ap.add_argument("--reps", type=int, default=3, help="timed rounds (after the checking round)")
+    ap.add_argument("--reps", type=int, default=3, help="timed rounds after the checking round (0: none)")
     ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of every command (0: inherit)")
     ap.add_argument("--workdir", default="", help="where the pair is made once (default: $TMPDIR/...)")
     ap.add_argument("--json", default="")

@@ -2,7 +2,7 @@
 ``mergekit-extract-lora`` on the same pair of models, in the same run.
 
     python -m benchmarks.bench_lowrank [--size smollm2|tiny] [--tuned trained|random] [--reps N]
-                                       [--workdir DIR] [--json OUT] [--markdown]
+                                       [--no-energy] [--workdir DIR] [--json OUT] [--markdown]
 
 The pair. ``smollm2``: the real SmolLM2-135M-Instruct (``builtin:smollm2``) as the base and, as the
 fine-tune, ``--tuned trained`` (default): a short real full fine-tune of it (``lf.train``, method
@@ -22,11 +22,12 @@ rank in every layer, and s·B·A per layer within 1e-4 relative (mergekit's floa
 loraforge's float64), the saved modules equal. Also timed, with no peer (kohya's
 ``extract_lora_from_models.py`` / ``resize_lora.py`` are not installed here and depend on
 sd-scripts): ``loraforge extract --energy 0.9`` (per-layer ranks; its peer column is mergekit at
-rank 8, which is different work), ``loraforge resize`` (r = 8 -> 4) and ``loraforge analyze --base``
-on the extracted r = 8 adapter.
+rank 8, which is different work; on SmolLM2's 4-step fine-tune it ran over 8 minutes without
+finishing on 2 busy cores, and ``--no-energy`` leaves it out), ``loraforge resize`` (r = 8 -> 4)
+and ``loraforge analyze --base`` on the extracted r = 8 adapter.
 
 Measured per command, medians over ``--reps`` rounds (the commands interleaved, the order rotating,
-as ``common.interleaved`` does) after the checking round:
+as ``common.interleaved`` does) after the checking round (``--reps 0``: the checking round's figures):
 
 * work: seconds from the call of the command's entry point (``loraforge.cli.main`` /
   mergekit's click command, the console scripts' targets) to its return, the libraries imported
@@ -263,7 +264,7 @@ def commands(base: Path, tuned: Path, saved: list[str], adapter: Path) -> dict[s
 
 
 def bench(size: str = "smollm2", tuned: str = "trained", reps: int = 3, workdir: Path | None = None,
-          threads: int = 0, say=print) -> dict:  # fmt: skip
+          threads: int = 0, energy: bool = True, say=print) -> dict:  # fmt: skip
     workdir = Path(workdir or Path(tempfile.gettempdir()) / "loraforge-bench-lowrank")
     workdir.mkdir(parents=True, exist_ok=True)
     base, tuned_dir, what = make_pair(size, tuned, workdir)
@@ -281,9 +282,13 @@ def bench(size: str = "smollm2", tuned: str = "trained", reps: int = 3, workdir:
         say(f"check: {check['layers']} layers, ranks {check['ranks']} on both sides, s·B·A within "
             f"{check['max_rel_ba']:.1e} (relative), saved modules {saved} equal "
             f"({check['max_rel_saved']:.0e})")  # fmt: skip
-        e_dir = runs / "ours-e09"
-        checked["extract_e09"] = run_command(*cmds["extract_e09"](e_dir), threads)
-        ranks = energy_ranks(e_dir)
+        ranks = []
+        if energy:
+            e_dir = runs / "ours-e09"
+            checked["extract_e09"] = run_command(*cmds["extract_e09"](e_dir), threads)
+            ranks = energy_ranks(e_dir)
+        else:
+            del cmds["extract_e09"]
         for name in ("resize", "analyze"):
             checked[name] = run_command(*cmds[name](runs / f"{name}-check"), threads)
         # the timed rounds, interleaved, the order rotating
@@ -305,7 +310,7 @@ def bench(size: str = "smollm2", tuned: str = "trained", reps: int = 3, workdir:
     best = {n: {f: min(s[f] for s in timed[n]) for f in ("work_s", "process_s")} for n in names}
     return {"pair": what, "base": str(base), "tuned": str(tuned_dir), "size": size, "reps": reps,
             "threads": threads or int(os.environ.get("OMP_NUM_THREADS", 0) or os.cpu_count()),
-            "check": check, "saved": saved, "energy_ranks": {"min": min(ranks), "max": max(ranks),
+            "check": check, "saved": saved, "energy_ranks": ranks and {"min": min(ranks), "max": max(ranks),
             "mean": sum(ranks) / len(ranks)}, "median": med, "best": best, "samples": timed,
             "checking_round": checked}  # fmt: skip
 
@@ -326,6 +331,8 @@ def table(result: dict) -> str:
     lines = [f"| loraforge command | measure | loraforge | mergekit-extract-lora --max-rank {RANK} | "
              "ratio (median) | ratio (fastest) |", "|---|---|---|---|---|---|"]  # fmt: skip
     for n, label in LABELS.items():
+        if n not in med:
+            continue
         with_peer = n.startswith("extract")
         for f, what, unit in (("work_s", "work (after imports)", "s"), ("process_s", "process wall", "s"),
                               ("peak_mb", "peak memory", "MB")):  # fmt: skip
@@ -358,16 +365,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="timed rounds after the checking round (0: none)")
     ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of every command (0: inherit)")
     ap.add_argument("--workdir", default="", help="where the pair is made once (default: $TMPDIR/...)")
+    ap.add_argument("--no-energy", action="store_true", help="skip extract --energy (slow)")
     ap.add_argument("--json", default="")
     ap.add_argument("--markdown", action="store_true", help="print the table as markdown (default too)")
     args = ap.parse_args(argv)
     tuned = "random" if args.size == "tiny" else args.tuned
-    result = bench(args.size, tuned, args.reps, Path(args.workdir) if args.workdir else None, args.threads)
+    workdir = Path(args.workdir) if args.workdir else None
+    result = bench(args.size, tuned, args.reps, workdir, args.threads, energy=not args.no_energy)
     from . import common as C
 
-    print(f"\n{result['pair']}; {C.machine('cpu')}; {result['threads']} threads; median of {args.reps} "
-          f"rounds after a checking round; energy {ENERGY} ranks min {result['energy_ranks']['min']} / mean "
-          f"{result['energy_ranks']['mean']:.1f} / max {result['energy_ranks']['max']}\n")  # fmt: skip
+    e = result["energy_ranks"]
+    rounds = f"median of {args.reps} rounds after" if args.reps else "figures of"
+    ranks = f"; energy {ENERGY} ranks min {e['min']} / mean {e['mean']:.1f} / max {e['max']}" if e else ""
+    print(f"\n{result['pair']}; {C.machine('cpu')}; {result['threads']} threads; {rounds} the checking "
+          f"round{ranks}\n")  # fmt: skip
     print(table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

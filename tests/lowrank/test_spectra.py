@@ -110,3 +110,18 @@ def test_delta_of_conv_layout():
     d = spectra.delta_of(a, b, 0.5)
     assert d.shape == (5, 27)
     torch.testing.assert_close(d, 0.5 * b.reshape(5, 2) @ a.reshape(2, 27))
+
+
+@pytest.mark.parametrize("shape", [(40, 70), (70, 40), (50, 50)])
+def test_gram_svd_equals_lapack(shape):
+    g = torch.Generator().manual_seed(3)
+    m = torch.randn(*shape, generator=g, dtype=torch.float64) @ torch.diag(
+        torch.logspace(0, -3, shape[1], dtype=torch.float64)
+    )
+    u, s, vh = spectra.gram_svd(m)
+    u0, s0, vh0 = torch.linalg.svd(m, full_matrices=False)
+    torch.testing.assert_close(s, s0, atol=1e-10 * float(s0[0]), rtol=0)
+    torch.testing.assert_close((u * s) @ vh, m, atol=1e-10, rtol=0)
+    for k in (1, 5, 20):  # the rank-k truncation: the same matrix (Eckart–Young's)
+        exact = (u0[:, :k] * s0[:k]) @ vh0[:k]
+        torch.testing.assert_close((u[:, :k] * s[:k]) @ vh[:k], exact, atol=1e-9, rtol=0)

@@ -67,7 +67,8 @@ class Item:
 class MemoryEstimate:
     """``items``: every kind of memory a step holds (not all at once); ``peak_bytes``: the largest
     sum that does coexist, at ``peak_phase``, made of ``peak_items``; ``overhead_bytes`` is part of
-    it (``training_bytes`` = the rest, what the benchmarks measure)."""
+    it (``training_bytes`` = the rest, what the benchmarks measure). ``host_bytes``: what
+    ``train.fsdp.cpu_offload`` keeps in host memory instead, per process (not in the peak)."""
 
     items: list[Item]
     peak_bytes: int
@@ -75,6 +76,7 @@ class MemoryEstimate:
     peak_phase: str = ""
     peak_items: list[str] = field(default_factory=list)
     phases: dict[str, int] = field(default_factory=dict)
+    host_bytes: int = 0
 
     def item(self, name: str) -> Item:
         for it in self.items:
@@ -101,6 +103,7 @@ class MemoryEstimate:
             "peak_items": list(self.peak_items),
             "phases": dict(self.phases),
             "training_bytes": self.training_bytes,
+            "host_bytes": self.host_bytes,
             "notes": list(self.notes),
         }
 
@@ -351,10 +354,10 @@ def estimate_memory(
                           f"{world_size} processes: 2 decoder layers gathered (current + prefetched) "
                           "and the root (embeddings, norm, head) whole during the step"))
 
+    host = 0
     if fsdp and t.fsdp.cpu_offload and cuda:
         # CPUOffloadPolicy: the shards (weights, gradients, optimizer state) live in host memory and
         # are copied to the GPU one unit at a time: the gathered units above stay on the device
-        host = 0
         for it in items:
             if it.name in OFFLOADED:
                 host += it.bytes
@@ -372,7 +375,9 @@ def estimate_memory(
     out_head = model.get_output_embeddings().weight
     tied = out_head is model.get_input_embeddings().weight
     head = (out_head.numel() * out_head.element_size(), tied)
-    return _peak(cfg, items, notes, cuda, state["trainable_list"], loss_kept, head)
+    estimate = _peak(cfg, items, notes, cuda, state["trainable_list"], loss_kept, head)
+    estimate.host_bytes = host
+    return estimate
 
 
 OFFLOADED = ("base weights", "4-bit packed weights", "trainable parameters", "gradients", "optimizer state")

@@ -59,17 +59,22 @@ def compute_dtype(cfg: TrainConfig, device: str) -> str:
 def evaluate(cfg: TrainConfig, model_config: dict, device: str, world_size: int) -> Evaluation:
     """Memory, FLOPs and parameter counts of ``cfg`` (raises ConfigError naming what is wrong)."""
     from .flops import LORA_METHODS, linears, step_flops
-    from .memory import estimate_memory
+    from .memory import cached, estimate_memory, planned_key, resolve_dtype
 
     try:
-        model = _meta(json.dumps(model_config, sort_keys=True, default=str))
+        shape = json.dumps(model_config, sort_keys=True, default=str)
+        model = _meta(shape)
         memory = estimate_memory(cfg, model_config=model_config, device=device, world_size=world_size)
         flops = step_flops(cfg, model, model.config)
-        total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        # (the counts depend on the model and adapter alone: once per plan for the advice's re-estimates)
+        unique = lambda: {id(p): p for p in model.parameters()}.values()  # noqa: E731
+        total = cached(("total", shape), lambda: sum(p.numel() for p in unique()))
         if cfg.method == "full":
             trainable = total
         elif cfg.method in LORA_METHODS:
-            trainable = sum(lin.rank * (lin.fan_in + lin.fan_out) for lin in linears(model, cfg))
+            key = ("trainable", planned_key(cfg, model_config, resolve_dtype(cfg.model.dtype, device)))
+            lora = lambda: sum(lin.rank * (lin.fan_in + lin.fan_out) for lin in linears(model, cfg))  # noqa: E731
+            trainable = cached(key, lora)
         else:
             trainable = None
     except ConfigError:

@@ -28,6 +28,8 @@ embeddings, final norm and head, whole for the step; quantization constants stay
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -121,9 +123,55 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+_PLANNED: dict | None = None  # inside planned_model_cache(): key -> the planned meta model
+
+
+@contextlib.contextmanager
+def planned_model_cache():
+    """Within it, ``build_planned_model`` builds each distinct model once and hands the same one out
+    again (nothing mutates it: the estimate only reads it). ``lf.plan`` wraps one plan in it, so the
+    advice's re-estimates, which mostly change ``train``/``data`` only, do not rebuild a 70B model on
+    meta (0.3-3.5 s each) for every changed config. Nested uses share the outer cache."""
+    global _PLANNED
+    outer = _PLANNED
+    if outer is None:
+        _PLANNED = {}
+    try:
+        yield
+    finally:
+        _PLANNED = outer
+
+
+def cached(key, make):
+    """``make()``, computed once per ``key`` inside ``planned_model_cache()`` (else every time): for
+    what is derived from a cached model alone (its storage, its parameter counts)."""
+    if _PLANNED is None:
+        return make()
+    if key not in _PLANNED:
+        _PLANNED[key] = make()
+    return _PLANNED[key]
+
+
+def planned_key(cfg: TrainConfig, model_config: dict, dtype: torch.dtype) -> str:
+    """What the planned model depends on: the shape, the dtype, the method, the model section (with
+    its quantization), the method's adapter section and ``output`` (where a prompt's tokenizer is
+    written); not ``train`` or ``data``, which the advice changes."""
+    from ..training.config import ADAPTER_SECTIONS
+
+    d = cfg.to_dict()
+    sections = {k: d.get(k) for k in ("method", "model", "output", ADAPTER_SECTIONS.get(cfg.method))}
+    return json.dumps([model_config, str(dtype), sections], sort_keys=True, default=str)
+
+
 def build_planned_model(cfg: TrainConfig, model_config: dict, dtype: torch.dtype) -> nn.Module:
     """The run's model on the meta device: quantized shells (qlora), the adapter injected (or every
-    weight trainable: full), as ``training.modeling.prepare_model`` makes it."""
+    weight trainable: full), as ``training.modeling.prepare_model`` makes it (inside
+    ``planned_model_cache()``: once per distinct model)."""
+    key = planned_key(cfg, model_config, dtype) if _PLANNED is not None else None
+    return cached(key, lambda: _build_planned_model(cfg, model_config, dtype))
+
+
+def _build_planned_model(cfg: TrainConfig, model_config: dict, dtype: torch.dtype) -> nn.Module:
     from ..injection import inject
     from ..quant.linear4bit import quantize
     from ..training.modeling import adapter_config
@@ -239,7 +287,7 @@ def estimate_memory(
     e = torch.empty((), dtype=dtype).element_size()
     model = build_planned_model(cfg, config_dict, dtype)
     config = model.config
-    state = model_state(model)
+    state = cached(("model_state", id(model)), lambda: model_state(model))  # (read, never changed)
     shape = layer_shape(model, config)
     n_layers = len(decoder_layers(model))
     fsdp = cfg.train.distributed == "fsdp"
@@ -345,9 +393,12 @@ def estimate_memory(
         def gathered_bytes(params) -> int:
             return sum(p.numel() * (mp if mp and p.is_floating_point() else p.element_size()) for p in params)
 
-        in_layers = {id(p) for layer in decoder_layers(model) for p in layer.parameters()}
+        def root_of():
+            in_layers = {id(p) for layer in decoder_layers(model) for p in layer.parameters()}
+            return [p for p in model.parameters() if id(p) not in in_layers]
+
         unit = gathered_bytes(decoder_layers(model)[0].parameters())
-        root_params = [p for p in model.parameters() if id(p) not in in_layers]
+        root_params = cached(("fsdp root", id(model)), root_of)
         root = sum(p.numel() * p.element_size() for p in root_params)
         extra = 2 * unit + gathered_bytes(root_params) - root // shard
         items.append(Item("FSDP gathered units", extra,

@@ -61,6 +61,8 @@ def test_the_cache_lives_for_one_plan_and_keys_on_what_builds_the_model(builds):
     assert est[0].peak_bytes > est[1].peak_bytes > 0
     r4 = load_config(LORA_CPU[0], ["lora.r=4"])
     assert memory.planned_key(cfg, mc, "x") != memory.planned_key(r4, mc, "x")
+    full = load_config({**LORA_CPU[0], "method": "full"})  # (no adapter section: still a key)
+    assert memory.planned_key(full, mc, "x") != memory.planned_key(cfg, mc, "x")
 
 
 def test_advice_outside_a_plan_is_uncached_and_agrees():

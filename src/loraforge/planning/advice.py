@@ -185,7 +185,7 @@ def _candidates(plan) -> list:
             return None
         over, change = [*extra, "train.fsdp.cpu_offload=true"], "FSDP CPU offload"
         if base.train.distributed != "fsdp":
-            if plan.world_size < 2:  # (FSDP over more devices, and this on top, is for the stack to try)
+            if plan.world_size < 2:  # (one device: FSDP over more devices is the suggestion instead)
                 return None
             over, change = [*extra, "train.distributed=fsdp", "train.fsdp.cpu_offload=true"], \
                 f"FSDP over the {plan.world_size} devices with CPU offload"  # fmt: skip

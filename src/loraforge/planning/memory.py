@@ -159,7 +159,8 @@ def planned_key(cfg: TrainConfig, model_config: dict, dtype: torch.dtype) -> str
     from ..training.config import ADAPTER_SECTIONS
 
     d = cfg.to_dict()
-    sections = {k: d.get(k) for k in ("method", "model", "output", ADAPTER_SECTIONS.get(cfg.method))}
+    names = ("method", "model", "output", ADAPTER_SECTIONS.get(cfg.method))  # (full: no adapter section)
+    sections = {k: d.get(k) for k in names if k}
     return json.dumps([model_config, str(dtype), sections], sort_keys=True, default=str)
 
 

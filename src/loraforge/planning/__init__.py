@@ -174,8 +174,7 @@ def plan(
     ``memory``: the memory of one device (``"24GiB"``, bytes); given, the plan says whether the run
     fits and lists the cheapest changes that make it fit. ``gemm_flops``: the matmul rate in FLOP/s
     (default: measured on the CPU, measured on a GPU that is here, else a stated GPU's)."""
-    from . import advice
-    from .flops import GemmRate, default_gemm_rate
+    from .memory import planned_model_cache
 
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(f"world size: must be a whole number >= 1, got {world_size!r}")
@@ -186,6 +185,15 @@ def plan(
         raise ConfigError(f"gemm rate: must be > 0 FLOP/s, got {gemm_flops!r}")
     cfg = load_config(config, overrides)
     model_config = _model_config(cfg)
+    with planned_model_cache():  # (the advice re-estimates mostly the same model: built once)
+        return _plan(cfg, model_config, str(device), world_size, budget, gemm_flops)
+
+
+def _plan(cfg: TrainConfig, model_config: dict, device: str, world_size: int, budget: int | None,
+          gemm_flops: float | None) -> Plan:  # fmt: skip
+    from . import advice
+    from .flops import GemmRate, default_gemm_rate
+
     estimate = advice.evaluate(cfg, model_config, device, world_size)
     dtype = advice.compute_dtype(cfg, device)
     if gemm_flops is None:

@@ -9,9 +9,11 @@ not a rule of thumb. They are ranked by what they cost the user, cheapest first:
 2. a smaller micro-batch with more accumulation: the same effective batch, slower steps;
 3. activation checkpointing: each layer's forward runs again in backward (its FLOPs are counted);
 4. FSDP over the devices the run already has (``--world-size`` N with ddp): no new hardware;
-5. QLoRA (a 4-bit NF4 base): a small quality change, dequantization in every step;
-6. FSDP over more devices: the smallest N that fits;
-7. a shorter ``data.max_length``: longer rows are truncated, so the model sees less of them.
+5. FSDP's CPU offload (``train.fsdp.cpu_offload``, CUDA; a run under FSDP or moved to it over its
+   devices): the shards live in host RAM (how much: the estimate's ``host_bytes``), slower steps;
+6. QLoRA (a 4-bit NF4 base): a small quality change, dequantization in every step;
+7. FSDP over more devices: the smallest N that fits;
+8. a shorter ``data.max_length``: longer rows are truncated, so the model sees less of them.
 
 When no single change fits, they are stacked in that order until the run fits.
 """
@@ -24,10 +26,11 @@ import math
 from dataclasses import dataclass
 
 from ..training.config import FSDP_METHODS, ConfigError, TrainConfig
-from . import Suggestion
+from . import Suggestion, fmt_bytes
 
-SEARCHES = (2, 4, 6, 7)  # the ranks whose change is searched (micro-batch, devices, max_length)
+SEARCHES = (2, 4, 7, 8)  # the ranks whose change is searched (micro-batch, devices, max_length)
 MAX_DEVICES = 512  # the largest FSDP world size a suggestion considers
+OFFLOAD, MORE_DEVICES = 5, 7  # the ranks of FSDP's CPU offload and of FSDP over more devices
 
 
 @dataclass
@@ -56,17 +59,22 @@ def compute_dtype(cfg: TrainConfig, device: str) -> str:
 def evaluate(cfg: TrainConfig, model_config: dict, device: str, world_size: int) -> Evaluation:
     """Memory, FLOPs and parameter counts of ``cfg`` (raises ConfigError naming what is wrong)."""
     from .flops import LORA_METHODS, linears, step_flops
-    from .memory import estimate_memory
+    from .memory import cached, estimate_memory, planned_key, resolve_dtype
 
     try:
-        model = _meta(json.dumps(model_config, sort_keys=True, default=str))
+        shape = json.dumps(model_config, sort_keys=True, default=str)
+        model = _meta(shape)
         memory = estimate_memory(cfg, model_config=model_config, device=device, world_size=world_size)
         flops = step_flops(cfg, model, model.config)
-        total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        # (the counts depend on the model and adapter alone: once per plan for the advice's re-estimates)
+        unique = lambda: {id(p): p for p in model.parameters()}.values()  # noqa: E731
+        total = cached(("total", shape), lambda: sum(p.numel() for p in unique()))
         if cfg.method == "full":
             trainable = total
         elif cfg.method in LORA_METHODS:
-            trainable = sum(lin.rank * (lin.fan_in + lin.fan_out) for lin in linears(model, cfg))
+            key = ("trainable", planned_key(cfg, model_config, resolve_dtype(cfg.model.dtype, device)))
+            lora = lambda: sum(lin.rank * (lin.fan_in + lin.fan_out) for lin in linears(model, cfg))  # noqa: E731
+            trainable = cached(key, lora)
         else:
             trainable = None
     except ConfigError:
@@ -89,7 +97,8 @@ class _Trial:
     def __init__(self, plan):
         self.plan = plan
         self.budget = plan.budget_bytes
-        self.seen: dict[tuple, tuple[int, float]] = {}  # (config, world) -> (peak, seconds)
+        self.seen: dict[tuple, tuple[int, float, int]] = {}  # (config, world) -> (peak, seconds, host)
+        self.last_host = 0  # the host memory (cpu_offload) of the last config run, per process
 
     def run(self, change: str, cost: str, rank: int, overrides: list[str], world_size: int | None = None,
             base: TrainConfig | None = None) -> Suggestion:  # fmt: skip
@@ -99,8 +108,8 @@ class _Trial:
         key = (cfg.to_yaml(), world)
         if key not in self.seen:  # (stacking tries some configs again)
             ev = evaluate(cfg, p.model_config, p.device, world)
-            self.seen[key] = ev.memory.peak_bytes, ev.flops.total / p.gemm.flops_per_s
-        peak, seconds = self.seen[key]
+            self.seen[key] = ev.memory.peak_bytes, ev.flops.total / p.gemm.flops_per_s, ev.memory.host_bytes
+        peak, seconds, self.last_host = self.seen[key]
         return Suggestion(change, cost, overrides, world, peak, peak <= self.budget, seconds, rank)
 
     def first_fit(self, tries: list[tuple]) -> Suggestion | None:
@@ -154,7 +163,7 @@ def _candidates(plan) -> list:
         if base.method not in FSDP_METHODS:
             return None
         have = plan.world_size
-        rank, span = (4, [have]) if existing else (6, range(have + 1, MAX_DEVICES + 1))
+        rank, span = (4, [have]) if existing else (MORE_DEVICES, range(have + 1, MAX_DEVICES + 1))
         if existing and (have < 2 or base.train.distributed == "fsdp"):  # (no devices to shard over)
             return None
         over = [*extra, "train.distributed=fsdp"]
@@ -169,23 +178,46 @@ def _candidates(plan) -> list:
     def fsdp_more(trial, base=cfg, extra=()):
         return fsdp(trial, base, extra, existing=False)
 
+    def offload(trial, base=cfg, extra=()):
+        # (a CPU run's shards are in host memory already: memory.py counts no offload there)
+        cuda = plan.device.startswith("cuda")
+        if not cuda or base.method not in FSDP_METHODS or base.train.fsdp.cpu_offload:
+            return None
+        over, change = [*extra, "train.fsdp.cpu_offload=true"], "FSDP CPU offload"
+        if base.train.distributed != "fsdp":
+            if plan.world_size < 2:  # (one device: FSDP over more devices is the suggestion instead)
+                return None
+            over, change = [*extra, "train.distributed=fsdp", "train.fsdp.cpu_offload=true"], \
+                f"FSDP over the {plan.world_size} devices with CPU offload"  # fmt: skip
+        s = trial.run(change, "", OFFLOAD, over, base=base)
+        s.cost = offload_cost(trial.last_host, s.world_size)
+        return s
+
     def qlora(trial, base=cfg, extra=()):
         if base.method not in ("lora", "dora"):
             return None
         over = [*extra, "method=qlora"] + (["lora.use_dora=true"] if base.method == "dora" else [])
         cost = "4-bit NF4 base: small quality change (QLoRA: NF4 + double quantization matched 16-bit); "
-        return trial.run("QLoRA (4-bit base)", cost + "dequantization in every step", 5, over, base=base)
+        return trial.run("QLoRA (4-bit base)", cost + "dequantization in every step", 6, over, base=base)
 
     def shorter(trial, base=cfg, extra=()):
         n, tries = base.data.max_length // 2, []
         while n >= 64:
             cost = f"rows longer than {n} tokens are truncated: the model sees less of each example"
-            tries.append((f"max_length {n}", cost, 7, [*extra, f"data.max_length={n}"], None, base))
+            tries.append((f"max_length {n}", cost, 8, [*extra, f"data.max_length={n}"], None, base))
             n //= 2
         return trial.first_fit(tries) if tries else None
 
     # (index = rank: _stack searches again with the same function)
-    return [chunk, eight_bit, micro_batch, checkpointing, fsdp, qlora, fsdp_more, shorter]
+    return [chunk, eight_bit, micro_batch, checkpointing, fsdp, offload, qlora, fsdp_more, shorter]
+
+
+def offload_cost(host_bytes: int, world_size: int) -> str:
+    """What ``train.fsdp.cpu_offload`` costs: speed, and the host RAM it needs (from the estimate)."""
+    total = f", {fmt_bytes(host_bytes * world_size)} for the {world_size} processes" if world_size > 1 else ""
+    return ("slower steps: every layer's weight shards are copied host->device as it is gathered and its "
+            "gradient shards back, and the optimizer steps on the CPU (the time shown leaves the copies "
+            f"out); needs {fmt_bytes(host_bytes)} of host RAM per process{total}")
 
 
 def _flops(plan, cfg: TrainConfig) -> int:
@@ -259,7 +291,7 @@ def _stack(plan, trial: _Trial, singles: list[Suggestion]) -> Suggestion:
             s = candidates[s.rank](trial, _changed(plan.config, so_far), so_far)
             if s is None:
                 continue
-        if s.rank == 6:  # FSDP over more devices replaces FSDP over the ones the run has
+        if s.rank == MORE_DEVICES:  # FSDP over more devices replaces FSDP over the ones the run has
             chosen.pop(4, None)
             so_far = [o for _, _, own, _ in chosen.values() for o in own]
         chosen[s.rank] = (s.change, s.cost, [o for o in s.overrides if o not in so_far], s.world_size)
@@ -279,4 +311,8 @@ def _run_stack(trial: _Trial, chosen: dict, rank: int) -> Suggestion:
     overrides = list(dict.fromkeys(o for _, _, own, _ in steps for o in own))
     world = max(w for *_, w in steps)
     change = " + ".join(c for c, *_ in steps)
-    return trial.run(change, "; ".join(c for _, c, *_ in steps), rank, overrides, world)
+    s = trial.run(change, "", rank, overrides, world)
+    # (the offload's host RAM is the whole stack's: re-read from this estimate)
+    costs = [offload_cost(trial.last_host, world) if r == OFFLOAD else chosen[r][1] for r in sorted(chosen)]
+    s.cost = "; ".join(costs)
+    return s

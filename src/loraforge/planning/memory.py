@@ -28,6 +28,8 @@ embeddings, final norm and head, whole for the step; quantization constants stay
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -67,7 +69,8 @@ class Item:
 class MemoryEstimate:
     """``items``: every kind of memory a step holds (not all at once); ``peak_bytes``: the largest
     sum that does coexist, at ``peak_phase``, made of ``peak_items``; ``overhead_bytes`` is part of
-    it (``training_bytes`` = the rest, what the benchmarks measure)."""
+    it (``training_bytes`` = the rest, what the benchmarks measure). ``host_bytes``: what
+    ``train.fsdp.cpu_offload`` keeps in host memory instead, per process (not in the peak)."""
 
     items: list[Item]
     peak_bytes: int
@@ -75,6 +78,7 @@ class MemoryEstimate:
     peak_phase: str = ""
     peak_items: list[str] = field(default_factory=list)
     phases: dict[str, int] = field(default_factory=dict)
+    host_bytes: int = 0
 
     def item(self, name: str) -> Item:
         for it in self.items:
@@ -101,6 +105,7 @@ class MemoryEstimate:
             "peak_items": list(self.peak_items),
             "phases": dict(self.phases),
             "training_bytes": self.training_bytes,
+            "host_bytes": self.host_bytes,
             "notes": list(self.notes),
         }
 
@@ -118,9 +123,56 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+_PLANNED: dict | None = None  # inside planned_model_cache(): key -> the planned meta model
+
+
+@contextlib.contextmanager
+def planned_model_cache():
+    """Within it, ``build_planned_model`` builds each distinct model once and hands the same one out
+    again (nothing mutates it: the estimate only reads it). ``lf.plan`` wraps one plan in it, so the
+    advice's re-estimates, which mostly change ``train``/``data`` only, do not rebuild a 70B model on
+    meta (0.3-3.5 s each) for every changed config. Nested uses share the outer cache."""
+    global _PLANNED
+    outer = _PLANNED
+    if outer is None:
+        _PLANNED = {}
+    try:
+        yield
+    finally:
+        _PLANNED = outer
+
+
+def cached(key, make):
+    """``make()``, computed once per ``key`` inside ``planned_model_cache()`` (else every time): for
+    what is derived from a cached model alone (its storage, its parameter counts)."""
+    if _PLANNED is None:
+        return make()
+    if key not in _PLANNED:
+        _PLANNED[key] = make()
+    return _PLANNED[key]
+
+
+def planned_key(cfg: TrainConfig, model_config: dict, dtype: torch.dtype) -> str:
+    """What the planned model depends on: the shape, the dtype, the method, the model section (with
+    its quantization), the method's adapter section and ``output`` (where a prompt's tokenizer is
+    written); not ``train`` or ``data``, which the advice changes."""
+    from ..training.config import ADAPTER_SECTIONS
+
+    d = cfg.to_dict()
+    names = ("method", "model", "output", ADAPTER_SECTIONS.get(cfg.method))  # (full: no adapter section)
+    sections = {k: d.get(k) for k in names if k}
+    return json.dumps([model_config, str(dtype), sections], sort_keys=True, default=str)
+
+
 def build_planned_model(cfg: TrainConfig, model_config: dict, dtype: torch.dtype) -> nn.Module:
     """The run's model on the meta device: quantized shells (qlora), the adapter injected (or every
-    weight trainable: full), as ``training.modeling.prepare_model`` makes it."""
+    weight trainable: full), as ``training.modeling.prepare_model`` makes it (inside
+    ``planned_model_cache()``: once per distinct model)."""
+    key = planned_key(cfg, model_config, dtype) if _PLANNED is not None else None
+    return cached(key, lambda: _build_planned_model(cfg, model_config, dtype))
+
+
+def _build_planned_model(cfg: TrainConfig, model_config: dict, dtype: torch.dtype) -> nn.Module:
     from ..injection import inject
     from ..quant.linear4bit import quantize
     from ..training.modeling import adapter_config
@@ -236,7 +288,7 @@ def estimate_memory(
     e = torch.empty((), dtype=dtype).element_size()
     model = build_planned_model(cfg, config_dict, dtype)
     config = model.config
-    state = model_state(model)
+    state = cached(("model_state", id(model)), lambda: model_state(model))  # (read, never changed)
     shape = layer_shape(model, config)
     n_layers = len(decoder_layers(model))
     fsdp = cfg.train.distributed == "fsdp"
@@ -342,19 +394,22 @@ def estimate_memory(
         def gathered_bytes(params) -> int:
             return sum(p.numel() * (mp if mp and p.is_floating_point() else p.element_size()) for p in params)
 
-        in_layers = {id(p) for layer in decoder_layers(model) for p in layer.parameters()}
+        def root_of():
+            in_layers = {id(p) for layer in decoder_layers(model) for p in layer.parameters()}
+            return [p for p in model.parameters() if id(p) not in in_layers]
+
         unit = gathered_bytes(decoder_layers(model)[0].parameters())
-        root_params = [p for p in model.parameters() if id(p) not in in_layers]
+        root_params = cached(("fsdp root", id(model)), root_of)
         root = sum(p.numel() * p.element_size() for p in root_params)
         extra = 2 * unit + gathered_bytes(root_params) - root // shard
         items.append(Item("FSDP gathered units", extra,
                           f"{world_size} processes: 2 decoder layers gathered (current + prefetched) "
                           "and the root (embeddings, norm, head) whole during the step"))
 
+    host = 0
     if fsdp and t.fsdp.cpu_offload and cuda:
         # CPUOffloadPolicy: the shards (weights, gradients, optimizer state) live in host memory and
         # are copied to the GPU one unit at a time: the gathered units above stay on the device
-        host = 0
         for it in items:
             if it.name in OFFLOADED:
                 host += it.bytes
@@ -372,7 +427,9 @@ def estimate_memory(
     out_head = model.get_output_embeddings().weight
     tied = out_head is model.get_input_embeddings().weight
     head = (out_head.numel() * out_head.element_size(), tied)
-    return _peak(cfg, items, notes, cuda, state["trainable_list"], loss_kept, head)
+    estimate = _peak(cfg, items, notes, cuda, state["trainable_list"], loss_kept, head)
+    estimate.host_bytes = host
+    return estimate
 
 
 OFFLOADED = ("base weights", "4-bit packed weights", "trainable parameters", "gradients", "optimizer state")

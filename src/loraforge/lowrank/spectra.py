@@ -97,10 +97,12 @@ def rank_for_energy(s: torch.Tensor, energy: float, total: float | None = None) 
     return int(hit[0]) + 1 if hit.numel() else s.numel()
 
 
-def gram_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD (U (out, n), S (n,), Vh (n, in)), n = min(out, in), of 2-D float64 ``m`` from the
-    eigendecomposition of its smaller Gram matrix: G = mᵀm (or m·mᵀ when m is wide), G = V·S²·Vᵀ,
-    then S_i = ‖m·v_i‖ and U_i = m·v_i / S_i (and the same with the roles swapped).
+def gram_svd(m: torch.Tensor, keep=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD (U (out, k), S (k,), Vh (k, in)) of 2-D float64 ``m`` from the eigendecomposition of
+    its smaller Gram matrix: G = mᵀm (or m·mᵀ when m is wide), G = V·S²·Vᵀ, then S_i = ‖m·v_i‖
+    and U_i = m·v_i / S_i (and the same with the roles swapped). k = min(out, in), or ``keep``: a
+    count, or a function of the descending spectrum √eig(G) giving one (only those k columns of U
+    are formed).
 
     Why not ``torch.linalg.svd``: on a (576, 1536) float64 matrix it is ~10x slower here (LAPACK's
     divide and conquer on the wide side); the Gram route costs one n × n ``eigh`` and two products.
@@ -111,8 +113,10 @@ def gram_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     wide = m.shape[0] < m.shape[1]
     x = m.T if wide else m  # (tall: rows >= columns)
     e, v = torch.linalg.eigh(x.T @ x)  # ascending
-    v = v.flip(1)
-    xv = x @ v  # (rows, n): column i = x·v_i, of norm S_i
+    e, v = e.flip(0), v.flip(1)
+    k = e.numel() if keep is None else keep if isinstance(keep, int) else keep(e.clamp_min(0).sqrt())
+    v = v[:, :k]
+    xv = x @ v  # (rows, k): column i = x·v_i, of norm S_i
     s = xv.norm(dim=0)
     order = torch.argsort(s, descending=True)  # (rounding can swap neighbours)
     s, v, xv = s[order], v[:, order], xv[:, order]
@@ -128,8 +132,8 @@ def top_svd(m: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, torch
     """
     k = min(k, *m.shape)
     if is_small(m, k):
-        u, s, vh = gram_svd(m.double())
-        return u[:, :k].to(m.dtype), s[:k].to(m.dtype), vh[:k].to(m.dtype)
+        u, s, vh = gram_svd(m.double(), k)
+        return u.to(m.dtype), s.to(m.dtype), vh.to(m.dtype)
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -183,10 +187,10 @@ def truncate(
         u, s, vh = m.new_zeros(m.shape[0], 0), m.new_zeros(0), m.new_zeros(0, m.shape[1])
     elif rank is not None:
         u, s, vh = top_svd(m, min(rank, cap), seed)
+    elif is_small(m, min(cap, 32)):  # (decomposed whole once; U formed for the kept columns only)
+        u, s, vh = gram_svd(m, lambda sv: min(cap, max(1, rank_for_energy(sv, energy, total))))
     else:
-        # (grow a randomized SVD until the energy is reached or the cap is; a small matrix is
-        # decomposed whole at once)
-        k = cap if is_small(m, min(cap, 32)) else min(cap, 32)
+        k = min(cap, 32)  # (grow a randomized SVD until the energy is reached or the cap is)
         while True:
             u, s, vh = top_svd(m, k, seed)
             need = rank_for_energy(s, energy, total)

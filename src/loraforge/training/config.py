@@ -407,12 +407,6 @@ class TrainConfig:
             raise bad("train.sample_max_new_tokens", f"must be > 0, got {t.sample_max_new_tokens}")
         if t.sample_every and not t.sample_prompts:
             raise bad("train.sample_prompts", "train.sample_every is set: give at least one prompt")
-        if t.sample_every and t.distributed == "fsdp":
-            raise bad(
-                "train.sample_every",
-                "sample generations are not run under train.distributed: fsdp (every process would have "
-                "to run every generation step together); use ddp or generate from a checkpoint's adapter",
-            )
         patience = "train.early_stopping_patience"
         if t.early_stopping_patience and not (d.eval or d.eval_fraction):
             raise bad(patience, "needs eval data (data.eval or data.eval_fraction)")

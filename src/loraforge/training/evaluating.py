@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from . import fsdp
 from .config import TrainSection
 from .data import collate, to_device
 from .dist import all_reduce_sum
@@ -35,8 +36,8 @@ def evaluator(model, core: CausalLMLoss, rows: list, batch_size: int, pad_id: in
                 loss_sum, n = core(**batch)
                 if part:  # (an empty share ran a stand-in row, not counted)
                     total, count = total + loss_sum.item(), count + n.item()
-        if dist.fsdp:  # the root keeps its gathered weights after a forward without backward
-            core.reshard()
+        if dist.fsdp:  # the root (and layers not resharded after forward) keep their gathered weights
+            fsdp.reshard_all(core)  # after a forward without backward
         total, count = all_reduce_sum(dist, total, count)
         model.train()
         loss = total / max(count, 1)

@@ -154,8 +154,8 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
     counts = _announce(cfg, model, trainable, plan, total_steps, dist, say)
     log = _start_log(cfg, out, dist.is_main, step if resume_dir else None, changed)
     phase.trackers = log.trackers
-    # (the main process samples from the unwrapped model: no collective runs; not under FSDP)
-    sampler = Sampler(model, tokenizer, t, out, log.trackers, dist.is_main, step if resume_dir else None)
+    # (the main process samples from the unwrapped model: no collective runs; under FSDP all do)
+    sampler = Sampler(model, tokenizer, t, out, log.trackers, dist, step if resume_dir else None, core)
     pad_id = tokenizer.pad_token_id
     evaluate = evaluator(model, core, eval_rows, t.batch_size, pad_id, dist, log, say)
     early = EarlyStopping(t, out, log, step if resume_dir else None, cfg.method)

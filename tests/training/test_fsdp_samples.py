@@ -100,3 +100,21 @@ def test_two_processes_sample_in_lockstep(tmp_path, reshard):
     model, tokenizer = load_with_adapters("builtin:tiny-llama", {"default": adapter_dir}, device="cpu")
     for r in rows[-2:]:
         assert r["answer"] == generate(model, tokenizer, r["prompt"], max_new_tokens=6)
+
+
+@pytest.mark.slow
+def test_two_processes_resume_and_agree_on_what_is_sampled(tmp_path):
+    """Resumed at step 2, whose answers the first run wrote: the main process, which alone reads
+    samples.jsonl, tells the other that step 2 is done (were it to generate alone, the run would
+    hang); each step's answers are in the file once."""
+    config = tmp_path / "run.yaml"
+    config.write_text(TrainConfig.from_dict(tiny_config(tmp_path / "out", train=SAMPLES)).to_yaml())
+    for extra in (["train.max_steps=2"], ["resume=auto"]):
+        run = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "-m", "loraforge", "train", str(config), "train.distributed=fsdp", "train.batch_size=2",
+             "train.dist_timeout=60", *extra],  # (a process left waiting fails in a minute)
+            cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert [r["step"] for r in read_jsonl(tmp_path / "out" / "samples.jsonl")] == [0, 0, 2, 2, 4, 4]

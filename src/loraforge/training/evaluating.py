@@ -121,8 +121,8 @@ class EarlyStopping:
         waits for its last save. Returns the results' ``kept_best`` and ``result_step`` (whose
         weights the result holds)."""
         result = self.result
-        mine = self.best_step if dist.is_main and self.checkpoint is not None else 0
-        best = int(all_reduce_sum(dist, float(mine or 0))[0])  # (the others add 0)
+        named = ckpt.STEP_DIR.match(Path(self.checkpoint).name) if dist.is_main and self.checkpoint else None
+        best = int(all_reduce_sum(dist, float(named.group(1)) if named else 0.0)[0])  # (the others add 0)
         if not best:
             say(f"keep_best: no step improved on the eval loss before training: {result} is the last step's")
             return {"kept_best": False, "result_step": step}

@@ -24,6 +24,13 @@ be reached: then the packaged copy stands in, with a notice (:func:`stand_in`).
 GGUF files are untrusted input: one that is not GGUF, truncated or otherwise unreadable gives a
 one-line ``ValueError`` naming the file; nothing is left in the cache.
 
+The tokenizer splits text as llama.cpp does for the file's ``tokenizer.ggml.pre``: transformers'
+GGUF reader knows most of llama.cpp's pre-tokenizers but leaves those that isolate every digit
+before GPT-2's split (``smollm``, ``starcoder``, ...) at GPT-2's split alone, so the conversion
+restores them (:data:`DIGITS_FIRST`). ``loraforge_source.json`` records the conversion's version
+(:data:`CONVERSION`); a directory from an older version is brought up to date in place, under the
+same lock (its tokenizer files only: the weights never changed).
+
 The weights are Q4_1-dequantized: they are a 4-bit model's values, on a grid of 16 levels per block
 of 32. Re-quantizing them (NF4, FP4, int4) starts from that grid, not from the bf16 original.
 """
@@ -52,6 +59,15 @@ except ImportError:  # Windows: no lock; the rename alone keeps the cache consis
 
 PREFIX = "builtin:"
 SOURCE_FILE = "loraforge_source.json"  # written last: its presence marks a complete directory
+# The conversion's version, recorded in SOURCE_FILE (absent: 1). 2: the digit-splitting
+# pre-tokenizers below are restored; a version-1 directory is repaired by :func:`_upgrade`.
+CONVERSION = 2
+
+# llama.cpp's byte-level BPE pre-tokenizers (``tokenizer.ggml.pre``) that split off every number
+# character (\p{N}) one by one before GPT-2's split (src/llama-vocab.cpp: the case of
+# LLAMA_VOCAB_PRE_TYPE_STARCODER, _REFACT, _COMMAND_R, _SMOLLM, _CODESHELL, _EXAONE, _MINERVA);
+# the originals' tokenizer.json (SmolLM2's, StarCoder's) say the same as Digits then ByteLevel.
+DIGITS_FIRST = frozenset({"starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"})
 
 
 @dataclass(frozen=True)
@@ -239,11 +255,26 @@ def resolve(source) -> str:
     gguf = gguf_file(source)
     digest = _file_digest(gguf)
     target = cache_root() / "models" / f"{gguf.stem}-{digest[:12]}"
-    if not (target / SOURCE_FILE).is_file():
+    if _version(target) < CONVERSION:
         with _locked(target):
-            if not (target / SOURCE_FILE).is_file():  # not converted meanwhile by the lock's holder
+            version = _version(target)  # converted or upgraded meanwhile by the lock's holder?
+            if version == 0:
                 _convert(gguf, digest, target, _name(source))
+            elif version < CONVERSION:
+                _upgrade(gguf, target)
     return str(target)
+
+
+def _version(target: Path) -> int:
+    """The conversion version of the directory ``target``: 0 where it is missing or incomplete."""
+    try:
+        info = json.loads((target / SOURCE_FILE).read_text())
+    except OSError:
+        return 0
+    except ValueError:  # a damaged record: the directory is complete, its version unknown
+        return 1
+    version = info.get("conversion", 1) if isinstance(info, dict) else 1
+    return version if isinstance(version, int) and version >= 1 else 1
 
 
 @contextlib.contextmanager
@@ -276,9 +307,10 @@ def _unreadable(gguf: Path, e: BaseException) -> ValueError:
     return ValueError(f"{gguf}: not a readable GGUF model file ({type(e).__name__}: {reason})")
 
 
-def _check_gguf(gguf: Path, spec: Packaged | None) -> None:
+def _check_gguf(gguf: Path, spec: Packaged | None) -> str | None:
     """The ``gguf`` package is there and reads ``gguf``'s header, metadata and tensor table (each
-    tensor within the file): a file that is not GGUF, or truncated, fails here, in one line."""
+    tensor within the file): a file that is not GGUF, or truncated, fails here, in one line.
+    Returns the file's ``tokenizer.ggml.pre`` (None where it has none)."""
     try:
         from gguf import GGUFReader
     except ModuleNotFoundError:
@@ -286,9 +318,58 @@ def _check_gguf(gguf: Path, spec: Packaged | None) -> None:
 
         raise ModelNotFoundError(f"{gguf}: reading GGUF files {_missing('the gguf package', spec)}") from None
     try:
-        GGUFReader(gguf)
+        field = GGUFReader(gguf).fields.get("tokenizer.ggml.pre")
+        pre = field.contents() if field is not None else None
     except Exception as e:  # ValueError (magic, reshape past the end), struct/IndexError, OSError
         raise _unreadable(gguf, e) from None
+    return pre if isinstance(pre, str) else None
+
+
+def _split_digits(backend, pre: str | None) -> bool:
+    """Give ``backend`` (a ``tokenizers.Tokenizer`` read from a GGUF file) the pre-tokenizer of
+    llama.cpp's ``pre`` where transformers left GPT-2's split alone in its place (a plain
+    ``ByteLevel``): every number character a piece of its own, then GPT-2's split. True if changed.
+
+    Example (SmolLM2): " ²³" is ["Ġ", "Â²", "Â³"] as in the original, not ["ĠÂ", "²", "Â³"]."""
+    from tokenizers import pre_tokenizers
+
+    if pre not in DIGITS_FIRST or not isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel):
+        return False
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
+    return True
+
+
+def _upgrade(gguf: Path, target: Path) -> None:
+    """Bring ``target``, converted by an older loraforge, to :data:`CONVERSION` in place (called
+    under the lock): its ``tokenizer.json`` gets the pre-tokenizer the file names; each file is
+    replaced whole (written beside, renamed), the version last, so a reader sees the old file or
+    the new one and a crash midway repeats the upgrade next time."""
+    from tokenizers import Tokenizer
+
+    try:
+        info = json.loads((target / SOURCE_FILE).read_text())
+    except ValueError:  # a damaged record: written anew below
+        info = {}
+    info = info if isinstance(info, dict) else {}
+    path = target / "tokenizer.json"
+    if path.is_file():
+        pre = _check_gguf(gguf, MODELS.get(_name(info.get("name") or "")))
+        backend = Tokenizer.from_file(str(path))
+        if _split_digits(backend, pre):
+            atomic_write_text(path, backend.to_str(pretty=True))
+            print(
+                f"loraforge: {target.name}: tokenizer updated (numbers split digit by digit, as "
+                f"{gguf.name}'s pre-tokenizer {pre!r} does)",
+                file=sys.stderr,
+                flush=True,
+            )
+    info["conversion"] = CONVERSION
+    atomic_write_text(target / SOURCE_FILE, json.dumps(info, indent=2) + "\n")
 
 
 def _read_gguf(gguf: Path):
@@ -312,7 +393,7 @@ def _convert(gguf: Path, digest: str, target: Path, key: str | None) -> None:
     """Dequantize ``gguf`` with transformers into ``target`` (written beside it, renamed into place:
     a crash or a concurrent conversion never leaves a half directory)."""
     spec = MODELS.get(key) if key else None
-    _check_gguf(gguf, spec)
+    pre = _check_gguf(gguf, spec)
     started = time.perf_counter()
     print(f"loraforge: converting {gguf.name} to safetensors in {target} (once)", file=sys.stderr, flush=True)
     model, tokenizer = _read_gguf(gguf)
@@ -324,6 +405,9 @@ def _convert(gguf: Path, digest: str, target: Path, key: str | None) -> None:
     model.config._name_or_path = spec.hub_id if spec else gguf.stem
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        _split_digits(backend, pre)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # "Writing model shards" bar
@@ -335,6 +419,7 @@ def _convert(gguf: Path, digest: str, target: Path, key: str | None) -> None:
             "name": PREFIX + key if key else None,
             "original": spec.hub_id if spec else None,
             "weights": "dequantized from the GGUF file's quantized tensors to float32",
+            "conversion": CONVERSION,
         }
         (tmp / SOURCE_FILE).write_text(json.dumps(info, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp made it private; the cache is an ordinary directory

@@ -65,7 +65,6 @@ def test_sampling_leaves_training_bit_identical(tmp_path, monkeypatch):
     ("section", "message"),
     [
         ({"sample_every": 2}, r"train.sample_prompts: train.sample_every is set"),
-        ({"sample_every": 2, "sample_prompts": ["hi"], "distributed": "fsdp"}, r"train.sample_every: .*fsdp"),
         ({"sample_every": -1}, r"train.sample_every: must be >= 0"),
         ({"sample_max_new_tokens": 0}, r"train.sample_max_new_tokens: must be > 0"),
         ({"early_stopping_patience": 2, "eval_every": 1}, r"train.early_stopping_patience: needs eval data"),

@@ -199,6 +199,10 @@ class TrainSection:
     early_stopping_patience: int = 0
     """Stop after this many evaluations in a row without a new best eval loss (the best checkpoint is
     kept and named in the results); 0 = off."""
+    keep_best: bool = False
+    """The adapter (model/ for full) written at the end holds the best checkpoint's weights (lowest
+    eval loss; checkpoints/best.json), not the last step's. Needs evaluations during the run (eval
+    data and train.eval_every); without early_stopping_patience the best is saved but the run goes on."""
     resume_changes: Literal["refuse", "apply"] = "refuse"
     """Resuming with settings that differ from the checkpoint's in more than the keys safe to change
     (run length, log/eval/save intervals, device, kernels): "refuse" names the keys; "apply"
@@ -403,17 +407,15 @@ class TrainConfig:
             raise bad("train.sample_max_new_tokens", f"must be > 0, got {t.sample_max_new_tokens}")
         if t.sample_every and not t.sample_prompts:
             raise bad("train.sample_prompts", "train.sample_every is set: give at least one prompt")
-        if t.sample_every and t.distributed == "fsdp":
-            raise bad(
-                "train.sample_every",
-                "sample generations are not run under train.distributed: fsdp (every process would have "
-                "to run every generation step together); use ddp or generate from a checkpoint's adapter",
-            )
         patience = "train.early_stopping_patience"
         if t.early_stopping_patience and not (d.eval or d.eval_fraction):
             raise bad(patience, "needs eval data (data.eval or data.eval_fraction)")
         if t.early_stopping_patience and not t.eval_every:
             raise bad(patience, "needs train.eval_every > 0 (evaluations during the run)")
+        if t.keep_best and not (d.eval or d.eval_fraction):
+            raise bad("train.keep_best", "needs eval data (data.eval or data.eval_fraction) to tell the best")
+        if t.keep_best and not t.eval_every:
+            raise bad("train.keep_best", "needs train.eval_every > 0 (evaluations during the run)")
 
 
 # -- YAML --------------------------------------------------------------------------------------

@@ -86,6 +86,16 @@ def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def reshard_all(root: nn.Module) -> None:
+    """Put every unit under ``root`` (itself included) back to its shards after a forward without
+    a backward (evaluation, sample generation), which leaves gathered what FSDP keeps for the
+    backward (the root; the layers with reshard_after_forward: false): until resharded, such a
+    unit's parameters are the gathered tensors, not the shards the optimizer and checkpoints hold."""
+    for module in root.modules():
+        if is_sharded(module):
+            module.reshard()
+
+
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This process's shard of a (D)Tensor; a plain tensor is its own."""
     return t.to_local() if hasattr(t, "to_local") else t

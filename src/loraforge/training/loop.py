@@ -45,7 +45,7 @@ from .fast import compile_layers, patch_model, should_compile, uncompile_layers,
 from .lock import OutputLock, RunError, describe_holder
 from .loss import CausalLMLoss
 from .modeling import check_device, check_packed_attention, prepare_model
-from .outputs import results, save_checkpoint
+from .outputs import results, save_checkpoint, weights_from
 from .report import MetricsLog, peak_host_bytes
 from .resume import resume_changes, use_settings
 from .samples import Sampler
@@ -154,11 +154,11 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
     counts = _announce(cfg, model, trainable, plan, total_steps, dist, say)
     log = _start_log(cfg, out, dist.is_main, step if resume_dir else None, changed)
     phase.trackers = log.trackers
-    # (the main process samples from the unwrapped model: no collective runs; not under FSDP)
-    sampler = Sampler(model, tokenizer, t, out, log.trackers, dist.is_main, step if resume_dir else None)
+    # (the main process samples from the unwrapped model: no collective runs; under FSDP all do)
+    sampler = Sampler(model, tokenizer, t, out, log.trackers, dist, step if resume_dir else None, core)
     pad_id = tokenizer.pad_token_id
     evaluate = evaluator(model, core, eval_rows, t.batch_size, pad_id, dist, log, say)
-    early = EarlyStopping(t, out, log, step if resume_dir else None)
+    early = EarlyStopping(t, out, log, step if resume_dir else None, cfg.method)
     if step == 0 and eval_rows:
         early.update(step, evaluate(step))  # (the start's loss is a reference, saved nowhere)
     sampler.at(step)  # at 0: what the model answers before training
@@ -240,7 +240,7 @@ def _train(cfg: TrainConfig, dist, out: Path, console: Console, phase: Phase):
     sampler.at(step, end=True)  # the end's answers (nothing new when the last step was a sampling step)
     _undo_speed_up(model, compiled)  # the caller gets the model with its own forwards
     run_time = time.perf_counter() - run_start
-    counts.update(early.results(step, say))
+    counts.update(early.results(step, say, dist, weights_from(model, optimizer, scheduler, dist)))
     metrics = results(cfg, out, dist, model, tokenizer, log, step, run_tokens, run_time, counts)
     cleanup(dist)
     return model, metrics

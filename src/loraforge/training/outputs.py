@@ -53,6 +53,24 @@ def save_checkpoint(
     )
 
 
+def weights_from(model, optimizer, scheduler, dist):
+    """``load(checkpoint)``: the trainable weights of a checkpoint directory back into ``model``
+    (``train.keep_best``), on every process, each its shards under FSDP, from either checkpoint
+    format: resume's loaders, whose optimizer, scheduler and RNG states come along, unused after
+    the loop; the RNG is put back as it was, so that the caller's random numbers do not depend
+    on keep_best."""
+
+    def load(directory: Path) -> None:
+        rng = ckpt.rng_state()
+        if dist.fsdp or sharded_ckpt.is_sharded_checkpoint(directory):
+            sharded_ckpt.load(directory, model, optimizer, scheduler, dist)
+        else:
+            ckpt.load_checkpoint(directory, model, optimizer, scheduler)
+        ckpt.set_rng_state(rng)
+
+    return load
+
+
 def save_result(model, tokenizer, directory: Path, method: str, dist) -> None:
     """``save_trained`` by the main process. Under FSDP every process takes part in gathering
     what is saved: only the trainable tensors for an adapter (the base stays sharded), the whole

@@ -56,6 +56,7 @@ RESUMABLE_CHANGES = frozenset(
         "train.sample_prompts",
         "train.sample_max_new_tokens",
         "train.early_stopping_patience",
+        "train.keep_best",
         "model.attn_implementation",
         "data.eval",
     }

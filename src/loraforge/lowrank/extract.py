@@ -38,6 +38,7 @@ from ..adapter_files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _task_type
 from ..config import LoraConfig
 from ..files import format_bytes
 from ..injection import name_matches
+from ..kinds import is_conv1d
 from .spectra import check_request, truncate
 from .weights import Checkpoint
 
@@ -301,7 +302,7 @@ def _config(
     """Ranks in ``rank_pattern`` and alpha = rank per layer (scale 1); ``r`` the most common rank."""
     ranks = [r.rank for r in report.layers]
     r0 = max(set(ranks), key=ranks.count) if ranks else 1
-    conv1d = any(type(t_ck.modules[r.name]).__name__ == "Conv1D" for r in report.layers)
+    conv1d = any(is_conv1d(t_ck.modules[r.name]) for r in report.layers)
     return LoraConfig(
         r=r0,
         alpha=float(r0),

@@ -30,8 +30,24 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 TOKENS = ["<unk>", "<s>", "</s>", *"abcdefghijklmnopqrstuvwxyz", "Ġ", "ab", "Ġa"]
 
 
-def write_gguf(path: Path, seed: int = 0, hidden: int = 16, heads: int = 2, ff: int = 32) -> Path:
-    """A one-layer Llama GGUF (F32 tensors, GPT-2 style BPE tokenizer, a chat template): ~13 kB."""
+CHAT = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
+def write_gguf(
+    path: Path,
+    seed: int = 0,
+    hidden: int = 16,
+    heads: int = 2,
+    ff: int = 32,
+    *,
+    tokens: list[str] = TOKENS,
+    merges: tuple[str, ...] = ("a b", "Ġ a"),
+    pre: str = "default",
+    unk: bool = True,
+    chat_template: str | None = CHAT,
+) -> Path:
+    """A one-layer Llama GGUF (F32 tensors, GPT-2 style BPE tokenizer ``tokens`` / ``merges`` with
+    ``tokenizer.ggml.pre`` = ``pre``, a chat template unless None): ~13 kB."""
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(1)
@@ -42,20 +58,22 @@ def write_gguf(path: Path, seed: int = 0, hidden: int = 16, heads: int = 2, ff: 
     w.add_head_count_kv(1)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(len(TOKENS))
+    w.add_vocab_size(len(tokens))
     w.add_rope_dimension_count(hidden // heads)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(TOKENS)
-    w.add_token_types([3, 3, 3] + [1] * (len(TOKENS) - 3))
-    w.add_token_merges(["a b", "Ġ a"])
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_token_merges(list(merges))
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    if unk:
+        w.add_unk_token_id(0)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     head = hidden // heads
     shapes = {
-        "token_embd.weight": (len(TOKENS), hidden),
+        "token_embd.weight": (len(tokens), hidden),
         "blk.0.attn_q.weight": (hidden, hidden),
         "blk.0.attn_k.weight": (head, hidden),
         "blk.0.attn_v.weight": (head, hidden),

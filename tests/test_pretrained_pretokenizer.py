@@ -9,12 +9,12 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 gguf = pytest.importorskip("gguf")
 
 from loraforge import pretrained  # noqa: E402
+from tests.test_pretrained import write_gguf as gguf_file  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
@@ -33,47 +33,9 @@ MERGES = ["1 2", "Ġ 1", "a b"]
 TEXTS = ["12", " 12", "ab 1", "a12b 3", "ab  12 c"]
 
 
-def write_gguf(path: Path, pre: str, hidden: int = 16, heads: int = 2, ff: int = 32) -> Path:
-    """A one-layer Llama GGUF with a GPT-2 style BPE tokenizer and the given ``tokenizer.ggml.pre``."""
-    rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(1)
-    w.add_context_length(64)
-    w.add_embedding_length(hidden)
-    w.add_feed_forward_length(ff)
-    w.add_head_count(heads)
-    w.add_head_count_kv(1)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(len(TOKENS))
-    w.add_rope_dimension_count(hidden // heads)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(TOKENS)
-    w.add_token_types([3, 3, 3] + [1] * (len(TOKENS) - 3))
-    w.add_token_merges(MERGES)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    head = hidden // heads
-    shapes = {
-        "token_embd.weight": (len(TOKENS), hidden),
-        "blk.0.attn_q.weight": (hidden, hidden),
-        "blk.0.attn_k.weight": (head, hidden),
-        "blk.0.attn_v.weight": (head, hidden),
-        "blk.0.attn_output.weight": (hidden, hidden),
-        "blk.0.ffn_gate.weight": (ff, hidden),
-        "blk.0.ffn_up.weight": (ff, hidden),
-        "blk.0.ffn_down.weight": (hidden, ff),
-    }
-    for name, shape in shapes.items():
-        w.add_tensor(name, (rng.standard_normal(shape) * 0.1).astype(np.float32))
-    for name in ("blk.0.attn_norm.weight", "blk.0.ffn_norm.weight", "output_norm.weight"):
-        w.add_tensor(name, np.ones(hidden, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+def write_gguf(path: Path, pre: str) -> Path:
+    """test_pretrained's one-layer Llama GGUF with this vocabulary and ``tokenizer.ggml.pre`` = ``pre``."""
+    return gguf_file(path, tokens=TOKENS, merges=MERGES, pre=pre, unk=False, chat_template=None)
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..config import LoraConfig
+from ..files import format_bytes
 from . import spectra
 
 PREFIX = "base_model.model."
@@ -137,7 +138,8 @@ class ResizeReport:
             f"{len(self.layers)} layers, ranks summed {old} -> {new}; parameters "
             f"{self.params_before:,} -> {self.params_after:,} "
             f"({_ratio(self.params_after, self.params_before)}); "
-            f"file {_size(self.bytes_before)} -> {_size(self.bytes_after)}; written to {self.out}"
+            f"file {format_bytes(self.bytes_before, si=True)} -> {format_bytes(self.bytes_after, si=True)}; "
+            f"written to {self.out}"
         )
         return "\n".join(lines)
 
@@ -258,14 +260,6 @@ def _write(out: Path, cfg: LoraConfig, raw: dict, tensors: dict) -> None:
 
 def _ratio(a: int, b: int) -> str:
     return f"{100 * a / b:.1f}%" if b else "-"
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

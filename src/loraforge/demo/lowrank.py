@@ -168,20 +168,11 @@ class Meter:
 
 def adapter_size(adapter_dir) -> dict:
     """Parameters stored in an adapter file and its per-layer ranks (``r`` and ``rank_pattern``)."""
-    from safetensors import safe_open
-
     from ..adapter_files import read_adapter
 
-    adapter_dir = Path(adapter_dir)
-    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
-        params = 0
-        for k in f.keys():
-            n = 1
-            for d in f.get_slice(k).get_shape():
-                n *= d
-            params += n
-    cfg = read_adapter(adapter_dir)[0]
+    cfg, _, tensors = read_adapter(adapter_dir)  # (one read: the config and every tensor)
     ranks = [cfg.r, *cfg.rank_pattern.values()] if cfg.rank_pattern else [cfg.r]
+    params = sum(t.numel() for t in tensors.values())
     return {"params": params, "rank_min": min(ranks), "rank_max": max(ranks)}
 
 
